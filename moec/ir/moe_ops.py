@@ -1,0 +1,337 @@
+"""The `moe` dialect: routing, dispatch in expert-sorted tiles, grouped GEMMs and the combine.
+
+The layout conventions (slots, tiles, padding sentinel, unspecified padding rows) are in
+docs/ops.md; every kernel and pass follows them, and the numpy functions here are the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from moec.errors import IRError
+from moec.ir.core_ops import _f, _gelu, _sigmoid, topk_ref
+from moec.ir.registry import REQUIRED, OpDef, register_op
+from moec.ir.types import DimLike, TensorType, same_dim
+
+A = Mapping[str, Any]
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh")
+
+
+def activation(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "silu":
+        return x * _sigmoid(x)
+    if name == "gelu":
+        return _gelu(x, "none")
+    if name == "gelu_tanh":
+        return _gelu(x, "tanh")
+    if name == "relu":
+        return np.maximum(x, 0)
+    if name == "none":
+        return x
+    raise IRError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def tile_counts(tokens: DimLike, k: int, num_experts: int, block_m: int) -> tuple[DimLike, DimLike]:
+    """Static upper bound of the aligned layout: (tiles TL, rows S = TL * block_m)."""
+    tl = (tokens * k) // block_m + num_experts
+    return tl, tl * block_m
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise IRError(msg)
+
+
+# --------------------------------------------------------------------------- router
+
+
+def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A
+               ) -> tuple[np.ndarray, np.ndarray]:
+    logits = _f(x) @ _f(w).T
+    k = a["k"]
+    score = _sigmoid if a["scoring"] == "sigmoid" else None
+    if a["order"] == "topk_score":
+        vals, ids = topk_ref(logits, k)
+        if score is not None:
+            weights = score(vals)
+        else:
+            e = np.exp(vals - (vals.max(-1, keepdims=True) if vals.size else 0))
+            weights = e / e.sum(-1, keepdims=True)
+        return (weights * a["scale"]).astype(np.float32), ids
+    if score is not None:
+        scores = score(logits)
+    else:
+        e = np.exp(logits - (logits.max(-1, keepdims=True) if logits.size else 0))
+        scores = e / e.sum(-1, keepdims=True)
+    sel = scores + _f(bias) if bias is not None else scores.copy()
+    ng, kg = a["n_groups"], a["topk_groups"]
+    if ng > 1:
+        t, n_e = sel.shape
+        grouped = sel.reshape(t, ng, n_e // ng)
+        if a["group_score"] == "top2_sum":
+            gs = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+        else:
+            gs = grouped.max(-1)
+        _, keep = topk_ref(gs, kg)
+        mask = np.zeros((t, ng), bool)
+        np.put_along_axis(mask, keep.astype(np.int64), True, axis=-1)
+        sel = np.where(np.repeat(mask, n_e // ng, axis=-1), sel, -np.inf)
+    _, ids = topk_ref(sel, k)
+    weights = np.take_along_axis(scores, ids.astype(np.int64), axis=-1)
+    if a["norm_topk"]:
+        denom = weights.sum(-1, keepdims=True)
+        weights = weights / (denom + (1e-20 if a["scoring"] == "sigmoid" else 0.0))
+    return (weights * a["scale"]).astype(np.float32), ids
+
+
+def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
+    x, w = ts[0], ts[1]
+    _check(x.rank == 2 and w.rank == 2 and same_dim(x.shape[1], w.shape[1]),
+           f"moe.router: x {x} and router weight {w} do not match (want x[T,H], w[E,H])")
+    e = w.shape[0]
+    _check(isinstance(e, int), "moe.router: the expert count must be static")
+    _check(1 <= a["k"] <= e, f"moe.router: k={a['k']} not in 1..{e}")
+    _check(a["scoring"] in ("softmax", "sigmoid"), f"moe.router: scoring {a['scoring']!r}")
+    _check(a["order"] in ("score_topk", "topk_score"), f"moe.router: order {a['order']!r}")
+    _check(a["group_score"] in ("max", "top2_sum"), f"moe.router: group_score {a['group_score']}")
+    ng, kg = a["n_groups"], a["topk_groups"]
+    _check(ng >= 1 and e % ng == 0 and 1 <= kg <= ng,
+           f"moe.router: {e} experts cannot form n_groups={ng} with topk_groups={kg}")
+    _check(ng == 1 or a["k"] <= kg * (e // ng), "moe.router: k exceeds the experts kept by groups")
+    if len(ts) == 3:
+        _check(ts[2].rank == 1 and same_dim(ts[2].shape[0], e), f"moe.router: bias {ts[2]}")
+    return [TensorType((x.shape[0], a["k"]), "f32"), TensorType((x.shape[0], a["k"]), "i32")]
+
+
+register_op(OpDef(
+    "moe.router", (2, 3), _infer_router,
+    lambda xs, a: list(router_ref(xs[0], xs[1], xs[2] if len(xs) == 3 else None, a)),
+    attrs={"k": REQUIRED, "scoring": "softmax", "order": "score_topk", "norm_topk": False,
+           "scale": 1.0, "n_groups": 1, "topk_groups": 1, "group_score": "max"},
+    doc="router: logits, scoring, (grouped) top-k and renormalisation in one op"))
+
+# --------------------------------------------------------------------------- experts (unfused)
+
+
+def ffn(v: np.ndarray, e: int, ws: list[np.ndarray], a: A) -> np.ndarray:
+    """One expert's MLP on rows v."""
+    if a["gated"]:
+        g, u, d = ws
+        h = activation(a["activation"], v @ _f(g[e]).T) * (v @ _f(u[e]).T)
+    else:
+        u, d = ws
+        h = activation(a["activation"], v @ _f(u[e]).T)
+    return h @ _f(d[e]).T
+
+
+def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> int:
+    n = 3 if a["gated"] else 2
+    _check(len(ts) == n, f"{name}: {'gated' if a['gated'] else 'non-gated'} experts take "
+                         f"{n} weights, got {len(ts)}")
+    _check(a["activation"] in ACTIVATIONS, f"{name}: activation {a['activation']!r}")
+    up, down = ts[-2], ts[-1]
+    _check(up.rank == 3 and down.rank == 3, f"{name}: expert weights must be [E, ., .]")
+    e, inter = up.shape[0], up.shape[1]
+    _check(same_dim(up.shape[2], hidden) and same_dim(down.shape[1], hidden)
+           and same_dim(down.shape[2], inter) and same_dim(down.shape[0], e),
+           f"{name}: up {up} / down {down} do not match hidden {hidden}")
+    if a["gated"]:
+        _check(str(ts[0]) == str(up),
+               f"{name}: gate {ts[0]} and up {up} differ")
+    return e
+
+
+def _infer_experts(ts: list[TensorType], a: A) -> list[TensorType]:
+    x, w, ids = ts[:3]
+    _check(x.rank == 2 and w.rank == 2 and ids.rank == 2 and ids.dtype == "i32"
+           and same_dim(w.shape[0], x.shape[0]) and str(w.shape) == str(ids.shape),
+           f"moe.experts: x {x}, weights {w}, ids {ids} do not match (x[T,H], [T,k], i32[T,k])")
+    _expert_weights("moe.experts", ts[3:], a, x.shape[1])
+    return [x]
+
+
+def _ref_experts(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    x, w, ids, ws = _f(xs[0]), _f(xs[1]), xs[2], xs[3:]
+    out = np.zeros_like(x)
+    for e in np.unique(ids):
+        t, j = np.nonzero(ids == e)
+        out[t] += w[t, j][:, None] * ffn(x[t], int(e), ws, a)  # t unique per e (top-k distinct)
+    return [out.astype(xs[0].dtype)]
+
+
+register_op(OpDef("moe.experts", (5, 6), _infer_experts, _ref_experts,
+                  attrs={"activation": "silu", "gated": True},
+                  doc="routed experts, unfused: sum_j w[t,j] * FFN_ids[t,j](x[t])"))
+
+# --------------------------------------------------------------------------- aligned layout
+
+
+def align_ref(ids: np.ndarray, num_experts: int, block_m: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t, k = ids.shape
+    tl, s = tile_counts(t, k, num_experts, block_m)
+    flat = ids.reshape(-1)
+    sorted_ids = np.full(s, t * k, np.int32)
+    tile_expert = np.full(tl, -1, np.int32)
+    slot_row = np.zeros(t * k, np.int32)
+    row = 0
+    for e in range(num_experts):
+        slots = np.nonzero(flat == e)[0]
+        if len(slots) == 0:
+            continue
+        sorted_ids[row:row + len(slots)] = slots
+        slot_row[slots] = np.arange(row, row + len(slots))
+        ntile = -(-len(slots) // block_m)
+        tile_expert[row // block_m: row // block_m + ntile] = e
+        row += ntile * block_m
+    return sorted_ids, tile_expert, slot_row.reshape(t, k)
+
+
+def _infer_align(ts: list[TensorType], a: A) -> list[TensorType]:
+    ids = ts[0]
+    _check(ids.rank == 2 and ids.dtype == "i32" and isinstance(ids.shape[1], int),
+           f"moe.align: ids must be i32[T, k], got {ids}")
+    _check(a["block_m"] >= 1 and a["num_experts"] >= 1, "moe.align: block_m, num_experts >= 1")
+    tl, s = tile_counts(ids.shape[0], ids.shape[1], a["num_experts"], a["block_m"])
+    return [TensorType((s,), "i32"), TensorType((tl,), "i32"), ids]
+
+
+register_op(OpDef("moe.align", (1, 1), _infer_align,
+                  lambda xs, a: list(align_ref(xs[0], a["num_experts"], a["block_m"])),
+                  attrs={"num_experts": REQUIRED, "block_m": REQUIRED},
+                  doc="counting sort of (token, slot) pairs by expert into block_m-row tiles"))
+
+
+def _rows(sorted_ids: np.ndarray, n_slots: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    valid = sorted_ids < n_slots
+    return valid, np.where(valid, sorted_ids, 0) // top_k
+
+
+def _infer_permute(ts: list[TensorType], a: A) -> list[TensorType]:
+    x, sid = ts
+    _check(x.rank == 2 and sid.rank == 1 and sid.dtype == "i32",
+           f"moe.permute: want x[T,H], i32[S]; got {x}, {sid}")
+    return [TensorType((sid.shape[0], x.shape[1]), x.dtype)]
+
+
+def _ref_permute(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    x, sid = xs
+    valid, rows = _rows(sid, x.shape[0] * a["top_k"], a["top_k"])
+    out = np.zeros((len(sid), x.shape[1]), x.dtype)
+    out[valid] = x[rows[valid]]
+    return [out]
+
+
+register_op(OpDef("moe.permute", (2, 2), _infer_permute, _ref_permute,
+                  attrs={"top_k": REQUIRED}, doc="gather token rows into the sorted layout"))
+
+
+def _tiles(tile_expert: np.ndarray, block_m: int):
+    for i, e in enumerate(tile_expert):
+        if e >= 0:
+            yield int(e), slice(i * block_m, (i + 1) * block_m)
+
+
+def _infer_expert_ffn(ts: list[TensorType], a: A) -> list[TensorType]:
+    xs, te = ts[:2]
+    _check(xs.rank == 2 and te.rank == 1 and te.dtype == "i32",
+           f"moe.expert_ffn: want xs[S,H], i32[TL]; got {xs}, {te}")
+    _expert_weights("moe.expert_ffn", ts[2:], a, xs.shape[1])
+    return [xs]
+
+
+def _ref_expert_ffn(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    x, te, ws = _f(xs[0]), xs[1], xs[2:]
+    out = np.zeros_like(x)
+    for e, rows in _tiles(te, a["block_m"]):
+        out[rows] = ffn(x[rows], e, ws, a)
+    return [out.astype(xs[0].dtype)]
+
+
+register_op(OpDef("moe.expert_ffn", (4, 5), _infer_expert_ffn, _ref_expert_ffn,
+                  attrs={"block_m": REQUIRED, "activation": "silu", "gated": True},
+                  doc="each used tile of the sorted layout through its expert's MLP"))
+
+
+def _infer_gmm(ts: list[TensorType], a: A) -> list[TensorType]:
+    act = a["activation"]
+    fused = act.endswith("_mul")
+    _check(act in ("none", "silu", "gelu", "relu", "gelu_tanh", "silu_mul", "gelu_mul",
+                   "gelu_tanh_mul", "relu_mul"), f"moe.grouped_matmul: activation {act!r}")
+    _check(len(ts) == (5 if fused else 4),
+           f"moe.grouped_matmul: activation={act} takes {5 if fused else 4} operands")
+    x, w = ts[0], ts[1]
+    sid, te = ts[-2], ts[-1]
+    _check(w.rank == 3 and x.rank == 2 and same_dim(x.shape[1], w.shape[2]),
+           f"moe.grouped_matmul: x {x} and w {w} do not match (want [., K], [E, N, K])")
+    if fused:
+        _check(str(ts[2]) == str(w), f"moe.grouped_matmul: second weight {ts[2]} != {w}")
+    _check(sid.rank == 1 and te.rank == 1 and sid.dtype == "i32" and te.dtype == "i32",
+           "moe.grouped_matmul: sorted_ids and tile_expert must be i32 vectors")
+    if not a["gather"]:
+        _check(same_dim(x.shape[0], sid.shape[0]),
+               f"moe.grouped_matmul: without gather x must have S={sid.shape[0]} rows, got {x}")
+    return [TensorType((sid.shape[0], w.shape[1]), x.dtype)]
+
+
+def _ref_gmm(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    x, w = _f(xs[0]), _f(xs[1])
+    sid, te = xs[-2], xs[-1]
+    act = a["activation"]
+    out = np.zeros((len(sid), w.shape[1]), np.float32)
+    if a["gather"]:
+        valid, rows = _rows(sid, x.shape[0] * a["top_k"], a["top_k"])
+        src = np.zeros((len(sid), x.shape[1]), np.float32)
+        src[valid] = x[rows[valid]]
+    else:
+        src = x
+    for e, rows in _tiles(te, a["block_m"]):
+        h = src[rows] @ w[e].T
+        if act.endswith("_mul"):
+            h = activation(act[:-4], h) * (src[rows] @ _f(xs[2][e]).T)
+        else:
+            h = activation(act, h)
+        out[rows] = h
+    if a["gather"]:
+        out[~valid] = 0
+    return [out.astype(xs[0].dtype)]
+
+
+register_op(OpDef("moe.grouped_matmul", (4, 5), _infer_gmm, _ref_gmm,
+                  attrs={"block_m": REQUIRED, "top_k": 1, "gather": False,
+                         "activation": "none"},
+                  doc="grouped GEMM over expert tiles, optional gather and fused activation"))
+
+
+def _infer_unpermute(ts: list[TensorType], a: A) -> list[TensorType]:
+    y, sr = ts
+    _check(y.rank == 2 and sr.rank == 2 and sr.dtype == "i32",
+           f"moe.unpermute: want y[S,H], slot_row i32[T,k]; got {y}, {sr}")
+    return [TensorType((sr.shape[0], sr.shape[1], y.shape[1]), y.dtype)]
+
+
+register_op(OpDef("moe.unpermute", (2, 2), _infer_unpermute,
+                  lambda xs, a: [xs[0][xs[1]]],
+                  doc="rows of the sorted layout back to [T, k, H] token order"))
+
+
+def _infer_combine(ts: list[TensorType], a: A) -> list[TensorType]:
+    y, w, sr = ts
+    _check(y.rank == 2 and w.rank == 2 and str(w.shape) == str(sr.shape) and sr.dtype == "i32",
+           f"moe.combine: want y[S,H], weights[T,k], slot_row i32[T,k]; got {y}, {w}, {sr}")
+    return [TensorType((w.shape[0], y.shape[1]), y.dtype)]
+
+
+def _ref_combine(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    y, w, sr = _f(xs[0]), _f(xs[1]), xs[2]
+    out = np.zeros((w.shape[0], y.shape[1]), np.float32)
+    for j in range(w.shape[1]):
+        out += w[:, j:j + 1] * y[sr[:, j]]
+    return [out.astype(xs[0].dtype)]
+
+
+register_op(OpDef("moe.combine", (3, 3), _infer_combine, _ref_combine,
+                  doc="weighted scatter-add of sorted rows back to token order"))
