@@ -1,0 +1,29 @@
+"""Every environment variable moec reads, in one place.
+
+| variable | meaning |
+|---|---|
+| MOEC_DEBUG | 0 quiet; 1 pass timings; 2 + IR after each pass that changed it; 3 + TVM script of each kernel; 4 + generated kernel source |
+| MOEC_CACHE_DIR | per-user cache (tuning database); default ~/.cache/moec |
+| MOEC_NUM_THREADS | threads for compiled kernels (sets TVM_NUM_THREADS when unset); default: all cores |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def debug_level() -> int:
+    try:
+        return int(os.environ.get("MOEC_DEBUG", "0"))
+    except ValueError:
+        return 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEC_CACHE_DIR", Path.home() / ".cache" / "moec"))
+
+
+def num_threads() -> int | None:
+    v = os.environ.get("MOEC_NUM_THREADS")
+    return int(v) if v and v.isdigit() else None

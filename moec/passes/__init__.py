@@ -1,0 +1,27 @@
+"""Passes over the IR: the Pass API, the rewriter, PassManager with instruments, and the built-in
+passes (one per file). Imports neither torch nor tvm."""
+
+from moec.passes.base import Pass, PassContext, get_pass, register_pass, registered_passes
+from moec.passes.manager import (
+    DumpIR,
+    Instrument,
+    NumericCheck,
+    PassManager,
+    PassTiming,
+    parse_pipeline,
+    relative_error,
+)
+from moec.passes.pipelines import PIPELINES
+from moec.passes.rewriter import (
+    P,
+    Rewriter,
+    RewritePattern,
+    apply_patterns,
+    eliminate_dead_code,
+    match,
+)
+
+__all__ = ["Pass", "PassContext", "get_pass", "register_pass", "registered_passes", "DumpIR",
+           "Instrument", "NumericCheck", "PassManager", "PassTiming", "parse_pipeline",
+           "relative_error", "PIPELINES", "P", "Rewriter", "RewritePattern", "apply_patterns",
+           "eliminate_dead_code", "match"]

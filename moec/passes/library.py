@@ -1,0 +1,9 @@
+"""Imports every built-in pass so that they register themselves."""
+
+from moec.passes import (  # noqa: F401
+    canonicalize,
+    fuse_combine,
+    fuse_gating,
+    reorder_dispatch,
+    tile_expert_gemm,
+)
