@@ -1,3 +1,55 @@
-"""moec: a compiler for Mixture-of-Experts inference on Apache TVM."""
+"""moec: a compiler for Mixture-of-Experts inference on Apache TVM.
+
+    import moec
+    art = moec.compile(model, (x,))          # trace, run the pass pipeline, build TVM kernels
+    art.save("model.moec")
+    m = moec.load("model.moec"); y = m(x)    # numpy in -> numpy out, torch in -> torch out
+
+Imports are lazy so that `moec.load` on numpy inputs never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moec.errors import (
+    ArtifactError,
+    CodegenError,
+    InputError,
+    IRError,
+    MoecError,
+    PassError,
+    UnsupportedError,
+)
+from moec.passes import P, Pass, PassContext, PassManager, Rewriter, RewritePattern, register_pass
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from moec.runtime import Artifact, CompiledModel
+
+__all__ = ["compile", "load", "Artifact", "CompiledModel", "Pass", "PassContext", "PassManager",
+           "RewritePattern", "Rewriter", "P", "register_pass", "MoecError", "InputError",
+           "UnsupportedError", "ArtifactError", "IRError", "PassError", "CodegenError"]
+
+
+def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
+    """Compile an MoE model to an Artifact; see moec.compiler.compile for the options."""
+    from moec.compiler import compile as _compile
+
+    return _compile(model, example_inputs, **kwargs)
+
+
+def load(path: Any, device: str = "cpu") -> CompiledModel:
+    """Load a saved artifact; returns a callable CompiledModel."""
+    from moec.runtime import load as _load
+
+    return _load(path, device=device)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Artifact", "CompiledModel"):
+        import moec.runtime
+
+        return getattr(moec.runtime, name)
+    raise AttributeError(f"module 'moec' has no attribute {name!r}")

@@ -48,9 +48,19 @@ def _check(cond: bool, msg: str) -> None:
 # --------------------------------------------------------------------------- router
 
 
-def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A
-               ) -> tuple[np.ndarray, np.ndarray]:
+def router_operands(xs: list, a: A) -> tuple:
+    """(x, w, logit_bias | None, selection_bias | None) from the operand list."""
+    rest = list(xs[2:])
+    lb = rest.pop(0) if a["logit_bias"] else None
+    sb = rest.pop(0) if a["select_bias"] else None
+    return xs[0], xs[1], lb, sb
+
+
+def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
+               logit_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     logits = _f(x) @ _f(w).T
+    if logit_bias is not None:
+        logits = logits + _f(logit_bias)
     k = a["k"]
     score = _sigmoid if a["scoring"] == "sigmoid" else None
     if a["order"] == "topk_score":
@@ -101,16 +111,24 @@ def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
     _check(ng >= 1 and e % ng == 0 and 1 <= kg <= ng,
            f"moe.router: {e} experts cannot form n_groups={ng} with topk_groups={kg}")
     _check(ng == 1 or a["k"] <= kg * (e // ng), "moe.router: k exceeds the experts kept by groups")
-    if len(ts) == 3:
-        _check(ts[2].rank == 1 and same_dim(ts[2].shape[0], e), f"moe.router: bias {ts[2]}")
+    want = 2 + int(a["logit_bias"]) + int(a["select_bias"])
+    _check(len(ts) == want, f"moe.router: logit_bias={a['logit_bias']}, "
+                            f"select_bias={a['select_bias']} need {want} operands, got {len(ts)}")
+    for b in ts[2:]:
+        _check(b.rank == 1 and same_dim(b.shape[0], e), f"moe.router: bias {b} is not [{e}]")
     return [TensorType((x.shape[0], a["k"]), "f32"), TensorType((x.shape[0], a["k"]), "i32")]
 
 
+def _ref_router(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    x, w, lb, sb = router_operands(xs, a)
+    return list(router_ref(x, w, sb, a, logit_bias=lb))
+
+
 register_op(OpDef(
-    "moe.router", (2, 3), _infer_router,
-    lambda xs, a: list(router_ref(xs[0], xs[1], xs[2] if len(xs) == 3 else None, a)),
+    "moe.router", (2, 4), _infer_router, _ref_router,
     attrs={"k": REQUIRED, "scoring": "softmax", "order": "score_topk", "norm_topk": False,
-           "scale": 1.0, "n_groups": 1, "topk_groups": 1, "group_score": "max"},
+           "scale": 1.0, "n_groups": 1, "topk_groups": 1, "group_score": "max",
+           "logit_bias": False, "select_bias": False},
     doc="router: logits, scoring, (grouped) top-k and renormalisation in one op"))
 
 # --------------------------------------------------------------------------- experts (unfused)

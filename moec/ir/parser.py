@@ -269,7 +269,7 @@ class _Parser:
             self.env[ref] = v
 
     def parse(self) -> Graph:
-        for i, raw in enumerate(self.text.splitlines(), 1):
+        for i, raw in enumerate(self.text.split("\n"), 1):  # not splitlines: \x1e is no break here
             self.line(raw, i)
         return self.g
 

@@ -1,6 +1,6 @@
 """fuse-gating: router matmul + scoring + top-k (+ renormalisation) -> one moe.router op.
 
-Run after canonicalize. Requires: a router written as core.linear (no bias, weight a parameter)
+Run after canonicalize. Requires: a router written as core.linear (weight a parameter, optional bias)
 followed by either softmax|sigmoid -> topk [-> div by sum] (order=score_topk) or topk -> softmax
 (order=topk_score). Ensures: the router's top-k weights and ids come from moe.router; the
 softmax/topk nodes are erased when nothing else uses them."""
@@ -14,7 +14,15 @@ from moec.ir.graph import Graph, Node, Value
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import P, Rewriter, RewritePattern, apply_patterns, match
 
-_ROUTER_LOGITS = P.op("core.linear", P.any("x"), P.param("w"), name="logits")
+_ROUTER_LOGITS = P.op("core.linear", P.any("x"), P.param("w"), P.rest(), name="logits")
+
+
+def _router_operands(m: dict) -> tuple[list, dict]:
+    """Operands and bias attributes of the router fused from the matched linear."""
+    lin = m["logits.node"]
+    if len(lin.operands) == 3:
+        return [m["x"], m["w"], lin.operands[2]], {"logit_bias": True}
+    return [m["x"], m["w"]], {}
 
 
 def _renorm_of(vals: Value) -> Node | None:
@@ -46,7 +54,8 @@ class ScoreThenTopK(RewritePattern):
         div = _renorm_of(vals)
         attrs = {"k": node.attrs["k"], "scoring": scores.op.split(".")[1],
                  "order": "score_topk", "norm_topk": div is not None}
-        router = rw.create("moe.router", [m["x"], m["w"]], attrs, loc=m["logits.node"].loc)
+        operands, bias = _router_operands(m)
+        router = rw.create("moe.router", operands, {**attrs, **bias}, loc=m["logits.node"].loc)
         w, i = router.results
         if div is not None:
             rw.replace_all_uses(div.result, w)
@@ -66,7 +75,8 @@ class TopKThenSoftmax(RewritePattern):
             return False
         topk = m["topk.node"]
         attrs = {"k": topk.attrs["k"], "scoring": "softmax", "order": "topk_score"}
-        router = rw.create("moe.router", [m["x"], m["w"]], attrs, loc=m["logits.node"].loc)
+        operands, bias = _router_operands(m)
+        router = rw.create("moe.router", operands, {**attrs, **bias}, loc=m["logits.node"].loc)
         rw.replace_all_uses(node.result, router.results[0])
         rw.replace_all_uses(topk.results[1], router.results[1])
         return True

@@ -66,12 +66,24 @@ def test_fuse_gating_topk_then_softmax():
     """)
 
 
-def test_fuse_gating_leaves_a_biased_linear_alone():
-    text = HEAD + """
+def test_fuse_gating_keeps_the_router_bias():
+    before = parse(HEAD + """
       param @b: f32[4]
       %l: f32[T, 4] = core.linear(%x, @r, @b)
       %p: f32[T, 4] = core.softmax(%l) {axis=-1}
       %v: f32[T, 2], %i: i32[T, 2] = core.topk(%p) {k=2}
+      output %v, %i
+    """)
+    assert_ir_equal(run_pass(FuseGating(), before), HEAD + """
+      param @b: f32[4]
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r, @b) {k=2, logit_bias=true}
+      output %w, %i
+    """)
+
+
+def test_fuse_gating_leaves_a_non_router_topk_alone():
+    text = HEAD + """
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%x) {k=2}
       output %v, %i
     """
     assert_ir_equal(run_pass(FuseGating(), parse(text)), text)

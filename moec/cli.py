@@ -1,0 +1,261 @@
+"""The `moec` command line: demo, compile, run, inspect, verify, passes, opt.
+
+Errors print one line (`moec: error: ...`) and exit 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moec.errors import InputError, MoecError
+
+
+def _load_factory(spec: str) -> Any:
+    """`path/to/file.py:factory` or `package.module:factory` -> factory()."""
+    if ":" not in spec:
+        raise InputError(f"model spec {spec!r} must be FILE.py:FACTORY or package.module:FACTORY")
+    mod_name, _, fn_name = spec.rpartition(":")
+    if mod_name.endswith(".py") or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise InputError(f"model file {path} does not exist")
+        s = importlib.util.spec_from_file_location(path.stem, path)
+        assert s is not None and s.loader is not None
+        module = importlib.util.module_from_spec(s)
+        s.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise InputError(f"cannot import {mod_name!r}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise InputError(f"{mod_name} has no attribute {fn_name!r}")
+    out = fn()
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise InputError(f"{spec} must return (module, example_inputs)")
+    return out
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    import moec
+
+    model, example = _load_factory(a.spec)
+    art = moec.compile(model, example, target=a.target, pipeline=a.pipeline, passes=a.passes,
+                       max_tokens=a.max_tokens, dump_ir=a.dump_ir, time_passes=a.time_passes,
+                       progress=True)
+    art.save(a.output)
+    print(f"wrote {a.output}")
+    return 0
+
+
+def _read_inputs(paths: list[str]) -> list[Any]:
+    import numpy as np
+
+    arrays: list[Any] = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"input file {p} does not exist")
+        try:
+            data = np.load(p, allow_pickle=False)
+        except Exception as e:
+            raise InputError(f"cannot read {p} as .npy/.npz: {e}") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            arrays.extend(data[k] for k in data.files)
+        else:
+            arrays.append(data)
+    return arrays
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from moec.runtime import load
+
+    model = load(a.artifact, device=a.device)
+    inputs = _read_inputs(a.input)
+    outs = model(*inputs)
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    if a.output:
+        if a.output.endswith(".npz"):
+            np.savez(a.output, *outs)
+        elif len(outs) == 1:
+            np.save(a.output, outs[0])
+        else:
+            raise InputError(f"the model has {len(outs)} outputs: write them to a .npz file")
+        print(f"wrote {a.output}")
+    else:
+        for i, o in enumerate(outs):
+            print(f"output {i}: {o.dtype}{list(o.shape)} {np.array2string(o.ravel()[:8])}...")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from moec.runtime import verify
+
+    manifest = verify(a.artifact)
+    path = Path(a.artifact)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+    print("\nfiles:")
+    for name, f in manifest["files"].items():
+        print(f"  {name:<22} {f['size']:>12,d} bytes  sha256 {f['sha256'][:16]}...")
+    from safetensors import safe_open
+
+    print("\nweights:")
+    with safe_open(str(path / "weights.safetensors"), "np") as st:
+        for k in st.keys():
+            sl = st.get_slice(k)
+            print(f"  {k:<48} {sl.get_dtype():>6} {sl.get_shape()}")
+    print("\nfinal IR:")
+    print((path / "model.ir").read_text())
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from moec.runtime import verify
+
+    verify(a.artifact)
+    print(f"{a.artifact}: ok (manifest, hashes, format version and target checked; no code "
+          f"loaded)")
+    return 0
+
+
+def cmd_passes(a: argparse.Namespace) -> int:
+    from moec.passes import PIPELINES, registered_passes
+
+    for name, cls in registered_passes().items():
+        print(f"{name:<22} {cls.doc_line()}")
+    print("\npipelines:")
+    for name, spec in PIPELINES.items():
+        print(f"  {name:<20} {spec}")
+    return 0
+
+
+def cmd_opt(a: argparse.Namespace) -> int:
+    from moec.ir import parse, print_graph
+    from moec.passes import PassManager, PassTiming, parse_pipeline
+
+    text = sys.stdin.read() if a.input == "-" else Path(a.input).read_text()
+    g = parse(text)
+    ins = [PassTiming(stream=sys.stderr)] if a.time_passes else []
+    PassManager(parse_pipeline(a.passes), ins).run(g)
+    sys.stdout.write(print_graph(g))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import moec
+    from moec.models.reference import demo_model
+    from moec.passes.manager import relative_error
+
+    torch.set_num_threads(a.threads)
+    module, example = demo_model()
+    t0 = time.perf_counter()
+    art = moec.compile(module, example, max_tokens=a.max_tokens)
+    print(f"compiled the demo model in {time.perf_counter() - t0:.1f} s")
+    art.save(a.output)
+    model = moec.load(a.output)
+    print(f"saved and loaded {a.output}")
+    hidden = example[0].shape[1]
+    rng = np.random.default_rng(0)
+    print(f"{'tokens':>6} {'max rel err':>12} {'moec ms':>9} {'torch ms':>9} {'speed-up':>8}")
+    for n in a.tokens:
+        xs = [rng.standard_normal((n, hidden)).astype(np.float32) for _ in range(4)]
+        err = 0.0
+        with torch.inference_mode():
+            for x in xs:
+                want = module(torch.from_numpy(x)).numpy()
+                err = max(err, relative_error(model(x), want))
+            tm = _time(lambda i: model(xs[i % 4]))
+            tt = _time(lambda i: module(torch.from_numpy(xs[i % 4])))
+        print(f"{n:>6} {err:>12.2e} {tm * 1e3:>9.3f} {tt * 1e3:>9.3f} {tt / tm:>7.2f}x")
+    return 0
+
+
+def _time(fn, min_time: float = 0.3) -> float:
+    fn(0)
+    times, i, t_end = [], 0, time.perf_counter() + min_time
+    while time.perf_counter() < t_end or len(times) < 5:
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+        i += 1
+    return sorted(times)[len(times) // 2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moec", description="Compile and run Mixture-of-Experts "
+                                "models with Apache TVM.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("demo", help="compile, save, load and run the built-in demo model")
+    s.add_argument("-o", "--output", default="demo.moec")
+    s.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512])
+    s.add_argument("--max-tokens", type=int, default=4096)
+    s.add_argument("--threads", type=int, default=2, help="torch threads for the baseline")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("compile", help="compile a model to an artifact")
+    s.add_argument("spec", help="FILE.py:FACTORY or package.module:FACTORY returning "
+                   "(module, example_inputs)")
+    s.add_argument("-o", "--output", required=True, help="artifact folder, e.g. model.moec")
+    s.add_argument("--target", default="cpu")
+    s.add_argument("--max-tokens", type=int, default=4096)
+    s.add_argument("--pipeline", default="default")
+    s.add_argument("--passes", default=None, help="pass list, e.g. default,+my-pass{opt=1}")
+    s.add_argument("--dump-ir", default=None, metavar="DIR")
+    s.add_argument("--time-passes", action="store_true")
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser("run", help="run a compiled artifact on .npy/.npz inputs")
+    s.add_argument("artifact")
+    s.add_argument("--input", action="append", required=True, help=".npy (repeat) or one .npz")
+    s.add_argument("--output", default=None, help=".npy (one output) or .npz")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("inspect", help="show an artifact's manifest, weights and final IR")
+    s.add_argument("artifact")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("verify", help="check an artifact's files and hashes without loading code")
+    s.add_argument("artifact")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("passes", help="list registered passes and pipelines")
+    s.set_defaults(fn=cmd_passes)
+
+    s = sub.add_parser("opt", help="run passes on text IR and print the result")
+    s.add_argument("input", help="IR file, or - for stdin")
+    s.add_argument("-p", "--passes", required=True)
+    s.add_argument("--time-passes", action="store_true")
+    s.set_defaults(fn=cmd_opt)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MoecError as e:
+        if args.debug:
+            raise
+        print(f"moec: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

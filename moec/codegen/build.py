@@ -1,0 +1,54 @@
+"""Build: lower the graph to Relax, compile it with TVM for the target, and describe the result
+(signature, weights in call order, target and the CPU features the code needs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+
+from moec import env
+from moec.codegen.lower import lower
+from moec.codegen.target import host_cpu_features, host_target
+from moec.errors import CodegenError
+from moec.ir.graph import Graph
+
+
+@dataclass
+class Built:
+    executable: Any  # tvm.runtime.Executable
+    weights: dict[str, np.ndarray]  # in the order `main` takes them after the inputs
+    signature: dict[str, Any]
+    target_info: dict[str, Any]
+    kernels: list[str]
+
+
+def signature(graph: Graph) -> dict[str, Any]:
+    def spec(v):
+        return {"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape],
+                "dtype": v.dtype}
+
+    return {"inputs": [spec(v) for v in graph.inputs],
+            "outputs": [spec(v) for v in graph.outputs],
+            "dims": {k: {"min": lo, "max": hi} for k, (lo, hi) in graph.dims.items()}}
+
+
+def build(graph: Graph, target: dict[str, Any]) -> Built:
+    if target.get("kind") != "llvm":
+        raise CodegenError(f"cannot build for target {target}")
+    lowered = lower(graph)
+    tgt = host_target()
+    if env.debug_level() >= 3:
+        print(lowered.mod.script())
+    os.environ.setdefault("TVM_NUM_THREADS", str(env.num_threads() or os.cpu_count() or 1))
+    try:
+        ex = tvm.compile(lowered.mod, target=tgt)
+    except Exception as e:  # TVM's own errors are long C++ traces; keep the first lines
+        raise CodegenError(f"TVM failed to build the kernels: {str(e).splitlines()[0]}") from e
+    info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic")),
+            "cpu_features": host_cpu_features()}
+    return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
+                 info, lowered.kernels)

@@ -1,0 +1,220 @@
+"""Lower a pipeline-processed IR graph to a Relax module that calls moec's TVM kernels.
+
+Each node becomes a `relax.call_tir` of a kernel from `moec.codegen.kernels` (scheduled for the
+target), except `core.reshape`, which stays a Relax reshape (a view, no kernel). The Relax
+function `main` takes the graph inputs, then the weights, and returns a tuple of the outputs;
+memory planning and dynamic shapes come from Relax. Weights that a kernel wants in another layout
+(packed GEMM panels) are transformed here, once, at compile time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from moec.codegen import kernels as K
+from moec.errors import CodegenError
+from moec.ir.graph import Graph, Node, Value
+from moec.ir.types import BinExpr, DimLike, Sym, tvm_dtype
+
+_UNARY = {"core.silu", "core.gelu", "core.relu", "core.sigmoid", "core.tanh", "core.exp",
+          "core.neg", "core.sqrt", "core.rsqrt", "core.scale", "core.clamp", "core.cast"}
+_BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core.minimum"}
+_NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
+               "moe.expert_ffn": "tile-expert-gemm", "moe.unpermute": "fuse-combine",
+               "moe.permute": "tile-expert-gemm"}
+
+
+@dataclass
+class Lowered:
+    """A Relax module plus the weights `main` takes after the inputs, in order."""
+
+    mod: tvm.IRModule
+    param_names: list[str]
+    params: dict[str, np.ndarray]
+    kernels: list[str] = field(default_factory=list)
+
+
+def _shape_key(shape: tuple[DimLike, ...]) -> tuple[int | str, ...]:
+    """Kernel builders take ints and names; every symbolic expression gets a stable name."""
+    out: list[int | str] = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif isinstance(d, Sym):
+            out.append(d.name)
+        else:
+            out.append("d_" + hashlib.sha1(str(d).encode()).hexdigest()[:8])
+    return tuple(out)
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph) -> None:
+        self.g = graph
+        self.bb = relax.BlockBuilder()
+        self.syms = {name: tirx.Var(name, "int64") for name in graph.dims}
+        self.vals: dict[Value, relax.Expr] = {}
+        self.kernel_cache: dict[tuple, tuple[K.Kernel, relax.GlobalVar]] = {}
+        self.weight_vars: dict[str, relax.Var] = {}
+        self.weights: dict[str, np.ndarray] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def dim(self, d: DimLike) -> tirx.PrimExpr | int:
+        if isinstance(d, int):
+            return d
+        if isinstance(d, Sym):
+            return self.syms[d.name]
+        assert isinstance(d, BinExpr)
+        a, b = self.dim(d.lhs), self.dim(d.rhs)
+        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+                "//": lambda: tirx.floordiv(a, b)}[d.op]()
+
+    def sinfo(self, v: Value) -> relax.TensorStructInfo:
+        return relax.TensorStructInfo([self.dim(d) for d in v.shape], tvm_dtype(v.dtype))
+
+    def kernel(self, key: tuple, build: Callable[[], K.Kernel]) -> tuple[K.Kernel, relax.GlobalVar]:
+        if key not in self.kernel_cache:
+            kern = build()
+            name = f"{kern.name}_{len(self.kernel_cache)}"
+            gv = self.bb.add_func(kern.func.with_attr("global_symbol", name), name)
+            self.kernel_cache[key] = (kern, gv)
+        return self.kernel_cache[key]
+
+    def weight(self, name: str, data: np.ndarray) -> relax.Var:
+        if name not in self.weight_vars:
+            from moec.ir.types import dtype_of_numpy
+
+            self.weights[name] = np.ascontiguousarray(data)
+            self.weight_vars[name] = relax.Var(
+                name, relax.TensorStructInfo(data.shape, tvm_dtype(dtype_of_numpy(data.dtype))))
+        return self.weight_vars[name]
+
+    def args(self, node: Node, kern: K.Kernel) -> list[relax.Expr]:
+        out = []
+        for i, v in enumerate(node.operands):
+            fn = kern.arg_transforms.get(i)
+            if fn is None:
+                out.append(self.value(v))
+                continue
+            if v.kind != "param":
+                raise CodegenError(f"{node!r}: operand {i} must be a constant weight for kernel "
+                                   f"{kern.name} (it is packed at compile time)")
+            out.append(self.weight(f"{v.name}@{kern.name}.{i}", fn(self.g.param_array(v))))
+        return out
+
+    def value(self, v: Value) -> relax.Expr:
+        if v.kind == "param":
+            return self.weight(v.name, self.g.param_array(v))
+        return self.vals[v]
+
+    def call(self, node: Node, key: tuple, build: Callable[[], K.Kernel]) -> None:
+        kern, gv = self.kernel(key, build)
+        outs = [self.sinfo(r) for r in node.results]
+        res = self.bb.emit(relax.call_tir(gv, self.args(node, kern),
+                                          outs[0] if len(outs) == 1 else outs))
+        if len(node.results) == 1:
+            self.vals[node.results[0]] = res
+        else:
+            for i, r in enumerate(node.results):
+                self.vals[r] = self.bb.emit(relax.TupleGetItem(res, i))
+
+    # ---------------------------------------------------------------- per op
+    def lower_node(self, n: Node) -> None:
+        a, op = n.attrs, n.op
+        ins = [v.type for v in n.operands]
+        dt = tvm_dtype(n.operands[0].dtype)
+        s0 = _shape_key(ins[0].shape)
+        if op in _NEEDS_PASS:
+            raise CodegenError(f"{n!r}: {op} has no kernel; run {_NEEDS_PASS[op]} first "
+                               f"(the default pipeline does)")
+        if op == "core.reshape":
+            self.vals[n.result] = self.bb.emit(relax.op.reshape(
+                self.value(n.operands[0]), [self.dim(d) for d in n.result.shape]))
+        elif op in _UNARY:
+            name = op.split(".")[1]
+            extra: dict[str, Any] = dict(a)
+            if op == "core.cast":
+                extra = {"to": tvm_dtype(a["dtype"])}
+            self.call(n, (op, s0, dt, tuple(sorted(extra.items()))),
+                      lambda: K.elementwise_unary(name, s0, dt, **extra))
+        elif op in _BINARY:
+            s1 = _shape_key(ins[1].shape)
+            self.call(n, (op, s0, s1, dt),
+                      lambda: K.elementwise_binary(op.split(".")[1], s0, s1, dt))
+        elif op == "core.softmax":
+            self.call(n, (op, s0, dt, a["axis"]), lambda: K.softmax(s0, a["axis"], dt))
+        elif op in ("core.sum", "core.mean"):
+            self.call(n, (op, s0, dt, a["axis"], a["keepdim"]),
+                      lambda: K.reduce(op.split(".")[1], s0, a["axis"], a["keepdim"], dt))
+        elif op == "core.rmsnorm":
+            self.call(n, (op, s0, dt, a["eps"]), lambda: K.rmsnorm(s0, a["eps"], dt))
+        elif op == "core.layernorm":
+            self.call(n, (op, s0, dt, a["eps"]), lambda: K.layernorm(s0, a["eps"], dt))
+        elif op == "core.topk":
+            self.call(n, (op, s0, dt, a["k"]), lambda: K.topk(s0, a["k"], dt))
+        elif op == "core.linear":
+            self.lower_linear(n, dt)
+        elif op == "moe.router":
+            kk = dict(a)
+            self.call(n, (op, s0, dt, len(ins), tuple(sorted(kk.items()))), lambda: K.router(
+                H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
+                order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
+                has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"], topk_groups=a["topk_groups"],
+                group_score=a["group_score"], dtype=dt))
+        elif op == "moe.align":
+            k = ins[0].shape[1]
+            self.call(n, (op, k, a["num_experts"], a["block_m"]),
+                      lambda: K.align(a["num_experts"], k, a["block_m"]))
+        elif op == "moe.grouped_matmul":
+            w = ins[1]
+            e, nn, kk2 = w.shape
+            self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
+                          a["activation"]),
+                      lambda: K.grouped_matmul(e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
+                                               a["activation"], dt))
+        elif op == "moe.combine":
+            h, k = ins[0].shape[1], ins[1].shape[1]
+            self.call(n, (op, dt, h, k), lambda: K.combine(h, k, dt))
+        else:
+            raise CodegenError(f"{n!r}: no CPU kernel for {op}")
+
+    def lower_linear(self, n: Node, dt: str) -> None:
+        x, w = n.operands[0].type, n.operands[1].type
+        if x.rank != 2:
+            raise CodegenError(f"{n!r}: core.linear lowers for 2-D inputs; reshape to "
+                               f"[tokens, features] first")
+        m, kk = _shape_key(x.shape)
+        nn = w.shape[0]
+        bias = len(n.operands) == 3
+        self.call(n, ("core.linear", m, kk, nn, dt, bias), lambda: K.linear(m, kk, nn, dt, bias))
+
+    # ---------------------------------------------------------------- whole graph
+    def run(self) -> Lowered:
+        inputs = [relax.Var(v.name, self.sinfo(v)) for v in self.g.inputs]
+        self.vals.update(zip(self.g.inputs, inputs, strict=True))
+        with self.bb.function("main"):
+            with self.bb.dataflow():
+                for node in self.g.nodes:
+                    try:
+                        self.lower_node(node)
+                    except CodegenError:
+                        raise
+                    except Exception as e:
+                        raise CodegenError(f"lowering {node!r} failed: {e}") from e
+                outs = self.bb.emit_output(relax.Tuple([self.value(v) for v in self.g.outputs]))
+            params = inputs + list(self.weight_vars.values())
+            self.bb.emit_func_output(outs, params=params)
+        mod = self.bb.get()
+        return Lowered(mod, list(self.weight_vars), dict(self.weights),
+                       [gv.name_hint for _, gv in self.kernel_cache.values()])
+
+
+def lower(graph: Graph) -> Lowered:
+    """Lower a graph whose ops all have kernels (run the pipeline first) to a Relax module."""
+    return _Lowerer(graph).run()

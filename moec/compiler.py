@@ -1,0 +1,99 @@
+"""`moec.compile`: model -> IR -> passes -> TVM kernels -> Artifact.
+
+    art = moec.compile(model, (x,), max_tokens=4096)     # torch.nn.Module and example inputs
+    art.save("model.moec")
+    m = moec.load("model.moec"); y = m(x)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moec import env
+from moec.errors import CodegenError, MoecError
+from moec.ir.graph import Graph
+from moec.ir.printer import print_graph
+from moec.passes.base import Pass
+from moec.passes.manager import DumpIR, Instrument, PassManager, PassTiming, parse_pipeline
+
+
+def parse_target(target: str) -> dict[str, Any]:
+    """"cpu" (LLVM for this host's CPU). GPU targets are not built by this version."""
+    if target in ("cpu", "llvm"):
+        return {"kind": "llvm"}
+    if target.startswith("cuda"):
+        raise CodegenError(f"target {target!r}: the CUDA backend is not available in this version "
+                           f"of moec; compile with target='cpu'")
+    raise CodegenError(f"unknown target {target!r}; use 'cpu'")
+
+
+def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Graph:
+    if isinstance(model, Graph):
+        return model
+    from moec.frontend import from_torch
+
+    return from_torch(model, tuple(example_inputs), max_tokens=max_tokens)
+
+
+def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cpu",
+            pipeline: str = "default", passes: str | Sequence[str | Pass] | None = None,
+            max_tokens: int = 4096, dump_ir: str | Path | None = None,
+            time_passes: bool = False, instruments: Sequence[Instrument] = (),
+            progress: bool = False) -> Artifact:  # noqa: F821
+    """Compile an MoE model to an Artifact.
+
+    model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
+    moe.* ops) or an already-built moec IR Graph. example_inputs: one example per model input;
+    dim 0 of each float input is the token dimension, dynamic in 0..max_tokens.
+    pipeline: a named pipeline ("default"); passes: a pass list that replaces it, as a string
+    ("default,+my-pass{opt=1}") or a list of names and Pass objects.
+    dump_ir: folder for the IR before and after each pass; time_passes: print pass timings.
+    """
+    from moec.codegen.build import build
+    from moec.runtime.artifact import Artifact
+
+    if max_tokens < 1:
+        raise MoecError(f"max_tokens must be >= 1, got {max_tokens}")
+    tgt = parse_target(target)
+    t0 = time.perf_counter()
+    step = _progress(progress)
+    step("tracing")
+    graph = to_graph(model, example_inputs, max_tokens)
+    pass_list = parse_pipeline(passes if passes is not None else pipeline)
+    ins = list(instruments)
+    timing = PassTiming(stream=sys.stderr) if time_passes else None
+    if timing:
+        ins.append(timing)
+    if dump_ir:
+        ins.append(DumpIR(dump_ir))
+    step("passes")
+    PassManager(pass_list, ins).run(graph)
+    step("kernels")
+    built = build(graph, tgt)
+    art = Artifact(
+        executable=built.executable,
+        weights=built.weights,
+        ir_text=print_graph(graph),
+        target=built.target_info,
+        signature=built.signature,
+        pipeline=[p.spec() for p in pass_list],
+        meta={"kernels": built.kernels},
+    )
+    if env.debug_level() >= 1:
+        print(f"moec: compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return art
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return lambda name: None
+    t0 = time.perf_counter()
+
+    def step(name: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.2f}s] {name}...", file=sys.stderr, flush=True)
+
+    return step
