@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_topk", "topk_score")
-ACTIVATIONS = ("silu", "gelu", "relu")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh")
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -27,6 +27,8 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(h)
     if activation == "relu":
         return F.relu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 

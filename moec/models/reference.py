@@ -85,7 +85,7 @@ class MoEBlock(nn.Module):
 
 
 class StackedExperts(nn.Module):
-    """Expert weights as 3-D parameters: `w_gate [E, I, H]`, `w_up [E, I, H]`, `w_down [E, H, I]`."""
+    """Expert weights as 3-D parameters: `w_gate`, `w_up` [E, I, H] and `w_down` [E, H, I]."""
 
     def __init__(self, hidden: int, intermediate: int, experts: int) -> None:
         super().__init__()
@@ -178,12 +178,12 @@ def demo_model(seed: int = 0, hidden: int = 256, intermediate: int = 512, expert
     return model.eval(), (x,)
 
 
-def skew_router(block: nn.Module, expert: int = 3, margin: float = 30.0) -> nn.Module:
+def skew_router(block: nn.Module, expert: int = 3, margin: float = 10.0) -> nn.Module:
     """Make every token pick `expert` first: the router gets a logit bias of `margin` on `expert`.
 
     A bias-free linear router cannot do this for every input (`x` and `-x` rank the experts in
     reverse), hence the bias; the router's other logits keep deciding the remaining k-1 choices.
-    `margin` must exceed the spread of the router logits (30 is plenty for the demo sizes).
+    `margin` must exceed the spread of the router logits (about +-3 at the demo sizes).
     Works on `MoEBlock`, `StackedMoEBlock` and anything else whose router is `block.gate`; also
     accepts a `DecoderLayer` (skews its `mlp`). Returns `block`, changed in place."""
     if isinstance(block, DecoderLayer):
