@@ -235,4 +235,19 @@ def parse_pipeline(spec: str | Sequence[str | Pass]) -> list[Pass]:
             out.append(cls(**kwargs))
         except TypeError as e:
             raise PassError(f"bad options for pass {name}: {e}") from None
+        _check_option_types(out[-1])
     return out
+
+
+def _check_option_types(p: Pass) -> None:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(p))
+    for f in dataclasses.fields(p):
+        want, got = hints.get(f.name), getattr(p, f.name)
+        if want in (int, float, bool, str) and not (
+                isinstance(got, want) or (want is float and isinstance(got, int))) or \
+                (want is int and isinstance(got, bool)):
+            raise PassError(f"bad options for pass {p.name}: {f.name}={got!r} is not "
+                            f"{want.__name__}")

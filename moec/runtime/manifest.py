@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from moec.errors import ArtifactError
@@ -143,7 +144,9 @@ class Signature:
             if not _IDENT.match(n):
                 raise _fail(f"{where}.dims has a name that is not an identifier: {n!r}")
         return cls(
-            inputs=tuple(TensorSpec.from_dict(s, f"{where}.inputs[{i}]") for i, s in enumerate(ins)),
+            inputs=tuple(
+                TensorSpec.from_dict(s, f"{where}.inputs[{i}]") for i, s in enumerate(ins)
+            ),
             outputs=tuple(
                 TensorSpec.from_dict(s, f"{where}.outputs[{i}]") for i, s in enumerate(outs)
             ),
@@ -160,9 +163,13 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(Mapping[str, Any]):
     """The parsed `manifest.json`. `files` maps every file of the artifact except the manifest
-    itself to its size and hash."""
+    itself to its size and hash.
+
+    Typed fields for code (`m.signature.inputs[0].shape`), and it also reads as the JSON
+    mapping it was parsed from (`m["files"]["kernels.so"]["size"]`, `dict(m)`), which is what
+    printing tools such as `moec inspect` want."""
 
     format_version: int
     moec_version: str
@@ -174,7 +181,21 @@ class Manifest:
     files: Mapping[str, FileEntry]
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def _json(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._json[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._json)
+
+    def __len__(self) -> int:
+        return len(self._json)
+
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form, as plain dicts and lists."""
         return {
             "format_version": self.format_version,
             "moec_version": self.moec_version,

@@ -1,0 +1,48 @@
+"""Import TVM's runtime lazily, and without dragging torch in.
+
+`tvm_ffi/__init__.py` runs `import torch` (a Windows symbol-clash workaround) whenever torch is
+installed, which costs seconds and a few hundred MB in a process that only runs an artifact on
+numpy arrays. So when torch is not imported yet, TVM is imported with `sys.modules["torch"]`
+set to None, which makes every `import torch` inside it fail fast with ImportError; tvm_ffi
+treats torch as absent and carries on. The entry is removed right after, so the user's own
+`import torch` later works normally, and DLPack exchange with torch tensors still works (it
+only needs the tensors' `__dlpack__` methods).
+
+What a process gives up when moec.runtime is the first to import TVM: tvm_ffi's optional torch
+extras (its faster C DLPack converter, `tvm_ffi.use_torch_stream`, torch.dtype arguments to FFI
+functions). A process that wants them imports torch before moec, as `moec.compile` users do.
+
+TVM is imported on first use rather than at `import moec.runtime`, so that `moec verify` and
+`moec inspect` never load native code.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from types import ModuleType
+
+_lock = threading.Lock()
+_tvm: ModuleType | None = None
+
+
+def tvm() -> ModuleType:
+    """The `tvm` package with `tvm.runtime` and `tvm.runtime.vm` imported."""
+    global _tvm
+    if _tvm is not None:
+        return _tvm
+    with _lock:
+        if _tvm is None:
+            hide = "torch" not in sys.modules
+            if hide:
+                sys.modules["torch"] = None  # type: ignore[assignment]
+            try:
+                import tvm as tvm_pkg  # noqa: PLC0415
+                import tvm.runtime  # noqa: F401, PLC0415
+                import tvm.runtime.vm  # noqa: F401, PLC0415
+            finally:
+                # Only undo our own marker: a real torch imported meanwhile stays.
+                if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+                    del sys.modules["torch"]
+            _tvm = tvm_pkg
+    return _tvm

@@ -1,0 +1,237 @@
+"""Checking a call's inputs against the signature, and turning them into TVM tensors safely.
+
+Why so careful: the TVM VM checks argument shapes itself, but its messages are misleading (a
+wrong static dim is reported as a "strides ... compact array" mismatch), and the kernels assume
+64-byte-aligned, compact buffers: a plain numpy array is usually only 16- or 32-byte aligned, and
+vectorised code reading it can segfault (TVM_NOTES.md §5). So every input is checked here first,
+and anything that is not exactly right is copied into an aligned, contiguous buffer of the
+expected dtype. torch is never imported here: a torch tensor is recognised through
+`sys.modules`, since if torch is not imported, no argument can be a torch tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from functools import lru_cache
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from moec.errors import InputError
+from moec.runtime.manifest import Signature, TensorSpec
+
+ALIGNMENT = 64
+"""Byte alignment TVM's generated code assumes for every tensor it is handed."""
+
+
+def torch_module() -> ModuleType | None:
+    """torch if this process already imported it, else None (never imports it)."""
+    return sys.modules.get("torch")
+
+
+def is_torch_tensor(x: Any) -> bool:
+    torch = torch_module()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+@lru_cache(maxsize=64)
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a manifest dtype name; bfloat16 and float8 come from ml_dtypes."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # noqa: PLC0415  (a TVM dependency; only needed for these dtypes)
+
+        try:
+            return np.dtype(getattr(ml_dtypes, name))
+        except AttributeError:
+            raise InputError(f"dtype {name!r} has no numpy equivalent") from None
+
+
+def _category(dtype_name: str) -> str:
+    if dtype_name.startswith(("float", "bfloat")):
+        return "float"
+    if dtype_name.startswith(("int", "uint")):
+        return "int"
+    return dtype_name  # "bool", "complex64", ...: only an exact match is accepted
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype).removeprefix("torch.") if is_torch_tensor(x) else x.dtype.name
+
+
+def _has_dtype(x: Any, name: str) -> bool:
+    # Comparing dtype objects is much cheaper than building names; this runs on every call.
+    if isinstance(x, np.ndarray):
+        return x.dtype == numpy_dtype(name)
+    return str(x.dtype) == "torch." + name
+
+
+def describe(x: Any) -> str:
+    """`a torch float64 tensor of shape (5, 64) on cpu`: how error messages show what was passed."""
+    if is_torch_tensor(x):
+        return f"a torch {_dtype_name(x)} tensor of shape {tuple(x.shape)} on {x.device}"
+    if isinstance(x, np.ndarray):
+        return f"a numpy {x.dtype.name} array of shape {x.shape}"
+    return f"a {type(x).__name__}"
+
+
+def _limit_hint(name: str) -> str:
+    return (
+        f"; the limit on {name} is fixed when compiling: raise it with max_tokens= "
+        f"(moec.compile) or --max-tokens (moec compile)"
+    )
+
+
+def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
+    """Validate inputs against the signature and return the symbolic dim values they bind.
+
+    Raises InputError naming the input, what was given and what was expected."""
+    specs = signature.inputs
+    if len(inputs) != len(specs):
+        expected = ", ".join(str(s) for s in specs) or "nothing"
+        raise InputError(
+            f"the model takes {len(specs)} input(s) ({expected}) but {len(inputs)} were given"
+        )
+    bound: dict[str, tuple[int, str, int]] = {}  # dim -> (value, input name, axis)
+    for spec, x in zip(specs, inputs, strict=True):
+        if isinstance(x, np.generic):
+            x = np.asarray(x)
+        if not isinstance(x, np.ndarray) and not is_torch_tensor(x):
+            raise InputError(
+                f"input {spec.name!r} is {describe(x)}; pass a numpy array or a torch tensor "
+                f"({spec.type_str()})"
+            )
+        shape = tuple(int(d) for d in x.shape)
+        if len(shape) != len(spec.shape):
+            raise InputError(
+                f"input {spec.name!r} is {describe(x)} (rank {len(shape)}) but the model "
+                f"expects rank {len(spec.shape)}: {spec.type_str()}"
+            )
+        for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+            if isinstance(want, int):
+                if got != want:
+                    raise InputError(
+                        f"input {spec.name!r} is {describe(x)} but the model expects "
+                        f"{spec.type_str()}: dim {axis} is {got}, expected {want}"
+                    )
+            elif want in bound and bound[want][0] != got:
+                other_value, other, other_axis = bound[want]
+                raise InputError(
+                    f"input {spec.name!r} has {want}={got} (dim {axis} of shape {shape}) but "
+                    f"input {other!r} has {want}={other_value} (its dim {other_axis}); "
+                    f"they must agree ({spec.type_str()})"
+                )
+            else:
+                bound[want] = (got, spec.name, axis)
+        if _has_dtype(x, spec.dtype):
+            continue
+        given, want_dtype = _dtype_name(x), spec.dtype
+        convertible = _category(want_dtype) in ("float", "int")
+        if _category(given) != _category(want_dtype) or not convertible:
+            raise InputError(
+                f"input {spec.name!r} has dtype {given} but the model expects {want_dtype} "
+                f"({spec.type_str()}); only float->float and int->int are converted "
+                f"automatically, cast it explicitly"
+            )
+    for name, (value, who, axis) in bound.items():
+        dim = signature.dims[name]
+        if value < dim.min:
+            raise InputError(
+                f"input {who!r} has {name}={value} (dim {axis}) but this model needs "
+                f"{name} >= {dim.min}"
+            )
+        if dim.max is not None and value > dim.max:
+            raise InputError(
+                f"input {who!r} has {name}={value} (dim {axis}) but this model was compiled for "
+                f"at most {name}={dim.max}" + _limit_hint(name)
+            )
+    return {name: v[0] for name, v in bound.items()}
+
+
+def _check_int_range(spec: TensorSpec, lo: int, hi: int, target: np.dtype) -> None:
+    info = np.iinfo(target)
+    if lo < info.min or hi > info.max:
+        raise InputError(
+            f"input {spec.name!r} holds values in [{lo}, {hi}], which do not fit the model's "
+            f"{spec.dtype} ({spec.type_str()})"
+        )
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous numpy array whose data starts on a 64-byte boundary."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def on_cpu(device: Any) -> bool:
+    """Whether a TVM device is the host CPU."""
+    return device.dlpack_device_type() == 1  # DLPack's kDLCPU
+
+
+def _is_aligned(ptr: int) -> bool:
+    return ptr % ALIGNMENT == 0
+
+
+def numpy_to_tvm(spec: TensorSpec, x: np.ndarray, tvm: ModuleType, device: Any) -> Any:
+    """A TVM tensor for a checked numpy input: zero-copy when already right, else one copy."""
+    want = numpy_dtype(spec.dtype)
+    if _category(spec.dtype) == "int" and x.dtype != want and x.size:
+        _check_int_range(spec, int(x.min()), int(x.max()), want)
+    ok = (
+        x.dtype == want
+        and x.flags.c_contiguous
+        # DLPack cannot export read-only arrays (e.g. np.frombuffer over bytes).
+        and x.flags.writeable
+        and _is_aligned(x.ctypes.data)
+    )
+    if not ok:
+        # One pass does the cast, the compaction and the realignment.
+        fresh = aligned_empty(x.shape, want)
+        np.copyto(fresh, x, casting="unsafe")
+        x = fresh
+    if on_cpu(device):
+        return tvm.runtime.from_dlpack(x)
+    return tvm.runtime.tensor(x, device)
+
+
+def torch_to_tvm(spec: TensorSpec, x: Any, tvm: ModuleType, device: Any) -> Any:
+    """A TVM tensor for a checked torch input on the model's device: zero-copy via DLPack when
+    it has the right dtype and is contiguous and aligned; otherwise one copy that is."""
+    torch = torch_module()
+    assert torch is not None
+    # DLPack refuses tensors that require grad; detach() is free and shares the storage.
+    t = x.detach()
+    want = getattr(torch, spec.dtype)
+    if _category(spec.dtype) == "int" and t.dtype != want and t.numel():
+        _check_int_range(spec, int(t.min()), int(t.max()), numpy_dtype(spec.dtype))
+    if t.dtype != want or not t.is_contiguous() or not _is_aligned(t.data_ptr()):
+        # torch's allocator returns 64-byte-aligned memory, so a fresh tensor is aligned.
+        fresh = torch.empty(tuple(t.shape), dtype=want, device=t.device)
+        fresh.copy_(t)
+        t = fresh
+    return tvm.runtime.from_dlpack(t)
+
+
+def to_tvm(spec: TensorSpec, x: Any, tvm: ModuleType, device: Any) -> Any:
+    """Convert one input that `check_inputs` accepted."""
+    from_torch = is_torch_tensor(x)
+    if from_torch:
+        model_dev = "cpu" if on_cpu(device) else "cuda"
+        if x.device.type != model_dev:
+            raise InputError(
+                f"input {spec.name!r} is on {x.device} but the model runs on {model_dev}; "
+                f"move it with .to({model_dev!r})"
+            )
+    shape = tuple(int(d) for d in x.shape)
+    if 0 in shape:
+        # Nothing to copy, and numpy gives empty arrays arbitrary (unaligned) data pointers.
+        return tvm.runtime.empty(shape, spec.dtype, device)
+    if from_torch:
+        return torch_to_tvm(spec, x, tvm, device)
+    return numpy_to_tvm(spec, np.asarray(x), tvm, device)

@@ -1,0 +1,1 @@
+"""Tests of moec.runtime: artifact format, verification, loading and calling."""

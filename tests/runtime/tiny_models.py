@@ -1,0 +1,118 @@
+"""Tiny Relax modules built here (not by moec's codegen) so the runtime is tested on its own.
+
+`scale` model: main(x: f32[T, 64], s: f32[T], w: f32[64], w2: f32[64, 32])
+    -> (y = x * w * s[:, None]  via a vectorised TE kernel,  z = y @ w2)
+`ids` model:   main(ids: i32[T]) -> (ids * 2, ids)   (no weights)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+H, N, MAX_T = 64, 32, 64
+
+
+def _mcpu() -> str:
+    import tvm
+
+    return tvm.target.codegen.llvm_get_system_cpu()
+
+
+def _target() -> Any:
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": _mcpu()})
+
+
+def build_scale_model() -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """(executable, weights, signature) of the `scale` model."""
+    import tvm
+    from tvm import relax, te
+
+    t = te.var("T", "int64")
+    x = te.placeholder((t, H), "float32", name="x")
+    s = te.placeholder((t,), "float32", name="s")
+    w = te.placeholder((H,), "float32", name="w")
+    y = te.compute((t, H), lambda i, j: x[i, j] * w[j] * s[i], name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, s, w, y]))
+    _, j = sch.get_loops(sch.get_sblock("y"))
+    sch.vectorize(sch.split(j, [None, 16])[1])  # vector loads: the alignment-sensitive case
+    kernel = sch.mod["main"].with_attr("global_symbol", "scale")
+
+    bb = relax.BlockBuilder()
+    tv = tvm.tirx.Var("T", "int64")
+    rx = relax.Var("x", relax.TensorType((tv, H), "float32"))
+    rs = relax.Var("s", relax.TensorType((tv,), "float32"))
+    rw = relax.Var("w", relax.TensorType((H,), "float32"))
+    rw2 = relax.Var("w2", relax.TensorType((H, N), "float32"))
+    with bb.function("main", [rx, rs, rw, rw2]):
+        gv = bb.add_func(kernel, "scale")
+        with bb.dataflow():
+            ry = bb.emit(relax.call_tir(gv, [rx, rs, rw], relax.TensorType((tv, H), "float32")))
+            rz = bb.emit(relax.op.matmul(ry, rw2))
+            out = bb.emit_output(relax.Tuple([ry, rz]))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=_target())
+    rng = np.random.default_rng(0)
+    weights = {
+        "w": rng.standard_normal(H).astype("float32"),
+        "w2": rng.standard_normal((H, N)).astype("float32"),
+    }
+    signature = {
+        "inputs": [
+            {"name": "x", "shape": ["T", H], "dtype": "float32"},
+            {"name": "s", "shape": ["T"], "dtype": "float32"},
+        ],
+        "outputs": [
+            {"name": "y", "shape": ["T", H], "dtype": "float32"},
+            {"name": "z", "shape": ["T", N], "dtype": "float32"},
+        ],
+        "dims": {"T": {"min": 0, "max": MAX_T}},
+    }
+    return ex, weights, signature
+
+
+def build_ids_model() -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """(executable, weights, signature) of the `ids` model: an int input, no weights."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    tv = tvm.tirx.Var("T", "int64")
+    ids = relax.Var("ids", relax.TensorType((tv,), "int32"))
+    with bb.function("main", [ids]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.multiply(ids, relax.const(2, "int32")))
+        # Returning the input itself checks that outputs never alias inputs.
+        bb.emit_func_output(relax.Tuple([out, ids]))
+    signature = {
+        "inputs": [{"name": "ids", "shape": ["T"], "dtype": "int32"}],
+        "outputs": [
+            {"name": "out", "shape": ["T"], "dtype": "int32"},
+            {"name": "same", "shape": ["T"], "dtype": "int32"},
+        ],
+        "dims": {"T": {"min": 1, "max": 1024}},
+    }
+    return tvm.compile(bb.get(), target=_target()), {}, signature
+
+
+def reference(x: np.ndarray, s: np.ndarray, w: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    y = x.astype("float32") * w["w"] * s.astype("float32")[:, None]
+    return y, y @ w["w2"]
+
+
+def make_artifact(builder: Any = build_scale_model, **overrides: Any) -> Any:
+    from moec.runtime import Artifact
+
+    ex, weights, signature = builder()
+    kwargs: dict[str, Any] = {
+        "signature": signature,
+        "target": {"kind": "llvm", "mcpu": _mcpu()},
+        "ir_text": "%y: f32[T, 64] = test.scale(%x, %s, @w)\n%z: f32[T, 32] = core.matmul(%y, @w2)",
+        "pipeline": ["canonicalize", "plan-memory"],
+        "meta": {"model": "runtime-test"},
+    }
+    kwargs.update(overrides)
+    return Artifact(ex, weights, **kwargs)
