@@ -12,9 +12,10 @@ import tvm
 
 from moec import env
 from moec.codegen.lower import lower
-from moec.codegen.target import host_cpu_features, host_target
+from moec.codegen.target import host_target
 from moec.errors import CodegenError
 from moec.ir.graph import Graph
+from moec.ir.types import tvm_dtype
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Built:
 def signature(graph: Graph) -> dict[str, Any]:
     def spec(v):
         return {"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape],
-                "dtype": v.dtype}
+                "dtype": tvm_dtype(v.dtype)}
 
     return {"inputs": [spec(v) for v in graph.inputs],
             "outputs": [spec(v) for v in graph.outputs],
@@ -48,7 +49,7 @@ def build(graph: Graph, target: dict[str, Any]) -> Built:
         ex = tvm.compile(lowered.mod, target=tgt)
     except Exception as e:  # TVM's own errors are long C++ traces; keep the first lines
         raise CodegenError(f"TVM failed to build the kernels: {str(e).splitlines()[0]}") from e
-    info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic")),
-            "cpu_features": host_cpu_features()}
+    # the CPU features the code needs are derived from mcpu when the Artifact is made
+    info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic"))}
     return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
                  info, lowered.kernels)

@@ -75,8 +75,8 @@ class _Lowerer:
         return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
                 "//": lambda: tirx.floordiv(a, b)}[d.op]()
 
-    def sinfo(self, v: Value) -> relax.TensorStructInfo:
-        return relax.TensorStructInfo([self.dim(d) for d in v.shape], tvm_dtype(v.dtype))
+    def sinfo(self, v: Value) -> relax.TensorType:
+        return relax.TensorType([self.dim(d) for d in v.shape], tvm_dtype(v.dtype))
 
     def kernel(self, key: tuple, build: Callable[[], K.Kernel]) -> tuple[K.Kernel, relax.GlobalVar]:
         if key not in self.kernel_cache:
@@ -92,7 +92,7 @@ class _Lowerer:
 
             self.weights[name] = np.ascontiguousarray(data)
             self.weight_vars[name] = relax.Var(
-                name, relax.TensorStructInfo(data.shape, tvm_dtype(dtype_of_numpy(data.dtype))))
+                name, relax.TensorType(data.shape, tvm_dtype(dtype_of_numpy(data.dtype))))
         return self.weight_vars[name]
 
     def args(self, node: Node, kern: K.Kernel) -> list[relax.Expr]:

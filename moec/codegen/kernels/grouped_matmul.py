@@ -1,0 +1,198 @@
+"""The MoE grouped GEMM over the aligned tile layout (see routing.py for the layout).
+
+`out[r] = act(w[e] @ v_r)` for every row r of a used tile, e = tile_expert[r // block_m], v_r =
+x[sorted_ids[r] // top_k] (gather) or x[r]. Gated activations (`silu_mul`, `gelu_mul`) read a
+second weight and compute `act(w[e] @ v) * (w2[e] @ v)` in the same pass over x.
+
+Schedule: a task is (NR-column panel p, tile); tasks run in parallel, panel-major, so that the
+two threads split the panels and stay balanced even when only a few tiles are used (decode).
+Unused tiles (tile_expert outside [0, E)) return at once. A tile is processed in row groups of MR
+rows; a group whose first row is padding is skipped (runs end with their padding, so the rest of
+the group is padding too): at T=1 a tile costs one MR-row group, not block_m rows. Padding rows
+inside a group are computed on a copy of the group's first row, so no index leaves x and no
+garbage enters the registers. Micro-kernel: MR x NR accumulators (x2 when gated) in registers,
+weights pre-packed into NR-wide panels (`arg_transforms`), K cut into L1/L2-sized chunks.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.codegen.kernels import fmath
+from moec.codegen.kernels.base import (
+    Dims,
+    Kernel,
+    check_dtype,
+    finish,
+    i64,
+    kernel_name,
+    vector_lanes,
+)
+from moec.codegen.kernels.linear import k_blocking, pack_nk
+from moec.codegen.kernels.routing import check_positive
+from moec.errors import CodegenError
+
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "silu_mul", "gelu_mul",
+               "gelu_tanh_mul", "relu_mul", "clamped_swiglu_mul")
+
+
+def grouped_tiles(dtype: str, block_m: int, gated: bool) -> tuple[int, int]:
+    """(MR, NR) of the micro-kernel: 4 rows (divides the usual power-of-two block_m), two SIMD
+    vectors of columns, or one per weight when gated (AVX2: 8 accumulator registers)."""
+    vl = vector_lanes(dtype)
+    return min(4, block_m), (vl if gated else 2 * vl)
+
+
+def grouped_matmul(
+    E: int,
+    N: int,
+    K: int,
+    block_m: int,
+    top_k: int,
+    gather: bool,
+    activation: str = "none",
+    dtype: str = "float32",
+    bias: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Kernel:
+    """Grouped GEMM `moe.grouped_matmul`. Kernel args: `(x, w_packed, [w2_packed], [b], [b2],
+    sorted_ids i32[S], tile_expert i32[TL], out [S, N])` with x `[T, K]` if `gather` else
+    `[S, K]`, S = TL*block_m (TL symbolic, bound from tile_expert), biases `[E, N]`.
+
+    `arg_transforms` pack w (and w2) `[E, N, K]` into `[E, ceil(N/NR), K, NR]`. activation:
+    none, silu, gelu (erf form), gelu_tanh, relu, or `<act>_mul` (`act(w@v + b) * (w2@v + b2)`),
+    or clamped_swiglu_mul (GPT-OSS, `alpha`, `limit`). Rows of padding and of unused tiles are
+    left unwritten or hold values of no meaning (ops.md allows both). The padding sentinel
+    T*top_k comes from x's shape when gathering, else from sorted_ids[S-1], which the align
+    layout guarantees is padding."""
+    check_dtype("grouped_matmul", dtype)
+    check_positive("grouped_matmul", E=E, N=N, K=K, block_m=block_m, top_k=top_k)
+    if activation not in ACTIVATIONS:
+        raise CodegenError(f"grouped_matmul: activation {activation!r} not in {ACTIVATIONS}")
+    gated = activation.endswith("_mul")
+    clamped = activation == "clamped_swiglu_mul"
+    bias2 = bias and gated
+    act = fmath.activation("none" if clamped else activation.removesuffix("_mul"))
+    mr, nr = grouped_tiles(dtype, block_m, gated)
+    kc, nkc = k_blocking(K)
+    k_tail = K - (nkc - 1) * kc
+    nb, full_nb = -(-N // nr), N // nr
+    ng = -(-block_m // mr)  # row groups per tile
+    nw = 2 if gated else 1
+    dims = Dims()
+    tl = dims.var("TL")
+    s = tl * block_m
+    t = dims.var("T") if gather else None
+    x_rows = t if gather else s
+    name = kernel_name("grouped_matmul", dtype, "E", E, "N", N, "K", K, "bm", block_m, "k",
+                       top_k, "gather" if gather else "", activation, "bias" if bias else "",
+                       f"a{alpha}_l{limit}" if clamped else "")
+
+    def row(tile, g, i):
+        r = tile * block_m + g * mr + i
+        # Only when MR does not divide block_m can a group's rows spill into the next tile.
+        return r if block_m % mr == 0 else T.min(r, tile * block_m + (block_m - 1))
+
+    def valid(sid, sentinel):
+        return tirx.And(sid >= 0, T.Cast("int64", sid) < sentinel)
+
+    def source(si, tile, g, i, sentinel):
+        r0 = tile * block_m + g * mr
+        ok = valid(si[row(tile, g, i)], sentinel)
+        if gather:
+            return T.Cast("int64", T.Select(ok, si[row(tile, g, i)], si[r0])) // top_k
+        return T.Select(ok, row(tile, g, i), r0)
+
+    def kc_len(kb):
+        return kc if k_tail == kc else T.min(kc, K - kb * kc)
+
+    def epilogue(ct, gi, j, e, col, b, b2):
+        g = ct[gi, 0, j] + b[e, col] if bias else ct[gi, 0, j]
+        if not gated:
+            return act(g)
+        u = ct[gi, 1, j] + b2[e, col] if bias else ct[gi, 1, j]
+        return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
+
+    def sentinel_of(si, rows):
+        if gather:
+            return t * i64(top_k)
+        # if_then_else only evaluates the taken side: no read of si[-1] when S = 0.
+        return T.Cast("int64", T.if_then_else(rows > 0, si[rows - i64(1)], 0))
+
+    def alias(used, buf, fallback):
+        # Optional operands are dropped from the signature when unused: the body then declares
+        # its view on `fallback` (and never reads it), so the dropped buffer has no use left.
+        return buf if used else fallback
+
+    @T.prim_func
+    def func(x: T.handle, w: T.handle, w2: T.handle, b: T.handle, b2: T.handle,
+             sorted_ids: T.handle, tile_expert: T.handle, out: T.handle):
+        X = T.match_buffer(x, (x_rows, K), dtype)
+        W = T.match_buffer(w, (E, nb, K, nr), dtype)
+        W2 = T.match_buffer(w2, (E, nb, K, nr), dtype)
+        B1 = T.match_buffer(b, (E, N), dtype)
+        B2 = T.match_buffer(b2, (E, N), dtype)
+        SI = T.match_buffer(sorted_ids, (s,), "int32")
+        TE = T.match_buffer(tile_expert, (tl,), "int32")
+        Y = T.match_buffer(out, (s, N), dtype)
+        Wb = T.decl_buffer((E, nb, K, nr), dtype, data=alias(gated, W2, W).data)
+        Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
+        Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
+        sentinel = sentinel_of(SI, s)
+        for task in T.parallel(nb * tl):
+            p = task // tl
+            tile = task % tl
+            if TE[tile] >= 0 and TE[tile] < E:
+                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32", scope="local")
+                acc = T.alloc_buffer((mr, nr), "float32", scope="local")
+                acc2 = T.alloc_buffer((mr, nr), "float32", scope="local")
+                src = T.alloc_buffer((mr,), "int64", scope="local")
+                for kb in range(nkc):
+                    for g in range(ng):
+                        if valid(SI[tile * block_m + g * mr], sentinel):
+                            for i in T.unroll(mr):
+                                src[i] = source(SI, tile, g, i, sentinel)
+                                for j in T.vectorized(nr):
+                                    acc[i, j] = T.Select(kb == 0, T.float32(0),
+                                                         ctile[g * mr + i, 0, j])
+                                    if gated:
+                                        acc2[i, j] = T.Select(kb == 0, T.float32(0),
+                                                              ctile[g * mr + i, 1, j])
+                            for kk in range(kc_len(kb)):
+                                for i in T.unroll(mr):
+                                    for j in T.vectorized(nr):
+                                        acc[i, j] = acc[i, j] + X[src[i], kb * kc + kk] * W[
+                                            TE[tile], p, kb * kc + kk, j]
+                                        if gated:
+                                            acc2[i, j] = acc2[i, j] + X[src[i], kb * kc + kk] * Wb[
+                                                TE[tile], p, kb * kc + kk, j]
+                            for i in T.unroll(mr):
+                                for j in T.vectorized(nr):
+                                    ctile[g * mr + i, 0, j] = acc[i, j]
+                                    if gated:
+                                        ctile[g * mr + i, 1, j] = acc2[i, j]
+                for g in range(ng):
+                    if valid(SI[tile * block_m + g * mr], sentinel):
+                        for i in T.unroll(mr):
+                            if full_nb == nb:
+                                for j in T.vectorized(nr):
+                                    Y[row(tile, g, i), p * nr + j] = epilogue(
+                                        ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+                            else:
+                                # Only the last panel is partial: guard its columns one by one.
+                                if p < full_nb:
+                                    for j in T.vectorized(nr):
+                                        Y[row(tile, g, i), p * nr + j] = epilogue(
+                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+                                else:
+                                    for j in range(N - full_nb * nr):
+                                        Y[row(tile, g, i), p * nr + j] = epilogue(
+                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+
+    transforms = {1: lambda a: pack_nk(a, nr)}
+    if gated:
+        transforms[2] = lambda a: pack_nk(a, nr)
+    drop = [n for n, used in (("W2", gated), ("B1", bias), ("B2", bias2)) if not used]
+    return finish(func, name, drop=drop, arg_transforms=transforms)

@@ -1,0 +1,137 @@
+"""Dense `y = x @ w.T (+ b)` for nn.Linear weights `[N, K]`: a register-tiled, cache-blocked GEMM.
+
+Layout: w is packed offline (`arg_transforms[1]`) into panels `[NB, K, NR]` (NR output columns
+contiguous per k), so the inner loop reads one contiguous NR-vector per k. Micro-kernel: an
+MR x NR accumulator tile in registers (AVX2: 6 x 16 = 12 ymm), one broadcast of x per row and
+k. Blocking: a task is (MC rows, one NR panel), tasks in parallel; within it, K is cut into KC
+chunks so the KC x NR panel slice stays in L1 while the MC/MR row groups of the task reuse it.
+Row tails use clamped row indices (rows past M recompute and rewrite row M-1 with the same
+values), so there is no predicate in the inner loop and M may be any symbolic size, 0 included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+from moec.codegen.kernels.base import (
+    Dim,
+    Dims,
+    Kernel,
+    ceildiv,
+    check_dtype,
+    finish,
+    i64,
+    kernel_name,
+    prod,
+    vector_lanes,
+)
+from moec.errors import CodegenError
+
+KC_MAX = 1024  # K slices above this are split (KC x NR x 4 B = 64 KiB at NR=16)
+
+
+def k_blocking(K: int) -> tuple[int, int]:
+    """(chunk size, number of chunks) for the K loop: chunks of at most KC_MAX, near-equal."""
+    nkc = max(1, -(-K // KC_MAX))
+    return -(-K // nkc), nkc
+
+
+def pack_nk(w: np.ndarray, nr: int) -> np.ndarray:
+    """`[..., N, K]` -> `[..., ceil(N/nr), K, nr]`, zero-padding N: panel p, row k holds
+    w[..., p*nr:(p+1)*nr, k] contiguously."""
+    *lead, n, k = w.shape
+    nb = -(-n // nr)
+    padded = np.zeros((*lead, nb * nr, k), dtype=w.dtype)
+    padded[..., :n, :] = w
+    panels = padded.reshape(*lead, nb, nr, k)
+    return np.ascontiguousarray(np.swapaxes(panels, -1, -2))
+
+
+def linear_tiles(dtype: str) -> tuple[int, int, int]:
+    """(MR, NR, MC) of the linear micro-kernel for the host SIMD width."""
+    vl = vector_lanes(dtype)
+    mr = 6
+    return mr, 2 * vl, 16 * mr
+
+
+def linear(
+    M: Dim | tuple, K: int, N: int, dtype: str = "float32", bias: bool = False
+) -> Kernel:
+    """`y[M, N] = x[M, K] @ w[N, K].T (+ b[N])`. Kernel args: `(x, w_packed, [b], y)`.
+
+    M: rows, an int or a symbolic name, or a tuple of leading dims (x `[*M, K]`, y `[*M, N]`).
+    `arg_transforms[1]` packs w `[N, K]` into `[ceil(N/NR), K, NR]`; pass the packed array."""
+    check_dtype("linear", dtype)
+    if K < 1 or N < 1:
+        raise CodegenError(f"linear: K={K} and N={N} must be >= 1")
+    mr, nr, mc = linear_tiles(dtype)
+    kc, nkc = k_blocking(K)
+    nb = -(-N // nr)
+    full_nb = N // nr  # panels with all NR columns inside N
+    lead = list(M) if isinstance(M, (tuple, list)) else [M]
+    dims = Dims()
+    lead_sh = dims.shape(lead)
+    m = prod(lead_sh)
+    mg = mc // mr
+    k_tail = K - (nkc - 1) * kc
+    name = kernel_name("linear", dtype, *lead, K, N, "bias" if bias else "")
+
+    def row(mo, g, i):
+        return T.min(mo * mc + g * mr + i, m - i64(1))
+
+    def kc_len(kb):
+        return kc if k_tail == kc else T.min(kc, K - kb * kc)
+
+    def add_bias(v, b_buf, col):
+        return v + b_buf[col] if bias else v
+
+
+    @T.prim_func
+    def func(x: T.handle, w: T.handle, b: T.handle, y: T.handle):
+        X = T.match_buffer(x, [*lead_sh, K], dtype)
+        W = T.match_buffer(w, (nb, K, nr), dtype)
+        B = T.match_buffer(b, (N,), dtype)
+        Y = T.match_buffer(y, [*lead_sh, N], dtype)
+        Xf = T.decl_buffer((m, K), dtype, data=X.data)
+        Yf = T.decl_buffer((m, N), dtype, data=Y.data)
+        # p-major: a thread's consecutive tasks share their x rows (nb varies fastest).
+        for task in T.parallel(ceildiv(m, mc) * nb):
+            mo = task // nb
+            p = task % nb
+            ctile = T.alloc_buffer((mc, nr), "float32", scope="local")
+            acc = T.alloc_buffer((mr, nr), "float32", scope="local")
+            for kb in range(nkc):
+                for g in range(mg):
+                    if mo * mc + g * mr < m:
+                        for i in T.unroll(mr):
+                            for j in T.vectorized(nr):
+                                acc[i, j] = T.Select(kb == 0, T.float32(0), ctile[g * mr + i, j])
+                        for kk in range(kc_len(kb)):
+                            for i in T.unroll(mr):
+                                for j in T.vectorized(nr):
+                                    acc[i, j] = acc[i, j] + Xf[row(mo, g, i), kb * kc + kk] * W[
+                                        p, kb * kc + kk, j]
+                        for i in T.unroll(mr):
+                            for j in T.vectorized(nr):
+                                ctile[g * mr + i, j] = acc[i, j]
+            for g in range(mg):
+                if mo * mc + g * mr < m:
+                    for i in T.unroll(mr):
+                        if full_nb == nb:
+                            for j in T.vectorized(nr):
+                                Yf[row(mo, g, i), p * nr + j] = add_bias(ctile[g * mr + i, j],
+                                                                         B, p * nr + j)
+                        else:
+                            # Only the last panel is partial: guard its columns one by one.
+                            if p < full_nb:
+                                for j in T.vectorized(nr):
+                                    Yf[row(mo, g, i), p * nr + j] = add_bias(
+                                        ctile[g * mr + i, j], B, p * nr + j)
+                            else:
+                                for j in range(N - full_nb * nr):
+                                    Yf[row(mo, g, i), p * nr + j] = add_bias(
+                                        ctile[g * mr + i, j], B, p * nr + j)
+
+    return finish(func, name, drop=() if bias else ("B",),
+                  arg_transforms={1: lambda w: pack_nk(w, nr)})

@@ -1,0 +1,289 @@
+"""MoE CPU kernels against numpy references: router, align, permute, grouped_matmul, combine.
+
+Tolerance: float results within rtol=1e-4, atol=1e-4 of a float64 numpy reference (weights
+scaled by 1/sqrt(K) so GEMM outputs are O(1)); integer outputs (ids, layouts) exactly. Routings:
+uniform (k distinct random experts per token), skewed (every token picks the same k experts) and
+single (every slot goes to one expert), at T in TOKENS; all kernels compiled once, in one module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from moec.codegen.kernels import align, combine, grouped_matmul, permute, router
+from moec.codegen.kernels.grouped_matmul import grouped_tiles
+from moec.errors import CodegenError
+
+TOKENS = [0, 1, 7, 64, 300]
+ROUTINGS = ["uniform", "skewed", "single"]
+RTOL = ATOL = 1e-4
+rng = np.random.default_rng(7)
+
+
+def make_ids(t: int, e: int, k: int, routing: str) -> np.ndarray:
+    if routing == "uniform":
+        return np.argsort(rng.random((t, e)), axis=1)[:, :k].astype(np.int32)
+    if routing == "skewed":
+        return np.tile((np.arange(k, dtype=np.int32) * 3 + 1) % e, (t, 1))
+    return np.full((t, k), e - 1, np.int32)
+
+
+def align_ref(ids: np.ndarray, e: int, bm: int):
+    """Counting sort of slots by expert, padded per expert to a multiple of bm (docs/ops.md)."""
+    flat = ids.reshape(-1)
+    tk = flat.size
+    tl = tk // bm + e
+    sorted_ids = np.full(tl * bm, tk, np.int32)
+    tile_expert = np.full(tl, -1, np.int32)
+    slot_row = np.zeros(tk, np.int32)
+    row = tile = 0
+    for ex in range(e):
+        slots = np.nonzero(flat == ex)[0]
+        sorted_ids[row:row + len(slots)] = slots
+        slot_row[slots] = row + np.arange(len(slots))
+        n_tiles = -(-len(slots) // bm)
+        tile_expert[tile:tile + n_tiles] = ex
+        row, tile = row + n_tiles * bm, tile + n_tiles
+    return sorted_ids, tile_expert, slot_row.reshape(ids.shape)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2)))
+
+
+ACT_REF = {"none": lambda v: v, "silu": lambda v: v * _sigmoid(v), "gelu": _gelu,
+           "relu": lambda v: np.maximum(v, 0),
+           "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))}
+
+
+def gmm_ref(x, ws, bs, sorted_ids, tile_expert, bm, top_k, gather, activation):
+    """Rows of used tiles only (a bool mask) and their expected values."""
+    s = len(sorted_ids)
+    tk = (x.shape[0] if gather else 0) * top_k
+    if not gather:  # the sentinel of the layout: the largest id, present in the last row
+        tk = int(sorted_ids[-1]) if s else 0
+    used = np.repeat(tile_expert >= 0, bm) & (sorted_ids < tk)
+    rows = np.nonzero(used)[0]
+    e = np.repeat(tile_expert, bm)[rows]
+    v = x[sorted_ids[rows] // top_k] if gather else x[rows]
+    v = v.astype(np.float64)
+    hs = [np.einsum("rk,rnk->rn", v, w[e]) + (b[e] if bs else 0)
+          for w, b in zip(ws, bs or [None] * len(ws), strict=True)]
+    if activation == "clamped_swiglu_mul":
+        g = np.minimum(hs[0], 7.0)
+        out = (np.clip(hs[1], -7.0, 7.0) + 1) * g * _sigmoid(1.702 * g)
+    elif activation.endswith("_mul"):
+        out = ACT_REF[activation[:-4]](hs[0]) * hs[1]
+    else:
+        out = ACT_REF[activation](hs[0])
+    return used, out
+
+
+ALIGN_CASES = [(8, 2, 16), (5, 3, 4), (3, 1, 1)]  # (E, k, block_m)
+# (E, N, K, block_m, top_k, gather, activation, bias)
+GMM_CASES = [
+    (8, 48, 64, 16, 2, True, "silu_mul", False),
+    (8, 40, 1100, 16, 2, False, "none", False),  # N tail, K in two chunks
+    (5, 33, 37, 8, 3, True, "gelu", True),
+    (8, 48, 64, 16, 2, False, "clamped_swiglu_mul", True),
+    (4, 16, 32, 6, 2, True, "relu", False),  # block_m not a multiple of the 4-row groups
+    (4, 24, 40, 16, 1, True, "gelu_tanh_mul", False),
+]
+COMBINE_CASES = [(40, 2), (64, 3)]  # (H, k)
+ROUTER_CASES = [
+    dict(E=8, k=2),
+    dict(E=8, k=2, order="topk_score"),
+    dict(E=16, k=1, scoring="sigmoid", order="topk_score", scale=2.0),
+    dict(E=32, k=4, scoring="sigmoid", norm_topk=True, scale=2.5, has_bias=True, n_groups=4,
+         topk_groups=2, group_score="top2_sum"),
+    dict(E=12, k=3, norm_topk=True, n_groups=3, topk_groups=2, logit_bias=True),
+    dict(E=7, k=3, scale=0.5, norm_topk=True),
+]
+ROUTER_H = [64, 37]
+
+
+@pytest.fixture(scope="module")
+def lib(kernel_lib):
+    ks = {}
+    for case in ALIGN_CASES:
+        ks[("align", case)] = align(*case)
+    for case in GMM_CASES:
+        *args, bias = case
+        ks[("gmm", case)] = grouped_matmul(*args, "float32", bias=bias)
+    for h, k in COMBINE_CASES:
+        ks[("combine", h, k)] = combine(h, k)
+        ks[("permute", h, k)] = permute(h, k)
+    for i, c in enumerate(ROUTER_CASES):
+        for h in ROUTER_H:
+            ks[("router", i, h)] = router(h, **c)
+    lib = kernel_lib(ks.values())
+    lib.k = ks
+    return lib
+
+
+def run_align(lib, ids, e, k, bm):
+    tl = ids.shape[0] * k // bm + e
+    return lib(lib.k[("align", (e, k, bm))], ids,
+               outs=[((tl * bm,), "int32"), ((tl,), "int32"), (ids.shape, "int32")])
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("case", ALIGN_CASES)
+def test_align(lib, case, routing, t):
+    e, k, bm = case
+    ids = make_ids(t, e, k, routing)
+    for got, want in zip(run_align(lib, ids, e, k, bm), align_ref(ids, e, bm), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_align_clamps_out_of_range_ids(lib):
+    ids = np.array([[0, 9], [-3, 7], [2, 100]], np.int32)
+    got = run_align(lib, ids, 8, 2, 16)
+    want = align_ref(np.clip(ids, 0, 7), 8, 16)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("case", COMBINE_CASES)
+def test_permute_and_combine(lib, case, routing, t):
+    h, k = case
+    e, bm = 8, 16
+    ids = make_ids(t, e, k, routing)
+    sorted_ids, _, slot_row = align_ref(ids, e, bm)
+    x = rng.standard_normal((t, h)).astype(np.float32)
+    s = len(sorted_ids)
+    (xs,) = lib(lib.k[("permute", h, k)], x, sorted_ids, outs=[((s, h), "float32")],
+                fill=np.nan)
+    valid = sorted_ids < t * k
+    np.testing.assert_array_equal(xs[valid], x[sorted_ids[valid] // k])
+    assert np.isnan(xs[~valid]).all(), "padding rows must be left alone"
+    y = rng.standard_normal((s, h)).astype(np.float32)
+    w = rng.random((t, k)).astype(np.float32)
+    (out,) = lib(lib.k[("combine", h, k)], y, w, slot_row, outs=[((t, h), "float32")])
+    ref = np.zeros((t, h))
+    for j in range(k):  # increasing j, as specified
+        ref += w[:, j:j + 1].astype(np.float64) * y[slot_row[:, j]]
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+
+
+def _gmm_inputs(case, routing, t):
+    e, n, kdim, bm, top_k, gather, act, bias = case
+    ids = make_ids(t, e, top_k, routing)
+    sorted_ids, tile_expert, _ = align_ref(ids, e, bm)
+    x = rng.standard_normal((t if gather else len(sorted_ids), kdim)).astype(np.float32)
+    nw = 2 if act.endswith("_mul") else 1
+    ws = [(rng.standard_normal((e, n, kdim)) / math.sqrt(kdim)).astype(np.float32)
+          for _ in range(nw)]
+    bs = [rng.standard_normal((e, n)).astype(np.float32) for _ in range(nw)] if bias else []
+    return x, ws, bs, sorted_ids, tile_expert
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("case", GMM_CASES)
+def test_grouped_matmul(lib, case, routing, t):
+    e, n, kdim, bm, top_k, gather, act, bias = case
+    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(case, routing, t)
+    (out,) = lib(lib.k[("gmm", case)], x, *ws, *bs, sorted_ids, tile_expert,
+                 outs=[((len(sorted_ids), n), "float32")], fill=np.nan)
+    used, ref = gmm_ref(x, ws, bs, sorted_ids, tile_expert, bm, top_k, gather, act)
+    np.testing.assert_allclose(out[used], ref, rtol=RTOL, atol=ATOL)
+    # Work skipping: unused tiles, and row groups that start with padding, are never written.
+    mr, _ = grouped_tiles("float32", bm, act.endswith("_mul"))
+    starts = np.arange(len(sorted_ids)) // bm * bm + (np.arange(len(sorted_ids)) % bm) // mr * mr
+    group_used = np.repeat(tile_expert >= 0, bm) & (sorted_ids[starts] < t * top_k)
+    written = ~np.isnan(out).all(axis=1)
+    np.testing.assert_array_equal(written, group_used)
+
+
+def test_grouped_matmul_rejects_bad_activation():
+    with pytest.raises(CodegenError):
+        grouped_matmul(4, 8, 8, 16, 2, True, "swish")
+
+
+def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk",
+               norm_topk=False, scale=1.0, n_groups=1, topk_groups=1, group_score="max", **_):
+    """docs/ops.md "moe.router semantics", in float64. Also returns a mask of the rows whose
+    selection has no near-tie (|gap| < 1e-5): float32 rounding may legitimately flip those."""
+    logits = x.astype(np.float64) @ w.T.astype(np.float64)
+    if lbias is not None:
+        logits = logits + lbias
+    t = logits.shape[0]
+
+    def score(v):
+        if scoring == "sigmoid":
+            return _sigmoid(v)
+        ex = np.exp(v - v.max(-1, keepdims=True))
+        return ex / ex.sum(-1, keepdims=True)
+
+    def gap(v):  # smallest distance between two entries of a row
+        s = np.sort(v, axis=-1)
+        d = np.diff(s, axis=-1)
+        return np.where(np.isfinite(d), d, np.inf).min(-1) if v.shape[-1] > 1 else np.inf
+
+    if order == "topk_score":
+        ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        wts = score(np.take_along_axis(logits, ids, -1))
+        return wts * scale, ids, gap(logits) > 1e-5
+    scores = score(logits)
+    sel = scores + (sbias if sbias is not None else 0)
+    clear = gap(sel) > 1e-5
+    if n_groups > 1:
+        g = sel.reshape(t, n_groups, E // n_groups)
+        gs = g.max(-1) if group_score == "max" else np.sort(g, -1)[..., -2:].sum(-1)
+        clear &= gap(gs) > 1e-5
+        keep = np.argsort(-gs, axis=-1, kind="stable")[:, :topk_groups]
+        mask = np.zeros((t, n_groups), bool)
+        np.put_along_axis(mask, keep, True, -1)
+        sel = np.where(np.repeat(mask, E // n_groups, -1), sel, -np.inf)
+    ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
+    wts = np.take_along_axis(scores, ids, -1)
+    if norm_topk:
+        wts = wts / (wts.sum(-1, keepdims=True) + (1e-20 if scoring == "sigmoid" else 0))
+    return wts * scale, ids, clear
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("h", ROUTER_H)
+@pytest.mark.parametrize("case", range(len(ROUTER_CASES)))
+def test_router(lib, case, h, t):
+    c = ROUTER_CASES[case]
+    e, k = c["E"], c["k"]
+    x = rng.standard_normal((t, h)).astype(np.float32)
+    w = (rng.standard_normal((e, h)) / math.sqrt(h)).astype(np.float32)
+    lbias = rng.standard_normal(e).astype(np.float32) if c.get("logit_bias") else None
+    sbias = (rng.standard_normal(e) * 0.1).astype(np.float32) if c.get("has_bias") else None
+    args = [a for a in (x, w, lbias, sbias) if a is not None]
+    wts, ids = lib(lib.k[("router", case, h)], *args,
+                   outs=[((t, k), "float32"), ((t, k), "int32")])
+    rw, ri, clear = router_ref(x, w, lbias, sbias, **c)
+    assert clear.sum() >= 0.9 * t, "too many near-ties to check this case"
+    np.testing.assert_array_equal(ids[clear], ri[clear])
+    np.testing.assert_allclose(wts[clear], rw[clear], rtol=RTOL, atol=ATOL)
+
+
+def test_router_ties_pick_lower_expert(lib):
+    x = np.ones((3, 64), np.float32)
+    w = np.zeros((8, 64), np.float32)
+    w[[2, 5, 6]] = 1.0  # experts 2, 5 and 6 tie for first place
+    wts, ids = lib(lib.k[("router", 0, 64)], x, w, outs=[((3, 2), "float32"), ((3, 2), "int32")])
+    assert ids.tolist() == [[2, 5]] * 3
+
+
+def test_router_rejects_inconsistent_options():
+    with pytest.raises(CodegenError):
+        router(64, 8, 2, order="topk_score", has_bias=True)
+    with pytest.raises(CodegenError):
+        router(64, 8, 2, n_groups=3)
+    with pytest.raises(CodegenError):
+        router(64, 8, 9)
