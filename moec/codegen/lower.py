@@ -28,7 +28,9 @@ _UNARY = {"core.silu", "core.gelu", "core.relu", "core.sigmoid", "core.tanh", "c
 _BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core.minimum"}
 _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
                "moe.expert_ffn": "tile-expert-gemm", "moe.unpermute": "fuse-combine",
-               "moe.permute": "tile-expert-gemm"}
+               "moe.permute": "tile-expert-gemm", "moe.select": "fuse-gating"}
+_NO_FUSED_FORM = {"moe.permute": "experts with weight_on=input (the routing weight scales the "
+                                 "expert input, as in Llama 4) have no fused CPU form yet"}
 
 
 @dataclass
@@ -131,8 +133,9 @@ class _Lowerer:
         dt = tvm_dtype(n.operands[0].dtype)
         s0 = _shape_key(ins[0].shape)
         if op in _NEEDS_PASS:
+            why = f"; {_NO_FUSED_FORM[op]}" if op in _NO_FUSED_FORM else ""
             raise CodegenError(f"{n!r}: {op} has no kernel; run {_NEEDS_PASS[op]} first "
-                               f"(the default pipeline does)")
+                               f"(the default pipeline does){why}")
         if op == "core.reshape":
             self.vals[n.result] = self.bb.emit(relax.op.reshape(
                 self.value(n.operands[0]), [self.dim(d) for d in n.result.shape]))
@@ -161,12 +164,15 @@ class _Lowerer:
         elif op == "core.linear":
             self.lower_linear(n, dt)
         elif op == "moe.router":
+            if a["order"] == "sparsemixer" or a["capacity"] > 0:
+                what = "order=sparsemixer" if a["order"] == "sparsemixer" else "capacity"
+                raise CodegenError(f"{n!r}: moe.router with {what} has no CPU kernel yet")
             kk = dict(a)
             self.call(n, (op, s0, dt, len(ins), tuple(sorted(kk.items()))), lambda: K.router(
                 H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
                 order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
-                has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"], topk_groups=a["topk_groups"],
-                group_score=a["group_score"], dtype=dt))
+                has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"],
+                topk_groups=a["topk_groups"], group_score=a["group_score"], dtype=dt))
         elif op == "moe.align":
             k = ins[0].shape[1]
             self.call(n, (op, k, a["num_experts"], a["block_m"]),
@@ -175,9 +181,10 @@ class _Lowerer:
             w = ins[1]
             e, nn, kk2 = w.shape
             self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                          a["activation"]),
+                          a["activation"], a["bias"], a["alpha"], a["limit"]),
                       lambda: K.grouped_matmul(e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                                               a["activation"], dt))
+                                               a["activation"], dt, bias=a["bias"],
+                                               alpha=a["alpha"], limit=a["limit"]))
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
             self.call(n, (op, dt, h, k), lambda: K.combine(h, k, dt))

@@ -3,7 +3,8 @@
     from moec.frontend import from_torch
     graph = from_torch(model, (x,), max_tokens=4096)
 
-User MoE block classes: `register_moe_recognizer` (see moec.frontend.torch_frontend).
+MoE blocks are recognised structurally (Hugging Face families and anything with the same parts);
+other block kinds: `register_moe_recognizer` (docs/frontend.md).
 """
 
 from moec.frontend.moe_recognize import MoESpec, recognize_moe

@@ -1,5 +1,5 @@
-"""Translate a `torch.export` ExportedProgram (ATen ops, one `moec::moe_block` call per recognised
-MoE block) into a moec IR graph.
+"""Translate a `torch.export` ExportedProgram (ATen ops, one `moec::moe_router` and one
+`moec::moe_experts` call per recognised MoE block) into a moec IR graph.
 
 - Parameters, buffers and lifted constants become graph parameters named by their module path;
   user inputs become graph inputs (dim 0 of floating-point inputs is the token dim `T`).
@@ -439,26 +439,49 @@ class _Translator:
             raise self.unsupported(f"result {n.args[1]} of {op_name(n.args[0])}")
         return item
 
-    def _moe(self, n: fx.Node) -> Value:
+    def _custom_args(self, n: fx.Node) -> dict[str, Any]:
         schema = n.target._schema
-        a = {arg.name: (n.args[i] if i < len(n.args) else n.kwargs.get(arg.name))
-             for i, arg in enumerate(schema.arguments)}
+        return {arg.name: (n.args[i] if i < len(n.args) else n.kwargs.get(arg.name))
+                for i, arg in enumerate(schema.arguments)}
+
+    def _moe_router(self, n: fx.Node) -> tuple[Value, Value]:
+        """moec::moe_router -> the unfused router (core ops, moe.select for a selection bias or
+        grouped top-k), or moe.router itself for what has no unfused form (sparsemixer,
+        capacity). fuse-gating fuses the unfused form back into moe.router."""
+        a = self._custom_args(n)
         x = self.val(a["x"])
-        rw = self.env[a["router_weight"]]
-        router_loc = rw.name.rsplit(".", 1)[0] if isinstance(rw, _Const) else self.loc
-        ops = [x, self.val(rw)] + ([self.val(a["router_bias"])] if a["router_bias"] else [])
-        logits = self.emit("core.linear", ops, loc=router_loc)
+        rw = self.env[a["weight"]]
+        loc = rw.name.rsplit(".", 1)[0] if isinstance(rw, _Const) else self.loc
+        k, scoring, order = int(a["k"]), a["scoring"], a["order"]
+        lb = self.val(a["logit_bias"]) if a["logit_bias"] is not None else None
+        sb = self.val(a["select_bias"], "f32") if a["select_bias"] is not None else None
+        groups = {"n_groups": int(a["n_groups"]), "topk_groups": int(a["topk_groups"]),
+                  "group_score": a["group_score"]}
+        if order == "sparsemixer" or int(a["capacity"]) > 0:
+            attrs = {"k": k, "scoring": scoring, "order": order, "norm_topk": bool(a["norm_topk"]),
+                     "scale": float(a["scale"]), "capacity": int(a["capacity"]),
+                     "jitter_eps": float(a["jitter_eps"]), "logit_bias": lb is not None,
+                     "select_bias": sb is not None, **groups}
+            ops = [x, self.val(rw)] + [b for b in (lb, sb) if b is not None]
+            w, ids = self.emit("moe.router", ops, attrs, loc=loc)
+            return w, ids
+        logits = self.emit("core.linear", [x, self.val(rw)] + ([lb] if lb is not None else []),
+                           loc=loc)
         if logits.dtype != "f32":
             logits = self.emit("core.cast", [logits], {"dtype": "f32"})
-        k, scoring = int(a["k"]), a["scoring"]
 
         def score(v: Value) -> Value:
             if scoring == "softmax":
                 return self.emit("core.softmax", [v], {"axis": -1})
             return self.emit("core.sigmoid", [v])
 
-        if a["order"] == "score_topk":
-            weights, ids = self.emit("core.topk", [score(logits)], {"k": k})
+        if order == "score_topk":
+            scores = score(logits)
+            if sb is not None or groups["n_groups"] > 1:
+                weights, ids = self.emit("moe.select", [scores] + ([sb] if sb is not None else []),
+                                         {"k": k, "select_bias": sb is not None, **groups})
+            else:
+                weights, ids = self.emit("core.topk", [scores], {"k": k})
             if a["norm_topk"]:
                 # plain w / sum(w) also for sigmoid (moe.router adds 1e-20 to that sum; sigmoid
                 # scores are positive, so the two agree) keeps the pattern fuse-gating matches
@@ -469,10 +492,22 @@ class _Translator:
             weights = score(vals)
         if float(a["scale"]) != 1.0:
             weights = self.emit("core.scale", [weights], {"value": float(a["scale"])})
+        return weights, ids
+
+    def _moe_experts(self, n: fx.Node) -> Value:
+        a = self._custom_args(n)
+        x = self.val(a["x"])
         gated = a["w_gate"] is not None
-        experts = [self.val(a[w]) for w in ("w_gate", "w_up", "w_down") if a[w] is not None]
-        return self.emit("moe.experts", [x, weights, ids, *experts],
-                         {"activation": a["activation"], "gated": gated})
+        names = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+        operands = [self.val(a[w]) for w in names if a[w] is not None]
+        attrs: dict[str, Any] = {"activation": a["activation"], "gated": gated,
+                                 "bias": a["b_up"] is not None}
+        if a["activation"] == "clamped_swiglu":
+            attrs.update(alpha=float(a["alpha"]), limit=float(a["limit"]))
+        if a["weight_on"] != "output":
+            attrs["weight_on"] = a["weight_on"]
+        return self.emit("moe.experts", [x, self.val(a["weights"]), self.val(a["ids"]),
+                                         *operands], attrs)
 
 
 _HANDLERS: dict[str, Callable[[_Translator, fx.Node], Any]] = {
@@ -500,7 +535,8 @@ _HANDLERS: dict[str, Callable[[_Translator, fx.Node], Any]] = {
     "aten.rms_norm": _Translator._rms_norm,
     "aten.topk": _Translator._topk,
     "getitem": _Translator._getitem,
-    "moec.moe_block": _Translator._moe,
+    "moec.moe_router": _Translator._moe_router,
+    "moec.moe_experts": _Translator._moe_experts,
 }
 
 

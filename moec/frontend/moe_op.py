@@ -1,10 +1,12 @@
-"""The opaque MoE call the torch frontend puts in place of each recognised block before export.
+"""The opaque MoE calls the torch frontend puts in place of each recognised block before export,
+and the torch form of their semantics.
 
-`torch.ops.moec.moe_block` is a `torch.library.custom_op` whose arguments are the block's router
-weights, its stacked expert weights and the routing attributes; its fake kernel only says the
-output has the input's shape, so `torch.export` with a dynamic token dim records one call per
-block instead of tracing the data-dependent expert loop. The eager kernel is a plain torch
-implementation of the moe.experts semantics (docs/ops.md), so the exported program still runs.
+`torch.ops.moec.moe_router` (router weights -> routing weights f32 [T, k] and expert ids i32
+[T, k]) and `torch.ops.moec.moe_experts` (tokens, routing, stacked expert weights and biases ->
+[T, H]) are `torch.library.custom_op`s; their fake kernels only give the output shapes, so
+`torch.export` with a dynamic token dim records one call each instead of tracing the data-dependent
+routing and expert loop. Their eager kernels are plain torch implementations of moe.router and
+moe.experts (docs/ops.md), so the exported program still runs.
 
 `route` and `expert_ffn` are the same semantics as functions; the recogniser's probes use them.
 """
@@ -15,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 SCORINGS = ("softmax", "sigmoid")
-ORDERS = ("score_topk", "topk_score")
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh")
+ORDERS = ("score_topk", "topk_score", "sparsemixer")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
+GROUP_SCORES = ("max", "top2_sum")
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply an expert activation by name."""
+    """Apply an (ungated) expert activation by name."""
     if activation == "silu":
         return F.silu(h)
     if activation == "gelu":
@@ -32,64 +35,138 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def route(logits: torch.Tensor, k: int, scoring: str, order: str, norm_topk: bool,
-          scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing weights (f32 [T, k]) and expert ids ([T, k]) from router logits [T, E].
+def glu(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float = 1.702,
+        limit: float = 7.0) -> torch.Tensor:
+    """The gated hidden state: act(g) * u, or GPT-OSS's clamped SwiGLU
+    (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g') with g' = min(g, limit)."""
+    if activation == "clamped_swiglu":
+        g = g.clamp(max=limit)
+        return (u.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
+    return activate(g, activation) * u
 
-    Follows moe.router in docs/ops.md (without selection bias and grouped top-k)."""
+
+def _sparsemixer(logits: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    remaining = torch.ones_like(logits, dtype=torch.bool)
+    weights, ids = [], []
+    for _ in range(k):
+        masked = logits.masked_fill(~remaining, float("-inf"))
+        thr, best = masked.max(dim=-1, keepdim=True)
+        far = (thr - logits) / logits.abs().clamp(min=thr) > 2 * eps
+        keep = masked.masked_fill(far, float("-inf"))
+        weights.append(torch.softmax(keep, dim=-1).gather(-1, best))
+        ids.append(best)
+        remaining = remaining.scatter(-1, best, False)
+    return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
+
+
+def _select(scores: torch.Tensor, bias: torch.Tensor | None, k: int, n_groups: int,
+            topk_groups: int, group_score: str) -> torch.Tensor:
+    sel = scores + bias.float() if bias is not None else scores
+    if n_groups > 1:
+        t, e = sel.shape
+        grouped = sel.view(t, n_groups, e // n_groups)
+        gs = grouped.topk(2, dim=-1)[0].sum(-1) if group_score == "top2_sum" \
+            else grouped.max(dim=-1).values
+        keep = torch.zeros_like(gs, dtype=torch.bool).scatter(
+            1, gs.topk(topk_groups, dim=-1)[1], True)
+        sel = sel.masked_fill(~keep.repeat_interleave(e // n_groups, dim=-1), float("-inf"))
+    return torch.topk(sel, k, dim=-1)[1]
+
+
+def route(logits: torch.Tensor, k: int, scoring: str, order: str, norm_topk: bool,
+          scale: float = 1.0, select_bias: torch.Tensor | None = None, n_groups: int = 1,
+          topk_groups: int = 1, group_score: str = "max", capacity: int = 0,
+          jitter_eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing weights (f32 [T, k]) and expert ids (int64 [T, k]) from router logits [T, E],
+    as moe.router in docs/ops.md."""
     logits = logits.float()
-    score = torch.softmax if scoring == "softmax" else None
+    score = (lambda v: torch.softmax(v, dim=-1)) if scoring == "softmax" else torch.sigmoid
     if order == "score_topk":
-        probs = score(logits, dim=-1) if score else torch.sigmoid(logits)
-        weights, ids = torch.topk(probs, k, dim=-1)
+        scores = score(logits)
+        ids = _select(scores, select_bias, k, n_groups, topk_groups, group_score)
+        weights = scores.gather(-1, ids)
         if norm_topk:
             denom = weights.sum(dim=-1, keepdim=True)
             weights = weights / (denom + 1e-20 if scoring == "sigmoid" else denom)
-    else:
+    elif order == "topk_score":
         vals, ids = torch.topk(logits, k, dim=-1)
-        weights = score(vals, dim=-1) if score else torch.sigmoid(vals)
+        weights = score(vals)
+    else:
+        weights, ids = _sparsemixer(logits, k, jitter_eps)
     if scale != 1.0:
         weights = weights * scale
+    if capacity > 0:
+        onehot = F.one_hot(ids.reshape(-1), logits.shape[-1])
+        position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based rank among the expert's slots
+        weights = weights * (position <= capacity).reshape(ids.shape)
     return weights, ids
 
 
 def expert_ffn(x: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
-               w_down: torch.Tensor, activation: str) -> torch.Tensor:
-    """One expert's FFN on x [n, H] with w_* of one expert ([I, H], [I, H], [H, I])."""
-    up = x @ w_up.t()
-    h = activate(x @ w_gate.t(), activation) * up if w_gate is not None else activate(up,
-                                                                                        activation)
-    return h @ w_down.t()
+               w_down: torch.Tensor, activation: str, b_gate: torch.Tensor | None = None,
+               b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
+               alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """One expert's FFN on x [n, H] with w_* of one expert ([I, H], [I, H], [H, I]) and optional
+    biases ([I], [I], [H])."""
+    up = F.linear(x, w_up, b_up)
+    h = glu(F.linear(x, w_gate, b_gate), up, activation, alpha, limit) \
+        if w_gate is not None else activate(up, activation)
+    return F.linear(h, w_down, b_down)
 
 
-def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
-                w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor, k: int,
-                scoring: str, order: str, norm_topk: bool, scale: float,
-                activation: str) -> torch.Tensor:
-    """Eager reference of a whole MoE block in the frontend's canonical form."""
-    logits = F.linear(x, router_weight, router_bias)
-    weights, ids = route(logits, k, scoring, order, norm_topk, scale)
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
+                    b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
+                    b_down: torch.Tensor | None, activation: str, alpha: float, limit: float,
+                    weight_on: str) -> torch.Tensor:
+    """Eager moe.experts: sum_j w[t,j] * FFN_ids[t,j](x[t]) (weight_on=output) or
+    sum_j FFN_ids[t,j](w[t,j] * x[t]) (weight_on=input)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w_up.shape[0]):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
-        g = w_gate[e] if w_gate is not None else None
-        y = expert_ffn(x[tok], g, w_up[e], w_down[e], activation).float()
-        out.index_add_(0, tok, y * weights[tok, slot, None])
+        w = weights[tok, slot, None].to(x.dtype)
+        inp = x[tok] * w if weight_on == "input" else x[tok]
+        y = expert_ffn(inp, None if w_gate is None else w_gate[e], w_up[e], w_down[e],
+                       activation, None if b_gate is None else b_gate[e],
+                       None if b_up is None else b_up[e], None if b_down is None else b_down[e],
+                       alpha, limit).float()
+        out.index_add_(0, tok, y if weight_on == "input" else y * w.float())
     return out.to(x.dtype)
 
 
-@torch.library.custom_op("moec::moe_block", mutates_args=())
-def moe_block(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None,
-              w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor, k: int,
-              scoring: str, order: str, norm_topk: bool, scale: float,
-              activation: str) -> torch.Tensor:
-    """One recognised MoE block: x [T, H] -> [T, H] (see moe_forward)."""
-    return moe_forward(x, router_weight, router_bias, w_gate, w_up, w_down, k, scoring, order,
-                       norm_topk, scale, activation)
+@torch.library.custom_op("moec::moe_router", mutates_args=())
+def moe_router(x: torch.Tensor, weight: torch.Tensor, logit_bias: torch.Tensor | None,
+               select_bias: torch.Tensor | None, k: int, scoring: str, order: str,
+               norm_topk: bool, scale: float, n_groups: int, topk_groups: int, group_score: str,
+               capacity: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recognised router: x [T, H] -> (weights f32 [T, k], ids i32 [T, k])."""
+    logits = F.linear(x.float(), weight.float(), None if logit_bias is None else logit_bias.float())
+    w, ids = route(logits, k, scoring, order, norm_topk, scale, select_bias, n_groups,
+                   topk_groups, group_score, capacity, jitter_eps)
+    return w, ids.to(torch.int32)
 
 
-@moe_block.register_fake
-def _moe_block_fake(x: torch.Tensor, *args: object) -> torch.Tensor:
+@moe_router.register_fake
+def _moe_router_fake(x: torch.Tensor, weight: torch.Tensor, logit_bias: object,
+                     select_bias: object, k: int, *args: object
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x.new_empty((x.shape[0], k), dtype=torch.float32),
+            x.new_empty((x.shape[0], k), dtype=torch.int32))
+
+
+@torch.library.custom_op("moec::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
+                b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
+                b_down: torch.Tensor | None, activation: str, alpha: float, limit: float,
+                weight_on: str) -> torch.Tensor:
+    """Routed experts: x [T, H], routing [T, k] -> [T, H] (see experts_forward)."""
+    return experts_forward(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                           activation, alpha, limit, weight_on)
+
+
+@moe_experts.register_fake
+def _moe_experts_fake(x: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(x)

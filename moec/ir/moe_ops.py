@@ -17,7 +17,24 @@ from moec.ir.registry import REQUIRED, OpDef, register_op
 from moec.ir.types import DimLike, TensorType, same_dim
 
 A = Mapping[str, Any]
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
+GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themselves
+ORDERS = ("score_topk", "topk_score", "sparsemixer")
+ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
+
+
+def clamped_swiglu(g: np.ndarray, u: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+    """GPT-OSS's gated activation: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
+    g' = min(g, limit)."""
+    g = np.minimum(g, limit)
+    return (np.clip(u, -limit, limit) + 1.0) * (g * _sigmoid(alpha * g))
+
+
+def glu(a: A, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The gated hidden state of an expert: act(g) * u, or clamped_swiglu(g, u)."""
+    if a["activation"] == "clamped_swiglu":
+        return clamped_swiglu(g, u, a["alpha"], a["limit"])
+    return activation(a["activation"], g) * u
 
 
 def activation(name: str, x: np.ndarray) -> np.ndarray:
@@ -56,26 +73,15 @@ def router_operands(xs: list, a: A) -> tuple:
     return xs[0], xs[1], lb, sb
 
 
-def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
-               logit_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    logits = _f(x) @ _f(w).T
-    if logit_bias is not None:
-        logits = logits + _f(logit_bias)
-    k = a["k"]
-    score = _sigmoid if a["scoring"] == "sigmoid" else None
-    if a["order"] == "topk_score":
-        vals, ids = topk_ref(logits, k)
-        if score is not None:
-            weights = score(vals)
-        else:
-            e = np.exp(vals - (vals.max(-1, keepdims=True) if vals.size else 0))
-            weights = e / e.sum(-1, keepdims=True)
-        return (weights * a["scale"]).astype(np.float32), ids
-    if score is not None:
-        scores = score(logits)
-    else:
-        e = np.exp(logits - (logits.max(-1, keepdims=True) if logits.size else 0))
-        scores = e / e.sum(-1, keepdims=True)
+def _softmax(v: np.ndarray) -> np.ndarray:
+    e = np.exp(v - (v.max(-1, keepdims=True) if v.size else 0))
+    return e / e.sum(-1, keepdims=True)
+
+
+def select_ref(scores: np.ndarray, bias: np.ndarray | None, a: A
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k selection on `scores + bias` (grouped when n_groups > 1); weights are the unbiased
+    scores of the chosen experts (docs/ops.md, moe.router step 2)."""
     sel = scores + _f(bias) if bias is not None else scores.copy()
     ng, kg = a["n_groups"], a["topk_groups"]
     if ng > 1:
@@ -89,12 +95,75 @@ def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
         mask = np.zeros((t, ng), bool)
         np.put_along_axis(mask, keep.astype(np.int64), True, axis=-1)
         sel = np.where(np.repeat(mask, n_e // ng, axis=-1), sel, -np.inf)
-    _, ids = topk_ref(sel, k)
-    weights = np.take_along_axis(scores, ids.astype(np.int64), axis=-1)
-    if a["norm_topk"]:
-        denom = weights.sum(-1, keepdims=True)
-        weights = weights / (denom + (1e-20 if a["scoring"] == "sigmoid" else 0.0))
-    return (weights * a["scale"]).astype(np.float32), ids
+    _, ids = topk_ref(sel, a["k"])
+    return np.take_along_axis(scores, ids.astype(np.int64), axis=-1), ids
+
+
+def sparsemixer_ref(logits: np.ndarray, k: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """PhiMoE's sparsemixer (inference form): k rounds; each picks the best remaining expert and
+    weighs it by a softmax over the remaining experts whose logit is within a relative distance
+    2*eps of that best one: (best - l_j) / max(|l_j|, best) <= 2*eps."""
+    t, n_e = logits.shape
+    weights = np.zeros((t, k), np.float32)
+    ids = np.zeros((t, k), np.int32)
+    remaining = np.ones((t, n_e), bool)
+    rows = np.arange(t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for r in range(k):
+            masked = np.where(remaining, logits, -np.inf)
+            best = masked.argmax(-1) if t else np.zeros(0, np.int64)
+            thr = masked[rows, best][:, None]
+            far = (thr - logits) / np.maximum(np.abs(logits), thr) > 2 * eps
+            keep = np.where(remaining & ~far, masked, -np.inf)
+            weights[:, r] = _softmax(keep)[rows, best] if t else 0
+            ids[:, r] = best
+            remaining[rows, best] = False
+    return weights, ids
+
+
+def capacity_mask(ids: np.ndarray, capacity: int) -> np.ndarray:
+    """bool [T, k]: whether slot (t, j) is within its expert's capacity, counting slots in slot
+    order t*k + j (Switch Transformers' token dropping)."""
+    flat = ids.reshape(-1)
+    keep = np.ones(flat.shape, bool)
+    for e in np.unique(flat):
+        slots = np.nonzero(flat == e)[0]
+        keep[slots[capacity:]] = False
+    return keep.reshape(ids.shape)
+
+
+def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
+               logit_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    logits = _f(x) @ _f(w).T
+    if logit_bias is not None:
+        logits = logits + _f(logit_bias)
+    k, order = a["k"], a["order"]
+    score = _sigmoid if a["scoring"] == "sigmoid" else _softmax
+    if order == "topk_score":
+        vals, ids = topk_ref(logits, k)
+        weights = score(vals)
+    elif order == "sparsemixer":
+        weights, ids = sparsemixer_ref(logits, k, a.get("jitter_eps", 0.01))
+    else:
+        weights, ids = select_ref(score(logits), bias, a)
+        if a["norm_topk"]:
+            denom = weights.sum(-1, keepdims=True)
+            weights = weights / (denom + (1e-20 if a["scoring"] == "sigmoid" else 0.0))
+    weights = weights * a["scale"]
+    if a.get("capacity", 0) > 0:
+        weights = np.where(capacity_mask(ids, a["capacity"]), weights, 0)
+    return weights.astype(np.float32), ids
+
+
+def _check_selection(op: str, e: int, a: A) -> None:
+    _check(1 <= a["k"] <= e, f"{op}: k={a['k']} not in 1..{e}")
+    _check(a["group_score"] in ("max", "top2_sum"), f"{op}: group_score {a['group_score']}")
+    ng, kg = a["n_groups"], a["topk_groups"]
+    _check(ng >= 1 and e % ng == 0 and 1 <= kg <= ng,
+           f"{op}: {e} experts cannot form n_groups={ng} with topk_groups={kg}")
+    _check(ng == 1 or a["k"] <= kg * (e // ng), f"{op}: k exceeds the experts kept by groups")
+    _check(a["group_score"] != "top2_sum" or ng == 1 or e // ng >= 2,
+           f"{op}: group_score=top2_sum needs at least 2 experts per group")
 
 
 def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
@@ -103,14 +172,13 @@ def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
            f"moe.router: x {x} and router weight {w} do not match (want x[T,H], w[E,H])")
     e = w.shape[0]
     _check(isinstance(e, int), "moe.router: the expert count must be static")
-    _check(1 <= a["k"] <= e, f"moe.router: k={a['k']} not in 1..{e}")
     _check(a["scoring"] in ("softmax", "sigmoid"), f"moe.router: scoring {a['scoring']!r}")
-    _check(a["order"] in ("score_topk", "topk_score"), f"moe.router: order {a['order']!r}")
-    _check(a["group_score"] in ("max", "top2_sum"), f"moe.router: group_score {a['group_score']}")
-    ng, kg = a["n_groups"], a["topk_groups"]
-    _check(ng >= 1 and e % ng == 0 and 1 <= kg <= ng,
-           f"moe.router: {e} experts cannot form n_groups={ng} with topk_groups={kg}")
-    _check(ng == 1 or a["k"] <= kg * (e // ng), "moe.router: k exceeds the experts kept by groups")
+    _check(a["order"] in ORDERS, f"moe.router: order {a['order']!r} not in {', '.join(ORDERS)}")
+    _check_selection("moe.router", e, a)
+    if a["order"] != "score_topk":
+        _check(not a["norm_topk"] and not a["select_bias"] and a["n_groups"] == 1,
+               f"moe.router: order={a['order']} takes no norm_topk, select_bias or groups")
+    _check(a["capacity"] >= 0, f"moe.router: capacity {a['capacity']} < 0")
     want = 2 + int(a["logit_bias"]) + int(a["select_bias"])
     _check(len(ts) == want, f"moe.router: logit_bias={a['logit_bias']}, "
                             f"select_bias={a['select_bias']} need {want} operands, got {len(ts)}")
@@ -124,41 +192,81 @@ def _ref_router(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     return list(router_ref(x, w, sb, a, logit_bias=lb))
 
 
+_SELECT_ATTRS = {"k": REQUIRED, "n_groups": 1, "topk_groups": 1, "group_score": "max",
+                 "select_bias": False}
 register_op(OpDef(
     "moe.router", (2, 4), _infer_router, _ref_router,
-    attrs={"k": REQUIRED, "scoring": "softmax", "order": "score_topk", "norm_topk": False,
-           "scale": 1.0, "n_groups": 1, "topk_groups": 1, "group_score": "max",
-           "logit_bias": False, "select_bias": False},
+    attrs={**_SELECT_ATTRS, "scoring": "softmax", "order": "score_topk", "norm_topk": False,
+           "scale": 1.0, "logit_bias": False, "jitter_eps": 0.01, "capacity": 0},
     doc="router: logits, scoring, (grouped) top-k and renormalisation in one op"))
+
+
+def _infer_select(ts: list[TensorType], a: A) -> list[TensorType]:
+    s = ts[0]
+    _check(s.rank == 2 and isinstance(s.shape[1], int) and s.dtype == "f32",
+           f"moe.select: scores must be f32[T, E] with a static E, got {s}")
+    e = s.shape[1]
+    _check_selection("moe.select", e, a)
+    _check(len(ts) == 1 + int(a["select_bias"]),
+           f"moe.select: select_bias={a['select_bias']} needs {1 + int(a['select_bias'])} "
+           f"operands, got {len(ts)}")
+    if a["select_bias"]:
+        _check(ts[1].rank == 1 and same_dim(ts[1].shape[0], e),
+               f"moe.select: bias {ts[1]} is not [{e}]")
+    return [TensorType((s.shape[0], a["k"]), "f32"), TensorType((s.shape[0], a["k"]), "i32")]
+
+
+register_op(OpDef(
+    "moe.select", (1, 2), _infer_select,
+    lambda xs, a: list(select_ref(_f(xs[0]), xs[1] if len(xs) > 1 else None, a)),
+    attrs=_SELECT_ATTRS,
+    doc="expert selection: top-k of scores (+ selection bias, grouped), unbiased weights"))
 
 # --------------------------------------------------------------------------- experts (unfused)
 
 
+def expert_operands(ws: list, a: A) -> tuple[list, list]:
+    """Split the expert operands into weights ([gate,] up, down) and biases (same order, or [])."""
+    n = 3 if a["gated"] else 2
+    return list(ws[:n]), list(ws[n:])
+
+
 def ffn(v: np.ndarray, e: int, ws: list[np.ndarray], a: A) -> np.ndarray:
-    """One expert's MLP on rows v."""
+    """One expert's MLP on rows v; `ws` are the weights then (when `bias`) the biases."""
+    w, b = expert_operands(ws, a)
+
+    def proj(i: int, inp: np.ndarray) -> np.ndarray:
+        y = inp @ _f(w[i][e]).T
+        return y + _f(b[i][e]) if b else y
+
     if a["gated"]:
-        g, u, d = ws
-        h = activation(a["activation"], v @ _f(g[e]).T) * (v @ _f(u[e]).T)
+        h = glu(a, proj(0, v), proj(1, v))
     else:
-        u, d = ws
-        h = activation(a["activation"], v @ _f(u[e]).T)
-    return h @ _f(d[e]).T
+        h = activation(a["activation"], proj(0, v))
+    return proj(len(w) - 1, h)
 
 
 def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> int:
     n = 3 if a["gated"] else 2
-    _check(len(ts) == n, f"{name}: {'gated' if a['gated'] else 'non-gated'} experts take "
-                         f"{n} weights, got {len(ts)}")
+    want = n * (2 if a["bias"] else 1)
+    _check(len(ts) == want, f"{name}: {'gated' if a['gated'] else 'non-gated'} experts"
+                            f"{' with biases' if a['bias'] else ''} take {want} weights, "
+                            f"got {len(ts)}")
     _check(a["activation"] in ACTIVATIONS, f"{name}: activation {a['activation']!r}")
-    up, down = ts[-2], ts[-1]
+    _check(a["gated"] or a["activation"] not in GATED_ONLY,
+           f"{name}: activation {a['activation']} needs gated experts")
+    ws, bs = ts[:n], ts[n:]
+    up, down = ws[-2], ws[-1]
     _check(up.rank == 3 and down.rank == 3, f"{name}: expert weights must be [E, ., .]")
     e, inter = up.shape[0], up.shape[1]
     _check(same_dim(up.shape[2], hidden) and same_dim(down.shape[1], hidden)
            and same_dim(down.shape[2], inter) and same_dim(down.shape[0], e),
            f"{name}: up {up} / down {down} do not match hidden {hidden}")
     if a["gated"]:
-        _check(str(ts[0]) == str(up),
-               f"{name}: gate {ts[0]} and up {up} differ")
+        _check(str(ws[0]) == str(up), f"{name}: gate {ws[0]} and up {up} differ")
+    for w, b in zip(ws, bs, strict=False):
+        _check(b.rank == 2 and same_dim(b.shape[0], e) and same_dim(b.shape[1], w.shape[1]),
+               f"{name}: bias {b} does not match weight {w} (want [E, N] for [E, N, K])")
     return e
 
 
@@ -167,6 +275,7 @@ def _infer_experts(ts: list[TensorType], a: A) -> list[TensorType]:
     _check(x.rank == 2 and w.rank == 2 and ids.rank == 2 and ids.dtype == "i32"
            and same_dim(w.shape[0], x.shape[0]) and str(w.shape) == str(ids.shape),
            f"moe.experts: x {x}, weights {w}, ids {ids} do not match (x[T,H], [T,k], i32[T,k])")
+    _check(a["weight_on"] in ("output", "input"), f"moe.experts: weight_on {a['weight_on']!r}")
     _expert_weights("moe.experts", ts[3:], a, x.shape[1])
     return [x]
 
@@ -176,12 +285,17 @@ def _ref_experts(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     out = np.zeros_like(x)
     for e in np.unique(ids):
         t, j = np.nonzero(ids == e)
-        out[t] += w[t, j][:, None] * ffn(x[t], int(e), ws, a)  # t unique per e (top-k distinct)
+        wt = w[t, j][:, None]
+        if a["weight_on"] == "input":
+            out[t] += ffn(x[t] * wt, int(e), ws, a)
+        else:
+            out[t] += wt * ffn(x[t], int(e), ws, a)  # t unique per e (top-k distinct)
     return [out.astype(xs[0].dtype)]
 
 
-register_op(OpDef("moe.experts", (5, 6), _infer_experts, _ref_experts,
-                  attrs={"activation": "silu", "gated": True},
+_FFN_ATTRS = {"activation": "silu", "gated": True, "bias": False, **ACT_ATTRS}
+register_op(OpDef("moe.experts", (5, 9), _infer_experts, _ref_experts,
+                  attrs={**_FFN_ATTRS, "weight_on": "output"},
                   doc="routed experts, unfused: sum_j w[t,j] * FFN_ids[t,j](x[t])"))
 
 # --------------------------------------------------------------------------- aligned layout
@@ -269,24 +383,38 @@ def _ref_expert_ffn(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     return [out.astype(xs[0].dtype)]
 
 
-register_op(OpDef("moe.expert_ffn", (4, 5), _infer_expert_ffn, _ref_expert_ffn,
-                  attrs={"block_m": REQUIRED, "activation": "silu", "gated": True},
+register_op(OpDef("moe.expert_ffn", (4, 8), _infer_expert_ffn, _ref_expert_ffn,
+                  attrs={"block_m": REQUIRED, **_FFN_ATTRS},
                   doc="each used tile of the sorted layout through its expert's MLP"))
+
+GMM_ACTIVATIONS = ("none", "silu", "gelu", "relu", "gelu_tanh", "silu_mul", "gelu_mul",
+                   "gelu_tanh_mul", "relu_mul", "clamped_swiglu_mul")
+
+
+def gmm_operands(xs: list, a: A) -> tuple[Any, list, list, Any, Any]:
+    """(x, weights (1 or 2), biases ([] or one per weight), sorted_ids, tile_expert)."""
+    nw = 2 if a["activation"].endswith("_mul") else 1
+    nb = nw if a["bias"] else 0
+    return xs[0], list(xs[1:1 + nw]), list(xs[1 + nw:1 + nw + nb]), xs[-2], xs[-1]
 
 
 def _infer_gmm(ts: list[TensorType], a: A) -> list[TensorType]:
     act = a["activation"]
-    fused = act.endswith("_mul")
-    _check(act in ("none", "silu", "gelu", "relu", "gelu_tanh", "silu_mul", "gelu_mul",
-                   "gelu_tanh_mul", "relu_mul"), f"moe.grouped_matmul: activation {act!r}")
-    _check(len(ts) == (5 if fused else 4),
-           f"moe.grouped_matmul: activation={act} takes {5 if fused else 4} operands")
-    x, w = ts[0], ts[1]
-    sid, te = ts[-2], ts[-1]
+    _check(act in GMM_ACTIVATIONS, f"moe.grouped_matmul: activation {act!r}")
+    nw = 2 if act.endswith("_mul") else 1
+    want = 3 + nw * (2 if a["bias"] else 1)
+    _check(len(ts) == want, f"moe.grouped_matmul: activation={act}, bias={a['bias']} takes "
+                            f"{want} operands, got {len(ts)}")
+    x, ws, bs, sid, te = gmm_operands(ts, a)
+    w = ws[0]
     _check(w.rank == 3 and x.rank == 2 and same_dim(x.shape[1], w.shape[2]),
            f"moe.grouped_matmul: x {x} and w {w} do not match (want [., K], [E, N, K])")
-    if fused:
-        _check(str(ts[2]) == str(w), f"moe.grouped_matmul: second weight {ts[2]} != {w}")
+    if nw == 2:
+        _check(str(ws[1]) == str(w), f"moe.grouped_matmul: second weight {ws[1]} != {w}")
+    for b in bs:
+        _check(b.rank == 2 and same_dim(b.shape[0], w.shape[0])
+               and same_dim(b.shape[1], w.shape[1]),
+               f"moe.grouped_matmul: bias {b} does not match weight {w} (want [E, N])")
     _check(sid.rank == 1 and te.rank == 1 and sid.dtype == "i32" and te.dtype == "i32",
            "moe.grouped_matmul: sorted_ids and tile_expert must be i32 vectors")
     if not a["gather"]:
@@ -296,10 +424,10 @@ def _infer_gmm(ts: list[TensorType], a: A) -> list[TensorType]:
 
 
 def _ref_gmm(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
-    x, w = _f(xs[0]), _f(xs[1])
-    sid, te = xs[-2], xs[-1]
+    x, ws, bs, sid, te = gmm_operands(xs, a)
+    x = _f(x)
     act = a["activation"]
-    out = np.zeros((len(sid), w.shape[1]), np.float32)
+    out = np.zeros((len(sid), ws[0].shape[1]), np.float32)
     if a["gather"]:
         valid, rows = _rows(sid, x.shape[0] * a["top_k"], a["top_k"])
         src = np.zeros((len(sid), x.shape[1]), np.float32)
@@ -307,21 +435,22 @@ def _ref_gmm(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     else:
         src = x
     for e, rows in _tiles(te, a["block_m"]):
-        h = src[rows] @ w[e].T
-        if act.endswith("_mul"):
-            h = activation(act[:-4], h) * (src[rows] @ _f(xs[2][e]).T)
+        hs = [src[rows] @ _f(w[e]).T + (_f(bs[i][e]) if bs else 0) for i, w in enumerate(ws)]
+        if act == "clamped_swiglu_mul":
+            out[rows] = clamped_swiglu(hs[0], hs[1], a["alpha"], a["limit"])
+        elif act.endswith("_mul"):
+            out[rows] = activation(act[:-4], hs[0]) * hs[1]
         else:
-            h = activation(act, h)
-        out[rows] = h
+            out[rows] = activation(act, hs[0])
     if a["gather"]:
         out[~valid] = 0
     return [out.astype(xs[0].dtype)]
 
 
-register_op(OpDef("moe.grouped_matmul", (4, 5), _infer_gmm, _ref_gmm,
+register_op(OpDef("moe.grouped_matmul", (4, 7), _infer_gmm, _ref_gmm,
                   attrs={"block_m": REQUIRED, "top_k": 1, "gather": False,
-                         "activation": "none"},
-                  doc="grouped GEMM over expert tiles, optional gather and fused activation"))
+                         "activation": "none", "bias": False, **ACT_ATTRS},
+                  doc="grouped GEMM over expert tiles, optional gather, bias and fused activation"))
 
 
 def _infer_unpermute(ts: list[TensorType], a: A) -> list[TensorType]:

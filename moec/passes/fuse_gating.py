@@ -1,9 +1,11 @@
-"""fuse-gating: router matmul + scoring + top-k (+ renormalisation) -> one moe.router op.
+"""fuse-gating: router linear + scoring + selection (+ renormalisation, scaling) -> one moe.router.
 
-Run after canonicalize. Requires: a router written as core.linear (weight a parameter, optional bias)
-followed by either softmax|sigmoid -> topk [-> div by sum] (order=score_topk) or topk -> softmax
+Run after canonicalize. Requires: a router written as core.linear (weight a parameter, optional
+bias; casts on its input, weight or logits are looked through) followed by either
+softmax|sigmoid -> core.topk | moe.select [-> div by sum] [-> scale] (order=score_topk; moe.select
+brings a selection bias and group-limited top-k) or core.topk -> softmax|sigmoid [-> scale]
 (order=topk_score). Ensures: the router's top-k weights and ids come from moe.router; the
-softmax/topk nodes are erased when nothing else uses them."""
+scoring/selection nodes are erased when nothing else uses them."""
 
 from __future__ import annotations
 
@@ -12,17 +14,30 @@ from typing import ClassVar
 
 from moec.ir.graph import Graph, Node, Value
 from moec.passes.base import Pass, PassContext, register_pass
-from moec.passes.rewriter import P, Rewriter, RewritePattern, apply_patterns, match
+from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
-_ROUTER_LOGITS = P.op("core.linear", P.any("x"), P.param("w"), P.rest(), name="logits")
+_SELECT_ATTRS = ("n_groups", "topk_groups", "group_score")
 
 
-def _router_operands(m: dict) -> tuple[list, dict]:
-    """Operands and bias attributes of the router fused from the matched linear."""
-    lin = m["logits.node"]
+def _uncast(v: Value) -> Value:
+    """Look through core.cast nodes (a bf16 router cast to f32, an f32 no-op cast)."""
+    while v.producer is not None and v.producer.op == "core.cast":
+        v = v.producer.operands[0]
+    return v
+
+
+def _router_linear(v: Value) -> tuple[list[Value], dict] | None:
+    """(operands, bias attributes) of moe.router if `v` is (a cast of) linear(x, @w [, b])."""
+    v = _uncast(v)
+    lin = v.producer
+    if lin is None or lin.op != "core.linear":
+        return None
+    x, w = _uncast(lin.operands[0]), _uncast(lin.operands[1])
+    if w.kind != "param" or x.type.rank != 2:
+        return None
     if len(lin.operands) == 3:
-        return [m["x"], m["w"], lin.operands[2]], {"logit_bias": True}
-    return [m["x"], m["w"]], {}
+        return [x, w, _uncast(lin.operands[2])], {"logit_bias": True}
+    return [x, w], {}
 
 
 def _renorm_of(vals: Value) -> Node | None:
@@ -39,55 +54,80 @@ def _renorm_of(vals: Value) -> Node | None:
     return div
 
 
+def _scale_of(vals: Value) -> Node | None:
+    """The core.scale node that is the only user of `vals`, if any."""
+    users = vals.users()
+    return users[0] if len(users) == 1 and users[0].op == "core.scale" else None
+
+
+def _finish(rw: Rewriter, loc: str | None, operands: list[Value], attrs: dict, weights: Value,
+            ids: Value) -> bool:
+    """Create the router, folding a trailing core.scale into `scale`, and rewire the uses.
+    False (nothing done) unless the routing weights are f32 and the ids i32, as moe.router's."""
+    if weights.dtype != "f32" or ids.dtype != "i32":
+        return False
+    scale = _scale_of(weights)
+    if scale is not None and not any(o is weights for o in rw.graph.outputs):
+        attrs["scale"] = float(scale.attrs["value"])
+        weights = scale.result
+    router = rw.create("moe.router", operands, attrs, loc=loc)
+    rw.replace_all_uses(weights, router.results[0])
+    rw.replace_all_uses(ids, router.results[1])
+    return True
+
+
 class ScoreThenTopK(RewritePattern):
-    """topk(softmax|sigmoid(linear(x, @w))) [/ sum] -> moe.router{order=score_topk}."""
+    """topk|select(softmax|sigmoid(linear(x, @w))) [/ sum] [* s] -> moe.router{score_topk}."""
 
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
-        m = match(P.op("core.topk", P.op(("core.softmax", "core.sigmoid"), _ROUTER_LOGITS,
-                                         name="scores")), node)
-        if m is None or m["x"].type.rank != 2:
+        m = match(P.op(("core.topk", "moe.select"),
+                       P.op(("core.softmax", "core.sigmoid"), P.any("logits"), name="scores"),
+                       P.rest()), node)
+        if m is None:
             return False
+        router = _router_linear(m["logits"])
         scores = m["scores.node"]
-        if scores.op == "core.softmax" and scores.attrs["axis"] not in (-1, 1):
+        if router is None or scores.op == "core.softmax" and scores.attrs["axis"] not in (-1, 1):
             return False
+        operands, attrs = router
+        attrs.update(k=node.attrs["k"], scoring=scores.op.split(".")[1], order="score_topk")
+        if node.op == "moe.select":
+            attrs.update({a: node.attrs[a] for a in _SELECT_ATTRS})
+            if node.attrs["select_bias"]:
+                attrs["select_bias"] = True
+                operands.append(node.operands[1])
         vals, ids = node.results
         div = _renorm_of(vals)
-        attrs = {"k": node.attrs["k"], "scoring": scores.op.split(".")[1],
-                 "order": "score_topk", "norm_topk": div is not None}
-        operands, bias = _router_operands(m)
-        router = rw.create("moe.router", operands, {**attrs, **bias}, loc=m["logits.node"].loc)
-        w, i = router.results
-        if div is not None:
-            rw.replace_all_uses(div.result, w)
-        else:
-            rw.replace_all_uses(vals, w)
-        rw.replace_all_uses(ids, i)
-        return True
+        attrs["norm_topk"] = div is not None
+        return _finish(rw, _uncast(m["logits"]).producer.loc, operands, attrs,
+                       div.result if div is not None else vals, ids)
 
 
-class TopKThenSoftmax(RewritePattern):
-    """softmax(topk(linear(x, @w)).values) -> moe.router{order=topk_score}."""
+class TopKThenScore(RewritePattern):
+    """softmax|sigmoid(topk(linear(x, @w)).values) [* s] -> moe.router{order=topk_score}."""
 
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
-        m = match(P.op("core.softmax", P.op("core.topk", _ROUTER_LOGITS, name="topk", result=0)),
-                  node)
-        if m is None or m["x"].type.rank != 2 or node.attrs["axis"] not in (-1, 1):
+        m = match(P.op(("core.softmax", "core.sigmoid"),
+                       P.op("core.topk", P.any("logits"), name="topk", result=0)), node)
+        if m is None or node.op == "core.softmax" and node.attrs["axis"] not in (-1, 1):
             return False
+        router = _router_linear(m["logits"])
+        if router is None:
+            return False
+        operands, attrs = router
         topk = m["topk.node"]
-        attrs = {"k": topk.attrs["k"], "scoring": "softmax", "order": "topk_score"}
-        operands, bias = _router_operands(m)
-        router = rw.create("moe.router", operands, {**attrs, **bias}, loc=m["logits.node"].loc)
-        rw.replace_all_uses(node.result, router.results[0])
-        rw.replace_all_uses(topk.results[1], router.results[1])
-        return True
+        attrs.update(k=topk.attrs["k"], scoring=node.op.split(".")[1], order="topk_score")
+        return _finish(rw, _uncast(m["logits"]).producer.loc, operands, attrs, node.result,
+                       topk.results[1])
 
 
 @register_pass
 @dataclass(frozen=True)
 class FuseGating(Pass):
-    """Fuse router linear + softmax/sigmoid + top-k + renormalisation into one moe.router op."""
+    """Fuse router linear + softmax/sigmoid + top-k/selection + renormalisation + scaling into
+    one moe.router op."""
 
     name: ClassVar[str] = "fuse-gating"
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        return apply_patterns(graph, [ScoreThenTopK(), TopKThenSoftmax()])
+        return apply_patterns(graph, [ScoreThenTopK(), TopKThenScore()])

@@ -5,8 +5,14 @@ gathers token rows itself (the permute is folded in) and computes gate and up pr
 GEMM with the activation fused (`silu_mul`: silu(x Wg^T) * (x Wu^T)); the second is the down
 projection over the sorted rows.
 
-Run after reorder-dispatch. Requires: the expert_ffn input produced by moe.permute. Ensures: no
-moe.expert_ffn left; the permuted copy of x is gone when nothing else reads it."""
+Expert biases become the GEMMs' bias operands (gate and up biases on the first, the down bias on
+the second); GPT-OSS's clamped SwiGLU fuses as `clamped_swiglu_mul` with its alpha and limit.
+When the permuted rows are scaled before the experts (`weight_on=input`), the first GEMM reads
+the scaled sorted rows (`gather=false`).
+
+Run after reorder-dispatch. Requires: the expert_ffn input produced by moe.permute (or by a
+core.mul of it). Ensures: no moe.expert_ffn left; the permuted copy of x is gone when nothing else
+reads it."""
 
 from __future__ import annotations
 
@@ -14,34 +20,45 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moec.ir.graph import Graph, Node
+from moec.ir.moe_ops import expert_operands
 from moec.passes.base import Pass, PassContext, register_pass
-from moec.passes.rewriter import P, Rewriter, RewritePattern, apply_patterns, match
+from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
+
+_PERMUTED = P.op("moe.permute", P.any("x"), P.any("sids"), name="xs")
 
 
 class GroupedGemmFromFfn(RewritePattern):
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
-        m = match(P.op("moe.expert_ffn", P.op("moe.permute", P.any("x"), P.any("sids"),
-                                              name="xs"), P.rest()), node)
-        if m is None:
+        if node.op != "moe.expert_ffn":
             return False
-        _, tiles, *weights = node.operands
+        m = match(P.op("moe.expert_ffn", _PERMUTED, P.rest()), node)
+        gather = m is not None
+        if m is None:  # rows scaled after the gather (weight_on=input): GEMM on the sorted rows
+            m = match(P.op("moe.expert_ffn", P.op("core.mul", _PERMUTED, P.any()), P.rest()),
+                      node)
+            if m is None:
+                return False
+        _, tiles, *operands = node.operands
         a = node.attrs
+        weights, biases = expert_operands(operands, a)
         k = m["xs.node"].attrs["top_k"]
-        common = {"block_m": a["block_m"]}
+        common = {"block_m": a["block_m"], "top_k": k, "bias": a["bias"]}
+        act_attrs = {"alpha": a["alpha"], "limit": a["limit"]} \
+            if a["activation"] == "clamped_swiglu" else {}
+        first_in = m["x"] if gather else node.operands[0]
         if a["gated"]:
-            gate, up, down = weights
-            first = [m["x"], gate, up, m["sids"], tiles]
+            (gate, up, down), b_first = weights, biases[:2]
+            first = [first_in, gate, up, *b_first, m["sids"], tiles]
             act = a["activation"] + "_mul"
         else:
-            up, down = weights
-            first = [m["x"], up, m["sids"], tiles]
+            (up, down), b_first = weights, biases[:1]
+            first = [first_in, up, *b_first, m["sids"], tiles]
             act = a["activation"]
         h = rw.create("moe.grouped_matmul", first,
-                      {**common, "top_k": k, "gather": True, "activation": act},
+                      {**common, "gather": gather, "activation": act, **act_attrs},
                       loc=node.loc).result
-        y = rw.create("moe.grouped_matmul", [h, down, m["sids"], tiles],
-                      {**common, "top_k": k, "gather": False, "activation": "none"},
-                      loc=node.loc).result
+        y = rw.create("moe.grouped_matmul", [h, down, *biases[-1:], m["sids"], tiles],
+                      {**common, "gather": False, "activation": "none"}, loc=node.loc).result
         rw.replace_op(node, [y])
         return True
 

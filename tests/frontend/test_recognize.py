@@ -165,9 +165,30 @@ def _raw_router_spec(module: nn.Module, path: str, k: int = 2) -> MoESpec | None
                    w_down=torch.stack([e.down_proj.weight for e in ex]))
 
 
+class NoRouterBlock(nn.Module):
+    """Experts picked by token position: nothing in the block routes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(SwiGLUExpert(H, I) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (torch.arange(len(x)) % E)[:, None]
+        return _loop_experts(x, self.experts, torch.ones(len(x), 1), ids)
+
+
 def test_builtin_reports_missing_router():
-    with pytest.raises(UnsupportedError, match=r"found 6 experts \('experts'\) but no router"):
-        from_torch(RawRouterBlock(), torch.randn(4, H))
+    with pytest.raises(UnsupportedError, match=r"found 6 experts \('experts'\) but no router.*"
+                                               r"register_moe_recognizer"):
+        from_torch(NoRouterBlock(), torch.randn(4, H))
+
+
+def test_bare_parameter_router_is_recognised(check_against_torch):
+    torch.manual_seed(2)
+    block = RawRouterBlock().eval()
+    ((_, spec),) = find_moe_blocks(block)
+    assert spec.router_name == "wg" and spec.router_is_param and spec.k == 2
+    check_against_torch(block, from_torch(block, torch.randn(4, H)), H)
 
 
 def test_user_recognizer(check_against_torch):
@@ -244,11 +265,33 @@ class BadStackedBlock(nn.Module):
         return x
 
 
+@pytest.mark.parametrize("make,shared", [(SharedExpertBlock, True), (BiasExpertBlock, False)])
+def test_shared_experts_and_expert_biases(make, shared, check_against_torch):
+    torch.manual_seed(4)
+    block = make().eval()
+    ((_, spec),) = find_moe_blocks(block)
+    assert spec.shared_experts == (("shared_expert",) if shared else ())
+    assert (spec.b_up is not None) == (not shared)
+    graph = from_torch(block, torch.randn(4, H))
+    check_against_torch(block, graph, H)
+    assert graph.find("moe.experts")[0].attrs["bias"] == (not shared)
+
+
+class PreNormBlock(MoEBlock):
+    """Normalises its input before routing: a part the recogniser does not model."""
+
+    def __init__(self) -> None:
+        super().__init__(H, I, E, 2)
+        self.pre_norm = nn.LayerNorm(H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pre_norm(x))
+
+
 @pytest.mark.parametrize("make,message", [
-    (SharedExpertBlock, r"top-k routing not found.*does not model: shared_expert"),
+    (PreNormBlock, r"top-k routing not found.*does not model: pre_norm.*register_moe_recognizer"),
     (TemperatureBlock, r"MoE block 'moe' \(TemperatureBlock\): top-k routing not found"),
     (TanhBlock, r"expert MLP 'experts.0' \(TanhExpert\) not recognised"),
-    (BiasExpertBlock, r"expert linears up_proj have a bias"),
     (BadStackedBlock, r"do not fit hidden size 32"),
 ])
 def test_unrecognised_part_is_named(make, message):
@@ -317,3 +360,75 @@ def test_unrecognised_moe_falls_through_to_an_op_error():
 
     with pytest.raises(UnsupportedError, match=r"no moec translation for op aten\..*\(Picky\)"):
         from_torch(Picky(), torch.randn(4, H))
+
+
+# --------------------------------------------------------------------------- unknown families
+
+
+class NovelBlock(nn.Module):
+    """No transformers class and no familiar names: a sigmoid router with a selection bias and
+    group-limited top-k, experts as [E, H, 2I] with gate/up interleaved and biases, a GELU shared
+    expert; the hints are only the usual attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = 2, 3, 2
+        self.scorer = nn.Module()
+        self.scorer.weight = nn.Parameter(torch.randn(E, H) * H ** -0.5)
+        self.scorer.register_buffer("balance", torch.randn(E) * 0.3)
+        self.bank = nn.Module()
+        self.bank.inp = nn.Parameter(torch.randn(E, H, 2 * I) * H ** -0.5)
+        self.bank.inp_b = nn.Parameter(torch.randn(E, 2 * I) * 0.1)
+        self.bank.out = nn.Parameter(torch.randn(E, I, H) * I ** -0.5)
+        self.common = GeluExpert()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(x @ self.scorer.weight.t())
+        pick = (s + self.scorer.balance).view(len(x), 3, E // 3)
+        keep = pick.topk(2, -1)[0].sum(-1).topk(self.topk_group, -1)[1]
+        mask = torch.zeros(len(x), 3, dtype=torch.bool).scatter(1, keep, True)
+        pick = pick.masked_fill(~mask[..., None], float("-inf")).view(len(x), E)
+        ids = pick.topk(self.top_k, -1)[1]
+        w = s.gather(1, ids)
+        w = w / w.sum(-1, keepdim=True)
+        out = self.common(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            h = x[tok] @ self.bank.inp[e] + self.bank.inp_b[e]
+            h = F.silu(h[:, 0::2]) * h[:, 1::2]
+            out = out.index_add(0, tok, (h @ self.bank.out[e]) * w[tok, slot, None])
+        return out
+
+
+def test_an_unknown_family_with_the_same_parts_works(check_against_torch):
+    torch.manual_seed(5)
+    block = NovelBlock().eval()
+    ((_, spec),) = find_moe_blocks(block)
+    assert (spec.scoring, spec.n_groups, spec.topk_groups, spec.group_score) == (
+        "sigmoid", 3, 2, "top2_sum")
+    assert spec.select_bias_name == "scorer.balance" and spec.shared_experts == ("common",)
+    assert spec.b_gate is not None and spec.norm_topk
+    graph = from_torch(block, torch.randn(4, H))
+    check_against_torch(block, graph, H)
+    assert {"scorer.weight", "scorer.balance", "experts.b_up", "common.fc1.weight"} <= set(
+        graph.params)
+
+
+class MaskedBlock(MoEBlock):
+    """Experts and a router, but forward needs a second argument: not callable as block(x)."""
+
+    def __init__(self) -> None:
+        super().__init__(H, I, E, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * mask
+
+
+def test_a_block_that_cannot_be_probed_is_skipped_and_the_trace_error_says_why():
+    block = MaskedBlock().eval()
+    notes: dict[str, str] = {}
+    assert find_moe_blocks(block, notes) == []
+    assert "calling the block on a random [16, H] input" in notes[""]
+    with pytest.raises(UnsupportedError, match=r"(?s)not recognised as an MoE block: .*"
+                                               r"register_moe_recognizer"):
+        from_torch(block, (torch.randn(4, H), torch.ones(4, 1)))

@@ -136,4 +136,4 @@ def test_exported_program_still_runs():
     ((_, spec),) = find_moe_blocks(block)
     x = torch.randn(11, H)
     with torch.no_grad():
-        torch.testing.assert_close(MoECall(spec)(x), block(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(MoECall(spec, block)(x), block(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,407 @@
+"""The parts of an MoE block, found by structure (what the block owns), never by class names.
+
+- **router**: a direct child `nn.Linear(H, E)`, a direct child module owning a 2-D `weight [E, H]`
+  (optional `bias [E]`), a direct child wrapping exactly one such linear (`router.classifier`,
+  `router.layer`), or a 2-D parameter of the block itself. 1-D `[E]` tensors on the router other
+  than its bias are selection-bias candidates (DeepSeek-V3's `e_score_correction_bias`).
+- **experts**: a direct child `nn.ModuleList`/`nn.ModuleDict` of E identical MLPs (2 or 3
+  `nn.Linear` children, with or without biases, plus parameter-free modules), or parameters of the
+  block and its direct children (outside linears) that are 3-D with leading dim E
+  (`gate_up [E, 2I, H]`, `down [E, H, I]`, either layout, gate/up fused as halves or interleaved),
+  2-D `[E*I, H]` (one expert after the other) or 2-D `[E, N]` biases.
+- **shared experts**: direct child MLPs outside the experts with H inputs and outputs, optionally
+  gated by a direct child `nn.Linear(H, 1)` through a sigmoid (Qwen2-MoE).
+- **output bias**: a 1-D `[H]` parameter of the block added to its output (JetMoE).
+- **activation**: the parameter-free modules of the experts are run on a test vector and compared
+  with the known activations; `alpha` and `limit` attributes hint GPT-OSS's clamped SwiGLU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moec.frontend.moe_op import ACTIVATIONS, activate
+
+_ROUTER_WORDS = ("router", "gate", "gating", "classifier", "wg")
+_ROLE_KEYS = {"gate": ("gate", "w1", "wi_0"), "up": ("up", "w3", "fc1", "wi_1", "c_fc", "wi",
+                                                     "v1", "input"),
+              "down": ("down", "w2", "fc2", "wo", "c_proj", "output")}
+
+
+@dataclass
+class RouterPart:
+    name: str  # path of the router module (its `weight`), or of the router weight parameter
+    weight: torch.Tensor  # [E, H], the live parameter
+    bias: torch.Tensor | None
+    is_param: bool
+    module: nn.Module | None
+    select_biases: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weight.shape[0]), int(self.weight.shape[1])
+
+
+@dataclass
+class Reading:
+    """One way to read the experts as stacked weights plus an activation."""
+
+    w_gate: torch.Tensor | None
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    activation: str
+    b_gate: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        # moe.experts takes biases for all projections or none: missing ones become zeros
+        if any(b is not None for b in (self.b_gate, self.b_up, self.b_down)):
+            e, i, h = self.w_up.shape
+            zeros = self.w_up.new_zeros
+            self.b_up = zeros(e, i) if self.b_up is None else self.b_up
+            self.b_down = zeros(e, h) if self.b_down is None else self.b_down
+            if self.w_gate is not None and self.b_gate is None:
+                self.b_gate = zeros(e, i)
+
+
+@dataclass
+class ExpertsPart:
+    name: str  # for messages: the container, or the parameter names
+    num: int
+    listed: list[nn.Module] | None  # the expert MLPs of a ModuleList/ModuleDict
+    owners: list[str]  # direct children holding the expert weights ("" = the block)
+    readings: list[Reading]
+
+
+@dataclass
+class Parts:
+    router: RouterPart
+    experts: ExpertsPart
+    shared: list[str]
+    shared_gate: str | None
+    out_bias: str | None
+    unmodelled: list[str]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def mlp_linears(m: nn.Module) -> dict[str, nn.Linear] | None:
+    """The Linear children of an MLP-like module (2 or 3 linears, nothing else with
+    parameters, no parameters of its own), or None."""
+    if isinstance(m, nn.Linear) or any(True for _ in m.parameters(recurse=False)):
+        return None
+    lins: dict[str, nn.Linear] = {}
+    for name, child in m.named_children():
+        if isinstance(child, nn.Linear):
+            lins[name] = child
+        elif any(True for _ in child.parameters()):
+            return None
+    return lins if 2 <= len(lins) <= 3 else None
+
+
+def role_score(name: str, role: str) -> int:
+    n = name.lower().rsplit(".", 1)[-1] if "." in name else name.lower()
+    keys = _ROLE_KEYS[role]
+    return 0 if any(n == k or k in n for k in keys) else 1
+
+
+_ACT_PROBE = torch.linspace(-6, 6, 97)
+
+
+def act_hints(modules: list[nn.Module]) -> tuple[list[str], dict[str, float]]:
+    """Activations to try, most plausible first, and clamped-SwiGLU constants if hinted."""
+    hints: list[str] = []
+    consts: dict[str, float] = {}
+    for m in modules:
+        for child in m.modules():
+            if child is m or any(True for _ in child.parameters()) or next(
+                    child.children(), None) is not None:
+                continue
+            try:
+                with torch.no_grad():
+                    y = child(_ACT_PROBE)
+            except Exception:
+                continue
+            for act in (a for a in ACTIVATIONS if a != "clamped_swiglu"):
+                if isinstance(y, torch.Tensor) and y.shape == _ACT_PROBE.shape and torch.allclose(
+                        y.float(), activate(_ACT_PROBE, act), atol=1e-5):
+                    hints.append(act)
+        alpha, limit = getattr(m, "alpha", None), getattr(m, "limit", None)
+        if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
+            hints.insert(0, "clamped_swiglu")
+            consts = {"alpha": float(alpha), "limit": float(limit)}
+    return list(dict.fromkeys(hints + list(ACTIVATIONS))), consts
+
+
+# --------------------------------------------------------------------------- router
+
+
+def _is_expert_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.ModuleList, nn.ModuleDict))
+
+
+def router_candidates(block: nn.Module) -> list[RouterPart]:
+    """Every plausible router of `block`, names with router/gate words first."""
+    out: list[RouterPart] = []
+    for name, p in block.named_parameters(recurse=False):
+        if p.dim() == 2 and p.shape[0] >= 2:
+            out.append(RouterPart(name, p, None, True, None))
+    for cname, child in block.named_children():
+        if _is_expert_container(child) or mlp_linears(child) is not None:
+            continue
+        own = dict(child.named_parameters(recurse=False))
+        target, tname = None, cname
+        if isinstance(own.get("weight"), nn.Parameter) and own["weight"].dim() == 2:
+            target = child
+        else:
+            lins = [(n, m) for n, m in child.named_children() if isinstance(m, nn.Linear)]
+            others = [n for n, m in child.named_children() if not isinstance(m, nn.Linear)
+                      and any(True for _ in m.parameters())]
+            if len(lins) == 1 and not own and not others:
+                target, tname = lins[0][1], f"{cname}.{lins[0][0]}"
+        if target is None or target.weight.shape[0] < 2:
+            continue
+        e = target.weight.shape[0]
+        bias = getattr(target, "bias", None)
+        bias = bias if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (e,) else None
+        sel = [(f"{tname}.{n}", t) for n, t in itertools.chain(
+            target.named_parameters(recurse=False), target.named_buffers(recurse=False))
+            if t.dim() == 1 and t.shape[0] == e and t is not bias and t.is_floating_point()]
+        out.append(RouterPart(tname, target.weight, bias, False, target, sel))
+    out.sort(key=lambda r: (not any(w in r.name.lower() for w in _ROUTER_WORDS), r.is_param))
+    return out
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def _listed(block: nn.Module, e: int, h: int) -> tuple[str, list[nn.Module]] | None:
+    for name, child in block.named_children():
+        if not _is_expert_container(child) or len(child) != e:
+            continue
+        mods = list(child.values()) if isinstance(child, nn.ModuleDict) else list(child)
+        if len({type(m) for m in mods}) != 1 or any(mlp_linears(m) is None for m in mods):
+            continue
+        lins = list(mlp_linears(mods[0]).values())
+        if any(lin.in_features == h for lin in lins) and any(lin.out_features == h
+                                                             for lin in lins):
+            return name, mods
+    return None
+
+
+def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
+    """Ways to read a list of MLPs as stacked weights, most plausible first."""
+    lins = mlp_linears(experts[0])
+    assert lins is not None
+    names = list(lins)
+    roles = ("gate", "up", "down") if len(names) == 3 else ("up", "down")
+    perms = sorted(itertools.permutations(names),
+                   key=lambda p: sum(role_score(n, r) for n, r in zip(p, roles, strict=True)))
+    acts, consts = act_hints([experts[0]])
+    for perm in perms:
+        assign = dict(zip(roles, perm, strict=True))
+        down = lins[assign["down"]]
+        ins = [lins[assign[r]] for r in roles if r != "down"]
+        if down.out_features != h or any(
+                (lin.in_features, lin.out_features) != (h, down.in_features) for lin in ins):
+            continue
+
+        def stack(role: str, what: str = "weight", assign: dict[str, str] = assign
+                  ) -> torch.Tensor | None:
+            if role not in assign:
+                return None
+            ts = [getattr(ex.get_submodule(assign[role]), what) for ex in experts]
+            if any(t is None for t in ts):
+                return None
+            return torch.stack([t.detach() for t in ts])
+
+        for act in acts:
+            if act == "clamped_swiglu" and "gate" not in assign:
+                continue
+            yield Reading(stack("gate"), stack("up"), stack("down"), act, stack("gate", "bias"),
+                          stack("up", "bias"), stack("down", "bias"), **consts)
+
+
+def _holder_params(child: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters of a weight-holder child: no linears or module lists below it, and its
+    weights either its own or those of its one parameter-holding child (DBRX's `experts.mlp`).
+    A child with several parameter-holding children (an MoE block with its own router) is not
+    a weight holder."""
+    if any(isinstance(c, (nn.Linear, nn.ModuleList, nn.ModuleDict)) for c in child.modules()):
+        return []
+    own = list(child.named_parameters(recurse=False))
+    if own:
+        return own
+    holders = [(n, c) for n, c in child.named_children() if any(True for _ in c.parameters())]
+    if len(holders) != 1:
+        return []
+    name, holder = holders[0]
+    return [(f"{name}.{n}", p) for n, p in holder.named_parameters(recurse=False)]
+
+
+def _stacked_params(block: nn.Module, skip: set[str]) -> list[tuple[str, str, torch.Tensor]]:
+    """(owner, name, tensor) of the block's own parameters and those of its direct children
+    that hold weights (see _holder_params), except the children in `skip`."""
+    found = [("", n, p) for n, p in block.named_parameters(recurse=False)]
+    for cname, child in block.named_children():
+        if cname not in skip:
+            found += [(cname, f"{cname}.{n}", p) for n, p in _holder_params(child)]
+    return found
+
+
+def _orient(p: torch.Tensor, rows: int | None, cols: int) -> list[torch.Tensor]:
+    out = []
+    for q in (p, p.transpose(1, 2)):
+        if q.shape[2] == cols and (rows is None or q.shape[1] == rows):
+            out.append(q.detach())
+    return out[:1] if len(out) == 2 and torch.equal(out[0], out[1]) else out
+
+
+def _splits(fused: torch.Tensor, i: int) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """(gate, up, how) ways to split a fused [E, 2I, ...] tensor along dim 1."""
+    halves = (fused[:, :i], fused[:, i:])
+    inter = (fused[:, 0::2], fused[:, 1::2])
+    return [(halves[0], halves[1], "halves"), (halves[1], halves[0], "halves-swapped"),
+            (inter[0], inter[1], "interleaved"), (inter[1], inter[0], "interleaved-swapped")]
+
+
+def _bias_split(b: torch.Tensor, how: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b = b.detach()
+    if how.startswith("halves"):
+        g, u = b[:, :i], b[:, i:]
+    else:
+        g, u = b[:, 0::2], b[:, 1::2]
+    return (u, g) if how.endswith("swapped") else (g, u)
+
+
+def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
+                      biases: list[tuple[str, torch.Tensor]], h: int, acts: list[str],
+                      consts: dict[str, float]) -> Iterator[Reading]:
+    """Ways to read 3-D expert weights (and [E, N] biases) as (gate, up, down) + activation."""
+    named = sorted(weights, key=lambda nt: role_score(nt[0], "down"))
+    for d_name, d in named:
+        rest = [(n, p) for n, p in weights if n != d_name]
+        for w_down in _orient(d, h, d.shape[1] if d.shape[2] == h else d.shape[2]):
+            i = w_down.shape[2]
+            b_down = next((b.detach() for _, b in biases if b.shape[1] == h), None)
+            combos: list[tuple] = []  # (gate, up, b_gate, b_up)
+            if len(rest) == 2:
+                order = sorted(range(2), key=lambda j: role_score(rest[j][0], "gate"))
+                bias_i = sorted([(n, b) for n, b in biases if b.shape[1] == i],
+                                key=lambda nb: role_score(nb[0], "gate"))
+                bg = bias_i[0][1].detach() if len(bias_i) == 2 else None
+                bu = bias_i[1][1].detach() if len(bias_i) == 2 else None
+                for g_idx in order:
+                    for g in _orient(rest[g_idx][1], i, h):
+                        for u in _orient(rest[1 - g_idx][1], i, h):
+                            combos.append((g, u, bg, bu) if g_idx == order[0] else (g, u, bu, bg))
+            elif len(rest) == 1:
+                fb = next((b for _, b in biases if b.shape[1] == 2 * i), None)
+                for fused in _orient(rest[0][1], 2 * i, h):
+                    for g, u, how in _splits(fused, i):
+                        bg, bu = _bias_split(fb, how, i) if fb is not None else (None, None)
+                        combos.append((g, u, bg, bu))
+                ub = next((b.detach() for _, b in biases if b.shape[1] == i), None)
+                combos += [(None, u, None, ub) for u in _orient(rest[0][1], i, h)]
+            for (g, u, bg, bu), act in itertools.product(combos, acts):
+                if g is None and act == "clamped_swiglu":
+                    continue
+                yield Reading(g, u, w_down, act, bg, bu, b_down, **consts)
+
+
+def _stacked(block: nn.Module, e: int, h: int, skip: set[str], router: torch.Tensor
+             ) -> tuple[list[str], list[tuple[str, torch.Tensor]],
+                        list[tuple[str, torch.Tensor]]] | None:
+    weights, biases, owners = [], [], []
+    for owner, name, p in _stacked_params(block, skip):
+        if p is router:
+            continue
+        if p.dim() == 3 and p.shape[0] == e:
+            weights.append((name, p))
+        elif p.dim() == 2 and p.shape[0] != e and p.shape[0] % e == 0 and p.shape[1] == h:
+            weights.append((name, p.reshape(e, p.shape[0] // e, h)))  # one expert after another
+        elif p.dim() == 2 and p.shape[0] == e:
+            biases.append((name, p))
+            continue
+        else:
+            continue
+        owners.append(owner)
+    if not 2 <= len(weights) <= 3:
+        return None
+    return list(dict.fromkeys(owners)), weights, biases
+
+
+def find_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
+    """The experts of `block` that `router` (E, H) routes to, or None."""
+    e, h = router.shape
+    listed = _listed(block, e, h)
+    if listed is not None:
+        name, mods = listed
+        return ExpertsPart(name, e, mods, [name], list(_list_readings(mods, h)))
+    skip = set() if router.is_param else {router.name.split(".")[0]}
+    found = _stacked(block, e, h, skip, router.weight)
+    if found is None:
+        return None
+    owners, weights, biases = found
+    acts, consts = act_hints([block.get_submodule(o) for o in owners if o])
+    readings = list(_stacked_readings(weights, biases, h, acts, consts))
+    name = owners[0] if len(owners) == 1 and owners[0] else ", ".join(n for n, _ in weights)
+    return ExpertsPart(name, e, None, owners, readings)
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
+    """The parts of `block`, or (None, what is missing) when it has no experts with a router."""
+    routers = router_candidates(block)
+    for r in routers:
+        h = r.shape[1]
+        experts = find_experts(block, r)
+        if experts is None:
+            continue
+        used = set(experts.owners) | {r.name.split(".")[0]}
+        shared, gate, out_bias, unmodelled = [], None, None, []
+        for cname, child in block.named_children():
+            if cname in used:
+                continue
+            lins = mlp_linears(child)
+            if lins is not None:
+                first, last = next(iter(lins.values())), list(lins.values())[-1]
+                if any(lin.in_features == h for lin in lins.values()) and (
+                        first.out_features == h or last.out_features == h):
+                    shared.append(cname)
+                    continue
+            if isinstance(child, nn.Linear) and (child.in_features, child.out_features) == (h, 1):
+                gate = cname if gate is None else gate
+                continue
+            if any(True for _ in child.parameters()):
+                unmodelled.append(cname)
+        for n, p in block.named_parameters(recurse=False):
+            if p.dim() == 1 and p.shape[0] == h:
+                out_bias = n if out_bias is None else out_bias
+        return Parts(r, experts, shared, gate, out_bias, unmodelled), ""
+    listed = [(n, len(c)) for n, c in block.named_children() if _is_expert_container(c)
+              and len(c) >= 2 and all(mlp_linears(m) is not None for m in (
+                  c.values() if isinstance(c, nn.ModuleDict) else c))]
+    stacked = [(n, int(p.shape[0])) for _, n, p in _stacked_params(block, set())
+               if p.dim() == 3 and p.shape[0] >= 2]
+    named = any("expert" in n.lower() for n, _ in listed + stacked) or "moe" in type(
+        block).__name__.lower()
+    if named and (listed or len(stacked) >= 2):
+        what = listed[0][0] if listed else ", ".join(n for n, _ in stacked)
+        num = listed[0][1] if listed else stacked[0][1]
+        sizes = sorted({r.shape[0] for r in routers})
+        return None, (f"found {num} experts ('{what}') but no router: no nn.Linear or [E, H] "
+                      f"weight whose E matches the expert count"
+                      + (f" (router-like weights have E in {sizes})" if sizes else ""))
+    return None, ""

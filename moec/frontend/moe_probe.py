@@ -1,0 +1,318 @@
+"""Probing: run an MoE block on random tokens and find the routing that reproduces its output.
+
+The block runs in a few scenarios: its own router; a random router (unit logit spread, random
+logit and selection biases, so that routings a skewed router makes look alike differ and unused
+biases show); with an `expert_capacity` hint, a router that sends every token to one expert, with
+more tokens than the capacity. A candidate (expert reading + routing + where the weight applies)
+is taken when it reproduces the block's output in every scenario. Routing candidates are routed
+once per scenario and scored for all of them at once per expert reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moec.errors import UnsupportedError
+from moec.frontend.moe_op import GROUP_SCORES, ORDERS, SCORINGS, activate, glu, route
+from moec.frontend.moe_parts import Parts, Reading
+
+PROBE_TOKENS = 16
+_K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected_experts", "moe_top_k")
+_NORM_ATTRS = ("norm_topk_prob", "norm_topk", "renormalize", "normalize_topk",
+               "moe_normalize_expert_weights")
+_ORDER_ATTRS = ("routing", "routing_order", "order", "router_type")
+_GROUP_ATTRS = ("n_group", "num_group", "n_groups", "num_groups", "num_expert_group")
+_TOPK_GROUP_ATTRS = ("topk_group", "topk_groups", "num_topk_groups")
+_SCALE_ATTRS = ("routed_scaling_factor", "routing_scale", "scaling_factor")
+_EPS_ATTRS = ("router_jitter_noise", "jitter_eps", "moe_jitter_eps")
+CAPACITY_ATTRS = ("expert_capacity", "capacity")
+
+
+class NotCallableError(UnsupportedError):
+    """The block has experts and a router but cannot be called as block(x): it is not taken for
+    an MoE block (it may be, e.g., JetMoE's mixture of attention heads)."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One routing candidate: the moe.router attributes plus whether the selection bias is used."""
+
+    k: int
+    scoring: str = "softmax"
+    order: str = "score_topk"
+    norm_topk: bool = False
+    scale: float = 1.0
+    n_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    capacity: int = 0
+    jitter_eps: float = 0.01
+    select_bias: bool = False
+
+
+def hint_values(sources: list[object], names: tuple[str, ...], kind: type | tuple) -> list:
+    """Values of the attributes `names` of `sources` that are of type `kind`."""
+    out = []
+    for src in sources:
+        for a in names:
+            v = getattr(src, a, None)
+            if isinstance(v, kind) and not (kind is not bool and isinstance(v, bool)):
+                out.append(v)
+    return out
+
+
+def routings(sources: list[object], e: int, has_select_bias: bool,
+             hinted_k: bool = False) -> list[Routing]:
+    """Routing candidates, those the attributes of `sources` hint at first; with `hinted_k`
+    only the hinted top-k values (all when there is no hint), which keeps large E cheap."""
+    k_hints = [v for v in hint_values(sources, _K_ATTRS, int) if 1 <= v <= e]
+    ks = list(dict.fromkeys(k_hints + ([] if hinted_k and k_hints else list(range(1, e + 1)))))
+    hinted = [o for v in hint_values(sources, _ORDER_ATTRS, str)
+              for o, keys in (("topk_score", ("topk_softmax", "topk_score", "topk_sigmoid")),
+                              ("score_topk", ("softmax_topk", "score_topk", "sigmoid_topk")))
+              if v in keys]
+    orders = list(dict.fromkeys(hinted + list(ORDERS)))
+    scorings = list(dict.fromkeys([v for v in hint_values(sources, ("scoring_func",), str)
+                                   if v in SCORINGS] + list(SCORINGS)))
+    norm_hint = [bool(v) if isinstance(v, bool) else v == 1
+                 for v in hint_values(sources, _NORM_ATTRS, (bool, int, float))]
+    norms = list(dict.fromkeys(norm_hint + [False, True]))
+    scales = list(dict.fromkeys([float(v) for v in hint_values(sources, _SCALE_ATTRS, (int, float))]
+                                + [1.0]))
+    eps = ([float(v) for v in hint_values(sources, _EPS_ATTRS, (int, float))] + [0.01])[0]
+    caps = [v for v in hint_values(sources, CAPACITY_ATTRS, int) if v > 0]
+    caps = list(dict.fromkeys(caps[:1] + [0]))
+    groups = [(1, 1, "max")]
+    ng = [v for v in hint_values(sources, _GROUP_ATTRS, int) if v > 1 and e % v == 0]
+    kg = [v for v in hint_values(sources, _TOPK_GROUP_ATTRS, int) if v >= 1]
+    if ng and kg and kg[0] <= ng[0]:
+        groups = [(ng[0], kg[0], gs) for gs in GROUP_SCORES
+                  if gs == "max" or e // ng[0] >= 2] + groups
+    sels = [True, False] if has_select_bias else [False]
+    out = []
+    for k in ks:
+        for scoring in scorings:
+            for order in orders:
+                if order == "sparsemixer" and scoring != "softmax":
+                    continue
+                variants = [(n, g, s) for n in norms for g in groups for s in sels
+                            if k <= g[1] * (e // g[0])] if order == "score_topk" else \
+                    [(False, (1, 1, "max"), False)]
+                for (norm, (n_g, k_g, gs), sel), scale, cap in (
+                        (v, s, c) for v in variants for s in scales for c in caps):
+                    out.append(Routing(k, scoring, order, norm, scale, n_g, k_g, gs, cap, eps,
+                                       sel))
+    return out
+
+
+@dataclass
+class _Scenario:
+    x: torch.Tensor  # [T, H] f32 probe tokens
+    weight: torch.Tensor  # router weight [E, H] used in this scenario
+    bias: torch.Tensor | None
+    select_bias: torch.Tensor | None
+    out: torch.Tensor | None = None  # the block's output, [T, H] f32
+    aux: torch.Tensor | None = None  # its second output, if any
+    shared: torch.Tensor | None = None  # shared experts + output bias, [T, H] f32
+
+
+class Probe:
+    """Runs a block in the probe scenarios and matches candidates against its outputs."""
+
+    def __init__(self, block: nn.Module, parts: Parts, where: str, capacity: int = 0) -> None:
+        self.block, self.parts, self.where = block, parts, where
+        r = parts.router
+        e, h = r.shape
+        dev, dt = r.weight.device, r.weight.dtype
+        gen = torch.Generator().manual_seed(1234)
+
+        def rnd(*shape: int, std: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*shape, generator=gen) * std).to(dev, dt)
+
+        self.tol = 2e-3 if dt == torch.float32 else 5e-2
+        self.tuple_out = False
+        sel = parts.router.select_biases[0][1] if parts.router.select_biases else None
+        x = rnd(PROBE_TOKENS, h)
+        own = _Scenario(x, r.weight.detach().clone(),
+                        None if r.bias is None else r.bias.detach().clone(),
+                        None if sel is None else sel.detach().clone())
+        rand = _Scenario(x, rnd(e, h, std=h ** -0.5), None if r.bias is None else rnd(e, std=.5),
+                         None if sel is None else rnd(e, std=0.2))
+        self.scenarios = [own, rand]
+        if 0 < capacity <= 4096:  # every token prefers expert 0; more tokens than the capacity
+            v = rnd(h)
+            w = torch.zeros_like(r.weight)
+            w[0] = v * (8.0 / float(v.float().pow(2).sum()))
+            xs = v + rnd(capacity + 4, h, std=0.05)
+            self.scenarios.append(_Scenario(xs, w, None if r.bias is None else
+                                            torch.zeros_like(r.bias), own.select_bias))
+        for s in self.scenarios:
+            self._run(s)
+        self._ffn: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _set_router(self, s: _Scenario) -> None:
+        r = self.parts.router
+        with torch.no_grad():
+            r.weight.copy_(s.weight)
+            if r.bias is not None:
+                r.bias.copy_(s.bias)
+            if r.select_biases:
+                r.select_biases[0][1].copy_(s.select_bias)
+
+    def _run(self, s: _Scenario) -> None:
+        self._set_router(s)
+        try:
+            with torch.no_grad():
+                try:
+                    out = self.block(s.x)
+                except Exception as first:  # most blocks want [batch, seq, H]
+                    try:
+                        out = self.block(s.x[None])
+                    except Exception:
+                        raise NotCallableError(
+                            f"{self.where}: calling the block on a random [{len(s.x)}, H] input "
+                            f"(and [1, {len(s.x)}, H]) failed: {first}") from first
+                shared = self._shared(s.x)
+        finally:
+            self._set_router(self.scenarios[0])
+        if isinstance(out, tuple):
+            self.tuple_out = True
+            s.aux = out[1] if len(out) == 2 and isinstance(out[1], torch.Tensor) else None
+            out = out[0]
+        s.out = out.reshape(s.x.shape).float()
+        s.shared = shared
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        p, b = self.parts, self.block
+        if not p.shared and p.out_bias is None:
+            return None
+        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for name in p.shared:
+            total += b.get_submodule(name)(x).float()
+        if p.shared and p.shared_gate is not None:
+            total *= torch.sigmoid(b.get_submodule(p.shared_gate)(x).float())
+        if p.out_bias is not None:
+            total += b.get_parameter(p.out_bias).float()
+        return total
+
+    # ------------------------------------------------------------------ candidates
+    def ffn(self, ri: int, reading: Reading, si: int) -> torch.Tensor:
+        """[E, T, H]: every expert of `reading` applied to every token of scenario si."""
+        key = (ri, si)
+        if key not in self._ffn:
+            if len(self._ffn) > 8:
+                self._ffn.clear()
+            x = self.scenarios[si].x.float()
+            self._ffn[key] = _all_experts(x, reading)
+        return self._ffn[key]
+
+    def route(self, ro: Routing, si: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scenarios[si]
+        logits = F.linear(s.x.float(), s.weight.float(), None if s.bias is None else s.bias.float())
+        return route(logits, ro.k, ro.scoring, ro.order, ro.norm_topk, ro.scale,
+                     s.select_bias if ro.select_bias else None, ro.n_groups, ro.topk_groups,
+                     ro.group_score, ro.capacity, ro.jitter_eps)
+
+    def _err(self, got: torch.Tensor, s: _Scenario) -> torch.Tensor:
+        if s.shared is not None:
+            got = got + s.shared
+        dims = tuple(range(got.dim() - 2, got.dim()))
+        return (got - s.out).abs().amax(dim=dims) / s.out.abs().max().clamp_min(1e-12)
+
+    def search(self, readings: list[Reading], cands: list[Routing]
+               ) -> tuple[Reading, Routing, str] | None:
+        """The first (reading, routing, weight_on) that reproduces every scenario."""
+        routed = [[self.route(ro, si) for si in range(len(self.scenarios))] for ro in cands]
+        by_k: dict[int, list[int]] = {}
+        for i, ro in enumerate(cands):
+            by_k.setdefault(ro.k, []).append(i)
+        for ri, reading in enumerate(readings):
+            ok = torch.ones(len(cands), dtype=torch.bool)
+            for si, s in enumerate(self.scenarios):
+                y = self.ffn(ri, reading, si)
+                rows = torch.arange(len(s.x))[:, None]
+                for k, idx in by_k.items():
+                    live = [i for i in idx if ok[i]]
+                    chunk = max(1, (1 << 23) // max(1, y[0].numel() * k))  # [R, T, k, H] size
+                    for c in range(0, len(live), chunk):
+                        part = live[c:c + chunk]
+                        w = torch.stack([routed[i][si][0] for i in part])
+                        ids = torch.stack([routed[i][si][1] for i in part])
+                        got = (w[..., None] * y[ids, rows]).sum(dim=2)
+                        ok[part] = self._err(got, s) <= self.tol
+            first = int(ok.nonzero()[0]) if ok.any() else None
+            if first is not None:
+                return reading, cands[first], "output"
+        # the weight scales the expert's input (Llama 4): plain routings only, one at a time
+        plain = [i for i, ro in enumerate(cands) if not ro.norm_topk and ro.n_groups == 1
+                 and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0]
+        for reading, i in ((rd, i) for rd in readings for i in plain):
+            if all(bool(self._err(_weighted_input(s.x.float(), *routed[i][si], reading), s)
+                        <= self.tol) for si, s in enumerate(self.scenarios)):
+                return reading, cands[i], "input"
+        return None
+
+    def check_experts(self, experts: list[nn.Module], reading: Reading) -> bool:
+        """Whether `reading` reproduces each expert module called on the probe tokens."""
+        x = self.scenarios[0].x
+        with torch.no_grad():
+            y = _all_experts(x.float(), reading)
+            for e, ex in enumerate(experts):
+                ref = ex(x).float()
+                if not bool((y[e] - ref).abs().max() <= self.tol * ref.abs().max() + 1e-9):
+                    return False
+        return True
+
+    def aux_kind(self, ro: Routing) -> str | None:
+        """What the block's second output is: "logits", "weights" (routing), or None."""
+        s = self.scenarios[0]
+        if s.aux is None:
+            if self.tuple_out:
+                raise UnsupportedError(f"{self.where}: the block returns a tuple whose second "
+                                       "element is not a tensor")
+            return None
+        logits = F.linear(s.x.float(), s.weight.float(), None if s.bias is None else s.bias.float())
+        for kind, ref in (("logits", logits), ("weights", self.route(ro, 0)[0])):
+            if s.aux.numel() == ref.numel() and torch.allclose(
+                    s.aux.reshape(ref.shape).float(), ref, rtol=self.tol, atol=1e-5):
+                return kind
+        raise UnsupportedError(f"{self.where}: the block's second output "
+                               f"{tuple(s.aux.shape)} is neither the router logits nor the "
+                               "routing weights")
+
+
+def _proj(w: torch.Tensor, b: torch.Tensor | None, v: torch.Tensor, spec: str) -> torch.Tensor:
+    y = torch.einsum(spec, v, w.float())
+    if b is None:
+        return y
+    return y + (b.float()[:, None, :] if y.dim() == 3 else b.float())  # [E, O] or per-token
+
+
+def _ffn(x: torch.Tensor, rd: Reading, first: str, second: str) -> torch.Tensor:
+    up = _proj(rd.w_up, rd.b_up, x, first)
+    if rd.w_gate is not None:
+        h = glu(_proj(rd.w_gate, rd.b_gate, x, first), up, rd.activation, rd.alpha, rd.limit)
+    else:
+        h = activate(up, rd.activation)
+    return _proj(rd.w_down, rd.b_down, h, second)
+
+
+def _all_experts(x: torch.Tensor, rd: Reading) -> torch.Tensor:
+    """[E, T, H]: every expert applied to every token of x [T, H]."""
+    return _ffn(x, rd, "th,eoh->eto", "eth,eoh->eto")
+
+
+def _weighted_input(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, rd: Reading
+                    ) -> torch.Tensor:
+    """sum_j FFN_ids[t,j](w[t,j] * x[t]) for one routing."""
+    out = torch.zeros_like(x)
+    for j in range(ids.shape[1]):
+        per_token = replace(rd, **{n: getattr(rd, n)[ids[:, j]] for n in
+                                   ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+                                   if getattr(rd, n) is not None})
+        out += _ffn(x * w[:, j:j + 1], per_token, "th,toh->to", "th,toh->to")
+    return out
