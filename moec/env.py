@@ -2,9 +2,9 @@
 
 | variable | meaning |
 |---|---|
-| MOEC_DEBUG | 0 quiet; 1 pass timings; 2 + IR after each pass that changed it; 3 + TVM script of each kernel; 4 + generated kernel source |
+| MOEC_DEBUG | 0 quiet; 1 pass timings; 2 + IR after each changed pass; 3 + TVM script |
 | MOEC_CACHE_DIR | per-user cache (tuning database); default ~/.cache/moec |
-| MOEC_NUM_THREADS | threads for compiled kernels (sets TVM_NUM_THREADS when unset); default: all cores |
+| MOEC_NUM_THREADS | kernel threads (sets TVM_NUM_THREADS when unset); default: all cores |
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def _infer_binary(name: str):
 
 for _n, _fn in _BINARY.items():
     register_op(OpDef(f"core.{_n}", (2, 2), _infer_binary(f"core.{_n}"),
-                      (lambda fn: lambda xs, a: [fn(_f(xs[0]), _f(xs[1])).astype(xs[0].dtype)])(_fn),
+                      (lambda fn: lambda xs, a: [fn(_f(xs[0]), _f(xs[1]))
+                                                 .astype(xs[0].dtype)])(_fn),
                       doc=f"elementwise {_n} with broadcasting"))
 
 

@@ -138,7 +138,7 @@ class BinExpr(SymExpr):
         return f"{wrap(self.lhs, False)}{self.op}{wrap(self.rhs, True)}"
 
 
-DimLike = Union[int, SymExpr]
+DimLike = Union[int, SymExpr]  # noqa: UP007 (a runtime alias; `|` needs both sides as types)
 
 
 def _apply(op: str, a: int, b: int) -> int:

@@ -14,8 +14,8 @@ from moec.passes.manager import (
 from moec.passes.pipelines import PIPELINES
 from moec.passes.rewriter import (
     P,
-    Rewriter,
     RewritePattern,
+    Rewriter,
     apply_patterns,
     eliminate_dead_code,
     match,

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from moec.ir.graph import Graph, Node
 from moec.passes.base import Pass, PassContext, register_pass
-from moec.passes.rewriter import P, Rewriter, RewritePattern, apply_patterns, match
+from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
 
 class DropIdentity(RewritePattern):

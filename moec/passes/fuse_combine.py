@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from moec.ir.graph import Graph, Node
 from moec.passes.base import Pass, PassContext, register_pass
-from moec.passes.rewriter import P, Rewriter, RewritePattern, apply_patterns, match
+from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
 _WEIGHTS = P.op("core.reshape", P.any("w"), name="w3")
 

@@ -58,7 +58,8 @@ class PassTiming(Instrument):
         total = sum(t for _, t, _ in self.times) or 1e-12
         lines = [f"{'pass':<32} {'ms':>9} {'%':>6}  changed"]
         for name, t, ch in self.times:
-            lines.append(f"{name:<32} {t * 1e3:9.2f} {100 * t / total:6.1f}  {'yes' if ch else 'no'}")
+            flag = "yes" if ch else "no"
+            lines.append(f"{name:<32} {t * 1e3:9.2f} {100 * t / total:6.1f}  {flag}")
         lines.append(f"{'total':<32} {total * 1e3:9.2f}")
         return "\n".join(lines)
 
