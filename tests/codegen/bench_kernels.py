@@ -7,7 +7,9 @@ expert FFN (E=8, H=1024, I=3584, top-2, uniform routing, block_m=16) at T=1, 64,
 projection is the fused gate+up kernel (silu_mul, gather), the down projection the plain one;
 torch runs a per-expert loop of F.linear over the same routing (gather included). TVM and torch
 alternate within each round so machine noise hits both alike; the table shows the best and the
-median round. FLOPs count useful work only (2 per multiply-add of real rows, no padding).
+median round of wall-clock GFLOP/s, and "cpu": FLOPs per process CPU-second times the thread
+count, which other jobs on a shared machine disturb much less (spinning worker threads count as
+busy, so it can only under-state). FLOPs count useful work only (no padding rows).
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ import tvm
 from moec.codegen.kernels import grouped_matmul, linear
 from moec.codegen.target import host_target
 
+THREADS = int(os.environ.get("TVM_NUM_THREADS", "2"))
 
-def _time(fn, min_time: float = 0.2) -> float:
+
+def _time(fn, min_time: float = 0.2) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds / THREADS) per call."""
     fn()
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         fn()
         n += 1
         dt = time.perf_counter() - t0
         if dt > min_time:
-            return dt / n
+            return dt / n, (time.process_time() - c0) / THREADS / n
 
 
 def _align(ids: np.ndarray, e: int, bm: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,20 +125,23 @@ def bench_moe(rounds: int) -> None:
         _report(f"moe down T={t}", useful, *res["down"])
 
 
-def _report(label: str, flops: float, ours: list[float], theirs: list[float]) -> None:
-    def gf(ts: list[float]) -> str:
-        return f"{flops / min(ts) / 1e9:6.1f} best {flops / statistics.median(ts) / 1e9:6.1f} med"
+def _report(label: str, flops: float, ours: list, theirs: list) -> None:
+    def gf(ts: list[tuple[float, float]]) -> str:
+        wall = [w for w, _ in ts]
+        cpu = min(c for _, c in ts)
+        return (f"{flops / min(wall) / 1e9:6.1f} best {flops / statistics.median(wall) / 1e9:6.1f}"
+                f" med {flops / cpu / 1e9:6.1f} cpu")
 
-    print(f"{label:34s} tvm {gf(ours)} | torch {gf(theirs)}", flush=True)
+    print(f"{label:30s} tvm {gf(ours)} | torch {gf(theirs)}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
-    torch.set_num_threads(threads)
-    print(f"target {host_target()} | TVM_NUM_THREADS={threads} torch threads={threads}")
+    torch.set_num_threads(THREADS)
+    print(f"target {host_target()} | TVM_NUM_THREADS={THREADS} torch threads={THREADS} | "
+          f"load average {os.getloadavg()[0]:.2f}")
     bench_linear(args.rounds)
     bench_moe(args.rounds)
 

@@ -86,7 +86,6 @@ def linear(
     def add_bias(v, b_buf, col):
         return v + b_buf[col] if bias else v
 
-
     @T.prim_func
     def func(x: T.handle, w: T.handle, b: T.handle, y: T.handle):
         X = T.match_buffer(x, [*lead_sh, K], dtype)
@@ -95,7 +94,8 @@ def linear(
         Y = T.match_buffer(y, [*lead_sh, N], dtype)
         Xf = T.decl_buffer((m, K), dtype, data=X.data)
         Yf = T.decl_buffer((m, N), dtype, data=Y.data)
-        # p-major: a thread's consecutive tasks share their x rows (nb varies fastest).
+        # Panel index fastest: a thread's consecutive tasks reuse one MC x K block of x (in L2)
+        # while streaming different weight panels.
         for task in T.parallel(ceildiv(m, mc) * nb):
             mo = task // nb
             p = task % nb

@@ -2,9 +2,9 @@
 kernel, parallel over blocks of tokens.
 
 Logits: a task owns TB tokens; for each pair of experts it keeps TB x EB SIMD accumulators over H
-(x rows are re-read from L1 per expert pair, w streams once per task), then sums the lanes. Token
-rows past T are clamped to T-1, so the GEMM has no branch; only the selection step, which is
-scalar code over E (tiny next to the H-long dot products), checks t < T. Top-k uses the
+(the TB x rows are re-read from L1/L2 per expert pair, w streams once per task), then sums the
+lanes. Token rows past T are clamped to T-1, so the GEMM has no branch; only the selection step,
+which is scalar code over E (tiny next to the H-long dot products), checks t < T. Top-k uses the
 lexicographic insertion of topk.py (ties: lower expert index first).
 """
 
