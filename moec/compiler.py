@@ -34,6 +34,10 @@ def parse_target(target: str) -> dict[str, Any]:
 def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Graph:
     if isinstance(model, Graph):
         return model
+    if isinstance(model, (str, Path)):  # a Hugging Face checkpoint folder: ids [T] -> logits
+        from moec.frontend.hf_model import from_checkpoint
+
+        return from_checkpoint(model, max_tokens=max_tokens)
     from moec.frontend import from_torch
 
     return from_torch(model, tuple(example_inputs), max_tokens=max_tokens)
@@ -43,15 +47,18 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             pipeline: str = "default", passes: str | Sequence[str | Pass] | None = None,
             max_tokens: int = 4096, dump_ir: str | Path | None = None,
             time_passes: bool = False, instruments: Sequence[Instrument] = (),
-            progress: bool = False) -> Artifact:  # noqa: F821
+            progress: bool = False, ep: bool = False) -> Artifact:  # noqa: F821
     """Compile an MoE model to an Artifact.
 
     model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
-    moe.* ops) or an already-built moec IR Graph. example_inputs: one example per model input;
+    moe.* ops), a Hugging Face checkpoint folder (config.json + safetensors; the whole causal LM,
+    token ids [T] -> logits [T, vocab], no example inputs needed) or an already-built IR Graph. example_inputs: one example per model input;
     dim 0 of each float input is the token dimension, dynamic in 0..max_tokens.
     pipeline: a named pipeline ("default"); passes: a pass list that replaces it, as a string
     ("default,+my-pass{opt=1}") or a list of names and Pass objects.
     dump_ir: folder for the IR before and after each pass; time_passes: print pass timings.
+    ep: also build the expert-parallel entry functions (moec.codegen.ep), so that the artifact
+    can run sharded over ranks: `moec.load(path, ep_group=...)`, `moec run --ep N`.
     """
     from moec.codegen.build import build
     from moec.runtime.artifact import Artifact
@@ -73,7 +80,13 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     step("passes")
     PassManager(pass_list, ins).run(graph)
     step("kernels")
-    built = build(graph, tgt)
+    ep_plan = None
+    if ep:
+        from moec.codegen.ep import build_ep
+
+        built, ep_plan = build_ep(graph, tgt)
+    else:
+        built = build(graph, tgt)
     art = Artifact(
         executable=built.executable,
         weights=built.weights,
@@ -81,7 +94,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         target=built.target_info,
         signature=built.signature,
         pipeline=[p.spec() for p in pass_list],
-        meta={"kernels": built.kernels},
+        meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {})},
     )
     if env.debug_level() >= 1:
         print(f"moec: compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)

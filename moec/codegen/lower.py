@@ -26,6 +26,8 @@ from moec.ir.types import BinExpr, DimLike, Sym, tvm_dtype
 _UNARY = {"core.silu", "core.gelu", "core.relu", "core.sigmoid", "core.tanh", "core.exp",
           "core.neg", "core.sqrt", "core.rsqrt", "core.scale", "core.clamp", "core.cast"}
 _BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core.minimum"}
+_NN_OPS = {"core.embedding", "core.arange", "core.cos", "core.sin", "core.permute_dims",
+           "core.slice", "core.concat", "core.broadcast_to", "core.attention"}  # lower_nn.py
 _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
                "moe.expert_ffn": "tile-expert-gemm", "moe.unpermute": "fuse-combine",
                "moe.permute": "tile-expert-gemm", "moe.select": "fuse-gating"}
@@ -163,6 +165,10 @@ class _Lowerer:
             self.call(n, (op, s0, dt, a["k"]), lambda: K.topk(s0, a["k"], dt))
         elif op == "core.linear":
             self.lower_linear(n, dt)
+        elif op in _NN_OPS:
+            from moec.codegen.lower_nn import lower_nn
+
+            lower_nn(self, n, dt)
         elif op == "moe.router":
             if a["order"] == "sparsemixer" or a["capacity"] > 0:
                 what = "order=sparsemixer" if a["order"] == "sparsemixer" else "capacity"
@@ -193,9 +199,11 @@ class _Lowerer:
 
     def lower_linear(self, n: Node, dt: str) -> None:
         x, w = n.operands[0].type, n.operands[1].type
-        if x.rank != 2:
-            raise CodegenError(f"{n!r}: core.linear lowers for 2-D inputs; reshape to "
-                               f"[tokens, features] first")
+        if x.rank != 2:  # [..., K]: through a [rows, K] view (Relax reshapes are free)
+            from moec.codegen.lower_nn import lower_linear_nd
+
+            lower_linear_nd(self, n, dt)
+            return
         m, kk = _shape_key(x.shape)
         nn = w.shape[0]
         bias = len(n.operands) == 3

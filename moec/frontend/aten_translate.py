@@ -193,8 +193,9 @@ class _Translator:
         for n in nodes:  # bind the token symbol(s) first
             s = specs[n.name]
             val = n.meta.get("val")
+            # dim 0 of a float input (or of integer token ids) is T
             if s.kind == InputKind.USER_INPUT and isinstance(val, torch.Tensor) and \
-                    val.is_floating_point() and isinstance(val.shape[0], torch.SymInt):
+                    val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
                 self.syms[val.shape[0].node.expr] = self.T
         for n in nodes:
             self.node = n
@@ -262,6 +263,8 @@ class _Translator:
         if alpha != 1:
             b = b * alpha if isinstance(b, (int, float)) else self.emit(
                 "core.scale", [self.val(b, dtype)], {"value": float(alpha)})
+        if op in ("add", "sub") and isinstance(b, (int, float)) and b == 0:
+            return self.val(a, dtype)
         if op == "mul":
             for t, s in ((a, b), (b, a)):
                 if isinstance(s, (int, float)) and not isinstance(s, bool):
@@ -339,12 +342,9 @@ class _Translator:
         mm = self.emit("core.matmul", [self.val(a), self.val(b)])
         return self.emit("core.add", [mm, self.val(bias, mm.dtype)])
 
-    def _transpose(self, n: fx.Node) -> _Const:
+    def _transpose(self, n: fx.Node) -> _Const | Value:
         c = self.env[n.args[0]]
-        if not isinstance(c, _Const):
-            raise self.unsupported(f"{op_name(n)} of an activation (moec has no core.transpose;"
-                                   " only parameters can be transposed)")
-        nd = c.array.ndim
+        nd = c.array.ndim if isinstance(c, _Const) else self.val(c).type.rank
         name = op_name(n)
         if name.startswith("aten.permute"):
             perm = [int(p) % nd for p in n.args[1]]
@@ -354,6 +354,10 @@ class _Translator:
             perm = list(range(nd))
             if nd >= 2:
                 perm[d0], perm[d1] = perm[d1], perm[d0]
+        if not isinstance(c, _Const):  # an activation: a materialised core.permute_dims
+            x = self.val(c)
+            return x if perm == sorted(perm) else self.emit("core.permute_dims", [x],
+                                                            {"perm": perm})
         arr = np.ascontiguousarray(c.array.transpose(perm))
         base = c if nd == 2 and perm == [1, 0] else None
         return _Const(f"{c.name}.T" if base else f"{c.name}.permuted", arr, base)
@@ -364,7 +368,10 @@ class _Translator:
         if [str(d) for d in shape] == [str(d) for d in x.shape]:
             return x
         if op_name(n) == "aten.expand.default":
-            raise self.unsupported("expand that changes the shape (use broadcasting)")
+            if x.type.rank != len(shape):
+                raise self.unsupported("expand that adds dims")
+            return self.emit("core.broadcast_to", [x], {"shape": [
+                -1 if str(d) == str(e) else d for d, e in zip(shape, x.shape, strict=True)]})
         sym = [i for i, d in enumerate(shape) if not isinstance(d, int)]
         if len(sym) > 1:
             raise self.unsupported(f"reshape to {[str(d) for d in shape]}: more than one "
@@ -538,6 +545,11 @@ _HANDLERS: dict[str, Callable[[_Translator, fx.Node], Any]] = {
     "moec.moe_router": _Translator._moe_router,
     "moec.moe_experts": _Translator._moe_experts,
 }
+
+
+from moec.frontend.nn_translate import NN_HANDLERS  # noqa: E402  (whole-model ops)
+
+_HANDLERS.update(NN_HANDLERS)
 
 
 def translate_exported(ep: ExportedProgram, *, max_tokens: int = 4096) -> Graph:

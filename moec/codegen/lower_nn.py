@@ -1,0 +1,105 @@
+"""Lowering of the whole-model ops (moec/ir/nn_ops.py) and of `core.linear` over N-D inputs;
+called by moec.codegen.lower for the ops in its `_NN_OPS`. Kernels: moec.codegen.kernels.nn."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from tvm import relax
+
+from moec.codegen import kernels as K
+from moec.codegen.kernels import nn as NK
+from moec.errors import CodegenError
+from moec.ir.graph import Node, Value
+from moec.ir.types import DimLike, tvm_dtype
+
+
+def _key(shape: tuple[DimLike, ...]) -> tuple[int | str, ...]:
+    from moec.codegen.lower import _shape_key
+
+    return _shape_key(shape)
+
+
+def _emit(lw: Any, key: tuple, build: Callable[[], K.Kernel], args: list[relax.Expr],
+          shape: tuple[DimLike, ...], dtype: str) -> relax.Expr:
+    _, gv = lw.kernel(key, build)
+    sinfo = relax.TensorType([lw.dim(d) for d in shape], tvm_dtype(dtype))
+    return lw.bb.emit(relax.call_tir(gv, args, sinfo))
+
+
+def lower_linear_nd(lw: Any, n: Node, dt: str) -> None:
+    """`core.linear` on x [..., K]: reshape to [rows, K], the 2-D kernel, reshape back."""
+    x, w = n.operands[0], n.operands[1]
+    rows: DimLike = math.prod(d for d in x.shape[:-1] if isinstance(d, int))
+    for d in x.shape[:-1]:
+        if not isinstance(d, int):
+            rows = d if rows == 1 else rows * d
+    kk, nn = x.shape[-1], w.shape[0]
+    bias = len(n.operands) == 3
+    m = _key((rows,))[0]
+    kern, gv = lw.kernel(("core.linear", m, kk, nn, dt, bias),
+                         lambda: K.linear(m, kk, nn, dt, bias))
+    args = lw.args(n, kern)
+    args[0] = lw.bb.emit(relax.op.reshape(lw.value(x), [lw.dim(rows), lw.dim(kk)]))
+    y = lw.bb.emit(relax.call_tir(gv, args, relax.TensorType([lw.dim(rows), nn], dt)))
+    lw.vals[n.result] = lw.bb.emit(relax.op.reshape(y, [lw.dim(d) for d in n.result.shape]))
+
+
+def lower_nn(lw: Any, n: Node, dt: str) -> None:
+    a, op = n.attrs, n.op
+    ins = [v.type for v in n.operands]
+    s0 = _key(ins[0].shape)
+    out = _key(n.result.shape)
+    if op == "core.embedding":
+        V, H = ins[0].shape
+        idt = tvm_dtype(ins[1].dtype)
+        si = _key(ins[1].shape)
+        lw.call(n, (op, V, H, si, dt, idt), lambda: NK.embedding(V, H, si, dt, idt))
+    elif op == "core.arange":
+        odt = tvm_dtype(a["dtype"])
+        lw.call(n, (op, s0, dt, a["axis"], odt), lambda: NK.arange(s0, a["axis"], odt, dt))
+    elif op in ("core.cos", "core.sin"):
+        name = op.split(".")[1]
+        lw.call(n, (op, s0, dt), lambda: NK.unary_trig(name, s0, dt))
+    elif op == "core.permute_dims":
+        perm = tuple(a["perm"])
+        lw.call(n, (op, s0, dt, perm), lambda: NK.permute_dims(s0, perm, dt))
+    elif op == "core.slice":
+        lw.call(n, (op, s0, out, dt, a["axis"], a["start"], a["step"]),
+                lambda: NK.slice_axis(s0, out, a["axis"], a["start"], a["step"], dt))
+    elif op == "core.broadcast_to":
+        lw.call(n, (op, s0, out, dt), lambda: NK.broadcast_to(s0, out, dt))
+    elif op == "core.concat":
+        _concat(lw, n, dt)
+    elif op == "core.attention":
+        q, k, v = ins
+        B, Hq, _, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        if not all(isinstance(d, int) for d in (B, Hq, Hkv, D, Dv)):
+            raise CodegenError(f"{n!r}: core.attention needs static batch, heads and head dims")
+        sc = float(a["scale"])
+        lw.call(n, (op, B, Hq, Hkv, D, Dv, sc, dt),
+                lambda: NK.attention(B, Hq, Hkv, D, Dv, sc, dt))
+    else:
+        raise CodegenError(f"{n!r}: no CPU kernel for {op}")
+
+
+def _concat(lw: Any, n: Node, dt: str) -> None:
+    """Pairwise concat2 kernels, left to right (operands are few: rotary halves, MLA parts)."""
+    axis = n.attrs["axis"]
+    vals: list[Value] = list(n.operands)
+    acc = lw.value(vals[0])
+    shape = vals[0].shape
+    for v in vals[1:]:
+        sa, sb = _key(shape), _key(v.shape)
+        new = list(shape)
+        new[axis] = shape[axis] + v.shape[axis]
+        if len(vals) == 2 or v is vals[-1]:
+            new = list(n.result.shape)
+        acc = _emit(lw, ("core.concat", sa, sb, axis, dt),
+                    lambda sa=sa, sb=sb: NK.concat2(sa, sb, axis, dt),
+                    [acc, lw.value(v)], tuple(new), n.result.dtype)
+        shape = tuple(new)
+    lw.vals[n.result] = acc

@@ -1,0 +1,114 @@
+"""Whole causal LMs from a checkpoint folder: tiny random-weight Mixtral, Qwen3-MoE and
+DeepSeek-V3 (MLA attention, dense first layer, grouped sigmoid routing) are saved with
+`save_pretrained`, compiled from the folder (ids [T] -> logits [T, vocab]) and compared with
+transformers' own logits. One compile per family (module-scoped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import moec  # noqa: E402
+from moec.cli import main  # noqa: E402
+
+V, MAX_TOKENS = 96, 64
+TOKENS = (1, 5, 33)
+COMMON = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=2, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def _config(family: str):
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
+                                          num_experts_per_tok=2, **COMMON)
+    if family == "qwen3_moe":  # q/k RMSNorm per head, head_dim != hidden / heads
+        return transformers.Qwen3MoeConfig(moe_intermediate_size=48, intermediate_size=64,
+                                           num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                           norm_topk_prob=True, **COMMON)
+    if family == "deepseek_v3":  # MLA: q/kv LoRA, rope on a split of the head dim, Dv != Dqk
+        return transformers.DeepseekV3Config(
+            moe_intermediate_size=48, intermediate_size=64, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+            n_shared_experts=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+            **{**COMMON, "num_key_value_heads": 4})
+    raise KeyError(family)
+
+
+def _randomize(model, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point() or "inv_freq" in name:
+                continue
+            if "norm" in name or "layernorm" in name:
+                t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=gen))
+            elif t.dim() == 1:
+                t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * t.shape[-1] ** -0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "deepseek_v3"])
+def compiled(request, tmp_path_factory):
+    family = request.param
+    tmp = tmp_path_factory.mktemp(family)
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_config(family)), 0)
+    model.save_pretrained(tmp / "ckpt")
+    out = tmp / "model.moec"
+    if family == "mixtral":  # through the command line
+        assert main(["compile", str(tmp / "ckpt"), "-o", str(out),
+                     "--max-tokens", str(MAX_TOKENS)]) == 0
+    else:
+        moec.compile(str(tmp / "ckpt"), max_tokens=MAX_TOKENS).save(out)
+    return family, model, out
+
+
+def _logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
+
+
+@pytest.mark.parametrize("n", TOKENS)
+def test_logits_match_transformers(compiled, n):
+    family, model, path = compiled
+    ids = np.random.default_rng(n).integers(0, V, n).astype(np.int64)
+    got = moec.load(path)(ids)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    want = _logits(model, ids)
+    assert got.shape == (n, V)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"{family} T={n}: max rel err {err:.2e}")
+    assert err <= 1e-4, f"{family}, {n} tokens: max rel err {err:.2e}"
+
+
+def test_artifact_ir_has_fused_attention(compiled):
+    _, model, path = compiled
+    ir = (path / "model.ir").read_text()
+    layers = model.config.num_hidden_layers
+    assert ir.count("core.attention(") == layers
+    assert "core.embedding(" in ir
+
+
+def test_run_tokens_prints_top(compiled, capsys):
+    family, model, path = compiled
+    if family != "mixtral":
+        pytest.skip("one CLI run is enough")
+    assert main(["run", str(path), "--tokens", "3 1 4 1 5", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    want = _logits(model, np.array([3, 1, 4, 1, 5]))[-1].argsort()[::-1][:3]
+    listed = [int(line.split()[0]) for line in text.splitlines()[1:4]]
+    assert listed == [int(t) for t in want]
+
+
+def test_not_a_checkpoint(tmp_path):
+    from moec.errors import InputError
+    from moec.frontend.hf_model import from_checkpoint
+
+    with pytest.raises(InputError, match="no config.json"):
+        from_checkpoint(tmp_path)
