@@ -34,6 +34,10 @@ def parse_target(target: str) -> dict[str, Any]:
 def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Graph:
     if isinstance(model, Graph):
         return model
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):  # an ONNX model file
+        from moec.frontend.onnx_frontend import from_onnx
+
+        return from_onnx(model, max_tokens=max_tokens)
     if isinstance(model, (str, Path)):  # a Hugging Face checkpoint folder: ids [T] -> logits
         from moec.frontend.hf_model import from_checkpoint
 
@@ -47,16 +51,21 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             pipeline: str = "default", passes: str | Sequence[str | Pass] | None = None,
             max_tokens: int = 4096, dump_ir: str | Path | None = None,
             time_passes: bool = False, instruments: Sequence[Instrument] = (),
-            progress: bool = False, ep: bool = False) -> Artifact:  # noqa: F821
+            progress: bool = False, ep: bool = False,
+            quantize: str | None = None) -> Artifact:  # noqa: F821
     """Compile an MoE model to an Artifact.
 
     model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
     moe.* ops), a Hugging Face checkpoint folder (config.json + safetensors; the whole causal LM,
-    token ids [T] -> logits [T, vocab], no example inputs needed) or an already-built IR Graph. example_inputs: one example per model input;
+    token ids [T] -> logits [T, vocab], no example inputs needed), a path ending in .onnx
+    (moec.frontend.onnx_frontend.from_onnx) or an already-built IR Graph.
+    example_inputs: one example per model input;
     dim 0 of each float input is the token dimension, dynamic in 0..max_tokens.
     pipeline: a named pipeline ("default"); passes: a pass list that replaces it, as a string
     ("default,+my-pass{opt=1}") or a list of names and Pass objects.
     dump_ir: folder for the IR before and after each pass; time_passes: print pass timings.
+    quantize: "int8" or "int4" appends quantize-experts (weight-only expert weights; int8 per
+    output channel, int4 group-wise with zero points): weights.safetensors holds them quantised.
     ep: also build the expert-parallel entry functions (moec.codegen.ep), so that the artifact
     can run sharded over ranks: `moec.load(path, ep_group=...)`, `moec run --ep N`.
     """
@@ -71,6 +80,12 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     step("tracing")
     graph = to_graph(model, example_inputs, max_tokens)
     pass_list = parse_pipeline(passes if passes is not None else pipeline)
+    if quantize is not None:
+        from moec.passes.quantize_experts import MODES, QuantizeExperts
+
+        if quantize not in MODES:
+            raise MoecError(f"quantize must be one of {', '.join(MODES)}, got {quantize!r}")
+        pass_list.append(QuantizeExperts(bits=MODES[quantize]))
     ins = list(instruments)
     timing = PassTiming(stream=sys.stderr) if time_passes else None
     if timing:
