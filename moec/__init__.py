@@ -40,11 +40,15 @@ def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
     return _compile(model, example_inputs, **kwargs)
 
 
-def load(path: Any, device: str = "cpu") -> CompiledModel:
-    """Load a saved artifact; returns a callable CompiledModel."""
+def load(path: Any, device: str = "cpu", *, ep_group: Any = None) -> CompiledModel:
+    """Load a saved artifact; returns a callable CompiledModel.
+
+    ep_group: a torch.distributed process group to run the model expert-parallel over (the
+    artifact must be compiled with ep=True); every rank of the group calls load, and gets an
+    EPModel holding its shard of the experts (see moec.distributed)."""
     from moec.runtime import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, ep_group=ep_group)
 
 
 def __getattr__(name: str) -> Any:
