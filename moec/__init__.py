@@ -21,7 +21,7 @@ from moec.errors import (
     PassError,
     UnsupportedError,
 )
-from moec.passes import P, Pass, PassContext, PassManager, Rewriter, RewritePattern, register_pass
+from moec.passes import P, Pass, PassContext, PassManager, RewritePattern, Rewriter, register_pass
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""The `moec` command line: demo, compile, run, inspect, verify, passes, opt.
+"""The `moec` command line: demo, compile, run, bench, inspect, verify, pack, passes, opt.
 
 Errors print one line (`moec: error: ...`) and exit 1; `--debug` shows the traceback.
 """
@@ -46,11 +46,18 @@ def _load_factory(spec: str) -> Any:
 
 def cmd_compile(a: argparse.Namespace) -> int:
     import moec
+    from moec.runtime.artifact import check_destination
 
-    model, example = _load_factory(a.spec)
+    check_destination(a.output)  # before a compile that may take minutes
+    if Path(a.spec).is_dir():  # a Hugging Face checkpoint folder: ids [T] -> logits [T, V]
+        model, example = a.spec, ()
+    elif a.spec.endswith(".onnx"):  # an ONNX model file (moec.frontend.onnx_frontend)
+        model, example = a.spec, ()
+    else:
+        model, example = _load_factory(a.spec)
     art = moec.compile(model, example, target=a.target, pipeline=a.pipeline, passes=a.passes,
                        max_tokens=a.max_tokens, dump_ir=a.dump_ir, time_passes=a.time_passes,
-                       progress=True)
+                       progress=True, ep=a.ep, quantize=a.quantize)
     art.save(a.output)
     print(f"wrote {a.output}")
     return 0
@@ -79,9 +86,25 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     from moec.runtime import load
 
-    model = load(a.artifact, device=a.device)
-    inputs = _read_inputs(a.input)
-    outs = model(*inputs)
+    if a.tokens is not None:
+        if a.input:
+            raise InputError("give either --tokens or --input, not both")
+        try:
+            inputs = [np.array([int(t) for t in a.tokens.replace(",", " ").split()], np.int64)]
+        except ValueError:
+            raise InputError(f"--tokens wants integers, got {a.tokens!r}") from None
+    elif a.input:
+        inputs = _read_inputs(a.input)
+    else:
+        raise InputError("give the inputs with --input FILE.npy or --tokens \"1 2 3\"")
+    if a.ep is not None:  # one process per rank, under torchrun; rank 0 reports
+        from moec.distributed.launch import run_ep
+
+        outs = run_ep(a, inputs)
+        if outs is None:
+            return 0
+    else:
+        outs = load(a.artifact, device=a.device)(*inputs)
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     if a.output:
         if a.output.endswith(".npz"):
@@ -91,6 +114,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         else:
             raise InputError(f"the model has {len(outs)} outputs: write them to a .npz file")
         print(f"wrote {a.output}")
+    elif a.tokens is not None:  # logits [T, vocab]: the top tokens after the last position
+        last = np.asarray(outs[0], dtype=np.float64)[-1]
+        top = np.argsort(-last, kind="stable")[:a.top]
+        p = np.exp(last - last.max())
+        p /= p.sum()
+        print(f"top {len(top)} next tokens after position {len(inputs[0]) - 1}:")
+        for t in top:
+            print(f"  {int(t):>8}  logit {last[t]:10.4f}  p {p[t]:.4f}")
     else:
         for i, o in enumerate(outs):
             print(f"output {i}: {o.dtype}{list(o.shape)} {np.array2string(o.ravel()[:8])}...")
@@ -98,10 +129,16 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    from moec.runtime.archive import opened
+
+    with opened(a.artifact) as path:  # a folder, or a NAME.moec.tar extracted for the while
+        return _inspect(path)
+
+
+def _inspect(path: Path) -> int:
     from moec.runtime import verify
 
-    manifest = verify(a.artifact)
-    path = Path(a.artifact)
+    manifest = verify(path)
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
     print("\nfiles:")
     for name, f in manifest["files"].items():
@@ -127,6 +164,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(a: argparse.Namespace) -> int:
+    from moec.runtime import verify
+    from moec.runtime.archive import pack
+
+    verify(a.artifact, check_host=False)
+    out = pack(a.artifact, a.output or str(Path(a.artifact).absolute()) + ".tar")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_passes(a: argparse.Namespace) -> int:
     from moec.passes import PIPELINES, registered_passes
 
@@ -142,11 +189,30 @@ def cmd_opt(a: argparse.Namespace) -> int:
     from moec.ir import parse, print_graph
     from moec.passes import PassManager, PassTiming, parse_pipeline
 
-    text = sys.stdin.read() if a.input == "-" else Path(a.input).read_text()
+    try:
+        text = sys.stdin.read() if a.input == "-" else Path(a.input).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{a.input} is not a text IR file (not UTF-8: {e.reason})") from None
     g = parse(text)
     ins = [PassTiming(stream=sys.stderr)] if a.time_passes else []
     PassManager(parse_pipeline(a.passes), ins).run(g)
     sys.stdout.write(print_graph(g))
+    return 0
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    from moec.profile import profile
+
+    is_artifact = (Path(a.model) / "model.ir").is_file()
+    model, example = (a.model, ()) if is_artifact else _load_factory(a.model)
+    sample = _read_inputs(a.input) if a.input else list(example)
+    if not sample:
+        raise InputError("moec profile: give sample inputs with --input (.npy/.npz)")
+    data = profile(model, [sample], out=a.output, png=a.png, max_tokens=a.max_tokens)
+    for la in data["layers"]:
+        loads = " ".join(f"{v:.2f}" for v in la["load"])
+        print(f"{la['router']}: {la['tokens']} tokens, load per expert {loads}")
+    print(f"wrote {a.output}" + (f" and {a.png}" if a.png else ""))
     return 0
 
 
@@ -176,8 +242,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
             for x in xs:
                 want = module(torch.from_numpy(x)).numpy()
                 err = max(err, relative_error(model(x), want))
-            tm = _time(lambda i: model(xs[i % 4]))
-            tt = _time(lambda i: module(torch.from_numpy(xs[i % 4])))
+            tm = _time(lambda i, xs=xs: model(xs[i % 4]))
+            tt = _time(lambda i, xs=xs: module(torch.from_numpy(xs[i % 4])))
         print(f"{n:>6} {err:>12.2e} {tm * 1e3:>9.3f} {tt * 1e3:>9.3f} {tt / tm:>7.2f}x")
     return 0
 
@@ -191,6 +257,24 @@ def _time(fn, min_time: float = 0.3) -> float:
         times.append(time.perf_counter() - t)
         i += 1
     return sorted(times)[len(times) // 2]
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.artifact is None:  # the layer benchmark: systems against each other (moec.bench)
+        from moec.bench.cli import run_from_args
+
+        return run_from_args(a)
+    from moec.distributed.launch import bench
+
+    a.tokens = a.tokens or [64, 512]
+    return bench(a)
+
+
+def _add_ep_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--ep", type=int, default=None, metavar="N", help="expert-parallel over N "
+                   "ranks; launch under `torchrun --nproc-per-node N -m moec.cli ...`")
+    s.add_argument("--timeout", type=float, default=120.0, help="with --ep: seconds a rank "
+                   "waits for the others in any collective before failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compile", help="compile a model to an artifact")
     s.add_argument("spec", help="FILE.py:FACTORY or package.module:FACTORY returning "
-                   "(module, example_inputs)")
+                   "(module, example_inputs), or a Hugging Face checkpoint folder "
+                   "(config.json + *.safetensors; compiles ids [T] -> logits [T, vocab]), "
+                   "or an ONNX model file (*.onnx)")
     s.add_argument("-o", "--output", required=True, help="artifact folder, e.g. model.moec")
     s.add_argument("--target", default="cpu")
     s.add_argument("--max-tokens", type=int, default=4096)
@@ -216,14 +302,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--passes", default=None, help="pass list, e.g. default,+my-pass{opt=1}")
     s.add_argument("--dump-ir", default=None, metavar="DIR")
     s.add_argument("--time-passes", action="store_true")
+    s.add_argument("--ep", action="store_true", help="also build the expert-parallel entry "
+                   "functions (for `moec run/bench --ep N`)")
+    s.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantised expert weights (appends quantize-experts)")
     s.set_defaults(fn=cmd_compile)
 
     s = sub.add_parser("run", help="run a compiled artifact on .npy/.npz inputs")
     s.add_argument("artifact")
-    s.add_argument("--input", action="append", required=True, help=".npy (repeat) or one .npz")
+    s.add_argument("--input", action="append", default=[], help=".npy (repeat) or one .npz")
+    s.add_argument("--tokens", default=None, help='token ids of one sequence, e.g. "1 2 3", for '
+                   "an artifact compiled from a checkpoint folder: prints the top next tokens")
+    s.add_argument("--top", type=int, default=5, help="with --tokens: how many to print")
     s.add_argument("--output", default=None, help=".npy (one output) or .npz")
     s.add_argument("--device", default="cpu")
+    _add_ep_args(s)
+    s.add_argument("--check", action="store_true", help="with --ep: compare with the "
+                   "single-process model on rank 0")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("bench", help="without ARTIFACT: the MoE layer benchmark (transformers, "
+                       "torch.compile, ONNX Runtime and moec against the roofline; moec.bench); "
+                       "with ARTIFACT: time it; with --ep N (under torchrun) the per-layer "
+                       "dispatch / experts / combine / rest breakdown")
+    s.add_argument("artifact", nargs="?", default=None, help="a compiled artifact to time; "
+                   "omit it for the layer benchmark")
+    s.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts; with ARTIFACT global (split over the ranks), default "
+                   "64 512; layer benchmark default 1 8 64 512 2048")
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--repeat", type=int, default=10)
+    s.add_argument("--json", default=None, help="where to write the JSON results")
+    s.add_argument("--check", action="store_true", help="with --ep: also compare every rank's "
+                   "outputs with the single-process model")
+    _add_ep_args(s)
+    from moec.bench.cli import add_arguments as add_layer_bench_arguments
+
+    add_layer_bench_arguments(s)
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("inspect", help="show an artifact's manifest, weights and final IR")
     s.add_argument("artifact")
@@ -233,8 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact")
     s.set_defaults(fn=cmd_verify)
 
+    s = sub.add_parser("pack", help="verify an artifact folder and write it as one .tar file")
+    s.add_argument("artifact")
+    s.add_argument("-o", "--output", default=None, help="default: ARTIFACT.tar")
+    s.set_defaults(fn=cmd_pack)
+
     s = sub.add_parser("passes", help="list registered passes and pipelines")
     s.set_defaults(fn=cmd_passes)
+
+    s = sub.add_parser("profile", help="expert load per layer on sample inputs: JSON + heat map")
+    s.add_argument("model", help="FILE.py:FACTORY (its example inputs are the default sample) "
+                   "or an artifact folder")
+    s.add_argument("--input", action="append", default=[], help=".npy (repeat) or one .npz")
+    s.add_argument("-o", "--output", default="profile.json")
+    s.add_argument("--png", default=None, help="also write a layer x expert heat map")
+    s.add_argument("--max-tokens", type=int, default=4096)
+    s.set_defaults(fn=cmd_profile)
 
     s = sub.add_parser("opt", help="run passes on text IR and print the result")
     s.add_argument("input", help="IR file, or - for stdin")
@@ -248,13 +378,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except MoecError as e:
-        if args.debug:
-            raise
-        print(f"moec: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        # One line whatever the failure: moec's own errors say what to do; a file that cannot
+        # be read or written is the user's to fix; anything else is unexpected (a bug in moec
+        # or in the user's model code) and --debug shows where it came from.
+        msg = " ".join(str(e).split())
+        if isinstance(e, MoecError):
+            print(f"moec: error: {msg}", file=sys.stderr)
+        elif isinstance(e, OSError):
+            print(f"moec: error: {msg or type(e).__name__}", file=sys.stderr)
+        else:
+            print(f"moec: error: {type(e).__name__}: {msg} (unexpected; rerun with --debug "
+                  f"for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -191,6 +191,16 @@ class _Lowerer:
                       lambda: K.grouped_matmul(e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
                                                a["activation"], dt, bias=a["bias"],
                                                alpha=a["alpha"], limit=a["limit"]))
+        elif op == "moe.grouped_matmul_q":
+            from moec.codegen.kernels.grouped_matmul_quant import grouped_matmul_quant
+
+            e, nn = ins[1].shape[0], ins[1].shape[1]
+            kk2 = ins[0].shape[1]
+            key = tuple(sorted(a.items()))
+            self.call(n, (op, dt, e, nn, kk2, key), lambda: grouped_matmul_quant(
+                e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
+                bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
+                alpha=a["alpha"], limit=a["limit"]))
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
             self.call(n, (op, dt, h, k), lambda: K.combine(h, k, dt))

@@ -482,3 +482,6 @@ def _ref_combine(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
 
 register_op(OpDef("moe.combine", (3, 3), _infer_combine, _ref_combine,
                   doc="weighted scatter-add of sorted rows back to token order"))
+
+
+from moec.ir import quant_ops  # noqa: E402, F401  (moe.grouped_matmul_q, built on the above)

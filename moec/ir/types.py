@@ -15,10 +15,10 @@ import numpy as np
 from moec.errors import IRError
 
 DType = str  # IR dtypes are plain strings: "f32", "bf16", "i32", ...
-DTYPES = ("f32", "f16", "bf16", "f64", "i32", "i64", "bool")
+DTYPES = ("f32", "f16", "bf16", "f64", "i32", "i64", "i8", "u8", "bool")
 FLOAT_DTYPES = ("f32", "f16", "bf16", "f64")
 _NP_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
-             "i32": "int32", "i64": "int64", "bool": "bool"}
+             "i32": "int32", "i64": "int64", "i8": "int8", "u8": "uint8", "bool": "bool"}
 _FROM_NP = {v: k for k, v in _NP_NAMES.items()}
 
 

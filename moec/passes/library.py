@@ -4,6 +4,8 @@ from moec.passes import (  # noqa: F401
     canonicalize,
     fuse_combine,
     fuse_gating,
+    prune_experts,
+    quantize_experts,
     reorder_dispatch,
     tile_expert_gemm,
 )

@@ -1,0 +1,212 @@
+"""The grouped GEMM with weight-only quantised experts (`moe.grouped_matmul_q`), dequantising
+inside the GEMM: weights stay int8 / packed int4 in memory and in the caches.
+
+Same tile layout, tasks, row groups and padding rules as grouped_matmul.py (read it first). The
+quantised weights, scales and zero points are packed offline into NR-wide panels like the fp32
+ones (`[E, ceil(N/NR), K', NR]`, K' = K for int8, K/2 for int4, G groups for scales/zeros). The K
+loop runs group by group: within a group the micro-kernel accumulates `x * (q - z)` (int8: `x *
+q`, the zero point is 0) in registers, and the group's sum is scaled once by the group's scale
+(int8: one group, the per-channel scale), so the dequantisation costs one convert (and for int4
+a shift, a mask and a subtract) per weight element, and one multiply per group and column.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.codegen.kernels import fmath
+from moec.codegen.kernels.base import Dims, Kernel, check_dtype, finish, i64, kernel_name
+from moec.codegen.kernels.grouped_matmul import ACTIVATIONS, grouped_tiles
+from moec.codegen.kernels.linear import pack_nk
+from moec.codegen.kernels.routing import check_positive
+from moec.errors import CodegenError
+
+
+def grouped_matmul_quant(
+    E: int,
+    N: int,
+    K: int,
+    block_m: int,
+    top_k: int,
+    gather: bool,
+    activation: str = "none",
+    bits: int = 8,
+    group_size: int = 128,
+    dtype: str = "float32",
+    bias: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Kernel:
+    """Kernel args: `(x, q, scale, [zero], [q2, scale2, [zero2]], [b], [b2], sorted_ids,
+    tile_expert, out)`, the operand order of moe.grouped_matmul_q (zero points with bits=4 only;
+    the second weight when the activation is gated). `arg_transforms` pack q, scales and zeros
+    `[E, N, *]` into `[E, ceil(N/NR), *, NR]`."""
+    check_dtype("grouped_matmul_quant", dtype)
+    check_positive("grouped_matmul_quant", E=E, N=N, K=K, block_m=block_m, top_k=top_k)
+    if activation not in ACTIVATIONS:
+        raise CodegenError(f"grouped_matmul_quant: activation {activation!r} not in "
+                           f"{ACTIVATIONS}")
+    if bits not in (8, 4) or (bits == 4 and (K % 2 or group_size % 2)):
+        raise CodegenError(f"grouped_matmul_quant: bits={bits}, K={K}, group_size="
+                           f"{group_size}: want 8, or 4 with even K and group size")
+    gated = activation.endswith("_mul")
+    clamped = activation == "clamped_swiglu_mul"
+    bias2 = bias and gated
+    int4 = bits == 4
+    act = fmath.activation("none" if clamped else activation.removesuffix("_mul"))
+    mr, nr = grouped_tiles(dtype, block_m, gated)
+    gs = group_size if int4 else K
+    ng_k = -(-K // gs)  # K groups
+    kq = K // 2 if int4 else K
+    qdt = "uint8" if int4 else "int8"
+    nb, full_nb = -(-N // nr), N // nr
+    ng = -(-block_m // mr)
+    nw = 2 if gated else 1
+    dims = Dims()
+    tl = dims.var("TL")
+    s = tl * block_m
+    t = dims.var("T") if gather else None
+    x_rows = t if gather else s
+    name = kernel_name("grouped_matmul_q", bits, dtype, "E", E, "N", N, "K", K, "g", gs, "bm",
+                       block_m, "k", top_k, "gather" if gather else "", activation,
+                       "bias" if bias else "", f"a{alpha}_l{limit}" if clamped else "")
+
+    def row(tile, g, i):
+        r = tile * block_m + g * mr + i
+        return r if block_m % mr == 0 else T.min(r, tile * block_m + (block_m - 1))
+
+    def valid(sid, sentinel):
+        return tirx.And(sid >= 0, T.Cast("int64", sid) < sentinel)
+
+    def source(si, tile, g, i, sentinel):
+        r0 = tile * block_m + g * mr
+        ok = valid(si[row(tile, g, i)], sentinel)
+        if gather:
+            return T.Cast("int64", T.Select(ok, si[row(tile, g, i)], si[r0])) // top_k
+        return T.Select(ok, row(tile, g, i), r0)
+
+    def glen(kg):
+        return gs if K % gs == 0 else T.min(gs, K - kg * gs)
+
+    def deq(q, z, e, p, kq_idx, kg, j, shift):
+        v = q[e, p, kq_idx, j]
+        if int4:
+            v = T.bitwise_and(T.shift_right(v, T.uint8(shift)), T.uint8(15))
+            return T.Cast("float32", v) - z[e, p, kg, j]
+        return T.Cast("float32", v)
+
+    def epilogue(ct, gi, j, e, col, b, b2):
+        g = ct[gi, 0, j] + b[e, col] if bias else ct[gi, 0, j]
+        if not gated:
+            return act(g)
+        u = ct[gi, 1, j] + b2[e, col] if bias else ct[gi, 1, j]
+        return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
+
+    def sentinel_of(si, rows):
+        if gather:
+            return t * i64(top_k)
+        return T.Cast("int64", T.if_then_else(rows > 0, si[rows - i64(1)], 0))
+
+    def alias(used, buf, fallback):
+        return buf if used else fallback
+
+    @T.prim_func
+    def func(x: T.handle, q: T.handle, sc: T.handle, zp: T.handle, q2: T.handle, sc2: T.handle,
+             zp2: T.handle, b: T.handle, b2: T.handle, sorted_ids: T.handle,
+             tile_expert: T.handle, out: T.handle):
+        X = T.match_buffer(x, (x_rows, K), dtype)
+        Q = T.match_buffer(q, (E, nb, kq, nr), qdt)
+        S1 = T.match_buffer(sc, (E, nb, ng_k, nr), "float32")
+        Z1 = T.match_buffer(zp, (E, nb, ng_k, nr), "float32")
+        Q2 = T.match_buffer(q2, (E, nb, kq, nr), qdt)
+        S2 = T.match_buffer(sc2, (E, nb, ng_k, nr), "float32")
+        Z2 = T.match_buffer(zp2, (E, nb, ng_k, nr), "float32")
+        B1 = T.match_buffer(b, (E, N), dtype)
+        B2 = T.match_buffer(b2, (E, N), dtype)
+        SI = T.match_buffer(sorted_ids, (s,), "int32")
+        TE = T.match_buffer(tile_expert, (tl,), "int32")
+        Y = T.match_buffer(out, (s, N), dtype)
+        Zb = T.decl_buffer((E, nb, ng_k, nr), "float32", data=alias(int4, Z1, S1).data)
+        Qb2 = T.decl_buffer((E, nb, kq, nr), qdt, data=alias(gated, Q2, Q).data)
+        Sb2 = T.decl_buffer((E, nb, ng_k, nr), "float32", data=alias(gated, S2, S1).data)
+        Zb2 = T.decl_buffer((E, nb, ng_k, nr), "float32",
+                            data=alias(gated and int4, Z2, S1).data)
+        Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
+        Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
+        sentinel = sentinel_of(SI, s)
+        for task in T.parallel(nb * tl):
+            p = task // tl
+            tile = task % tl
+            if TE[tile] >= 0 and TE[tile] < E:
+                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32", scope="local")
+                acc = T.alloc_buffer((mr, nr), "float32", scope="local")
+                acc2 = T.alloc_buffer((mr, nr), "float32", scope="local")
+                src = T.alloc_buffer((mr,), "int64", scope="local")
+                for g in range(ng):
+                    if valid(SI[tile * block_m + g * mr], sentinel):
+                        for i in T.unroll(mr):
+                            src[i] = source(SI, tile, g, i, sentinel)
+                            for j in T.vectorized(nr):
+                                ctile[g * mr + i, 0, j] = T.float32(0)
+                                if gated:
+                                    ctile[g * mr + i, 1, j] = T.float32(0)
+                        for kg in range(ng_k):
+                            for i in T.unroll(mr):
+                                for j in T.vectorized(nr):
+                                    acc[i, j] = T.float32(0)
+                                    if gated:
+                                        acc2[i, j] = T.float32(0)
+                            if int4:
+                                for kk in range(glen(kg) // 2):
+                                    for h in T.unroll(2):
+                                        for i in T.unroll(mr):
+                                            for j in T.vectorized(nr):
+                                                acc[i, j] = acc[i, j] + X[
+                                                    src[i], kg * gs + 2 * kk + h] * deq(
+                                                    Q, Zb, TE[tile], p, kg * (gs // 2) + kk, kg,
+                                                    j, 4 * h)
+                                                if gated:
+                                                    acc2[i, j] = acc2[i, j] + X[
+                                                        src[i], kg * gs + 2 * kk + h] * deq(
+                                                        Qb2, Zb2, TE[tile], p,
+                                                        kg * (gs // 2) + kk, kg, j, 4 * h)
+                            else:
+                                for kk in range(K):
+                                    for i in T.unroll(mr):
+                                        for j in T.vectorized(nr):
+                                            acc[i, j] = acc[i, j] + X[src[i], kk] * deq(
+                                                Q, Zb, TE[tile], p, kk, 0, j, 0)
+                                            if gated:
+                                                acc2[i, j] = acc2[i, j] + X[src[i], kk] * deq(
+                                                    Qb2, Zb2, TE[tile], p, kk, 0, j, 0)
+                            for i in T.unroll(mr):
+                                for j in T.vectorized(nr):
+                                    ctile[g * mr + i, 0, j] = ctile[g * mr + i, 0, j] + acc[
+                                        i, j] * S1[TE[tile], p, kg, j]
+                                    if gated:
+                                        ctile[g * mr + i, 1, j] = ctile[g * mr + i, 1, j] + acc2[
+                                            i, j] * Sb2[TE[tile], p, kg, j]
+                        for i in T.unroll(mr):
+                            if full_nb == nb:
+                                for j in T.vectorized(nr):
+                                    Y[row(tile, g, i), p * nr + j] = epilogue(
+                                        ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+                            else:
+                                if p < full_nb:
+                                    for j in T.vectorized(nr):
+                                        Y[row(tile, g, i), p * nr + j] = epilogue(
+                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+                                else:
+                                    for j in range(N - full_nb * nr):
+                                        Y[row(tile, g, i), p * nr + j] = epilogue(
+                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+
+    per = 3 if int4 else 2
+    transforms = {}
+    for w in range(nw):
+        for part in range(per):
+            transforms[1 + w * per + part] = lambda a: pack_nk(a, nr)
+    drop = [n for n, used in (("Z1", int4), ("Q2", gated), ("S2", gated),
+                              ("Z2", gated and int4), ("B1", bias), ("B2", bias2)) if not used]
+    return finish(func, name, drop=drop, arg_transforms=transforms)

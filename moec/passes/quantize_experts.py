@@ -1,0 +1,83 @@
+"""quantize-experts: weight-only int8 / int4 expert weights for the grouped GEMMs.
+
+Every `moe.grouped_matmul` whose weights are parameters becomes a `moe.grouped_matmul_q` that
+reads the quantised weights (formats in moec/ir/quant_ops.py: int8 symmetric per output channel;
+int4 group-wise along K with scales and zero points, two values per byte); the fp32 expert
+weights are removed from the graph, so the artifact stores only the quantised ones. Activations,
+biases and routing stay fp32; the kernels dequantise inside the GEMM.
+
+Run after tile-expert-gemm (`moec compile --quantize int8|int4` appends it to the pipeline).
+Requires: moe.grouped_matmul with parameter weights (int4: even K). Ensures: no fp32 expert
+weight is read by a grouped GEMM it could quantise; the removed weights are gone from the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from moec.errors import PassError
+from moec.ir.graph import Graph, Node, Value
+from moec.ir.moe_ops import gmm_operands
+from moec.ir.quant_ops import quantize
+from moec.passes.base import Pass, PassContext, register_pass
+from moec.passes.rewriter import RewritePattern, Rewriter, apply_patterns
+
+MODES = {"int8": 8, "int4": 4}
+
+
+@dataclass
+class QuantizeGemm(RewritePattern):
+    """grouped_matmul(x, W...) -> grouped_matmul_q(x, q(W), scale(W)[, zero(W)]...)."""
+
+    bits: int
+    group_size: int
+    done: dict[str, list[Value]] = field(default_factory=dict)  # a weight read twice: once
+
+    def quantized(self, w: Value, rw: Rewriter) -> list[Value]:
+        if w.name not in self.done:
+            parts = quantize(rw.graph.param_array(w), self.bits, self.group_size)
+            names = ("q8", "scale") if self.bits == 8 else ("q4", "scale", "zero")
+            self.done[w.name] = [rw.add_param(f"{w.name}.{n}", np.ascontiguousarray(p))
+                                 for n, p in zip(names, parts, strict=True)]
+        return self.done[w.name]
+
+    def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
+        if node.op != "moe.grouped_matmul":
+            return False
+        x, ws, bs, sid, te = gmm_operands(node.operands, node.attrs)
+        if any(w.kind != "param" for w in ws):
+            return False
+        if self.bits == 4 and ws[0].shape[2] % 2:
+            return False  # odd K has no packed int4 form: this GEMM stays fp32
+        qs = [v for w in ws for v in self.quantized(w, rw)]
+        attrs = {**node.attrs, "bits": self.bits, "group_size": self.group_size}
+        new = rw.create("moe.grouped_matmul_q", [x, *qs, *bs, sid, te], attrs, loc=node.loc)
+        rw.replace_op(node, [new.result])
+        return True
+
+
+@register_pass
+@dataclass(frozen=True)
+class QuantizeExperts(Pass):
+    """Quantise expert GEMM weights to int8 (per channel) or int4 (group-wise, zero points).
+
+    Run after tile-expert-gemm. Requires: moe.grouped_matmul with parameter weights.
+    Ensures: those GEMMs are moe.grouped_matmul_q; their fp32 weights are removed."""
+
+    name: ClassVar[str] = "quantize-experts"
+    bits: int = 8
+    group_size: int = 128
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        if self.bits not in (8, 4):
+            raise PassError(f"quantize-experts: bits must be 8 or 4, got {self.bits}")
+        if self.group_size < 2 or self.group_size % 2:
+            raise PassError(f"quantize-experts: group_size must be even, got {self.group_size}")
+        changed = apply_patterns(graph, [QuantizeGemm(self.bits, self.group_size)])
+        rw = Rewriter(graph)
+        rw.remove_unused_params()
+        ctx.stats["quantize-experts.gemms"] = len(graph.find("moe.grouped_matmul_q"))
+        return changed or rw.changes > 0
