@@ -38,3 +38,7 @@ class PassError(MoecError):
 
 class CodegenError(MoecError):
     """An op could not be lowered to a kernel for the target."""
+
+
+class ExecutionError(MoecError, RuntimeError):
+    """Running a loaded model failed inside its kernels (for example, out of memory)."""

@@ -1,7 +1,9 @@
 """Parser of the text IR written by `moec.ir.printer` (see its docstring for the format).
 
-Errors are `ParseError`s that name the line. Parameters parsed from text carry no data; the
-interpreter and codegen need a graph whose parameters have data (attach with `Graph.param_data`).
+Errors are `ParseError`s that name the line, whatever the text: the parser is fuzzed
+(tests/reliability/test_fuzz.py) and no other exception may escape it. Parameters parsed from text
+carry no data; the interpreter and codegen need a graph whose parameters have data (attach with
+`Graph.param_data`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ from moec.errors import IRError, ParseError
 from moec.ir.graph import Graph, Node
 from moec.ir.registry import infer_types
 from moec.ir.types import DimLike, Sym, TensorType, same_type
+
+MAX_NESTING = 32
+"""Deepest bracket nesting accepted in a dim expression or attribute list (real IR uses 1 or 2;
+the limit keeps hostile input from exhausting Python's recursion limit)."""
+MAX_DIM_TERMS = 64
+"""Most atoms in one dim expression; printing and comparing dims recurse over the expression."""
+
+# Errors that op type inference or dim arithmetic raise when an attribute or dim has the wrong
+# type or value (`{k="x"}`, `{axis=[1]}`); they become ParseErrors naming the line and the op.
+_INFER_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError)
 
 _TOKEN = re.compile(r"""\s*(?:
     (?P<str>"(?:[^"\\]|\\.)*")
@@ -37,8 +49,24 @@ class _Tokens:
                 self.error(f"unexpected character {text[pos:pos + 10]!r}")
             pos = m.end()
             kind = m.lastgroup or "op"
+            if kind == "num" and len(m.group(kind)) > 64:
+                self.error(f"number too long: {m.group(kind)[:20]}...")
             self.toks.append((kind, m.group(kind)))
         self.i = 0
+        self.depth = 0  # bracket nesting, against MAX_NESTING
+        self.atoms = 0  # atoms in the current dim expression, against MAX_DIM_TERMS
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            self.error(f"brackets nested deeper than {MAX_NESTING} levels")
+
+    def uint(self) -> int:
+        """A non-negative integer literal."""
+        s = self.kind("num")
+        if not s.isdigit():
+            self.error(f"expected a non-negative integer, found {s!r}")
+        return int(s)
 
     def error(self, msg: str) -> None:
         raise ParseError(f"line {self.lineno}: {msg}")
@@ -100,6 +128,9 @@ class _Parser:
     # ---------------------------------------------------------------- dims and types
     def dim_atom(self, t: _Tokens) -> DimLike:
         kind, s = t.next()
+        t.atoms += 1
+        if t.atoms > MAX_DIM_TERMS:
+            t.error(f"dim expression longer than {MAX_DIM_TERMS} terms")
         if kind == "num" and s.isdigit():
             return int(s)
         if kind == "name":
@@ -107,8 +138,10 @@ class _Parser:
                 t.error(f"symbolic dim {s} is not declared (add 'dim {s}: MIN..MAX')")
             return Sym(s)
         if s == "(":
+            t.enter()
             d = self.dim_expr(t)
             t.expect(")")
+            t.depth -= 1
             return d
         t.error(f"bad dim {s!r}")
         raise AssertionError
@@ -119,7 +152,10 @@ class _Parser:
             if t.accept("*"):
                 d = d * self.dim_atom(t)
             elif t.accept("//"):
-                d = d // self.dim_atom(t)
+                divisor = self.dim_atom(t)
+                if isinstance(divisor, int) and divisor == 0:
+                    t.error("division by zero in a dim expression")
+                d = d // divisor
             else:
                 return d
 
@@ -139,6 +175,7 @@ class _Parser:
         shape: list[DimLike] = []
         if not t.accept("]"):
             while True:
+                t.atoms = 0
                 shape.append(self.dim_expr(t))
                 if t.accept("]"):
                     break
@@ -153,22 +190,34 @@ class _Parser:
     def attr_value(self, t: _Tokens) -> Any:
         kind, s = t.next()
         if kind == "str":
-            return json.loads(s)
+            try:
+                value = json.loads(s)
+                value.encode("utf-8")  # lone surrogates ("\\ud800") could not be saved
+            except (ValueError, UnicodeError) as e:  # JSONDecodeError is a ValueError
+                t.error(f"bad string literal {s[:40]!r}: {e}")
+            return value
         if kind == "num":
             return int(s) if re.fullmatch(r"[-+]?\d+", s) else float(s)
         if kind == "name":
             return {"true": True, "false": False, "none": None}.get(s, s)
         if s == "-":  # '-inf'
-            return -self.attr_value(t)
+            t.enter()  # '- - - 1' recurses too
+            v = self.attr_value(t)
+            t.depth -= 1
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                t.error(f"'-' must precede a number, not {v!r}")
+            return -v
         if s == "[":
+            t.enter()
             out = []
-            if t.accept("]"):
-                return out
-            while True:
-                out.append(self.attr_value(t))
-                if t.accept("]"):
-                    return out
-                t.expect(",")
+            if not t.accept("]"):
+                while True:
+                    out.append(self.attr_value(t))
+                    if t.accept("]"):
+                        break
+                    t.expect(",")
+            t.depth -= 1
+            return out
         t.error(f"bad attribute value {s!r}")
 
     def attrs(self, t: _Tokens) -> dict[str, Any]:
@@ -204,9 +253,9 @@ class _Parser:
             t.next()
             name = t.kind("name")
             t.expect(":")
-            lo = int(t.kind("num"))
+            lo = t.uint()
             t.expect("..")
-            hi = int(t.kind("num"))
+            hi = t.uint()
             t.done()
             self.g.add_dim(name, lo, hi)
         elif head == ("name", "input") or head == ("name", "param"):
@@ -254,6 +303,10 @@ class _Parser:
         except IRError as e:
             t.error(str(e))
             raise
+        except _INFER_ERRORS as e:
+            t.error(f"{op}: its operands or attributes {attrs} are invalid "
+                    f"({type(e).__name__}: {e})")
+            raise
         if len(types) != len(results):
             t.error(f"{op} has {len(types)} results, the line names {len(results)}")
         for (ref, declared), inferred in zip(results, types, strict=True):
@@ -270,7 +323,12 @@ class _Parser:
 
     def parse(self) -> Graph:
         for i, raw in enumerate(self.text.split("\n"), 1):  # not splitlines: \x1e is no break here
-            self.line(raw, i)
+            try:
+                self.line(raw, i)
+            except ParseError:
+                raise
+            except IRError as e:  # from the graph: bad dim bounds, a name defined twice
+                raise ParseError(f"line {i}: {e}") from None
         return self.g
 
 

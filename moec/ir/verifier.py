@@ -32,6 +32,11 @@ def verify(graph: Graph) -> None:
             full, types = infer_types(node.op, [v.type for v in node.operands], node.attrs)
         except IRError as e:
             raise VerificationError(f"{where}: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+            # An attribute of the wrong type ({k="x"}) makes an op's type inference fail with a
+            # plain Python error; it is still a malformed graph.
+            raise VerificationError(f"{where}: its operands or attributes are invalid "
+                                    f"({type(e).__name__}: {e})") from None
         if dict(full) != dict(node.attrs):
             raise VerificationError(f"{where}: attributes {dict(node.attrs)} lack defaults "
                                     f"{dict(full)} (build nodes through the rewriter/builder)")

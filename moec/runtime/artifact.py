@@ -44,6 +44,7 @@ import os
 import secrets
 import shutil
 import sys
+import tarfile
 import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from moec.errors import ArtifactError
-from moec.runtime import _tvm
+from moec.runtime import _tvm, archive
 from moec.runtime.manifest import (
     FORMAT_VERSION,
     FileEntry,
@@ -64,7 +65,7 @@ from moec.runtime.manifest import (
     signature_from,
 )
 from moec.runtime.model import CompiledModel, load
-from moec.runtime.verify import IR, KERNELS, MANIFEST, WEIGHTS, sha256_file
+from moec.runtime.verify import IR, KERNELS, MANIFEST, WEIGHTS, as_path, sha256_file
 
 
 def _moec_version() -> str:
@@ -195,8 +196,13 @@ class Artifact:
 
         An existing artifact at `path` is replaced only once the new one is complete; a path
         that exists and is not a moec artifact (nor an empty folder) is never touched. Returns
-        the absolute path written."""
-        dest = Path(path).absolute()
+        the absolute path written.
+
+        A path ending in `.tar` (`NAME.moec.tar`) writes a single-file archive instead
+        (`moec.runtime.archive`), which `load`, `verify` and the CLI accept like a folder."""
+        dest = as_path(path).absolute()
+        if dest.suffix == ".tar":
+            return self._save_archive(dest)
         _check_replaceable(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Next to the destination, so the final rename stays within one filesystem. mkdir (not
@@ -210,6 +216,16 @@ class Artifact:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+    def _save_archive(self, dest: Path) -> Path:
+        check_destination(dest)
+        tmp = tempfile.mkdtemp(prefix="moec-pack-")
+        try:
+            folder = self.save(Path(tmp) / (dest.stem if dest.stem.endswith(".moec") else
+                                            dest.stem + ".moec"))
+            return archive.pack(folder, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_into(self, folder: Path) -> None:
         import safetensors.numpy  # noqa: PLC0415
@@ -243,6 +259,18 @@ class Artifact:
             raise
         weakref.finalize(model, shutil.rmtree, tmp, ignore_errors=True)
         return model
+
+
+def check_destination(path: str | os.PathLike[str]) -> None:
+    """Raise ArtifactError if `Artifact.save(path)` would refuse to write there (so that a
+    long compile can fail before it starts)."""
+    dest = as_path(path).absolute()
+    if dest.suffix == ".tar":
+        if dest.is_symlink() or (dest.exists() and not (dest.is_file()
+                                                        and tarfile.is_tarfile(dest))):
+            raise ArtifactError(f"refusing to replace {dest}: it exists and is not a tar archive")
+    else:
+        _check_replaceable(dest)
 
 
 def _check_replaceable(dest: Path) -> None:

@@ -104,8 +104,11 @@ def check_host_cpu(target: Mapping[str, Any]) -> None:
 
 def check_elf_machine(path: Path) -> None:
     """Raise ArtifactError when `path` is an ELF library for another CPU architecture."""
-    with open(path, "rb") as f:
-        head = f.read(20)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError as e:
+        raise ArtifactError(f"{path.name} cannot be read ({e})") from None
     if len(head) < 20 or head[:4] != b"\x7fELF":
         return  # not ELF (e.g. a Mach-O dylib): dlopen will judge it
     byteorder = "little" if head[5] == 1 else "big"

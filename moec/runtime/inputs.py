@@ -72,6 +72,8 @@ def _has_dtype(x: Any, name: str) -> bool:
 
 def describe(x: Any) -> str:
     """`a torch float64 tensor of shape (5, 64) on cpu`: how error messages show what was passed."""
+    if is_torch_tensor(x) and x.is_nested:
+        return f"a nested torch {_dtype_name(x)} tensor on {x.device}"
     if is_torch_tensor(x):
         return f"a torch {_dtype_name(x)} tensor of shape {tuple(x.shape)} on {x.device}"
     if isinstance(x, np.ndarray):
@@ -104,6 +106,12 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
             raise InputError(
                 f"input {spec.name!r} is {describe(x)}; pass a numpy array or a torch tensor "
                 f"({spec.type_str()})"
+            )
+        if is_torch_tensor(x) and (x.is_nested or str(x.layout) != "torch.strided"):
+            layout = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
+            raise InputError(
+                f"input {spec.name!r} is a {layout} torch tensor; pass a dense one "
+                f"(.to_dense()) ({spec.type_str()})"
             )
         shape = tuple(int(d) for d in x.shape)
         if len(shape) != len(spec.shape):
@@ -210,7 +218,10 @@ def torch_to_tvm(spec: TensorSpec, x: Any, tvm: ModuleType, device: Any) -> Any:
     want = getattr(torch, spec.dtype)
     if _category(spec.dtype) == "int" and t.dtype != want and t.numel():
         _check_int_range(spec, int(t.min()), int(t.max()), numpy_dtype(spec.dtype))
-    if t.dtype != want or not t.is_contiguous() or not _is_aligned(t.data_ptr()):
+    # A negative view (`_neg_view()`, what conj-like ops produce lazily) stores -x and only
+    # flags the negation; DLPack exports the raw data, so it must be resolved by copying.
+    if (t.dtype != want or not t.is_contiguous() or not _is_aligned(t.data_ptr())
+            or t.is_neg()):
         # torch's allocator returns 64-byte-aligned memory, so a fresh tensor is aligned.
         fresh = torch.empty(tuple(t.shape), dtype=want, device=t.device)
         fresh.copy_(t)

@@ -29,6 +29,11 @@ def _fail(what: str) -> ArtifactError:
     return ArtifactError(f"manifest.json: {what}")
 
 
+def _no_constant(name: str) -> Any:
+    # json.loads accepts NaN and Infinity, which are not JSON and which to_json cannot write.
+    raise _fail(f"not valid JSON ({name} is not a JSON value)")
+
+
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     # bool is an int in Python; a manifest saying `"size": true` is still malformed.
     if isinstance(value, bool) and kind is int:
@@ -219,9 +224,11 @@ class Manifest(Mapping[str, Any]):
     def from_json(cls, text: str) -> Manifest:
         """Parse and validate; raises ArtifactError saying which field is wrong."""
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise _fail(f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise _fail("not a manifest: JSON nested too deeply") from None
         return cls.from_dict(data)
 
     @classmethod

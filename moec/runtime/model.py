@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moec.errors import ArtifactError, InputError
-from moec.runtime import _tvm
+from moec.errors import ArtifactError, ExecutionError, InputError
+from moec.runtime import _tvm, archive
 from moec.runtime.cpu import check_elf_machine
-from moec.runtime.inputs import check_inputs, is_torch_tensor, on_cpu, to_tvm, torch_module
+from moec.runtime.inputs import (
+    check_inputs,
+    is_torch_tensor,
+    numpy_dtype,
+    on_cpu,
+    to_tvm,
+    torch_module,
+)
 from moec.runtime.manifest import Manifest, Signature
-from moec.runtime.verify import KERNELS, WEIGHTS, check_target, verify
+from moec.runtime.verify import KERNELS, WEIGHTS, as_path, check_target, verify
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 # Output dtypes np.from_dlpack understands; others (bfloat16, float8) go through .numpy().
@@ -44,9 +54,14 @@ class CompiledModel:
     alignment), non-contiguous, or of another float (or int) dtype are copied once into a
     buffer the kernels accept; the others are passed zero-copy through DLPack.
 
-    Thread safety: calls are serialised by a per-model lock, because TVM's Relax VM is not
-    documented as safe to call from several threads at once. Input conversion and output
-    wrapping happen outside the lock. For parallel inference load one model per thread.
+    Thread safety: any number of threads may call one model at once and each gets the
+    results a serial call would give (tests/reliability/test_concurrency.py), but the kernel
+    runs themselves are serialised by a per-model lock: a Relax VM keeps per-call state (its
+    register file) and is not safe to enter from two threads. Input conversion and output
+    wrapping happen outside the lock. The kernels are multi-threaded already (TVM's thread
+    pool, MOEC_NUM_THREADS), so once a model is large enough to keep those threads busy,
+    serialising costs little; to run calls truly in parallel, load the artifact once per
+    thread (each load has its own VM and weights). Measurements: docs/security.md.
 
     Construct it with `moec.runtime.load` (or `Artifact.load_model`), not directly."""
 
@@ -95,7 +110,10 @@ class CompiledModel:
             for spec, x in zip(sig.inputs, inputs, strict=True)
         ]
         with self._lock:
-            result = self._main(*args, *self._weights)
+            try:
+                result = self._main(*args, *self._weights)
+            except Exception as e:  # TVM raises ValueError, RuntimeError, tvm.error.*
+                raise _call_error(self._path, e) from None
         outs = [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
         # A graph may return an input or a weight unchanged; handing out a view of it would let
         # the caller's writes reach the weights, so such outputs are copied.
@@ -119,8 +137,28 @@ class CompiledModel:
         return t.numpy()  # copies (to the host, or through ml_dtypes for bfloat16)
 
 
+def _call_error(path: Path, e: Exception) -> Exception:
+    """The moec error for an exception the VM raised on inputs that `check_inputs` accepted."""
+    text = str(e)
+    lines = text.strip().splitlines()
+    first = next((line for line in lines if "Check failed" in line), lines[0] if lines else "")
+    if "ErrorContext(fn=main" in text or "Invoking function main expects" in text:
+        # The VM's own argument checks: the manifest's signature and the kernels disagree,
+        # which only an edited or damaged artifact can cause (the inputs match the manifest).
+        return ArtifactError(
+            f"{KERNELS} in {path} rejected inputs that match the manifest's signature "
+            f"({type(e).__name__}: {first[:300]}); the manifest and the kernels disagree: the "
+            f"artifact was edited or damaged, recompile the model"
+        )
+    return ExecutionError(f"running {path} failed: {type(e).__name__}: {first[:500]}")
+
+
 def load(
-    path: str | os.PathLike[str], device: Any = "cpu", *, check_hashes: bool = True
+    path: str | os.PathLike[str],
+    device: Any = "cpu",
+    *,
+    check_hashes: bool = True,
+    ep_group: Any = None,
 ) -> CompiledModel:
     """Load an artifact folder (`NAME.moec/`) and return a callable `CompiledModel`.
 
@@ -130,10 +168,30 @@ def load(
     need present on this host (refusing rather than crashing on an illegal instruction).
     `check_hashes=False` skips hashing, for large artifacts from a trusted source.
 
+    Loading an artifact loads its native code (kernels.so) into this process: trust artifacts
+    as you would trust a shared library (docs/security.md). `path` may also be a single-file
+    archive `NAME.moec.tar` (`moec.runtime.archive`), extracted safely into a private temporary
+    folder that is deleted when the model is garbage collected.
+
+    `ep_group` (a torch.distributed process group): load expert-parallel instead, this rank's
+    shard only; collective over the group (moec.distributed.load_ep, an `EPModel`).
+
     Raises ArtifactError for a damaged or foreign artifact, InputError for a bad `device`."""
-    root = Path(path)
+    if ep_group is not None:
+        from moec.distributed import load_ep  # noqa: PLC0415  (imports torch)
+
+        return load_ep(path, ep_group, device, check_hashes=check_hashes)
+    root = as_path(path)
     kind, index = _parse_device(device)
+    if archive.is_archive(root):
+        return _load_archive(root, device, check_hashes)
     manifest = verify(root, check_host=False, check_hashes=check_hashes)
+    for spec in (*manifest.signature.inputs, *manifest.signature.outputs):
+        if not _known_dtype(spec.dtype):
+            raise ArtifactError(
+                f"{root}: manifest.json: signature dtype {spec.dtype!r} of {spec.name!r} is not "
+                f"a tensor dtype this runtime knows"
+            )
     check_target(manifest, kind)
     check_elf_machine(root / KERNELS)
 
@@ -152,9 +210,44 @@ def load(
         lib = tvm.runtime.load_module(str(root / KERNELS))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
         vm["main"]  # fail here, not at the first call, if there is no `main`
+        arity = vm._get_function_arity("main")
     except Exception as e:  # TVM raises several error types for a library it cannot load
         raise ArtifactError(f"{KERNELS} in {root} could not be loaded: {e}") from None
-    return CompiledModel(root, manifest, vm, _load_weights(root / WEIGHTS, manifest, dev), dev)
+    expected = len(manifest.signature.inputs) + len(manifest.params)
+    if arity != expected:
+        raise ArtifactError(
+            f"{KERNELS} in {root}: main takes {arity} arguments but the manifest lists "
+            f"{len(manifest.signature.inputs)} input(s) and {len(manifest.params)} weight(s); "
+            f"the manifest and the kernels disagree: the artifact was edited or damaged"
+        )
+    try:
+        weights = _load_weights(root / WEIGHTS, manifest, dev)
+    except Exception as e:  # safetensors' SafetensorError, OSError, TVM allocation errors
+        raise ArtifactError(f"{WEIGHTS} in {root} could not be loaded: {e}") from None
+    return CompiledModel(root, manifest, vm, weights, dev)
+
+
+def _known_dtype(name: str) -> bool:
+    # Canonical names only ("float32", "bfloat16"): numpy also parses "f4", "O" or "i4,f4".
+    try:
+        dt = numpy_dtype(name)
+    except (InputError, TypeError, ValueError):
+        return False
+    # bool, ints, floats; or one of ml_dtypes' floats (bfloat16, float8_*: numpy kind "V").
+    plain = dt.kind in "biuf" or (dt.kind == "V" and dt.type.__module__.startswith("ml_dtypes"))
+    return plain and dt.name == name
+
+
+def _load_archive(path: Path, device: Any, check_hashes: bool) -> CompiledModel:
+    tmp = tempfile.mkdtemp(prefix="moec-")
+    try:
+        model = load(archive.unpack(path, tmp), device, check_hashes=check_hashes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # The kernels stay mapped after their file is deleted; the folder goes with the model.
+    weakref.finalize(model, shutil.rmtree, tmp, ignore_errors=True)
+    return model
 
 
 def _load_weights(path: Path, manifest: Manifest, dev: Any) -> list[Any]:

@@ -10,7 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from moec.errors import ArtifactError
+from moec.errors import ArtifactError, InputError
+from moec.runtime import archive
 from moec.runtime.cpu import check_elf_machine, check_host_cpu
 from moec.runtime.manifest import FileEntry, Manifest
 
@@ -24,6 +25,8 @@ SUPPORTED_TARGET_KINDS = {"llvm": "cpu", "cuda": "cuda"}
 """Target kind in the manifest -> the device kind its kernels run on."""
 
 _CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 16 << 20
+"""A manifest is a few kB; a bigger file is damaged or hostile, and is not read whole."""
 
 
 def sha256_file(path: Path) -> str:
@@ -35,9 +38,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def as_path(path: object) -> Path:
+    """`path` as a Path; InputError (not a TypeError from deep inside) for other types."""
+    if isinstance(path, Path):
+        return path
+    if isinstance(path, (str, os.PathLike)):
+        return Path(path)
+    raise InputError(f"an artifact path must be a str or os.PathLike, not {type(path).__name__}")
+
+
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Parse `PATH/manifest.json`; ArtifactError if the folder or the manifest is missing."""
-    root = Path(path)
+    root = as_path(path)
     if not root.exists():
         raise ArtifactError(f"no artifact at {root}: the path does not exist")
     if not root.is_dir():
@@ -46,7 +58,11 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     if not mpath.is_file():
         raise ArtifactError(f"{root} is not a moec artifact: {MANIFEST} is missing")
     try:
-        text = mpath.read_text(encoding="utf-8")
+        with open(mpath, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: cannot be read ({e})") from None
     try:
@@ -60,6 +76,13 @@ def check_file(root: Path, name: str, entry: FileEntry, check_hash: bool = True)
     path = root / name
     if not path.is_file():
         raise ArtifactError(f"{name} is missing from {root} (the manifest lists it)")
+    try:
+        _check_file(path, root, name, entry, check_hash)
+    except OSError as e:  # unreadable (permissions), or removed meanwhile
+        raise ArtifactError(f"{name} in {root} cannot be read ({e})") from None
+
+
+def _check_file(path: Path, root: Path, name: str, entry: FileEntry, check_hash: bool) -> None:
     size = path.stat().st_size
     if size < entry.size:
         raise ArtifactError(
@@ -108,9 +131,15 @@ def verify(
     `check_host` (the default) also that this host can run it: known target kind, CPU
     features present in /proc/cpuinfo, kernels.so built for this CPU architecture.
 
+    `path` is an artifact folder or a single-file `NAME.moec.tar` archive (`moec.runtime.archive`:
+    extracted safely into a temporary folder, checked there, and deleted).
+
     Raises ArtifactError naming the file and the problem ("missing", "truncated",
     "hash mismatch", ...)."""
-    root = Path(path)
+    root = as_path(path)
+    if archive.is_archive(root):
+        with archive.opened(root) as folder:
+            return verify(folder, check_host=check_host, check_hashes=check_hashes)
     manifest = read_manifest(root)
     for name in REQUIRED_FILES:
         if name not in manifest.files:
