@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -22,13 +23,16 @@ from moec.passes.manager import DumpIR, Instrument, PassManager, PassTiming, par
 
 
 def parse_target(target: str) -> dict[str, Any]:
-    """"cpu" (LLVM for this host's CPU). GPU targets are not built by this version."""
+    """"cpu" (LLVM for this host's CPU), "cuda" (= "cuda:sm_90"), "cuda:sm_80", "cuda:sm_90"."""
     if target in ("cpu", "llvm"):
         return {"kind": "llvm"}
-    if target.startswith("cuda"):
-        raise CodegenError(f"target {target!r}: the CUDA backend is not available in this version "
-                           f"of moec; compile with target='cpu'")
-    raise CodegenError(f"unknown target {target!r}; use 'cpu'")
+    if target == "cuda":
+        return {"kind": "cuda", "arch": "sm_90"}
+    m = re.fullmatch(r"cuda:(sm_\d+a?)", target)
+    if m:
+        return {"kind": "cuda", "arch": m.group(1)}
+    raise CodegenError(f"unknown target {target!r}; use 'cpu', 'cuda', 'cuda:sm_80' or "
+                       f"'cuda:sm_90'")
 
 
 def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Graph:

@@ -38,6 +38,8 @@ def signature(graph: Graph) -> dict[str, Any]:
 
 
 def build(graph: Graph, target: dict[str, Any]) -> Built:
+    if target.get("kind") == "cuda":
+        return _build_cuda(graph, target["arch"])
     if target.get("kind") != "llvm":
         raise CodegenError(f"cannot build for target {target}")
     lowered = lower(graph)
@@ -53,3 +55,21 @@ def build(graph: Graph, target: dict[str, Any]) -> Built:
     info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic"))}
     return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
                  info, lowered.kernels)
+
+
+def _build_cuda(graph: Graph, arch: str) -> Built:
+    """CUDA kernels from moec.codegen.cuda, compiled by the local nvcc into a fatbin embedded in
+    the library (no GPU and no compiler needed at load)."""
+    from moec.codegen import cuda
+    from moec.codegen.cuda.build import build_cuda
+
+    lowered = lower(graph, library=cuda)
+    try:
+        ex = build_cuda(lowered.mod, arch)
+    except CodegenError:
+        raise
+    except Exception as e:
+        raise CodegenError(f"TVM/nvcc failed to build the CUDA kernels for {arch}: "
+                           f"{str(e).splitlines()[0]}") from e
+    return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
+                 {"kind": "cuda", "arch": arch}, lowered.kernels)

@@ -59,7 +59,10 @@ def _shape_key(shape: tuple[DimLike, ...]) -> tuple[int | str, ...]:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, library: Any = None) -> None:
+        # the kernel library: moec.codegen.kernels (CPU) or moec.codegen.cuda (same builders)
+        self.K = library if library is not None else K
+        self.cuda = self.K is not K
         self.g = graph
         self.bb = relax.BlockBuilder()
         self.syms = {name: tirx.Var(name, "int64") for name in graph.dims}
@@ -147,34 +150,40 @@ class _Lowerer:
             if op == "core.cast":
                 extra = {"to": tvm_dtype(a["dtype"])}
             self.call(n, (op, s0, dt, tuple(sorted(extra.items()))),
-                      lambda: K.elementwise_unary(name, s0, dt, **extra))
+                      lambda: self.K.elementwise_unary(name, s0, dt, **extra))
         elif op in _BINARY:
             s1 = _shape_key(ins[1].shape)
             self.call(n, (op, s0, s1, dt),
-                      lambda: K.elementwise_binary(op.split(".")[1], s0, s1, dt))
+                      lambda: self.K.elementwise_binary(op.split(".")[1], s0, s1, dt))
         elif op == "core.softmax":
-            self.call(n, (op, s0, dt, a["axis"]), lambda: K.softmax(s0, a["axis"], dt))
+            self.call(n, (op, s0, dt, a["axis"]), lambda: self.K.softmax(s0, a["axis"], dt))
         elif op in ("core.sum", "core.mean"):
             self.call(n, (op, s0, dt, a["axis"], a["keepdim"]),
-                      lambda: K.reduce(op.split(".")[1], s0, a["axis"], a["keepdim"], dt))
+                      lambda: self.K.reduce(op.split(".")[1], s0, a["axis"], a["keepdim"], dt))
         elif op == "core.rmsnorm":
-            self.call(n, (op, s0, dt, a["eps"]), lambda: K.rmsnorm(s0, a["eps"], dt))
+            self.call(n, (op, s0, dt, a["eps"]), lambda: self.K.rmsnorm(s0, a["eps"], dt))
         elif op == "core.layernorm":
-            self.call(n, (op, s0, dt, a["eps"]), lambda: K.layernorm(s0, a["eps"], dt))
+            self.call(n, (op, s0, dt, a["eps"]), lambda: self.K.layernorm(s0, a["eps"], dt))
         elif op == "core.topk":
-            self.call(n, (op, s0, dt, a["k"]), lambda: K.topk(s0, a["k"], dt))
+            self.call(n, (op, s0, dt, a["k"]), lambda: self.K.topk(s0, a["k"], dt))
         elif op == "core.linear":
             self.lower_linear(n, dt)
-        elif op in _NN_OPS:
+        elif op in _NN_OPS or op == "moe.grouped_matmul_q":
+            if self.cuda:  # these have CPU kernels only so far
+                raise CodegenError(f"{n!r}: {op} has no CUDA kernel yet; compile with "
+                                   f"target='cpu'")
+            if op == "moe.grouped_matmul_q":
+                self.lower_quant(n, a, ins, dt)
+                return
             from moec.codegen.lower_nn import lower_nn
 
             lower_nn(self, n, dt)
         elif op == "moe.router":
             if a["order"] == "sparsemixer" or a["capacity"] > 0:
                 what = "order=sparsemixer" if a["order"] == "sparsemixer" else "capacity"
-                raise CodegenError(f"{n!r}: moe.router with {what} has no CPU kernel yet")
+                raise CodegenError(f"{n!r}: moe.router with {what} has no kernel yet")
             kk = dict(a)
-            self.call(n, (op, s0, dt, len(ins), tuple(sorted(kk.items()))), lambda: K.router(
+            self.call(n, (op, s0, dt, len(ins), tuple(sorted(kk.items()))), lambda: self.K.router(
                 H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
                 order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
                 has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"],
@@ -182,30 +191,31 @@ class _Lowerer:
         elif op == "moe.align":
             k = ins[0].shape[1]
             self.call(n, (op, k, a["num_experts"], a["block_m"]),
-                      lambda: K.align(a["num_experts"], k, a["block_m"]))
+                      lambda: self.K.align(a["num_experts"], k, a["block_m"]))
         elif op == "moe.grouped_matmul":
             w = ins[1]
             e, nn, kk2 = w.shape
             self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
                           a["activation"], a["bias"], a["alpha"], a["limit"]),
-                      lambda: K.grouped_matmul(e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                                               a["activation"], dt, bias=a["bias"],
-                                               alpha=a["alpha"], limit=a["limit"]))
-        elif op == "moe.grouped_matmul_q":
-            from moec.codegen.kernels.grouped_matmul_quant import grouped_matmul_quant
-
-            e, nn = ins[1].shape[0], ins[1].shape[1]
-            kk2 = ins[0].shape[1]
-            key = tuple(sorted(a.items()))
-            self.call(n, (op, dt, e, nn, kk2, key), lambda: grouped_matmul_quant(
-                e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
-                bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
-                alpha=a["alpha"], limit=a["limit"]))
+                      lambda: self.K.grouped_matmul(
+                          e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
+                          dt, bias=a["bias"], alpha=a["alpha"], limit=a["limit"]))
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
-            self.call(n, (op, dt, h, k), lambda: K.combine(h, k, dt))
+            self.call(n, (op, dt, h, k), lambda: self.K.combine(h, k, dt))
         else:
-            raise CodegenError(f"{n!r}: no CPU kernel for {op}")
+            raise CodegenError(f"{n!r}: no {'CUDA' if self.cuda else 'CPU'} kernel for {op}")
+
+    def lower_quant(self, n: Node, a: Any, ins: list, dt: str) -> None:
+        from moec.codegen.kernels.grouped_matmul_quant import grouped_matmul_quant
+
+        e, nn = ins[1].shape[0], ins[1].shape[1]
+        kk2 = ins[0].shape[1]
+        key = tuple(sorted(a.items()))
+        self.call(n, (n.op, dt, e, nn, kk2, key), lambda: grouped_matmul_quant(
+            e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
+            bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
+            alpha=a["alpha"], limit=a["limit"]))
 
     def lower_linear(self, n: Node, dt: str) -> None:
         x, w = n.operands[0].type, n.operands[1].type
@@ -217,7 +227,8 @@ class _Lowerer:
         m, kk = _shape_key(x.shape)
         nn = w.shape[0]
         bias = len(n.operands) == 3
-        self.call(n, ("core.linear", m, kk, nn, dt, bias), lambda: K.linear(m, kk, nn, dt, bias))
+        self.call(n, ("core.linear", m, kk, nn, dt, bias),
+                  lambda: self.K.linear(m, kk, nn, dt, bias))
 
     # ---------------------------------------------------------------- whole graph
     def run(self) -> Lowered:
@@ -240,6 +251,6 @@ class _Lowerer:
                        [gv.name_hint for _, gv in self.kernel_cache.values()])
 
 
-def lower(graph: Graph) -> Lowered:
+def lower(graph: Graph, library: Any = None) -> Lowered:
     """Lower a graph whose ops all have kernels (run the pipeline first) to a Relax module."""
-    return _Lowerer(graph).run()
+    return _Lowerer(graph, library).run()

@@ -4,7 +4,8 @@
 `moe.combine(y, w, slot_row)`: routed weight and scatter-add in one kernel, with no [T, k, H]
 temporary.
 
-Run after reorder-dispatch. Requires: that chain with f32 routing weights of shape [T, k].
+Run after reorder-dispatch. Requires: that chain with routing weights of shape [T, k] (cast to
+the activation dtype or not; moe.combine weighs in f32 either way).
 Ensures: no moe.unpermute feeding a weighted sum."""
 
 from __future__ import annotations
@@ -17,19 +18,23 @@ from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
 _WEIGHTS = P.op("core.reshape", P.any("w"), name="w3")
+# with f16/bf16 activations reorder-dispatch casts the f32 routing weights to the activation dtype
+_CAST_WEIGHTS = P.op("core.cast", _WEIGHTS)
 
 
 class CombineFromWeightedSum(RewritePattern):
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
-        m = match(P.op("core.sum", P.op("core.mul",
-                                        P.op("moe.unpermute", P.any("y"), P.any("slot_row")),
-                                        _WEIGHTS)), node)
+        m = None
+        for weights in (_WEIGHTS, _CAST_WEIGHTS):
+            m = match(P.op("core.sum", P.op("core.mul",
+                                            P.op("moe.unpermute", P.any("y"), P.any("slot_row")),
+                                            weights)), node)
+            if m is not None:
+                break
         if m is None or node.attrs["axis"] != 1 or node.attrs["keepdim"]:
             return False
         w = m["w"]
         if w.type.rank != 2 or str(w.type.shape) != str(m["slot_row"].type.shape):
-            return False
-        if w.dtype != m["y"].dtype:
             return False
         out = rw.create("moe.combine", [m["y"], w, m["slot_row"]], loc=node.loc).result
         rw.replace_op(node, [out])
