@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from moec.errors import (
     ArtifactError,
     CodegenError,
+    ExecutionError,
     InputError,
     IRError,
     MoecError,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["compile", "load", "Artifact", "CompiledModel", "Pass", "PassContext", "PassManager",
            "RewritePattern", "Rewriter", "P", "register_pass", "MoecError", "InputError",
-           "UnsupportedError", "ArtifactError", "IRError", "PassError", "CodegenError"]
+           "UnsupportedError", "ArtifactError", "IRError", "PassError", "CodegenError", "ExecutionError"]
 
 
 def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moec import env
-from moec.errors import CodegenError, MoecError
+from moec.errors import CodegenError, InputError, MoecError
 from moec.ir.graph import Graph
 from moec.ir.printer import print_graph
 from moec.passes.base import Pass
@@ -46,9 +46,19 @@ def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Grap
         from moec.frontend.hf_model import from_checkpoint
 
         return from_checkpoint(model, max_tokens=max_tokens)
+    if model is None or not callable(model):
+        raise InputError(f"model must be a torch.nn.Module, a moec IR Graph, an .onnx file or a "
+                         f"checkpoint folder, got {type(model).__name__}")
+    if example_inputs is None or isinstance(example_inputs, (str, bytes)):
+        raise InputError("example_inputs must be a sequence with one example tensor per model "
+                         "input, e.g. (x,)")
+    try:
+        examples = tuple(example_inputs)
+    except TypeError:
+        examples = (example_inputs,)  # a single tensor
     from moec.frontend import from_torch
 
-    return from_torch(model, tuple(example_inputs), max_tokens=max_tokens)
+    return from_torch(model, examples, max_tokens=max_tokens)
 
 
 def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cpu",
@@ -76,8 +86,11 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     from moec.codegen.build import build
     from moec.runtime.artifact import Artifact
 
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise InputError(f"max_tokens must be an int, got {max_tokens!r} "
+                         f"({type(max_tokens).__name__})")
     if max_tokens < 1:
-        raise MoecError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
     tgt = parse_target(target)
     t0 = time.perf_counter()
     step = _progress(progress)

@@ -229,11 +229,6 @@ def test_load_accepts_torch_devices(demo: Demo) -> None:
     assert moec.load(demo.path, device=torch.device("cpu")).device == "cpu"
 
 
-# moec.compile's own argument checks live in moec/compiler.py and the frontend (owned by other
-# engineers): the cases marked xfail escape as plain Python errors today (see the issue 7 report).
-_XFAIL = pytest.mark.xfail(strict=True, reason="compiler.py does not validate this argument yet")
-
-
 @pytest.mark.parametrize(("kwargs", "pattern"), [
     ({"max_tokens": 0}, "max_tokens must be >= 1"),
     ({"max_tokens": -5}, "max_tokens must be >= 1"),
@@ -241,10 +236,10 @@ _XFAIL = pytest.mark.xfail(strict=True, reason="compiler.py does not validate th
     ({"pipeline": "no-such-pipeline"}, "unknown pass"),
     ({"example": (torch.zeros(4, 32),)}, "could not trace"),
     ({"example": ()}, "could not trace"),
-    pytest.param({"max_tokens": "64"}, "max_tokens", marks=_XFAIL),
-    pytest.param({"max_tokens": 1.5}, "max_tokens must be an int", marks=_XFAIL),
-    pytest.param({"model": None}, "model", marks=_XFAIL),
-    pytest.param({"example": None}, "example", marks=_XFAIL),
+    ({"max_tokens": "64"}, "max_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens must be an int"),
+    ({"model": None}, "model"),
+    ({"example": None}, "example"),
 ])
 def test_compile_rejects_bad_arguments(kwargs: dict[str, Any], pattern: str) -> None:
     from moec.models.reference import demo_model
