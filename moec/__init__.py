@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["compile", "load", "Artifact", "CompiledModel", "Pass", "PassContext", "PassManager",
            "RewritePattern", "Rewriter", "P", "register_pass", "MoecError", "InputError",
-           "UnsupportedError", "ArtifactError", "IRError", "PassError", "CodegenError", "ExecutionError"]
+           "UnsupportedError", "ArtifactError", "IRError", "PassError", "CodegenError",
+           "ExecutionError"]
 
 
 def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
