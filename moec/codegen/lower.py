@@ -181,7 +181,8 @@ class _Lowerer:
         elif op == "moe.router":
             if a["order"] == "sparsemixer" or a["capacity"] > 0:
                 what = "order=sparsemixer" if a["order"] == "sparsemixer" else "capacity"
-                raise CodegenError(f"{n!r}: moe.router with {what} has no kernel yet")
+                raise CodegenError(f"{n!r}: moe.router with {what} has no "
+                                   f"{'CUDA' if self.cuda else 'CPU'} kernel yet")
             kk = dict(a)
             self.call(n, (op, s0, dt, len(ins), tuple(sorted(kk.items()))), lambda: self.K.router(
                 H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
