@@ -1,0 +1,293 @@
+"""The layer benchmark's driver: limits, then per shape the block and its systems, then per
+(token count, routing) a fresh input pool timed round-robin over the systems.
+
+Protocol of one case. The pool holds `warmup + repeat` inputs; round i feeds `pool[i]` to every
+system, `hf-eager` first (its output is the reference), the others in an order that rotates
+each round, so that machine noise and cache state hit every system alike. Every output is
+checked against the reference outside the stopwatch: the warm-up rounds are the check before
+timing (a system that fails there is never timed), and a system that fails in a timed round
+loses its times. The check is max |y - ref| / max |ref| <= tol over the tokens not on a routing
+near-tie (layer.tie_tokens). Reported per system: median, min and max wall time of the timed
+rounds, and the median process CPU time (less disturbed by other jobs than the wall time).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moec.bench.layer import (
+    DEFAULT_SHAPES,
+    DEFAULT_TOKENS,
+    EXPERTS_IMPLEMENTATIONS,
+    ROUTINGS,
+    SHAPES,
+    Pool,
+    build_block,
+    make_pool,
+    relative_error,
+    roofline,
+    routing_stats,
+    traffic,
+)
+
+SYSTEM_KINDS = ("hf", "torch.compile", "ort", "moec")
+DEFAULT_JSON = Path("benchmarks/results/layer_bench.json")
+
+
+@dataclass
+class Options:
+    """What to run; `moec bench --help` documents each."""
+
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
+    tokens: tuple[int, ...] = DEFAULT_TOKENS
+    routings: tuple[str, ...] = ROUTINGS
+    systems: tuple[str, ...] = SYSTEM_KINDS
+    hf_impls: tuple[str, ...] = EXPERTS_IMPLEMENTATIONS
+    warmup: int = 2
+    repeat: int = 10
+    threads: int = 2
+    seed: int = 0
+    zipf_s: float = 1.0
+    tol: float = 1e-4
+    json_path: Path = DEFAULT_JSON
+    plot: bool = True
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    limits_reps: int = 10
+    tvm_gemm: bool = True
+    command: str = ""
+
+    def validate(self) -> None:
+        from moec.errors import InputError
+
+        bad = [s for s in self.shapes if s not in SHAPES]
+        if bad:
+            raise InputError(f"unknown shape(s) {bad}; choose from {sorted(SHAPES)}")
+        for name, vals, allowed in (("routing", self.routings, ROUTINGS),
+                                    ("system", self.systems, SYSTEM_KINDS),
+                                    ("hf impl", self.hf_impls, EXPERTS_IMPLEMENTATIONS)):
+            bad = [v for v in vals if v not in allowed]
+            if bad:
+                raise InputError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+        if not self.tokens or min(self.tokens) < 1:
+            raise InputError(f"token counts must be >= 1, got {list(self.tokens)}")
+        if self.warmup < 1 or self.repeat < 1:
+            raise InputError("--warmup and --repeat must be >= 1 (the warm-up rounds are the "
+                             "correctness check before timing)")
+
+
+def set_threads(n: int) -> dict[str, Any]:
+    """Pin every runtime to n threads and make idle workers sleep; returns what was set. TVM and
+    OpenMP read their variables when their thread pools start: call this before either runs."""
+    torch_loaded = "torch" in sys.modules
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    os.environ["MOEC_NUM_THREADS"] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    import torch
+
+    torch.set_num_threads(n)
+    return {"threads": n, "torch": torch.get_num_threads(), "TVM_NUM_THREADS": n,
+            "ort_intra_op_num_threads": n, "OMP_WAIT_POLICY": "PASSIVE",
+            "ort_allow_spinning": 0,
+            "omp_env_before_torch": not torch_loaded}
+
+
+def _host() -> dict[str, Any]:
+    flags: set[str] = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        from moec.codegen.target import host_target
+
+        mcpu = str(host_target().attrs.get("mcpu", ""))
+    except Exception:
+        mcpu = ""
+    return {"cpu": model, "llvm_mcpu": mcpu, "cores": os.cpu_count(), "machine":
+            platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "python": platform.python_version()}
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {}
+    for pkg in ("moec", "torch", "transformers", "onnxruntime", "onnx", "apache-tvm", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@dataclass
+class Timing:
+    """One system in one case."""
+
+    status: str = "ok"  # ok | wrong | skipped | error
+    times_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    max_rel_err: float = 0.0
+    detail: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.status == "ok" and self.times_s:
+            d.update(median_s=statistics.median(self.times_s), min_s=min(self.times_s),
+                     max_s=max(self.times_s), cpu_median_s=statistics.median(self.cpu_s))
+        else:
+            d["times_s"], d["cpu_s"] = [], []
+        return d
+
+
+def time_case(systems: list, pool: Pool, warmup: int, tol: float, tick: Any) -> dict[str, Timing]:
+    """Run the case's rounds (see the module docstring); `tick()` after each round."""
+    out = {s.name: Timing() for s in systems}
+    active = []
+    for s in systems:
+        why = s.skip_reason(pool.tokens)
+        if why:
+            out[s.name] = Timing(status="skipped", detail=why)
+            continue
+        try:
+            s.prepare(pool.xs[0])
+            active.append(s)
+        except Exception as e:
+            out[s.name] = Timing(status="error", detail=_one_line(e))
+    if not active or active[0].name != "hf-eager":
+        raise RuntimeError("hf-eager, the reference, could not run: nothing can be checked")
+    ref_sys, others = active[0], active[1:]
+    for i, x in enumerate(pool.xs):
+        shift = i % max(1, len(others))
+        order = [ref_sys, *others[shift:], *others[:shift]]
+        ref = None
+        for s in order:
+            t = out[s.name]
+            if t.status != "ok":
+                continue
+            try:
+                c0, t0 = time.process_time(), time.perf_counter()
+                y = s(x)
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            except Exception as e:
+                t.status, t.detail = "error", _one_line(e)
+                continue
+            if s is ref_sys:
+                ref = y
+            elif ref is None:
+                t.status, t.detail = "error", "no reference output (hf-eager failed)"
+                continue
+            else:
+                err = relative_error(y, ref, pool.ties[i])
+                t.max_rel_err = max(t.max_rel_err, err)
+                if not err <= tol:
+                    phase = "warm-up (before timing)" if i < warmup else f"timed round {i}"
+                    t.status = "wrong"
+                    t.detail = f"output differs from hf-eager in {phase}: max rel err {err:.2e}"
+                    continue
+            if i >= warmup:
+                t.times_s.append(dt)
+                t.cpu_s.append(dc)
+        tick()
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def run(opts: Options) -> dict[str, Any]:
+    """Run the benchmark; returns the results dict (also written as JSON, and plotted)."""
+    from tqdm import tqdm
+
+    from moec.bench import limits as L
+    from moec.bench import report
+    from moec.bench.baselines import build_systems
+
+    opts.validate()
+    try:
+        import transformers  # noqa: F401  (the blocks and the reference are transformers')
+    except ImportError:
+        from moec.errors import InputError
+
+        raise InputError("moec bench needs transformers: pip install 'moec[bench]'") from None
+    threads = set_threads(opts.threads)
+    import torch
+
+    host = _host()
+    results: dict[str, Any] = {
+        "benchmark": "moec layer bench", "format": 1, "command": opts.command,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": host, "threads": threads, "versions": _versions(),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "load_average_start": list(os.getloadavg()), "dtype": "float32",
+        "bf16": ("not run: this CPU lacks avx512_bf16" if not host["avx512_bf16"] else
+                 "not run: the bf16 variant is not implemented in this harness yet"),
+        "shapes": {}, "cases": [],
+    }
+    report.preamble(results)
+    lim = {"start": L.measure(opts.limits_reps, opts.tvm_gemm)}
+    report.limits_line(lim["start"])
+    rounds = opts.warmup + opts.repeat
+    total = len(opts.shapes) * len(opts.tokens) * len(opts.routings) * rounds
+    bar = tqdm(total=total, unit="round", disable=(None if opts.progress is None
+                                                   else not opts.progress), file=sys.stderr)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:  # no bar (not a terminal): a line per step, for log files
+        if bar.disable and opts.progress is None:
+            el = int(time.perf_counter() - t_start)
+            print(f"[{el // 60:3d}:{el % 60:02d}] {msg}", file=sys.stderr, flush=True)
+        bar.set_description(msg)
+    for shape_name in opts.shapes:
+        shape = SHAPES[shape_name]
+        log(f"{shape_name}: building")
+        block = build_block(shape, opts.seed)
+        log(f"{shape_name}: compiling")
+        systems, missing = build_systems(block, shape, opts.systems, max(opts.tokens),
+                                         opts.threads, opts.hf_impls)
+        entry = {**shape.summary(), "missing": missing,
+                 "notes": {s.name: s.note for s in systems}, "compile_s": {}}
+        results["shapes"][shape_name] = entry
+        for tokens in sorted(opts.tokens):
+            for routing in opts.routings:
+                log(f"{shape_name} T={tokens} {routing}")
+                pool = make_pool(block, shape, tokens, routing, rounds, opts.seed, opts.zipf_s)
+                load0 = os.getloadavg()[0]
+                timings = time_case(systems, pool, opts.warmup, opts.tol, lambda: bar.update(1))
+                results["cases"].append({
+                    "shape": shape_name, "tokens": tokens, "routing": routing,
+                    "routing_stats": routing_stats(shape, pool),
+                    "tie_tokens": int(sum(t.sum() for t in pool.ties)),
+                    "load_average": [load0, os.getloadavg()[0]],
+                    "work": traffic(shape, pool),
+                    "systems": {k: v.summary() for k, v in timings.items()}})
+        entry["compile_s"] = {s.name: s.compile_s for s in systems if s.compile_s}
+        del systems, block
+        torch._dynamo.reset()
+        gc.collect()
+    bar.close()
+    lim["end"] = L.measure(opts.limits_reps, opts.tvm_gemm)
+    bw = max(lim["start"]["bandwidth"]["gbs"], lim["end"]["bandwidth"]["gbs"]) * 1e9
+    rate = max(lim["start"]["gemm"]["gflops"], lim["end"]["gemm"]["gflops"]) * 1e9
+    results["limits"] = {**lim, "bandwidth_gbs": bw / 1e9, "gemm_gflops": rate / 1e9}
+    for case in results["cases"]:
+        case["roofline"] = roofline(case.pop("work"), bw, rate)
+    results["load_average_end"] = list(os.getloadavg())
+    report.write(results, opts.json_path, plot_png=opts.plot)
+    return results

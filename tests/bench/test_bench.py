@@ -1,0 +1,152 @@
+"""`moec bench` on tiny layers: the JSON and PNG are written, every system's output matched the
+transformers block before it was timed, a wrong system is never reported as a time, Zipf
+routing is skewed, and the CLI form runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e .[test]")
+
+from moec.bench import runner  # noqa: E402
+from moec.bench.baselines import HFBlock, System  # noqa: E402
+from moec.bench.layer import SHAPES, build_block, make_pool, routing_stats  # noqa: E402
+
+HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+TINY = ("tiny", "tiny-deepseek")
+
+
+@pytest.fixture
+def keep_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness pins thread variables in os.environ; restore them after the test."""
+    for k in ("TVM_NUM_THREADS", "MOEC_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
+        if k in os.environ:
+            monkeypatch.setenv(k, os.environ[k])
+        else:
+            monkeypatch.delenv(k, raising=False)
+
+
+def _run(tmp_path: Path, systems: tuple[str, ...], shapes=TINY, tokens=(1, 8)) -> dict:
+    opts = runner.Options(shapes=shapes, tokens=tokens, warmup=1, repeat=2, systems=systems,
+                          json_path=tmp_path / "bench.json", limits_reps=1, tvm_gemm=False,
+                          progress=False)
+    runner.run(opts)
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
+def _check_all_matched(res: dict, expect: set[str]) -> None:
+    assert len(res["cases"]) == len(res["options"]["shapes"]) * len(
+        res["options"]["tokens"]) * len(res["options"]["routings"])
+    for case in res["cases"]:
+        sy = case["systems"]
+        assert expect <= set(sy), (case["shape"], set(sy))
+        for name, s in sy.items():
+            where = f"{case['shape']} T={case['tokens']} {case['routing']} {name}"
+            if s["status"] == "skipped":  # batched_mm only, and only where it would not fit
+                assert name == "hf-batched_mm", where
+                continue
+            assert s["status"] == "ok", f"{where}: {s['status']} {s['detail']}"
+            assert s["max_rel_err"] <= res["options"]["tol"], where
+            assert len(s["times_s"]) == 2 and s["min_s"] <= s["median_s"] <= s["max_s"]
+        roof = case["roofline"]
+        assert 0 < roof["t_s"] == max(roof["t_bandwidth_s"], roof["t_gemm_s"])
+
+
+def test_tiny_layers_write_json_and_png(tmp_path: Path, keep_env: None,
+                                        capsys: pytest.CaptureFixture) -> None:
+    res = _run(tmp_path, ("hf", "ort", "moec"))
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    expect = {"hf-eager", "hf-grouped_mm", "hf-batched_mm", "moec"}
+    if HAS_ORT:
+        expect.add("ort-moe")
+    else:  # said why, and the rest still ran
+        assert all("onnxruntime" in s["missing"]["ort"] or "onnx" in s["missing"]["ort"]
+                   for s in res["shapes"].values())
+    _check_all_matched(res, expect)
+    for name, shape in res["shapes"].items():
+        assert "FALLBACK" not in shape["notes"]["moec"], (name, shape["notes"]["moec"])
+        assert shape["compile_s"]["moec"] > 0
+    lim = res["limits"]
+    assert lim["bandwidth_gbs"] > 0 and lim["gemm_gflops"] > 0
+    assert res["threads"]["threads"] == 2 and res["threads"]["torch"] == 2
+    out = capsys.readouterr().out
+    assert "== tiny-deepseek" in out and "moec speed-up" in out and "limits:" in out
+
+
+@pytest.mark.slow
+def test_tiny_layer_with_torch_compile(tmp_path: Path, keep_env: None) -> None:
+    res = _run(tmp_path, ("hf", "torch.compile", "ort", "moec"), shapes=("tiny",), tokens=(4,))
+    _check_all_matched(res, {"hf-eager", "torch.compile", "moec"})
+    assert res["shapes"]["tiny"]["compile_s"]["torch.compile"] > 0
+
+
+class _Zeros(System):
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros_like(x)
+
+
+class _WrongLater(System):
+    """Right in the warm-up, wrong in the second timed round."""
+
+    def __init__(self, ref: HFBlock) -> None:
+        super().__init__("wrong-later")
+        self.ref, self.calls = ref, 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        y = self.ref(x)
+        return y * 1.01 if self.calls == 3 else y
+
+
+def test_a_wrong_system_is_not_timed() -> None:
+    shape = SHAPES["tiny"]
+    block = build_block(shape)
+    ref = HFBlock(block, shape, "eager")
+    systems = [ref, _Zeros("zeros"), _WrongLater(HFBlock(block, shape, "eager")),
+               HFBlock(block, shape, "grouped_mm")]
+    pool = make_pool(block, shape, 8, "uniform", 3)
+    out = runner.time_case(systems, pool, warmup=1, tol=1e-4, tick=lambda: None)
+    assert out["zeros"].status == "wrong" and "warm-up" in out["zeros"].detail
+    assert out["wrong-later"].status == "wrong" and "timed round 2" in out["wrong-later"].detail
+    for name in ("zeros", "wrong-later"):
+        s = out[name].summary()
+        assert "median_s" not in s and s["times_s"] == []
+    assert out["hf-grouped_mm"].status == "ok" and len(out["hf-grouped_mm"].times_s) == 2
+    assert out["hf-eager"].status == "ok"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_zipf_routing_is_skewed(name: str) -> None:
+    shape = SHAPES[name]
+    block = build_block(shape)
+    uni = routing_stats(shape, make_pool(block, shape, 256, "uniform", 2))
+    zipf = routing_stats(shape, make_pool(block, shape, 256, "zipf", 2))
+    assert uni["top_expert_share"] < 2.0 / shape.experts  # each expert's share is about 1/E
+    assert zipf["top_expert_share"] > 1.5 * uni["top_expert_share"]
+
+
+def test_cli_layer_bench(tmp_path: Path, keep_env: None) -> None:
+    from moec.cli import main
+
+    out = tmp_path / "r" / "cli.json"
+    assert main(["bench", "--shapes", "tiny", "--tokens", "2", "--systems", "hf", "--quick",
+                 "--routing", "uniform", "--hf-impls", "eager", "--no-plot",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["options"]["repeat"] == 3 and res["options"]["warmup"] == 1
+    assert [c["tokens"] for c in res["cases"]] == [2]
+    assert res["command"].startswith("moec ")
+    assert not out.with_suffix(".png").exists()
+
+
+def test_cli_layer_bench_rejects_ep(capsys: pytest.CaptureFixture) -> None:
+    from moec.cli import main
+
+    assert main(["bench", "--ep", "2"]) == 1
+    assert "--ep applies to `moec bench ARTIFACT`" in capsys.readouterr().err
