@@ -59,9 +59,9 @@ def main() -> None:
         xs = [rng.standard_normal((n, hidden)).astype(np.float32) for _ in range(8)]
         txs = [torch.from_numpy(x) for x in xs]
         with torch.inference_mode():
-            err = max(relative_error(model(x), module(t).numpy()) for x, t in zip(xs, txs))
-            m = median_time(lambda i: model(xs[i]), 8, a.reps)
-            t = median_time(lambda i: module(txs[i]), 8, a.reps)
+            err = max(relative_error(model(x), module(t).numpy()) for x, t in zip(xs, txs, strict=True))
+            m = median_time(lambda i, xs=xs: model(xs[i]), 8, a.reps)
+            t = median_time(lambda i, txs=txs: module(txs[i]), 8, a.reps)
         rows.append({"tokens": n, "max_rel_err": err, "moec_ms": m[0] * 1e3,
                      "moec_min_max_ms": [m[1] * 1e3, m[2] * 1e3], "torch_ms": t[0] * 1e3,
                      "torch_min_max_ms": [t[1] * 1e3, t[2] * 1e3], "speedup": t[0] / m[0]})
