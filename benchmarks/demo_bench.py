@@ -59,7 +59,8 @@ def main() -> None:
         xs = [rng.standard_normal((n, hidden)).astype(np.float32) for _ in range(8)]
         txs = [torch.from_numpy(x) for x in xs]
         with torch.inference_mode():
-            err = max(relative_error(model(x), module(t).numpy()) for x, t in zip(xs, txs, strict=True))
+            err = max(relative_error(model(x), module(t).numpy())
+                      for x, t in zip(xs, txs, strict=True))
             m = median_time(lambda i, xs=xs: model(xs[i]), 8, a.reps)
             t = median_time(lambda i, txs=txs: module(txs[i]), 8, a.reps)
         rows.append({"tokens": n, "max_rel_err": err, "moec_ms": m[0] * 1e3,
