@@ -160,8 +160,10 @@ class Moec(System):
             art = moec.compile(reference_block(block, shape), example, max_tokens=max_tokens)
             self.note = (f"FALLBACK: the transformers block did not compile ({first}); "
                          f"compiled moec.models.reference.StackedMoEBlock with the same weights")
-        self.model = art.load_model()
         self.compile_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.model = art.load_model()  # saves to a temporary folder (hashes) and loads
+        self.note += f" (then saved and loaded in {time.perf_counter() - t1:.1f} s)"
         del art  # its weights are now in the loaded model
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    "(torch, TVM, ONNX Runtime; default: %(default)s)")
     g.add_argument("--quick", action="store_true", help=f"a small run: tokens "
                    f"{' '.join(map(str, QUICK_TOKENS))} unless --tokens, 1 warm-up round, "
-                   f"at most 3 timed rounds")
+                   f"at most 3 timed rounds, limits from 3 repetitions instead of 10")
     g.add_argument("--zipf", type=float, default=1.0, metavar="S",
                    help="Zipf exponent of the skewed routing (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0)
@@ -60,6 +60,7 @@ def run_from_args(a: argparse.Namespace) -> int:
                    systems=tuple(a.systems), hf_impls=tuple(a.hf_impls), warmup=warmup,
                    repeat=repeat, threads=a.threads, seed=a.seed, zipf_s=a.zipf, tol=a.tol,
                    json_path=Path(a.json) if a.json else DEFAULT_JSON, plot=not a.no_plot,
+                   limits_reps=3 if a.quick else 10,
                    command=" ".join(["moec", *map(shlex.quote, sys.argv[1:])]))
     run(opts)
     return 0

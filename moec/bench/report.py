@@ -26,13 +26,13 @@ def preamble(results: dict[str, Any]) -> None:
     print(f"load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}{note}")
 
 
-def limits_line(lim: dict[str, Any]) -> None:
+def limits_line(lim: dict[str, Any], when: str = "start") -> None:
     bw, g = lim["bandwidth"], lim["gemm"]
     tvm = (f", moec TVM linear {g['tvm_gflops']:.0f}" if g["tvm_gflops"] is not None else
            f", moec TVM linear not measured ({g['tvm_error']})" if g["tvm_error"] else "")
-    print(f"limits: memory bandwidth {bw['gbs']:.1f} GB/s (copy {bw['copy_gbs']:.1f}, read "
-          f"{bw['read_gbs']:.1f}); fp32 GEMM {g['n']}^3 {g['gflops']:.0f} GFLOP/s (torch.matmul "
-          f"{g['torch_gflops']:.0f}{tvm})", flush=True)
+    print(f"limits at {when}: memory bandwidth {bw['gbs']:.1f} GB/s (copy {bw['copy_gbs']:.1f}, "
+          f"read {bw['read_gbs']:.1f}); fp32 GEMM {g['n']}^3 {g['gflops']:.0f} GFLOP/s "
+          f"(torch.matmul {g['torch_gflops']:.0f}{tvm})", flush=True)
 
 
 def _ms(seconds: float) -> str:
@@ -200,6 +200,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def write(results: dict[str, Any], json_path: Path, plot_png: bool = True) -> None:
     """Print the table; write the JSON and (plot_png) the PNG next to it."""
+    lim = results["limits"]
+    limits_line(lim["end"], "end")
+    print(f"roofline from the best of both: {lim['bandwidth_gbs']:.1f} GB/s, "
+          f"{lim['gemm_gflops']:.0f} GFLOP/s")
     print(format_table(results))
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def test_tiny_layers_write_json_and_png(tmp_path: Path, keep_env: None,
     assert lim["bandwidth_gbs"] > 0 and lim["gemm_gflops"] > 0
     assert res["threads"]["threads"] == 2 and res["threads"]["torch"] == 2
     out = capsys.readouterr().out
-    assert "== tiny-deepseek" in out and "moec speed-up" in out and "limits:" in out
+    assert "== tiny-deepseek" in out and "moec speed-up" in out and "limits at end:" in out
 
 
 @pytest.mark.slow
