@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch  # a hard dependency of moec
 import tvm
 
 from moec.codegen import cuda as C
 from moec.ir.moe_ops import align_ref
 from moec.ir.registry import get_op
 
-torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 

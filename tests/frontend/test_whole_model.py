@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch  # a hard dependency of moec
 
-torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import moec  # noqa: E402
