@@ -4,6 +4,7 @@
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     model = moec.load("mixtral.moec", ep_group=dist.group.WORLD)   # compiled with ep=True
     y = model(x_of_this_rank)          # == the single-process model on x_of_this_rank
+    dist.destroy_process_group()       # before exit: gloo aborts the process otherwise
 
 Each rank holds the shared weights and a contiguous range of experts; tokens travel with
 torch.distributed's all-to-all (gloo on CPUs, NCCL on GPUs); every FLOP runs in the artifact's

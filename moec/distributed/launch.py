@@ -17,10 +17,11 @@ from moec.errors import InputError
 TORCHRUN_HINT = "torchrun --nproc-per-node {n} -m moec.cli {cmd} ... --ep {n}"
 
 
-def init_from_env(ep: int, timeout: float, cmd: str) -> Any:
+def init_from_env(ep: int, timeout: float, cmd: str) -> tuple[Any, bool]:
     """The default process group, from torchrun's RANK / WORLD_SIZE / MASTER_ADDR variables,
-    with `timeout` seconds on every collective (gloo: the CPU backend). Also gives each rank
-    its share of the cores unless TVM_NUM_THREADS or MOEC_NUM_THREADS says otherwise."""
+    with `timeout` seconds on every collective (gloo: the CPU backend), and whether this call
+    created it (then `shutdown` must destroy it). Also gives each rank its share of the cores
+    unless TVM_NUM_THREADS or MOEC_NUM_THREADS says otherwise."""
     import torch.distributed as dist
 
     world = os.environ.get("WORLD_SIZE")
@@ -35,10 +36,10 @@ def init_from_env(ep: int, timeout: float, cmd: str) -> Any:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         os.environ["TVM_NUM_THREADS"] = os.environ.get("MOEC_NUM_THREADS") or str(
             max(1, cores // local))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="env://",
-                                timeout=timedelta(seconds=timeout))
-    return dist.group.WORLD
+    if dist.is_initialized():
+        return dist.group.WORLD, False
+    dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=timeout))
+    return dist.group.WORLD, True
 
 
 def split_inputs(inputs: list[np.ndarray], signature: Any, rank: int, world: int
@@ -69,6 +70,16 @@ def describe_rank(model: Any) -> str:
             f"{m['all_expert_bytes'] / mib:.1f}; single-process {m['artifact_bytes'] / mib:.1f})")
 
 
+def shutdown(owned: bool) -> None:
+    """Tear down the process group `init_from_env` created, before the interpreter exits:
+    gloo's worker threads left to exit-time destructors abort the process ("terminate called
+    without an active exception", torch issue #190489)."""
+    import torch.distributed as dist
+
+    if owned and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_ep(a: Any, inputs: list[np.ndarray]) -> list[np.ndarray] | None:
     """`moec run --ep N`: every rank runs its share of the tokens; rank 0 returns all outputs
     (in token order), the other ranks None."""
@@ -76,15 +87,18 @@ def run_ep(a: Any, inputs: list[np.ndarray]) -> list[np.ndarray] | None:
 
     from moec.distributed.model import load_ep
 
-    group = init_from_env(a.ep, a.timeout, "run")
-    model = load_ep(a.artifact, group, a.device, timeout=a.timeout)
-    local = split_inputs(inputs, model.signature, model.rank, model.world_size)
-    outs = model(*local)
-    outs = list(outs) if isinstance(outs, tuple) else [outs]
-    print(describe_rank(model) + f", {local[0].shape[0] if local else 0} tokens",
-          file=sys.stderr, flush=True)
-    gathered: list[Any] = [None] * model.world_size
-    dist.all_gather_object(gathered, outs, group=group)
+    group, owned = init_from_env(a.ep, a.timeout, "run")
+    try:
+        model = load_ep(a.artifact, group, a.device, timeout=a.timeout)
+        local = split_inputs(inputs, model.signature, model.rank, model.world_size)
+        outs = model(*local)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        print(describe_rank(model) + f", {local[0].shape[0] if local else 0} tokens",
+              file=sys.stderr, flush=True)
+        gathered: list[Any] = [None] * model.world_size
+        dist.all_gather_object(gathered, outs, group=group)
+    finally:
+        shutdown(owned)
     if model.rank != 0:
         return None
     full = [np.concatenate([g[i] for g in gathered]) for i in range(len(outs))]
@@ -121,20 +135,23 @@ def bench(a: Any) -> int:
 
         from moec.distributed.model import load_ep
 
-        group = init_from_env(a.ep, a.timeout, "bench")
-        rss0 = B.rss_bytes()
-        model = load_ep(a.artifact, group, timeout=a.timeout)
-        rss1 = B.rss_bytes()
-        reference = None
-        if a.check:  # loaded after the RSS reading, which must show the shard alone
-            from moec.runtime import load
+        group, owned = init_from_env(a.ep, a.timeout, "bench")
+        try:
+            rss0 = B.rss_bytes()
+            model = load_ep(a.artifact, group, timeout=a.timeout)
+            rss1 = B.rss_bytes()
+            reference = None
+            if a.check:  # loaded after the RSS reading, which must show the shard alone
+                from moec.runtime import load
 
-            reference = load(a.artifact)
-        mine = B.bench_ep(model, a.tokens, a.warmup, a.repeat, reference)
-        mine.update(threads=os.environ.get("TVM_NUM_THREADS"), rss_before_load_bytes=rss0,
-                    rss_after_load_bytes=rss1)
-        results = [None] * model.world_size
-        dist.all_gather_object(results, mine, group=group)
+                reference = load(a.artifact)
+            mine = B.bench_ep(model, a.tokens, a.warmup, a.repeat, reference)
+            mine.update(threads=os.environ.get("TVM_NUM_THREADS"), rss_before_load_bytes=rss0,
+                        rss_after_load_bytes=rss1)
+            results = [None] * model.world_size
+            dist.all_gather_object(results, mine, group=group)
+        finally:
+            shutdown(owned)
         ep = model.world_size
         if model.rank != 0:
             return 0

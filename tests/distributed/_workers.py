@@ -44,6 +44,11 @@ def _entry(fn: Any, rank: int, world: int, store: str, args: tuple, out: Any) ->
         out.put((rank, "ok", fn(rank, world, *args)))
     except BaseException as e:  # reported to the test, which asserts on it
         out.put((rank, "error", (type(e).__name__, str(e), traceback.format_exc())))
+    finally:  # gloo's threads left to exit-time destructors abort the process (torch #190489)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(world: int, fn: Any, *args: Any, limit: float = 150.0) -> dict[int, dict]:
