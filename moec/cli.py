@@ -304,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-passes", action="store_true")
     s.add_argument("--ep", action="store_true", help="also build the expert-parallel entry "
                    "functions (for `moec run/bench --ep N`)")
-    s.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantised expert weights (appends quantize-experts)")
+    s.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="weight-only quantised expert weights (appends quantize-experts): int8 "
+                        "per output channel, int4 in groups of 128 along K; -gN sets the group "
+                        "size, e.g. int8-g32")
     s.set_defaults(fn=cmd_compile)
 
     s = sub.add_parser("run", help="run a compiled artifact on .npy/.npz inputs")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moec import env
-from moec.errors import CodegenError, InputError, MoecError
+from moec.errors import CodegenError, InputError
 from moec.ir.graph import Graph
 from moec.ir.printer import print_graph
 from moec.passes.base import Pass
@@ -79,7 +79,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     ("default,+my-pass{opt=1}") or a list of names and Pass objects.
     dump_ir: folder for the IR before and after each pass; time_passes: print pass timings.
     quantize: "int8" or "int4" appends quantize-experts (weight-only expert weights; int8 per
-    output channel, int4 group-wise with zero points): weights.safetensors holds them quantised.
+    output channel, int4 in groups of 128 along K with zero points; "int8-g32" / "int4-g64"
+    choose the group size): weights.safetensors holds them quantised.
     ep: also build the expert-parallel entry functions (moec.codegen.ep), so that the artifact
     can run sharded over ranks: `moec.load(path, ep_group=...)`, `moec run --ep N`.
     """
@@ -98,11 +99,10 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     graph = to_graph(model, example_inputs, max_tokens)
     pass_list = parse_pipeline(passes if passes is not None else pipeline)
     if quantize is not None:
-        from moec.passes.quantize_experts import MODES, QuantizeExperts
+        from moec.passes.quantize_experts import QuantizeExperts, parse_mode
 
-        if quantize not in MODES:
-            raise MoecError(f"quantize must be one of {', '.join(MODES)}, got {quantize!r}")
-        pass_list.append(QuantizeExperts(bits=MODES[quantize]))
+        bits, group_size = parse_mode(quantize)
+        pass_list.append(QuantizeExperts(bits=bits, group_size=group_size))
     ins = list(instruments)
     timing = PassTiming(stream=sys.stderr) if time_passes else None
     if timing:

@@ -3,9 +3,11 @@
 Formats (the pass quantize-experts writes them, the kernels read them, the reference here
 dequantises and runs moe.grouped_matmul's reference):
 
-- int8 (`bits=8`): symmetric, one scale per output channel: `q = round(w / s)` in [-127, 127],
-  `s = r * max|w[n, :]| / 127` with the clip ratio r in CLIP_RATIOS of least squared error;
-  q `i8[E, N, K]`, scale `f32[E, N, 1]`; `w ~ q * s`.
+- int8 (`bits=8`): symmetric, one scale per group of `group_size` along K (group_size >= K:
+  one scale per output channel, what quantize-experts writes by default):
+  `q = round(w / s)` in [-127, 127], `s = r * max|w[n, group]| / 127` with the clip ratio r in
+  CLIP_RATIOS of least squared error; q `i8[E, N, K]`, scale `f32[E, N, ceil(K/group_size)]`;
+  `w ~ q * s`.
 - int4 (`bits=4`): asymmetric, group-wise along K (`group_size`, default 128; the last group
   may be shorter): per group `s = (max - min) / 15`, `z = round(-min / s)` in [0, 15],
   `q = clamp(round(w / s) + z, 0, 15)`; `w ~ (q - z) * s`. Two values per byte, even k in the
@@ -30,7 +32,21 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def num_groups(k: int, bits: int, group_size: int) -> int:
-    return 1 if bits == 8 else -(-k // group_size)
+    return -(-k // group_size)
+
+
+def _groups(w: np.ndarray, group_size: int, fill_first: bool) -> tuple[np.ndarray, int]:
+    """w [..., N, K] -> [..., N, G, group_size], the last group padded with zeros, or with the
+    group's first value (`fill_first`: padding must not widen an asymmetric range)."""
+    *lead, n, k = w.shape
+    g = -(-k // group_size)
+    pad = np.zeros((*lead, n, g * group_size), np.float32)
+    pad[..., :k] = w
+    groups = pad.reshape(*lead, n, g, group_size)
+    if fill_first:
+        tail = k - (g - 1) * group_size
+        groups[..., -1, tail:] = groups[..., -1, :1]
+    return groups, g
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int = 128
@@ -38,30 +54,28 @@ def quantize(w: np.ndarray, bits: int, group_size: int = 128
     """`w [..., N, K]` -> (q, scale) for int8 or (q_packed, scale, zero) for int4."""
     w = np.asarray(w, np.float32)
     if bits == 8:
-        amax = np.abs(w).max(axis=-1, keepdims=True)
+        k = w.shape[-1]
+        groups, _ = _groups(w, group_size, fill_first=False)
+        amax = np.abs(groups).max(axis=-1, keepdims=True)
         best_s, best_err = None, None
-        for r in CLIP_RATIOS:  # the clip range with the least squared error, per channel
+        for r in CLIP_RATIOS:  # the clip range with the least squared error, per group
             s = np.where(amax == 0, 1.0, amax * r / 127.0).astype(np.float32)
-            err = ((np.clip(np.rint(w / s), -127, 127) * s - w) ** 2).sum(-1, keepdims=True)
+            err = ((np.clip(np.rint(groups / s), -127, 127) * s - groups) ** 2).sum(
+                -1, keepdims=True)
             if best_s is None:
                 best_s, best_err = s, err
             else:
                 better = err < best_err
                 best_s, best_err = np.where(better, s, best_s), np.minimum(err, best_err)
-        q = np.clip(np.rint(w / best_s), -127, 127).astype(np.int8)
-        return q, best_s.astype(np.float32)
+        q = np.clip(np.rint(groups / best_s), -127, 127).astype(np.int8)
+        q = q.reshape(*w.shape[:-1], -1)[..., :k]
+        return np.ascontiguousarray(q), best_s[..., 0].astype(np.float32)
     if bits != 4:
         raise IRError(f"quantize: bits must be 8 or 4, got {bits}")
     *lead, n, k = w.shape
     if k % 2:
         raise IRError(f"quantize: int4 needs an even K, got {k}")
-    g = num_groups(k, 4, group_size)
-    pad = np.zeros((*lead, n, g * group_size), np.float32)
-    pad[..., :k] = w
-    # padding repeats the group's first value so that it does not widen the group's range
-    groups = pad.reshape(*lead, n, g, group_size)
-    tail = k - (g - 1) * group_size
-    groups[..., -1, tail:] = groups[..., -1, :1]
+    groups, g = _groups(w, group_size, fill_first=True)
     lo = np.minimum(groups.min(axis=-1), 0.0)
     hi = np.maximum(groups.max(axis=-1), 0.0)
     s = ((hi - lo) / 15.0).astype(np.float32)
@@ -75,14 +89,14 @@ def quantize(w: np.ndarray, bits: int, group_size: int = 128
 
 def dequantize(parts: list[np.ndarray], bits: int, group_size: int, k: int) -> np.ndarray:
     """The f32 `[..., N, K]` weight that `quantize` parts stand for."""
+    gi = np.arange(k) // group_size
     if bits == 8:
         q, s = parts
-        return q.astype(np.float32) * s
+        return q.astype(np.float32) * s[..., gi]
     packed, s, z = parts
     q = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), np.float32)
     q[..., 0::2] = packed & 15
     q[..., 1::2] = packed >> 4
-    gi = np.arange(k) // group_size
     return (q[..., :k] - z[..., gi]) * s[..., gi]
 
 

@@ -13,6 +13,7 @@ weight is read by a grouped GEMM it could quantise; the removed weights are gone
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -26,6 +27,17 @@ from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import RewritePattern, Rewriter, apply_patterns
 
 MODES = {"int8": 8, "int4": 4}
+DEFAULT_INT4_GROUP = 128
+
+
+def parse_mode(mode: str) -> tuple[int, int]:
+    """`int8` | `int4` | `int8-g32` | `int4-g64` -> (bits, group_size; 0: the format's default,
+    per output channel for int8, 128 for int4)."""
+    m = re.fullmatch(r"(int8|int4)(?:-g(\d+))?", mode or "")
+    if not m or (m.group(2) is not None and (int(m.group(2)) < 2 or int(m.group(2)) % 2)):
+        raise PassError(f"quantize mode {mode!r}: want int8, int4, or a group size along K "
+                        f"as in int8-g32 / int4-g64 (an even number)")
+    return MODES[m.group(1)], int(m.group(2) or 0)
 
 
 @dataclass
@@ -36,9 +48,15 @@ class QuantizeGemm(RewritePattern):
     group_size: int
     done: dict[str, list[Value]] = field(default_factory=dict)  # a weight read twice: once
 
+    def group(self, k: int) -> int:
+        """The group size along K that the op records (even, as the format wants)."""
+        if self.group_size:
+            return self.group_size
+        return k + k % 2 if self.bits == 8 else DEFAULT_INT4_GROUP
+
     def quantized(self, w: Value, rw: Rewriter) -> list[Value]:
         if w.name not in self.done:
-            parts = quantize(rw.graph.param_array(w), self.bits, self.group_size)
+            parts = quantize(rw.graph.param_array(w), self.bits, self.group(w.shape[2]))
             names = ("q8", "scale") if self.bits == 8 else ("q4", "scale", "zero")
             self.done[w.name] = [rw.add_param(f"{w.name}.{n}", np.ascontiguousarray(p))
                                  for n, p in zip(names, parts, strict=True)]
@@ -53,7 +71,7 @@ class QuantizeGemm(RewritePattern):
         if self.bits == 4 and ws[0].shape[2] % 2:
             return False  # odd K has no packed int4 form: this GEMM stays fp32
         qs = [v for w in ws for v in self.quantized(w, rw)]
-        attrs = {**node.attrs, "bits": self.bits, "group_size": self.group_size}
+        attrs = {**node.attrs, "bits": self.bits, "group_size": self.group(ws[0].shape[2])}
         new = rw.create("moe.grouped_matmul_q", [x, *qs, *bs, sid, te], attrs, loc=node.loc)
         rw.replace_op(node, [new.result])
         return True
@@ -62,20 +80,22 @@ class QuantizeGemm(RewritePattern):
 @register_pass
 @dataclass(frozen=True)
 class QuantizeExperts(Pass):
-    """Quantise expert GEMM weights to int8 (per channel) or int4 (group-wise, zero points).
+    """Quantise expert GEMM weights to int8 (symmetric) or int4 (zero points), one scale per
+    group of `group_size` along K; 0 (default): per output channel for int8, 128 for int4.
 
     Run after tile-expert-gemm. Requires: moe.grouped_matmul with parameter weights.
     Ensures: those GEMMs are moe.grouped_matmul_q; their fp32 weights are removed."""
 
     name: ClassVar[str] = "quantize-experts"
     bits: int = 8
-    group_size: int = 128
+    group_size: int = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         if self.bits not in (8, 4):
             raise PassError(f"quantize-experts: bits must be 8 or 4, got {self.bits}")
-        if self.group_size < 2 or self.group_size % 2:
-            raise PassError(f"quantize-experts: group_size must be even, got {self.group_size}")
+        if self.group_size and (self.group_size < 2 or self.group_size % 2):
+            raise PassError(f"quantize-experts: group_size must be even (or 0 for the "
+                            f"default), got {self.group_size}")
         changed = apply_patterns(graph, [QuantizeGemm(self.bits, self.group_size)])
         rw = Rewriter(graph)
         rw.remove_unused_params()

@@ -17,6 +17,8 @@ TOKENS = [0, 1, 7, 64]
 CASES = [
     (4, 40, 48, 16, 2, True, "silu_mul", False, 8, 128),    # N not a multiple of NR
     (4, 24, 40, 16, 2, False, "none", True, 8, 128),
+    (4, 40, 48, 16, 2, True, "silu_mul", False, 8, 16),    # int8, 3 groups along K
+    (4, 24, 40, 16, 2, False, "none", False, 8, 16),       # int8, last group short
     (4, 40, 300, 16, 2, True, "silu_mul", False, 4, 128),   # 3 groups, last one short
     (4, 16, 64, 8, 2, False, "none", True, 4, 32),
 ]

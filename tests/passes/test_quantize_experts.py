@@ -47,8 +47,8 @@ def test_quantize_experts_int8_ir():
       param @wd.q8: i8[4, 16, 8]
       param @wd.scale: f32[4, 16, 1]
     """ + GEMMS + """
-      %h: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul_q(%x, @wg.q8, @wg.scale, @wu.q8, @wu.scale, %s, %te) {block_m=8, top_k=2, gather=true, activation=silu_mul, bits=8}
-      %y: f32[(T*2//8+4)*8, 16] = moe.grouped_matmul_q(%h, @wd.q8, @wd.scale, %s, %te) {block_m=8, top_k=2, bits=8}
+      %h: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul_q(%x, @wg.q8, @wg.scale, @wu.q8, @wu.scale, %s, %te) {block_m=8, top_k=2, gather=true, activation=silu_mul, bits=8, group_size=16}
+      %y: f32[(T*2//8+4)*8, 16] = moe.grouped_matmul_q(%h, @wd.q8, @wd.scale, %s, %te) {block_m=8, top_k=2, bits=8, group_size=8}
       %o: f32[T, 16] = moe.combine(%y, %w, %sr)
       output %o
     """)
@@ -122,6 +122,25 @@ def _layer_error(bits: int) -> tuple[float, float]:
 def test_int8_layer_error_within_1e_2():
     layer, moe = _layer_error(8)
     assert layer < 1e-2 and moe < 1e-2
+
+
+def test_int8_groups_along_k_cut_the_error():
+    """int8 with a scale per 32 values of K (`int8-g32`) errs less than one scale per channel."""
+    from moec.passes.quantize_experts import parse_mode
+
+    assert parse_mode("int8") == (8, 0) and parse_mode("int8-g32") == (8, 32)
+    assert parse_mode("int4-g64") == (4, 64)
+    for bad in ("int8-g3", "int16", "int8-g"):
+        with pytest.raises(PassError, match="int8-g32"):
+            parse_mode(bad)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 16, 256)).astype(np.float32)
+    errs = {}
+    for g in (256, 32):
+        parts = quantize(w, 8, g)
+        assert parts[1].shape == (2, 16, 256 // g)
+        errs[g] = float(np.linalg.norm(dequantize(list(parts), 8, g, 256) - w) / np.linalg.norm(w))
+    assert errs[32] < 0.85 * errs[256]
 
 
 def test_int4_layer_error_bounded():

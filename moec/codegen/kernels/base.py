@@ -12,7 +12,12 @@ TVM 0.27 pitfalls that shape the code (each one crashed or miscompiled here):
 - an expression holding a `let` must not appear twice in one tree (the var would be defined
   twice), and bf16 casts must not wrap one (their legalisation duplicates the operand);
 - the simplifier folds `x != x` to false: test NaN with `isnan`;
-- comparisons do not promote int32 to int64 (arithmetic does), so index math is kept in int64.
+- comparisons do not promote int32 to int64 (arithmetic does), so index math is kept in int64;
+- scratch lives on the stack only if it is a default-scope `T.alloc_buffer` under 1 KiB: a
+  `scope="local"` buffer, and a statement binding `v = expr` (a one-element local cell), become
+  a `TVMBackendAllocWorkspace` call per parallel task, and LLVM then keeps neither accumulators
+  nor indices in registers. Inside a Relax module that made the grouped GEMM 8x slower. Bind
+  scalars with `v: T.let = expr`; `heap_scratch` lists what still goes to the heap.
 """
 
 from __future__ import annotations
@@ -143,6 +148,24 @@ def let(value: tirx.Expr, body: Callable[[tirx.Var], tirx.Expr]) -> tirx.Expr:
     twice): to use such a value twice, bind it with another `let`."""
     var = tirx.Var("v", value.ty)
     return tirx.Let(var, value, body(var))
+
+
+def heap_scratch(kernel: Kernel) -> list[tuple[str, int]]:
+    """(buffer name, bytes) of every scratch buffer of `kernel` that TVM's CPU lowering places
+    on the heap (`TVMBackendAllocWorkspace`) instead of the stack: the kernel run through TVM's
+    default TIR pipeline for the host, as `tvm.compile` runs it."""
+    import tvm
+
+    tgt = host_target()
+    target = tvm.target.Target(tgt).with_host(tvm.target.Target(tgt))
+    mod = tvm.IRModule({kernel.name: kernel.func})
+    pipeline, finalize_host, _ = tirx.get_default_tir_pipeline(target)
+    with target:
+        mod = finalize_host()(pipeline(tirx.transform.BindTarget(target)(mod)))
+    text = mod.script()
+    return [(name, int(nbytes)) for name, nbytes in re.findall(
+        r"(\w+) = T\.decl_buffer\([^\n]*?data=T\.TVMBackendAllocWorkspace\(1, \w+, "
+        r"T\.uint64\((\d+)\)", text)]
 
 
 def kernel_name(*parts: object) -> str:

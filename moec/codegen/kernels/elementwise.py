@@ -236,13 +236,13 @@ def _pointwise(
         Bf = T.decl_buffer((b_n,), b_dtype, data=second(A, B).data)
         Yf = T.decl_buffer((y_n,), out_dtype, data=Y.data)
         for task in T.parallel(rows * nch):
-            r = task // nch
-            j0 = task % nch * chunk
-            jn = T.min(inner - j0, i64(chunk))
-            oa = row_offset(0, r)
-            ob = row_offset(1, r) if two else i64(0)
-            oy = r * inner
-            st = T.alloc_buffer((2, vl), "float32", scope="local")
+            r: T.let = task // nch
+            j0: T.let = task % nch * chunk
+            jn: T.let = T.min(inner - j0, i64(chunk))
+            oa: T.let = row_offset(0, r)
+            ob: T.let = row_offset(1, r) if two else i64(0)
+            oy: T.let = r * inner
+            st = T.alloc_buffer((2, vl), "float32")
             for v in range(jn // vl):
                 if staged:
                     for lane in T.vectorized(vl):

@@ -140,15 +140,15 @@ def grouped_matmul(
         Wb = T.decl_buffer((E, nb, K, nr), dtype, data=alias(gated, W2, W).data)
         Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
         Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
-        sentinel = sentinel_of(SI, s)
+        sentinel: T.let = sentinel_of(SI, s)
         for task in T.parallel(nb * tl):
-            p = task // tl
-            tile = task % tl
+            p: T.let = task // tl
+            tile: T.let = task % tl
             if TE[tile] >= 0 and TE[tile] < E:
-                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32", scope="local")
-                acc = T.alloc_buffer((mr, nr), "float32", scope="local")
-                acc2 = T.alloc_buffer((mr, nr), "float32", scope="local")
-                src = T.alloc_buffer((mr,), "int64", scope="local")
+                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32")
+                acc = T.alloc_buffer((mr, nr), "float32")
+                acc2 = T.alloc_buffer((mr, nr), "float32")
+                src = T.alloc_buffer((mr,), "int64")
                 for kb in range(nkc):
                     for g in range(ng):
                         if valid(SI[tile * block_m + g * mr], sentinel):

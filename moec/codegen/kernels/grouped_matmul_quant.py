@@ -56,7 +56,7 @@ def grouped_matmul_quant(
     int4 = bits == 4
     act = fmath.activation("none" if clamped else activation.removesuffix("_mul"))
     mr, nr = grouped_tiles(dtype, block_m, gated)
-    gs = group_size if int4 else K
+    gs = min(group_size, K)  # int8 per output channel: one group of K
     ng_k = -(-K // gs)  # K groups
     kq = K // 2 if int4 else K
     qdt = "uint8" if int4 else "int8"
@@ -134,15 +134,15 @@ def grouped_matmul_quant(
                             data=alias(gated and int4, Z2, S1).data)
         Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
         Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
-        sentinel = sentinel_of(SI, s)
+        sentinel: T.let = sentinel_of(SI, s)
         for task in T.parallel(nb * tl):
-            p = task // tl
-            tile = task % tl
+            p: T.let = task // tl
+            tile: T.let = task % tl
             if TE[tile] >= 0 and TE[tile] < E:
-                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32", scope="local")
-                acc = T.alloc_buffer((mr, nr), "float32", scope="local")
-                acc2 = T.alloc_buffer((mr, nr), "float32", scope="local")
-                src = T.alloc_buffer((mr,), "int64", scope="local")
+                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32")
+                acc = T.alloc_buffer((mr, nr), "float32")
+                acc2 = T.alloc_buffer((mr, nr), "float32")
+                src = T.alloc_buffer((mr,), "int64")
                 for g in range(ng):
                     if valid(SI[tile * block_m + g * mr], sentinel):
                         for i in T.unroll(mr):
@@ -172,14 +172,15 @@ def grouped_matmul_quant(
                                                         Qb2, Zb2, TE[tile], p,
                                                         kg * (gs // 2) + kk, kg, j, 4 * h)
                             else:
-                                for kk in range(K):
+                                for kk in range(glen(kg)):
                                     for i in T.unroll(mr):
                                         for j in T.vectorized(nr):
-                                            acc[i, j] = acc[i, j] + X[src[i], kk] * deq(
-                                                Q, Zb, TE[tile], p, kk, 0, j, 0)
+                                            acc[i, j] = acc[i, j] + X[src[i], kg * gs + kk] * deq(
+                                                Q, Zb, TE[tile], p, kg * gs + kk, kg, j, 0)
                                             if gated:
-                                                acc2[i, j] = acc2[i, j] + X[src[i], kk] * deq(
-                                                    Qb2, Zb2, TE[tile], p, kk, 0, j, 0)
+                                                acc2[i, j] = acc2[i, j] + X[
+                                                    src[i], kg * gs + kk] * deq(
+                                                    Qb2, Zb2, TE[tile], p, kg * gs + kk, kg, j, 0)
                             for i in T.unroll(mr):
                                 for j in T.vectorized(nr):
                                     ctile[g * mr + i, 0, j] = ctile[g * mr + i, 0, j] + acc[

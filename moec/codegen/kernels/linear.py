@@ -97,10 +97,10 @@ def linear(
         # Panel index fastest: a thread's consecutive tasks reuse one MC x K block of x (in L2)
         # while streaming different weight panels.
         for task in T.parallel(ceildiv(m, mc) * nb):
-            mo = task // nb
-            p = task % nb
-            ctile = T.alloc_buffer((mc, nr), "float32", scope="local")
-            acc = T.alloc_buffer((mr, nr), "float32", scope="local")
+            mo: T.let = task // nb
+            p: T.let = task % nb
+            ctile = T.alloc_buffer((mc, nr), "float32")
+            acc = T.alloc_buffer((mr, nr), "float32")
             for kb in range(nkc):
                 for g in range(mg):
                     if mo * mc + g * mr < m:

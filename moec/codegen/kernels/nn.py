@@ -188,7 +188,7 @@ def embedding(V: int, H: int, ids_shape: Shape, dtype: str = "float32",
         IDf = T.decl_buffer((n,), id_dtype, data=IDS.data)
         Yf = T.decl_buffer((n * H,), dtype, data=Y.data)
         for r in T.parallel(n):
-            base = T.max(T.min(T.Cast("int64", IDf[r]), T.int64(V - 1)), T.int64(0)) * H
+            base: T.let = T.max(T.min(T.Cast("int64", IDf[r]), T.int64(V - 1)), T.int64(0)) * H
             for v in range(nv):
                 for lane in T.vectorized(vl):
                     Yf[r * H + v * vl + lane] = Wf[base + v * vl + lane]
@@ -244,21 +244,21 @@ def attention(B: int, Hq: int, Hkv: int, D: int, Dv: int, scale: float,
         Vf = T.decl_buffer((B * Hkv * t * Dv,), dtype, data=V.data)
         Of = T.decl_buffer((B * t * Hq * Dv,), dtype, data=O.data)
         for task in T.parallel(B * Hq * t):
-            acc = T.alloc_buffer((Dv,), "float32", scope="local")
-            dot = T.alloc_buffer((vl,), "float32", scope="local")
-            st = T.alloc_buffer((5,), "float32", scope="local")  # max, sum, score, corr, p
-            bh = task // t
-            row = task % t
-            qb = task * D
-            kvh = bh // Hq * Hkv + bh % Hq // rep
-            ob = ((bh // Hq * t + row) * Hq + bh % Hq) * Dv
+            acc = T.alloc_buffer((Dv,), "float32")
+            dot = T.alloc_buffer((vl,), "float32")
+            st = T.alloc_buffer((5,), "float32")  # max, sum, score, corr, p
+            bh: T.let = task // t
+            row: T.let = task % t
+            qb: T.let = task * D
+            kvh: T.let = bh // Hq * Hkv + bh % Hq // rep
+            ob: T.let = ((bh // Hq * t + row) * Hq + bh % Hq) * Dv
             for j in range(Dv):
                 acc[j] = T.float32(0)
             st[0] = T.float32(-3.0e38)
             st[1] = T.float32(0)
             for s in range(row + 1):
-                kb = (kvh * t + s) * D
-                vb = (kvh * t + s) * Dv
+                kb: T.let = (kvh * t + s) * D
+                vb: T.let = (kvh * t + s) * Dv
                 for lane in T.vectorized(vl):
                     dot[lane] = T.float32(0)
                 for c in range(nd):

@@ -60,10 +60,10 @@ def softmax(shape: Shape, axis: int = -1, dtype: str = "float32") -> Kernel:
         Xf = T.decl_buffer((numel,), dtype, data=X.data)
         Yf = T.decl_buffer((numel,), dtype, data=Y.data)
         for r in T.parallel(outer):
-            acc = T.alloc_buffer((vl,), "float32", scope="local")
-            red = T.alloc_buffer((1,), "float32", scope="local")
-            base = r * n
-            tail = base + n // vl * vl
+            acc = T.alloc_buffer((vl,), "float32")
+            red = T.alloc_buffer((1,), "float32")
+            base: T.let = r * n
+            tail: T.let = base + n // vl * vl
             for lane in T.vectorized(vl):
                 acc[lane] = T.float32(NEG_INF)
             for v in range(n // vl):
@@ -105,8 +105,8 @@ def _softmax_columns(sh, numel, outer, n, inner, dtype) -> tirx.PrimFunc:
         Xf = T.decl_buffer((numel,), dtype, data=X.data)
         Yf = T.decl_buffer((numel,), dtype, data=Y.data)
         for task in T.parallel(outer * inner):
-            red = T.alloc_buffer((2,), "float32", scope="local")
-            base = task // inner * n * inner + task % inner
+            red = T.alloc_buffer((2,), "float32")
+            base: T.let = task // inner * n * inner + task % inner
             red[0] = T.float32(NEG_INF)
             for k in range(n):
                 red[0] = T.max(red[0], Xf[base + k * inner])
@@ -159,9 +159,9 @@ def reduce(
             Xf = T.decl_buffer((numel,), dtype, data=X.data)
             Yf = T.decl_buffer((onumel,), dtype, data=Y.data)
             for r in T.parallel(outer):
-                acc = T.alloc_buffer((vl,), "float32", scope="local")
-                red = T.alloc_buffer((1,), "float32", scope="local")
-                base = r * n
+                acc = T.alloc_buffer((vl,), "float32")
+                red = T.alloc_buffer((1,), "float32")
+                base: T.let = r * n
                 for lane in T.vectorized(vl):
                     acc[lane] = T.float32(0)
                 for v in range(n // vl):
@@ -185,11 +185,11 @@ def reduce(
         Xf = T.decl_buffer((numel,), dtype, data=X.data)
         Yf = T.decl_buffer((onumel,), dtype, data=Y.data)
         for task in T.parallel(outer * nch):
-            o = task // nch
-            j0 = task % nch * CHUNK
-            jn = T.min(inner - j0, i64(CHUNK))
-            ob = o * inner + j0
-            jt = jn // vl * vl
+            o: T.let = task // nch
+            j0: T.let = task % nch * CHUNK
+            jn: T.let = T.min(inner - j0, i64(CHUNK))
+            ob: T.let = o * inner + j0
+            jt: T.let = jn // vl * vl
             for v in range(jn // vl):
                 for lane in T.vectorized(vl):
                     Yf[ob + v * vl + lane] = T.float32(0)
@@ -248,10 +248,10 @@ def _norm(kind: str, shape: Shape, eps: float, dtype: str) -> Kernel:
         Xf = T.decl_buffer((numel,), dtype, data=X.data)
         Yf = T.decl_buffer((numel,), dtype, data=Y.data)
         for r in T.parallel(rows):
-            acc = T.alloc_buffer((vl,), "float32", scope="local")
-            red = T.alloc_buffer((2,), "float32", scope="local")  # [mean, 1/std]
-            base = r * n
-            tail = n // vl * vl
+            acc = T.alloc_buffer((vl,), "float32")
+            red = T.alloc_buffer((2,), "float32")  # [mean, 1/std]
+            base: T.let = r * n
+            tail: T.let = n // vl * vl
             red[0] = T.float32(0)
             if ln:
                 for lane in T.vectorized(vl):

@@ -119,8 +119,8 @@ def router(
         WT = T.match_buffer(weights, (t, k), "float32")
         IDS = T.match_buffer(ids_out, (t, k), "int32")
         for tb in T.parallel(ceildiv(t, TB)):
-            logits = T.alloc_buffer((TB, E), "float32", scope="local")
-            acc = T.alloc_buffer((TB, eb, vl), "float32", scope="local")
+            logits = T.alloc_buffer((TB, E), "float32")
+            acc = T.alloc_buffer((TB, eb, vl), "float32")
             for e0 in range(E // eb):
                 for i in T.unroll(TB):
                     for e in T.unroll(eb):
@@ -140,15 +140,15 @@ def router(
                         for hh in range(H % vl):
                             logits[i, e0 * eb + e] = logits[i, e0 * eb + e] + X[
                                 xrow(tb, i), H // vl * vl + hh] * W[e0 * eb + e, H // vl * vl + hh]
-            sc = T.alloc_buffer((E,), "float32", scope="local")
-            sel = T.alloc_buffer((E,), "float32", scope="local")
-            vals = T.alloc_buffer((k,), "float32", scope="local")
-            ids = T.alloc_buffer((k,), "int32", scope="local")
-            gvals = T.alloc_buffer((topk_groups,), "float32", scope="local")
-            gids = T.alloc_buffer((topk_groups,), "int32", scope="local")
-            tmp = T.alloc_buffer((2,), "float32", scope="local")
-            itmp = T.alloc_buffer((2,), "int32", scope="local")
-            red = T.alloc_buffer((2,), "float32", scope="local")
+            sc = T.alloc_buffer((E,), "float32")
+            sel = T.alloc_buffer((E,), "float32")
+            vals = T.alloc_buffer((k,), "float32")
+            ids = T.alloc_buffer((k,), "int32")
+            gvals = T.alloc_buffer((topk_groups,), "float32")
+            gids = T.alloc_buffer((topk_groups,), "int32")
+            tmp = T.alloc_buffer((2,), "float32")
+            itmp = T.alloc_buffer((2,), "int32")
+            red = T.alloc_buffer((2,), "float32")
             for i in range(TB):
                 if tb * TB + i < t:
                     if score_first:

@@ -73,10 +73,10 @@ def topk(shape: Shape, k: int, dtype: str = "float32") -> Kernel:
         Vf = T.decl_buffer((rows * k,), dtype, data=V.data)
         IDf = T.decl_buffer((rows * k,), "int32", data=ID.data)
         for r in T.parallel(rows):
-            vals = T.alloc_buffer((k,), "float32", scope="local")
-            ids = T.alloc_buffer((k,), "int32", scope="local")
-            tmp = T.alloc_buffer((2,), "float32", scope="local")
-            itmp = T.alloc_buffer((2,), "int32", scope="local")
+            vals = T.alloc_buffer((k,), "float32")
+            ids = T.alloc_buffer((k,), "int32")
+            tmp = T.alloc_buffer((2,), "float32")
+            itmp = T.alloc_buffer((2,), "int32")
             topk_init(vals, ids, k)
             for i in range(n):
                 topk_insert(vals, ids, tmp, itmp, nan_high(Xf[r * n + i]), T.Cast("int32", i), k)
