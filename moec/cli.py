@@ -148,6 +148,8 @@ def _inspect(path: Path) -> int:
     print("\nweights:")
     with safe_open(str(path / "weights.safetensors"), "np") as st:
         for k in st.keys():
+            if k.startswith("__pad__."):  # alignment filler (moec/runtime/weights.py)
+                continue
             sl = st.get_slice(k)
             print(f"  {k:<48} {sl.get_dtype():>6} {sl.get_shape()}")
     print("\nfinal IR:")

@@ -331,44 +331,34 @@ def load_ep(path: str | Path, group: Any, device: Any = "cpu", *, check_hashes: 
 
 def _load_weights(path: Path, plan: Plan, lo: int, hi: int, dev: Any
                   ) -> tuple[list[list[Any]], list[list[list[Any]]], dict[str, int]]:
-    """Shared weights in full (each read once), experts [lo, hi) as slices, one tensor per
-    expert and weight, each in a fresh 64-byte-aligned TVM buffer."""
-    from safetensors import safe_open
+    """Shared weights in full, experts [lo, hi) one tensor per expert and weight: views of the
+    memory-mapped file where aligned (moec/runtime/weights.py), so ranks on one host share the
+    page cache's copy and a rank touches only its experts' pages."""
+    from moec.runtime.weights import mapped_arrays, to_tvm
 
-    tvm = _tvm.tvm()
+    arrays = mapped_arrays(path)
     shared: dict[str, Any] = {}
     memory = {"shared_bytes": 0, "expert_bytes": 0, "all_expert_bytes": 0, "artifact_bytes": 0}
     expert_names = {w for r in plan.regions for w in r.flat_weights}
-    with safe_open(str(path), framework="numpy") as f:
-        for name in f.keys():
-            sl = f.get_slice(name)
-            nbytes = int(np.prod(sl.get_shape())) * np.dtype(_np_dtype(sl.get_dtype())).itemsize
-            memory["artifact_bytes"] += nbytes
-            if name in expert_names:
-                memory["all_expert_bytes"] += nbytes
-        for seg in plan.segments:
-            for name in seg.weights:
-                if name not in shared:
-                    arr = np.ascontiguousarray(f.get_tensor(name))
-                    memory["shared_bytes"] += arr.nbytes
-                    shared[name] = tvm.runtime.tensor(arr, dev)
-        experts: list[list[list[Any]]] = []
-        for reg in plan.regions:
-            per_expert = []
-            for e in range(lo, hi):
-                ws = []
-                for name in reg.flat_weights:
-                    arr = np.ascontiguousarray(f.get_slice(name)[e:e + 1])
-                    memory["expert_bytes"] += arr.nbytes
-                    ws.append(tvm.runtime.tensor(arr, dev))
-                per_expert.append(ws)
-            experts.append(per_expert)
+    for name, arr in arrays.items():
+        memory["artifact_bytes"] += arr.nbytes
+        if name in expert_names:
+            memory["all_expert_bytes"] += arr.nbytes
+    for seg in plan.segments:
+        for name in seg.weights:
+            if name not in shared:
+                memory["shared_bytes"] += arrays[name].nbytes
+                shared[name] = to_tvm(arrays[name], dev)
+    experts: list[list[list[Any]]] = []
+    for reg in plan.regions:
+        per_expert = []
+        for e in range(lo, hi):
+            ws = []
+            for name in reg.flat_weights:
+                arr = arrays[name][e:e + 1]
+                memory["expert_bytes"] += arr.nbytes
+                ws.append(to_tvm(arr, dev))
+            per_expert.append(ws)
+        experts.append(per_expert)
     seg_w = [[shared[n] for n in seg.weights] for seg in plan.segments]
     return seg_w, experts, memory
-
-
-def _np_dtype(st_dtype: str) -> str:
-    """numpy dtype name for a safetensors dtype tag (sizes only)."""
-    return {"F32": "float32", "F16": "float16", "BF16": "uint16", "F64": "float64",
-            "I32": "int32", "I64": "int64", "I8": "int8", "U8": "uint8", "I16": "int16",
-            "BOOL": "bool", "F8_E4M3": "uint8", "F8_E5M2": "uint8"}.get(st_dtype, "float32")

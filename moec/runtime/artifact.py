@@ -228,12 +228,10 @@ class Artifact:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_into(self, folder: Path) -> None:
-        import safetensors.numpy  # noqa: PLC0415
+        from moec.runtime.weights import save_aligned  # noqa: PLC0415
 
         self._executable.export_library(str(folder / KERNELS))
-        safetensors.numpy.save_file(
-            {n: np.ascontiguousarray(w) for n, w in self._weights.items()}, str(folder / WEIGHTS)
-        )
+        save_aligned(self._weights, folder / WEIGHTS)
         text = self._ir_text if self._ir_text.endswith("\n") else self._ir_text + "\n"
         (folder / IR).write_text(text, encoding="utf-8")
         files = {}

@@ -251,15 +251,8 @@ def _load_archive(path: Path, device: Any, check_hashes: bool) -> CompiledModel:
 
 
 def _load_weights(path: Path, manifest: Manifest, dev: Any) -> list[Any]:
-    """Weights as TVM tensors on `dev`, in params order, read one at a time so the peak memory
-    is the weights plus one tensor, not twice the weights."""
-    from safetensors import safe_open  # noqa: PLC0415
+    """Weights as TVM tensors on `dev`, in params order: on a CPU views of the memory-mapped
+    file (one copy, in the page cache), see moec/runtime/weights.py."""
+    from moec.runtime.weights import load_mapped  # noqa: PLC0415
 
-    tvm = _tvm.tvm()
-    out = []
-    with safe_open(str(path), framework="numpy") as f:
-        for name in manifest.params:
-            # tvm.runtime.tensor copies into a fresh 64-byte-aligned buffer, which the kernels
-            # need; the numpy array safetensors returns has no such guarantee.
-            out.append(tvm.runtime.tensor(np.ascontiguousarray(f.get_tensor(name)), dev))
-    return out
+    return load_mapped(path, manifest.params, dev)

@@ -1,0 +1,142 @@
+"""weights.safetensors with every tensor 64-byte aligned, and loading it memory-mapped.
+
+The file is plain safetensors (any safetensors reader opens it): the header is padded with
+spaces and, where a tensor would start off a 64-byte boundary, a `__pad__.<i>` u8 tensor fills
+the gap (the format forbids holes between tensors). Aligned, a weight can be handed to TVM
+as a view of the mapped file (DLPack): loading reads nothing up front, the page cache holds
+the only copy, and processes that load the same artifact (expert-parallel ranks) share it.
+The mapping is copy-on-write, so nothing a process does reaches the file.
+
+Files from before alignment, or weights going to a GPU, are copied once into TVM memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.errors import ArtifactError
+
+ALIGN = 64  # TVM's DLPack import wants 64-byte aligned data
+PAD_PREFIX = "__pad__."
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+           "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes  # noqa: PLC0415
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def save_aligned(weights: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """Write `weights` (in their order) as safetensors with every tensor's data at a multiple
+    of ALIGN bytes from the start of the file."""
+    arrays = {n: np.ascontiguousarray(a) for n, a in weights.items()}
+    for n, a in arrays.items():
+        if n.startswith(PAD_PREFIX):
+            raise ArtifactError(f"weight name {n!r} is reserved for padding")
+        if a.dtype.name not in _CODES:
+            raise ArtifactError(f"weight {n!r}: dtype {a.dtype} has no safetensors code")
+    # offsets relative to the data start, which is itself aligned (header padded below)
+    header: dict[str, Any] = {}
+    layout: list[tuple[int, np.ndarray | None]] = []  # (padding bytes before, array)
+    pos = 0
+    for i, (n, a) in enumerate(arrays.items()):
+        gap = (-pos) % ALIGN
+        if gap:
+            header[f"{PAD_PREFIX}{i}"] = {"dtype": "U8", "shape": [gap],
+                                          "data_offsets": [pos, pos + gap]}
+            pos += gap
+        header[n] = {"dtype": _CODES[a.dtype.name], "shape": list(a.shape),
+                     "data_offsets": [pos, pos + a.nbytes]}
+        layout.append((gap, a))
+        pos += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-(8 + len(text))) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for gap, a in layout:
+            f.write(b"\0" * gap)
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(tensor entries, data start, file size), checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ArtifactError(f"{path.name}: shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise ArtifactError(f"{path.name}: header length {n} exceeds the file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ArtifactError(f"{path.name}: the safetensors header is not JSON ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n, size
+
+
+def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every weight of the safetensors file `path` (padding left out) as a numpy view of one
+    copy-on-write mapping of the file, in file order."""
+    path = Path(path)
+    header, start, size = _header(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="c") if size > start else np.zeros(0, np.uint8)
+    out = {}
+    for name, entry in header.items():
+        if name.startswith(PAD_PREFIX):
+            continue
+        try:
+            dt = _np_dtype(_DTYPES[entry["dtype"]])
+            shape = tuple(int(d) for d in entry["shape"])
+            lo, hi = (start + int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path.name}: bad header entry for {name!r}: {entry}") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if hi - lo != nbytes or lo < start or hi > size:
+            raise ArtifactError(f"{path.name}: weight {name!r} spans bytes {lo}..{hi} of "
+                                f"{size}, but {entry['dtype']}{list(shape)} needs {nbytes}")
+        out[name] = (mapped[lo:hi] if nbytes else np.zeros(0, np.uint8)).view(dt).reshape(shape)
+    return out
+
+
+def to_tvm(view: np.ndarray, dev: Any) -> Any:
+    """`view` as a TVM tensor on `dev`: zero-copy on a CPU when it is contiguous and aligned,
+    else one copy."""
+    import tvm  # noqa: PLC0415  (moec.runtime imports TVM lazily)
+
+    on_cpu = int(dev.dlpack_device_type()) == 1  # kDLCPU
+    if on_cpu and view.nbytes and view.flags.c_contiguous and view.ctypes.data % ALIGN == 0:
+        if view.dtype.kind == "V":  # bfloat16 / float8: numpy's DLPack takes plain dtypes only
+            bits = view.view(f"u{view.dtype.itemsize}")
+            return tvm.runtime.from_dlpack(bits)._create_view(view.shape, view.dtype.name)
+        return tvm.runtime.from_dlpack(view)
+    return tvm.runtime.tensor(np.ascontiguousarray(view), dev)
+
+
+def load_mapped(path: str | Path, names: Sequence[str], dev: Any) -> list[Any]:
+    """The tensors `names` of the safetensors file `path` as TVM tensors on `dev`: on a CPU,
+    aligned ones are views of a copy-on-write mapping of the file (no copy), others are copied
+    once; on a GPU each is copied once from the mapping to the device."""
+    arrays = mapped_arrays(path)
+    out = []
+    for name in names:
+        if name not in arrays:
+            raise ArtifactError(f"{Path(path).name} has no weight {name!r}")
+        out.append(to_tvm(arrays[name], dev))
+    return out
