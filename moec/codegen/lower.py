@@ -29,10 +29,7 @@ _BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core
 _NN_OPS = {"core.embedding", "core.arange", "core.cos", "core.sin", "core.permute_dims",
            "core.slice", "core.concat", "core.broadcast_to", "core.attention"}  # lower_nn.py
 _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
-               "moe.expert_ffn": "tile-expert-gemm", "moe.unpermute": "fuse-combine",
-               "moe.permute": "tile-expert-gemm", "moe.select": "fuse-gating"}
-_NO_FUSED_FORM = {"moe.permute": "experts with weight_on=input (the routing weight scales the "
-                                 "expert input, as in Llama 4) have no fused CPU form yet"}
+               "moe.expert_ffn": "tile-expert-gemm", "moe.select": "fuse-gating"}
 
 
 @dataclass
@@ -138,9 +135,8 @@ class _Lowerer:
         dt = tvm_dtype(n.operands[0].dtype)
         s0 = _shape_key(ins[0].shape)
         if op in _NEEDS_PASS:
-            why = f"; {_NO_FUSED_FORM[op]}" if op in _NO_FUSED_FORM else ""
             raise CodegenError(f"{n!r}: {op} has no kernel; run {_NEEDS_PASS[op]} first "
-                               f"(the default pipeline does){why}")
+                               f"(the default pipeline does)")
         if op == "core.reshape":
             self.vals[n.result] = self.bb.emit(relax.op.reshape(
                 self.value(n.operands[0]), [self.dim(d) for d in n.result.shape]))
@@ -204,6 +200,12 @@ class _Lowerer:
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
             self.call(n, (op, dt, h, k), lambda: self.K.combine(h, k, dt))
+        elif op == "moe.permute":  # left by weight_on=input: the weight scales the sorted rows
+            h, k = ins[0].shape[1], a["top_k"]
+            self.call(n, (op, dt, h, k), lambda: self.K.permute(h, k, dt))
+        elif op == "moe.unpermute":  # its weighted sum is fused into moe.combine when possible
+            h, k = ins[0].shape[1], ins[1].shape[1]
+            self.call(n, (op, dt, h, k), lambda: self.K.unpermute(h, k, dt))
         else:
             raise CodegenError(f"{n!r}: no {'CUDA' if self.cuda else 'CPU'} kernel for {op}")
 

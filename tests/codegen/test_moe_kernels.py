@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from moec.codegen.kernels import align, combine, grouped_matmul, permute, router
+from moec.codegen.kernels import align, combine, grouped_matmul, permute, router, unpermute
 from moec.codegen.kernels.grouped_matmul import grouped_tiles
 from moec.errors import CodegenError
 
@@ -122,6 +122,7 @@ def lib(kernel_lib):
     for h, k in COMBINE_CASES:
         ks[("combine", h, k)] = combine(h, k)
         ks[("permute", h, k)] = permute(h, k)
+        ks[("unpermute", h, k)] = unpermute(h, k)
     for dt in LOW_PRECISION:
         ks[("combine", dt)] = combine(40, 2, dt)
         ks[("permute", dt)] = permute(40, 2, dt)
@@ -179,6 +180,16 @@ def test_permute_and_combine(lib, case, routing, t):
     for j in range(k):  # increasing j, as specified
         ref += w[:, j:j + 1].astype(np.float64) * y[slot_row[:, j]]
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+    (back,) = lib(lib.k[("unpermute", h, k)], y, slot_row, outs=[((t, k, h), "float32")])
+    np.testing.assert_array_equal(back, y[slot_row])  # a copy is exact
+
+
+def test_unpermute_clamps_rows(lib):
+    h, k = COMBINE_CASES[0]
+    y = rng.standard_normal((32, h)).astype(np.float32)
+    rows = np.resize(np.array([0, 31, -5, 99], np.int32), (4, k))
+    (back,) = lib(lib.k[("unpermute", h, k)], y, rows, outs=[((4, k, h), "float32")])
+    np.testing.assert_array_equal(back, y[np.clip(rows, 0, 31)])
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION))

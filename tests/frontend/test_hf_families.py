@@ -134,10 +134,9 @@ def test_all_families_are_covered():
 
 # --------------------------------------------------------------------------- compiled (TVM, CPU)
 
-_COMPILED_FAST = ("mixtral", "qwen3_moe", "deepseek_v3")
+_COMPILED_FAST = ("mixtral", "qwen3_moe", "deepseek_v3", "llama4")
 _NO_KERNEL = {"phimoe": "order=sparsemixer has no CPU kernel",
-              "switch_transformers": "capacity has no CPU kernel",
-              "llama4": "weight_on=input"}
+              "switch_transformers": "capacity has no CPU kernel"}
 COMPILED = [pytest.param(f, marks=() if f in _COMPILED_FAST else pytest.mark.slow)
             for f in FAMILIES if f not in _NO_KERNEL]
 

@@ -19,7 +19,7 @@ transformations of them)."""
 
 from moec.codegen.cuda.base import Kernel
 from moec.codegen.cuda.build import build_cuda, has_mma, ptxas_report
-from moec.codegen.cuda.dispatch import align, combine, permute
+from moec.codegen.cuda.dispatch import align, combine, permute, unpermute
 from moec.codegen.cuda.elementwise import elementwise_binary, elementwise_unary
 from moec.codegen.cuda.gemm import grouped_matmul, linear
 from moec.codegen.cuda.reduction import layernorm, reduce, rmsnorm, softmax
@@ -27,4 +27,4 @@ from moec.codegen.cuda.routing import router, topk
 
 __all__ = ["Kernel", "align", "build_cuda", "combine", "elementwise_binary", "elementwise_unary",
            "grouped_matmul", "has_mma", "layernorm", "linear", "permute", "ptxas_report",
-           "reduce", "rmsnorm", "router", "softmax", "topk"]
+           "reduce", "rmsnorm", "router", "softmax", "topk", "unpermute"]

@@ -159,6 +159,30 @@ def permute(H: int, k: int, dtype: str) -> Kernel:
     return Kernel(finalize(func, name), name, {})
 
 
+def define_unpermute(H: int, k: int, dtype: str) -> tirx.PrimFunc:
+    """Unscheduled te definition of `unpermute`."""
+    check_dtype(dtype, FLOATS)
+    sh = Shapes()
+    tok, rows, h_ = sh.dim("T"), sh.dim("S"), sh.dim(H)
+    y = te.placeholder((rows, h_), dtype, name="y")
+    sr = te.placeholder((tok, k), "int32", name="slot_row")
+
+    def body(t, j, h):
+        r = tirx.max(tirx.min(sr(t, j).astype("int64"), rows - 1), tirx.const(0, "int64"))
+        return y[r, h]
+
+    out = te.compute((tok, k, h_), body, name="out")
+    return te.create_prim_func([y, sr, out])
+
+
+def unpermute(H: int, k: int, dtype: str) -> Kernel:
+    """moe.unpermute: (y[S, H], slot_row i32[T, k]) -> out[T, k, H], out[t, j] = y[slot_row[t, j]]
+    (slot_row clamped into [0, S))."""
+    func = schedule_injective(define_unpermute(H, k, dtype))
+    name = f"unpermute_{dtype}"
+    return Kernel(finalize(func, name), name, {})
+
+
 def define_combine(H: int, k: int, dtype: str) -> tirx.PrimFunc:
     """Unscheduled te definition of `combine` (tests run it on the CPU)."""
     check_dtype(dtype, FLOATS)

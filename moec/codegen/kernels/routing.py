@@ -122,6 +122,36 @@ def permute(H: int, k: int, dtype: str = "float32") -> Kernel:
     return finish(func, name)
 
 
+def unpermute(H: int, k: int, dtype: str = "float32") -> Kernel:
+    """Rows of the sorted layout back in token order, `out[t, j] = y[slot_row[t, j]]`
+    (moe.unpermute, left when the routing weight scaled the expert input). Kernel args:
+    `(y [S, H], slot_row i32[T, k], out [T, k, H])`; slot_row values are clamped into [0, S).
+    Parallel over tokens, vectorised over H."""
+    check_dtype("unpermute", dtype, FLOAT_DTYPES)
+    check_positive("unpermute", H=H, k=k)
+    dims = Dims()
+    t, s = dims.var("T"), dims.var("S")
+    vl = vector_lanes(dtype)
+    name = kernel_name("unpermute", dtype, "H", H, "k", k)
+
+    @T.prim_func
+    def func(y: T.handle, slot_row: T.handle, out: T.handle):
+        Y = T.match_buffer(y, (s, H), dtype)
+        SR = T.match_buffer(slot_row, (t, k), "int32")
+        O = T.match_buffer(out, (t, k, H), dtype)
+        for tok in T.parallel(t):
+            for j in range(k):
+                src: T.let = T.Cast("int64", T.max(T.min(SR[tok, j], T.Cast("int32", s - i64(1))),
+                                                   0))
+                for v in range(H // vl):
+                    for lane in T.vectorized(vl):
+                        O[tok, j, v * vl + lane] = Y[src, v * vl + lane]
+                for lane in range(H % vl):
+                    O[tok, j, H // vl * vl + lane] = Y[src, H // vl * vl + lane]
+
+    return finish(func, name)
+
+
 def combine(H: int, k: int, dtype: str = "float32") -> Kernel:
     """`out[t] = sum_j weights[t, j] * y[slot_row[t, j]]`, summed in increasing j, in float32.
     Kernel args: `(y [S, H], weights f32[T, k], slot_row i32[T, k], out [T, H])`. slot_row values
