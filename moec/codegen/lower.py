@@ -175,16 +175,22 @@ class _Lowerer:
 
             lower_nn(self, n, dt)
         elif op == "moe.router":
-            if a["order"] == "sparsemixer" or a["capacity"] > 0:
+            if self.cuda and (a["order"] == "sparsemixer" or a["capacity"] > 0):
                 what = "order=sparsemixer" if a["order"] == "sparsemixer" else "capacity"
-                raise CodegenError(f"{n!r}: moe.router with {what} has no "
-                                   f"{'CUDA' if self.cuda else 'CPU'} kernel yet")
-            kk = dict(a)
-            self.call(n, (op, s0, dt, len(ins), tuple(sorted(kk.items()))), lambda: self.K.router(
+                raise CodegenError(f"{n!r}: moe.router with {what} has no CUDA kernel yet; "
+                                   f"compile with target='cpu'")
+            kk = {key: v for key, v in a.items() if key != "capacity"}
+            build = lambda: self.K.router(  # noqa: E731
                 H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
                 order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
                 has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"],
-                topk_groups=a["topk_groups"], group_score=a["group_score"], dtype=dt))
+                topk_groups=a["topk_groups"], group_score=a["group_score"], dtype=dt,
+                jitter_eps=a["jitter_eps"])
+            key = (op, s0, dt, len(ins), tuple(sorted(kk.items())))
+            if a["capacity"] == 0:
+                self.call(n, key, build)
+            else:
+                self.lower_router_capacity(n, key, build, ins[1].shape[0])
         elif op == "moe.align":
             k = ins[0].shape[1]
             self.call(n, (op, k, a["num_experts"], a["block_m"]),
@@ -208,6 +214,21 @@ class _Lowerer:
             self.call(n, (op, dt, h, k), lambda: self.K.unpermute(h, k, dt))
         else:
             raise CodegenError(f"{n!r}: no {'CUDA' if self.cuda else 'CPU'} kernel for {op}")
+
+    def lower_router_capacity(self, n: Node, key: tuple, build: Callable[[], K.Kernel],
+                              num_experts: int) -> None:
+        """The router kernel, then the capacity kernel on its weights (token dropping needs a
+        pass over all slots in order, which the token-parallel router cannot make)."""
+        kern, gv = self.kernel(key, build)
+        w_type, ids_type = (self.sinfo(r) for r in n.results)
+        res = self.bb.emit(relax.call_tir(gv, self.args(n, kern), [w_type, ids_type]))
+        weights = self.bb.emit(relax.TupleGetItem(res, 0))
+        ids = self.bb.emit(relax.TupleGetItem(res, 1))
+        k, cap = n.attrs["k"], n.attrs["capacity"]
+        _, cgv = self.kernel(("moe.capacity", num_experts, k, cap),
+                             lambda: self.K.capacity(num_experts, k, cap))
+        self.vals[n.results[0]] = self.bb.emit(relax.call_tir(cgv, [weights, ids], w_type))
+        self.vals[n.results[1]] = ids
 
     def lower_quant(self, n: Node, a: Any, ins: list, dt: str) -> None:
         from moec.codegen.kernels.grouped_matmul_quant import grouped_matmul_quant

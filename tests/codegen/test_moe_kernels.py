@@ -14,7 +14,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from moec.codegen.kernels import align, combine, grouped_matmul, permute, router, unpermute
+from moec.codegen.kernels import (
+    align,
+    capacity,
+    combine,
+    grouped_matmul,
+    permute,
+    router,
+    unpermute,
+)
 from moec.codegen.kernels.grouped_matmul import grouped_tiles
 from moec.errors import CodegenError
 
@@ -108,6 +116,8 @@ ROUTER_CASES = [
     dict(E=7, k=3, scale=0.5, norm_topk=True),
 ]
 ROUTER_H = [64, 37]
+SPARSEMIXER_EPS = [0.01, 0.3]  # PhiMoE's default, and one wide enough to keep many experts
+CAPACITY_CASES = [(8, 1, 3), (4, 2, 5)]
 LOW_PRECISION = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -129,6 +139,11 @@ def lib(kernel_lib):
     for i, c in enumerate(ROUTER_CASES):
         for h in ROUTER_H:
             ks[("router", i, h)] = router(h, **c)
+    for eps in SPARSEMIXER_EPS:
+        ks[("sparsemixer", eps)] = router(37, 16, 2, order="sparsemixer", jitter_eps=eps,
+                                          scale=1.5)
+    for e, k, cap in CAPACITY_CASES:
+        ks[("capacity", e, k, cap)] = capacity(e, k, cap)
     lib = kernel_lib(ks.values())
     lib.k = ks
     return lib
@@ -306,6 +321,34 @@ def test_router(lib, case, h, t):
     assert clear.sum() >= t - 1 - t // 10, "too many near-ties to check this case"
     np.testing.assert_array_equal(ids[clear], ri[clear])
     np.testing.assert_allclose(wts[clear], rw[clear], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("eps", SPARSEMIXER_EPS)
+def test_router_sparsemixer(lib, eps, t):
+    from moec.ir.moe_ops import sparsemixer_ref
+
+    x = rng.standard_normal((t, 37)).astype(np.float32)
+    w = (rng.standard_normal((16, 37)) / math.sqrt(37)).astype(np.float32)
+    wts, ids = lib(lib.k[("sparsemixer", eps)], x, w,
+                   outs=[((t, 2), "float32"), ((t, 2), "int32")])
+    logits = x.astype(np.float64) @ w.T.astype(np.float64)
+    rw, ri = sparsemixer_ref(logits, 2, eps)
+    np.testing.assert_array_equal(ids, ri)
+    np.testing.assert_allclose(wts, 1.5 * rw, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("case", CAPACITY_CASES)
+def test_capacity_drops_late_slots(lib, case, routing, t):
+    from moec.ir.moe_ops import capacity_mask
+
+    e, k, cap = case
+    ids = make_ids(t, e, k, routing)
+    w = rng.random((t, k)).astype(np.float32)
+    (got,) = lib(lib.k[("capacity", e, k, cap)], w, ids, outs=[((t, k), "float32")])
+    np.testing.assert_array_equal(got, np.where(capacity_mask(ids, cap), w, 0))
 
 
 def test_router_ties_pick_lower_expert(lib):

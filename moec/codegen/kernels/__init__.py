@@ -27,13 +27,21 @@ from moec.codegen.kernels.grouped_matmul import grouped_matmul
 from moec.codegen.kernels.linear import linear
 from moec.codegen.kernels.reduction import layernorm, reduce, rmsnorm, softmax
 from moec.codegen.kernels.router import router
-from moec.codegen.kernels.routing import align, align_sizes, combine, permute, unpermute
+from moec.codegen.kernels.routing import (
+    align,
+    align_sizes,
+    capacity,
+    combine,
+    permute,
+    unpermute,
+)
 from moec.codegen.kernels.topk import topk
 
 __all__ = [
     "Kernel",
     "align",
     "align_sizes",
+    "capacity",
     "combine",
     "elementwise_binary",
     "elementwise_unary",

@@ -35,8 +35,12 @@ def _validate(E, k, scoring, order, has_bias, n_groups, topk_groups, group_score
     check_positive("router", E=E, k=k, n_groups=n_groups, topk_groups=topk_groups)
     if scoring not in ("softmax", "sigmoid"):
         raise CodegenError(f"router: scoring must be softmax|sigmoid, got {scoring!r}")
-    if order not in ("score_topk", "topk_score"):
-        raise CodegenError(f"router: order must be score_topk|topk_score, got {order!r}")
+    if order not in ("score_topk", "topk_score", "sparsemixer"):
+        raise CodegenError(f"router: order must be score_topk|topk_score|sparsemixer, got "
+                           f"{order!r}")
+    if order == "sparsemixer" and (has_bias or n_groups > 1 or scoring != "softmax"):
+        raise CodegenError("router: order=sparsemixer takes softmax scoring, no selection bias "
+                           "and no groups")
     if group_score not in ("max", "top2_sum"):
         raise CodegenError(f"router: group_score must be max|top2_sum, got {group_score!r}")
     if k > E:
@@ -67,6 +71,7 @@ def router(
     group_score: str = "max",
     dtype: str = "float32",
     logit_bias: bool = False,
+    jitter_eps: float = 0.01,
 ) -> Kernel:
     """Fused router. Kernel args: `(x [T, H], w [E, H], [logit_bias f32[E]], [bias f32[E]],
     weights f32[T, k], ids i32[T, k])`, semantics of docs/ops.md "moe.router semantics":
@@ -77,7 +82,10 @@ def router(
     other experts' sel to -inf; ids = topk(sel, k); weights = scores[ids], divided by their sum
     if norm_topk (+1e-20 for sigmoid), times scale.
     topk_score: vals, ids = topk(logits, k); weights = softmax|sigmoid(vals) * scale
-    (norm_topk does not apply; bias and groups are rejected)."""
+    (norm_topk does not apply; bias and groups are rejected).
+    sparsemixer (PhiMoE, inference form): k rounds; round r takes the best remaining expert b
+    (ties: lower index) with weight 1 / sum_j exp(l_j - l_b) over the remaining experts j with
+    l_b - l_j <= 2 * jitter_eps * max(|l_j|, l_b) (docs/ops.md), times scale."""
     check_dtype("router", dtype)
     check_positive("router", H=H)
     _validate(E, k, scoring, order, has_bias, n_groups, topk_groups, group_score)
@@ -86,13 +94,16 @@ def router(
     gsize = E // n_groups
     grouped = n_groups > 1
     score_first = order == "score_topk"
+    sparse = order == "sparsemixer"
+    two_eps = 2.0 * jitter_eps
     softmax = scoring == "softmax"
     dims = Dims()
     t = dims.var("T")
     name = kernel_name("router", dtype, "H", H, "E", E, "k", k, scoring, order,
                        "norm" if norm_topk else "", "s", scale, "bias" if has_bias else "",
                        "lbias" if logit_bias else "",
-                       "g", n_groups, topk_groups, group_score if grouped else "")
+                       "g", n_groups, topk_groups, group_score if grouped else "",
+                       f"eps{jitter_eps}" if sparse else "")
 
     def xrow(tb, i):
         return T.min(tb * TB + i, t - i64(1))
@@ -198,6 +209,24 @@ def router(
                                 red[0] = red[0] + vals[j]
                             for j in range(k):
                                 vals[j] = vals[j] / red[0]
+                    elif sparse:
+                        for e in range(E):
+                            sel[e] = T.float32(1)  # 1: still remaining
+                        for r in range(k):
+                            itmp[0] = -1
+                            red[0] = T.float32(NEG_INF)
+                            for e in range(E):
+                                if sel[e] > T.float32(0) and (itmp[0] < 0 or logits[i, e] > red[0]):
+                                    red[0] = logits[i, e]
+                                    itmp[0] = e
+                            red[1] = T.float32(0)
+                            for e in range(E):
+                                if sel[e] > T.float32(0) and red[0] - logits[i, e] <= T.float32(
+                                        two_eps) * T.max(T.fabs(logits[i, e]), red[0]):
+                                    red[1] = red[1] + fmath.exp(logits[i, e] - red[0])
+                            vals[r] = T.float32(1) / red[1]
+                            ids[r] = itmp[0]
+                            sel[itmp[0]] = T.float32(0)
                     else:
                         topk_init(vals, ids, k)
                         for e in range(E):

@@ -122,6 +122,34 @@ def permute(H: int, k: int, dtype: str = "float32") -> Kernel:
     return finish(func, name)
 
 
+def capacity(E: int, k: int, cap: int) -> Kernel:
+    """Token dropping (moe.router's `capacity`, Switch Transformers): each expert keeps its first
+    `cap` slots in slot order t*k + j, the others get weight 0. Kernel args: `(weights f32[T, k],
+    ids i32[T, k], out f32[T, k])`; ids are clamped into [0, E). One sequential pass over the
+    slots (the count of an expert depends on every earlier slot); T*k steps, tiny next to the
+    router's GEMM."""
+    check_positive("capacity", E=E, k=k, cap=cap)
+    dims = Dims()
+    t = dims.var("T")
+    name = kernel_name("capacity", "E", E, "k", k, "c", cap)
+
+    @T.prim_func
+    def func(weights: T.handle, ids: T.handle, out: T.handle):
+        WT = T.match_buffer(weights, (t, k), "float32")
+        IDS = T.match_buffer(ids, (t, k), "int32")
+        O = T.match_buffer(out, (t, k), "float32")
+        count = T.alloc_buffer((E,), "int32")
+        for e in range(E):
+            count[e] = 0
+        for tok in range(t):
+            for j in range(k):
+                e: T.let = T.max(T.min(IDS[tok, j], E - 1), 0)
+                O[tok, j] = T.Select(count[e] < cap, WT[tok, j], T.float32(0))
+                count[e] = count[e] + 1
+
+    return finish(func, name)
+
+
 def unpermute(H: int, k: int, dtype: str = "float32") -> Kernel:
     """Rows of the sorted layout back in token order, `out[t, j] = y[slot_row[t, j]]`
     (moe.unpermute, left when the routing weight scaled the expert input). Kernel args:
