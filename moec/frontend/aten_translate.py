@@ -64,7 +64,9 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
         return t.float().numpy().astype(ml_dtypes.bfloat16)
     if t.dtype not in _DTYPES:
         raise UnsupportedError(f"tensor dtype {t.dtype} has no moec dtype")
-    return np.array(t.numpy(), copy=True)
+    # a private copy (the user may change the module afterwards), made by torch: its copy is
+    # several times faster than numpy's on fresh memory (2.4 GB of Qwen3 experts: 0.3 s vs 2.6 s)
+    return t.clone(memory_format=torch.contiguous_format).numpy()
 
 
 class _Translator:

@@ -286,7 +286,10 @@ class Probe:
 
 
 def _proj(w: torch.Tensor, b: torch.Tensor | None, v: torch.Tensor, spec: str) -> torch.Tensor:
-    y = torch.einsum(spec, v, w.float())
+    if spec in ("th,eoh->eto", "eth,eoh->eto"):  # a batched GEMM reading w transposed in place
+        y = torch.matmul(v, w.float().transpose(-1, -2))  # (einsum copies w: 10x slower)
+    else:
+        y = torch.einsum(spec, v, w.float())
     if b is None:
         return y
     return y + (b.float()[:, None, :] if y.dim() == 3 else b.float())  # [E, O] or per-token

@@ -40,12 +40,17 @@ def k_blocking(K: int) -> tuple[int, int]:
 def pack_nk(w: np.ndarray, nr: int) -> np.ndarray:
     """`[..., N, K]` -> `[..., ceil(N/nr), K, nr]`, zero-padding N: panel p, row k holds
     w[..., p*nr:(p+1)*nr, k] contiguously."""
+    import torch  # noqa: PLC0415  (its transposing copy is parallel: 10x numpy's here)
+
     *lead, n, k = w.shape
     nb = -(-n // nr)
-    padded = np.zeros((*lead, nb * nr, k), dtype=w.dtype)
-    padded[..., :n, :] = w
-    panels = padded.reshape(*lead, nb, nr, k)
-    return np.ascontiguousarray(np.swapaxes(panels, -1, -2))
+    dt = w.dtype
+    raw = w.view(f"u{dt.itemsize}") if dt.kind == "V" else w  # bfloat16 etc.: copy the bits
+    src = torch.from_numpy(np.ascontiguousarray(raw))
+    if nb * nr != n:
+        src = torch.nn.functional.pad(src, (0, 0, 0, nb * nr - n))
+    out = src.reshape(*lead, nb, nr, k).transpose(-1, -2).contiguous().numpy()
+    return out.view(dt) if dt.kind == "V" else out
 
 
 def linear_tiles(dtype: str) -> tuple[int, int, int]:
