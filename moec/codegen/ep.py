@@ -101,9 +101,12 @@ class _Region:
         return [self.align, *self.gemms]
 
 
+_GEMMS = ("moe.grouped_matmul", "moe.grouped_matmul_q")  # fp32/fp16/bf16 or quantised weights
+
+
 def _fail(node: Node, why: str) -> CodegenError:
     return CodegenError(f"expert parallelism: {node!r}: {why}; EP supports MoE layers in the "
-                        f"default pipeline's form (moe.align -> moe.grouped_matmul chain -> "
+                        f"default pipeline's form (moe.align -> moe.grouped_matmul(_q) chain -> "
                         f"moe.combine)")
 
 
@@ -112,7 +115,7 @@ def find_regions(graph: Graph) -> list[_Region]:
     regions = []
     for align in graph.find("moe.align"):
         sorted_ids, tile_expert, slot_row = align.results
-        gemms = [n for n in sorted_ids.users() if n.op == "moe.grouped_matmul"]
+        gemms = [n for n in sorted_ids.users() if n.op in _GEMMS]
         if len(gemms) != len(sorted_ids.users()) or {n for n in tile_expert.users()} != set(gemms):
             raise _fail(align, "its layout feeds ops other than moe.grouped_matmul")
         first = [g for g in gemms if g.attrs["gather"]]
@@ -121,7 +124,7 @@ def find_regions(graph: Graph) -> list[_Region]:
         chain = [first[0]]
         while True:
             users = chain[-1].result.users()
-            nxt = [u for u in users if u.op == "moe.grouped_matmul"]
+            nxt = [u for u in users if u.op in _GEMMS]
             if not nxt:
                 break
             if len(users) != 1 or nxt[0].operands[0] is not chain[-1].result:
@@ -155,7 +158,7 @@ class _EpLowerer(_Lowerer):
 
     def args(self, node: Node, kern: K.Kernel) -> list[relax.Expr]:
         out = super().args(node, kern)
-        if node.op == "moe.grouped_matmul":
+        if node.op in _GEMMS:
             names = {id(var): name for name, var in self.weight_vars.items()}
             self.gemm_weights[node] = {i: names[id(a)] for i, a in enumerate(out)
                                        if id(a) in names}
@@ -219,13 +222,24 @@ class _EpLowerer(_Lowerer):
             with self.bb.dataflow():
                 for g in region.gemms:
                     a = g.attrs
-                    e, n, kk = g.operands[1].shape
-                    kern, gv = self.kernel(
-                        ("ep.grouped_matmul_e1", dt, n, kk, bm, a["gather"], a["activation"],
-                         a["bias"], a["alpha"], a["limit"]),
-                        lambda a=a, n=n, kk=kk: K.grouped_matmul(
+                    n, kk = g.operands[1].shape[1], g.operands[0].shape[1]
+                    if g.op == "moe.grouped_matmul_q":
+                        from moec.codegen.kernels.grouped_matmul_quant import (
+                            grouped_matmul_quant,
+                        )
+
+                        key = ("ep.grouped_matmul_q_e1", dt, n, kk, bm, tuple(sorted(a.items())))
+                        build = lambda a=a, n=n, kk=kk: grouped_matmul_quant(  # noqa: E731
+                            1, n, kk, bm, 1, a["gather"], a["activation"], bits=a["bits"],
+                            group_size=a["group_size"], dtype=dt, bias=a["bias"],
+                            alpha=a["alpha"], limit=a["limit"])
+                    else:
+                        key = ("ep.grouped_matmul_e1", dt, n, kk, bm, a["gather"],
+                               a["activation"], a["bias"], a["alpha"], a["limit"])
+                        build = lambda a=a, n=n, kk=kk: K.grouped_matmul(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"]))
+                            alpha=a["alpha"], limit=a["limit"])
+                    kern, gv = self.kernel(key, build)
                     names, args = [], [cur]
                     for i, v in enumerate(g.operands[1:-2], start=1):
                         name = self.gemm_weights[g][i]

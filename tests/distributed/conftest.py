@@ -3,6 +3,7 @@
 - `two_layer`: two decoder layers, 4 experts, top-2, uniform (random) routing.
 - `skewed`: one decoder layer, 6 experts (uneven over 4 ranks: 2, 2, 1, 1), top-2, with the
   router biased so that every token picks experts 0 and 1: only rank 0 receives rows.
+- `quantized`: `two_layer`'s model with int4 experts (moe.grouped_matmul_q).
 - `whole_lm`: a tiny random Mixtral causal LM (2 layers, attention, 4 experts) saved with
   transformers and compiled from its checkpoint folder (ids [T] -> logits); None without
   transformers (a test extra).
@@ -52,6 +53,15 @@ def two_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def skewed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     art = moec.compile(skewed_model(), (torch.randn(8, HIDDEN),), max_tokens=256, ep=True)
     return art.save(tmp_path_factory.mktemp("ep") / "skewed.moec")
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`two_layer`'s model with int4 experts in groups of 32 (scales and zero points sharded
+    with their experts)."""
+    art = moec.compile(TwoLayers().eval(), (torch.randn(8, HIDDEN),), max_tokens=256, ep=True,
+                       quantize="int4-g32")
+    return art.save(tmp_path_factory.mktemp("ep") / "quantized.moec")
 
 
 VOCAB = 96

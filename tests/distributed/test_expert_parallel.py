@@ -34,9 +34,10 @@ SKEWED_CALLS = [[8, 0, 13, 3], [40, 21, 0, 7]]
 LM_CALLS = [[3, 0, 17, 9], [33, 5, 1, 0]]  # one sequence of token ids per rank
 
 
-def _run_group(world, two_layer, skewed, whole_lm, tmp):
+def _run_group(world, two_layer, skewed, whole_lm, quantized, tmp):
     cases = [("uniform", str(two_layer), UNIFORM_CALLS, 0),
-             ("skewed", str(skewed), SKEWED_CALLS, 0)]
+             ("skewed", str(skewed), SKEWED_CALLS, 0),
+             ("quantized", str(quantized), UNIFORM_CALLS[:2], 0)]
     if whole_lm is not None:
         cases.append(("whole_lm", str(whole_lm), LM_CALLS, VOCAB))
     if world == 2:
@@ -53,13 +54,13 @@ def _run_group(world, two_layer, skewed, whole_lm, tmp):
 
 
 @pytest.fixture(scope="module")
-def ep2(two_layer, skewed, whole_lm, tmp_path_factory):
-    return _run_group(2, two_layer, skewed, whole_lm, tmp_path_factory.mktemp("ep2"))
+def ep2(two_layer, skewed, whole_lm, quantized, tmp_path_factory):
+    return _run_group(2, two_layer, skewed, whole_lm, quantized, tmp_path_factory.mktemp("ep2"))
 
 
 @pytest.fixture(scope="module")
-def ep4(two_layer, skewed, whole_lm, tmp_path_factory):
-    return _run_group(4, two_layer, skewed, whole_lm, tmp_path_factory.mktemp("ep4"))
+def ep4(two_layer, skewed, whole_lm, quantized, tmp_path_factory):
+    return _run_group(4, two_layer, skewed, whole_lm, quantized, tmp_path_factory.mktemp("ep4"))
 
 
 @pytest.fixture(params=[2, 4], ids=lambda n: f"{n}ranks")
@@ -76,7 +77,9 @@ def test_outputs_equal_single_process(ep_run):
     world, results, _ = ep_run
     records = _records(results, "uniform") + _records(results, "skewed")
     assert len(records) == world * (len(UNIFORM_CALLS) + len(SKEWED_CALLS))
-    records += _records(results, "whole_lm")
+    quant = _records(results, "quantized")
+    assert len(quant) == world * 2
+    records += quant + _records(results, "whole_lm")
     for rank, rec in records:
         assert rec["shape_ok"], (rank, rec)
         assert rec["err"] <= RTOL, (rank, rec)
