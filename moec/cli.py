@@ -9,6 +9,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,11 +56,48 @@ def cmd_compile(a: argparse.Namespace) -> int:
         model, example = a.spec, ()
     else:
         model, example = _load_factory(a.spec)
+    tuning = False if a.no_tuning else (a.tuning_db or True)
     art = moec.compile(model, example, target=a.target, pipeline=a.pipeline, passes=a.passes,
                        max_tokens=a.max_tokens, dump_ir=a.dump_ir, time_passes=a.time_passes,
-                       progress=True, ep=a.ep, quantize=a.quantize)
+                       progress=True, ep=a.ep, quantize=a.quantize, tuning=tuning)
     art.save(a.output)
     print(f"wrote {a.output}")
+    return 0
+
+
+def _model_of(spec: str) -> tuple[Any, tuple]:
+    if Path(spec).is_dir() or spec.endswith(".onnx"):  # checkpoint folder / ONNX file
+        return spec, ()
+    return _load_factory(spec)
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    """Measure block_m and grouped-GEMM tiles for every MoE layer shape of the model and store
+    the best in the tuning database that `moec compile` reads."""
+    from moec.codegen import tune
+    from moec.compiler import to_graph
+
+    model, example = _model_of(a.spec)
+    shapes = tune.layers_of(to_graph(model, example, max(a.tokens)))
+    if not shapes:
+        raise InputError(f"{a.spec}: no MoE layer (moe.experts) to tune")
+    out = Path(a.output) if a.output else tune.user_db_path()
+    cpu = tune.cpu_name()
+    print(f"tuning {len(shapes)} MoE layer shape(s) on {cpu}, tokens {a.tokens}, "
+          f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'all cores')}", flush=True)
+    new = {}
+    for shape in shapes:
+        print(f"{shape.key}:", flush=True)
+        entry = tune.tune_layer(shape, a.tokens, a.reps, a.block_m,
+                                progress=(lambda m: print("  " + m, flush=True)) if a.verbose
+                                else None)
+        new[f"{cpu}|{shape.key}"] = entry
+        d = entry["default_ms"] or {}
+        print(f"  best: block_m {entry['block_m']}, tiles {entry['tiles']}: "
+              + ", ".join(f"T={t} {v:.2f} ms (default {d.get(t, float('nan')):.2f})"
+                          for t, v in entry["measured_ms"].items()), flush=True)
+    tune.write_db(out, new)
+    print(f"wrote {len(new)} entr{'y' if len(new) == 1 else 'ies'} to {out}")
     return 0
 
 
@@ -310,7 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only quantised expert weights (appends quantize-experts): int8 "
                         "per output channel, int4 in groups of 128 along K; -gN sets the group "
                         "size, e.g. int8-g32")
+    s.add_argument("--tuning-db", default=None, metavar="FILE",
+                   help="also read this tuning database (besides moec's and the user cache)")
+    s.add_argument("--no-tuning", action="store_true",
+                   help="ignore tuning databases: built-in block_m and tiles")
     s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser("tune", help="measure the expert GEMMs' block_m and tiles for a model's "
+                       "MoE layers and store the best for `moec compile`")
+    s.add_argument("spec", help="as for `moec compile`")
+    s.add_argument("-o", "--output", default=None, help="database file (default: the user "
+                   "cache, $MOEC_TUNING_DB or ~/.cache/moec/tuning.json)")
+    s.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512],
+                   help="token counts to time at (each weighs the same)")
+    s.add_argument("--reps", type=int, default=5, help="timed calls per candidate and count")
+    s.add_argument("--block-m", type=int, nargs="+", default=[16, 32, 64],
+                   help="tile heights of the aligned layout to try")
+    s.add_argument("-v", "--verbose", action="store_true", help="print every candidate")
+    s.set_defaults(fn=cmd_tune)
 
     s = sub.add_parser("run", help="run a compiled artifact on .npy/.npz inputs")
     s.add_argument("artifact")

@@ -66,7 +66,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             max_tokens: int = 4096, dump_ir: str | Path | None = None,
             time_passes: bool = False, instruments: Sequence[Instrument] = (),
             progress: bool = False, ep: bool = False,
-            quantize: str | None = None) -> Artifact:  # noqa: F821
+            quantize: str | None = None,
+            tuning: bool | str | Path = True) -> Artifact:  # noqa: F821
     """Compile an MoE model to an Artifact.
 
     model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
@@ -83,6 +84,9 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     choose the group size): weights.safetensors holds them quantised.
     ep: also build the expert-parallel entry functions (moec.codegen.ep), so that the artifact
     can run sharded over ranks: `moec.load(path, ep_group=...)`, `moec run --ep N`.
+    tuning: True uses the tuning database (entries shipped with moec and the per-user cache
+    that `moec tune` writes) for the expert GEMMs' block_m and tiles on CPU targets; a path adds
+    that database file; False uses the built-in defaults. See moec.codegen.tune.
     """
     from moec.codegen.build import build
     from moec.runtime.artifact import Artifact
@@ -98,6 +102,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     step("tracing")
     graph = to_graph(model, example_inputs, max_tokens)
     pass_list = parse_pipeline(passes if passes is not None else pipeline)
+    tiles, tuned = ({}, {}) if tgt.get("kind") != "llvm" or tuning is False else \
+        _apply_tuning(graph, pass_list, None if tuning is True else Path(tuning))
     if quantize is not None:
         from moec.passes.quantize_experts import QuantizeExperts, parse_mode
 
@@ -118,7 +124,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
 
         built, ep_plan = build_ep(graph, tgt)
     else:
-        built = build(graph, tgt)
+        built = build(graph, tgt, tiles=tiles)
     art = Artifact(
         executable=built.executable,
         weights=built.weights,
@@ -126,11 +132,52 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         target=built.target_info,
         signature=built.signature,
         pipeline=[p.spec() for p in pass_list],
-        meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {})},
+        meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {}),
+              **({"tuning": tuned} if tuned else {})},
     )
     if env.debug_level() >= 1:
         print(f"moec: compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return art
+
+
+def _apply_tuning(graph: Graph, pass_list: list, db: Path | None
+                  ) -> tuple[dict[tuple, tuple[int, int]], dict[str, Any]]:
+    """Tuned choices for the graph's MoE layers: reorder-dispatch's block_m (replaced in
+    `pass_list` when it has the default value and every tuned layer agrees on one) and the
+    grouped GEMM tiles for the lowering. Returns (tiles, what was applied, for the manifest)."""
+    import dataclasses
+
+    from moec.codegen import tune
+    from moec.passes.reorder_dispatch import ReorderDispatch
+
+    entries = tune.load_db(db)
+    choices = {}
+    for shape in tune.layers_of(graph):
+        c = tune.choose(shape, entries)
+        if c.source == "tuned":
+            choices[shape.key] = (shape, c)
+    if not choices:
+        return {}, {}
+    block_ms = {c.block_m for _, c in choices.values()}
+    idx = [i for i, p in enumerate(pass_list) if isinstance(p, ReorderDispatch)]
+    bm = tune.DEFAULT_BLOCK_M
+    if len(block_ms) == 1 and idx and pass_list[idx[0]].block_m == tune.DEFAULT_BLOCK_M:
+        bm = block_ms.pop()
+        for i in idx:
+            pass_list[i] = dataclasses.replace(pass_list[i], block_m=bm)
+    elif idx:
+        bm = pass_list[idx[0]].block_m
+    tiles: dict[tuple, tuple[int, int]] = {}
+    applied = {}
+    for key, (shape, c) in choices.items():
+        if c.block_m != bm:
+            continue  # its tiles were measured with another block_m
+        for (n, k, gather, act), t in zip(shape.gemms(), c.tiles, strict=True):
+            if t:
+                tiles[(shape.experts, n, k, bm, shape.top_k, gather, act)] = tuple(t)
+        applied[key] = {"cpu": tune.cpu_name(), "block_m": bm,
+                        "tiles": [list(t) if t else None for t in c.tiles]}
+    return tiles, applied
 
 
 def _progress(enabled: bool):

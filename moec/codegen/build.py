@@ -37,12 +37,14 @@ def signature(graph: Graph) -> dict[str, Any]:
             "dims": {k: {"min": lo, "max": hi} for k, (lo, hi) in graph.dims.items()}}
 
 
-def build(graph: Graph, target: dict[str, Any]) -> Built:
+def build(graph: Graph, target: dict[str, Any],
+          tiles: dict[tuple, tuple[int, int]] | None = None) -> Built:
+    """`tiles`: tuned grouped-GEMM micro-kernel tiles (CPU; moec.codegen.tune)."""
     if target.get("kind") == "cuda":
         return _build_cuda(graph, target["arch"])
     if target.get("kind") != "llvm":
         raise CodegenError(f"cannot build for target {target}")
-    lowered = lower(graph)
+    lowered = lower(graph, tiles=tiles)
     tgt = host_target()
     if env.debug_level() >= 3:
         print(lowered.mod.script())

@@ -10,7 +10,7 @@ memory planning and dynamic shapes come from Relax. Weights that a kernel wants 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,10 +56,13 @@ def _shape_key(shape: tuple[DimLike, ...]) -> tuple[int | str, ...]:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, library: Any = None) -> None:
+    def __init__(self, graph: Graph, library: Any = None,
+                 tiles: Mapping[tuple, tuple[int, int]] | None = None) -> None:
         # the kernel library: moec.codegen.kernels (CPU) or moec.codegen.cuda (same builders)
         self.K = library if library is not None else K
         self.cuda = self.K is not K
+        # tuned (MR, NR) of CPU grouped GEMMs by (E, N, K, block_m, top_k, gather, activation)
+        self.tiles = dict(tiles or {})
         self.g = graph
         self.bb = relax.BlockBuilder()
         self.syms = {name: tirx.Var(name, "int64") for name in graph.dims}
@@ -198,11 +201,14 @@ class _Lowerer:
         elif op == "moe.grouped_matmul":
             w = ins[1]
             e, nn, kk2 = w.shape
+            tiles = None if self.cuda else self.tiles.get(
+                (e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"]))
+            extra = {"tiles": tiles} if tiles else {}
             self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                          a["activation"], a["bias"], a["alpha"], a["limit"]),
+                          a["activation"], a["bias"], a["alpha"], a["limit"], tiles),
                       lambda: self.K.grouped_matmul(
                           e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
-                          dt, bias=a["bias"], alpha=a["alpha"], limit=a["limit"]))
+                          dt, bias=a["bias"], alpha=a["alpha"], limit=a["limit"], **extra))
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
             self.call(n, (op, dt, h, k), lambda: self.K.combine(h, k, dt))
@@ -275,6 +281,8 @@ class _Lowerer:
                        [gv.name_hint for _, gv in self.kernel_cache.values()])
 
 
-def lower(graph: Graph, library: Any = None) -> Lowered:
-    """Lower a graph whose ops all have kernels (run the pipeline first) to a Relax module."""
-    return _Lowerer(graph, library).run()
+def lower(graph: Graph, library: Any = None,
+          tiles: Mapping[tuple, tuple[int, int]] | None = None) -> Lowered:
+    """Lower a graph whose ops all have kernels (run the pipeline first) to a Relax module.
+    `tiles`: tuned micro-kernel tiles of CPU grouped GEMMs (moec.codegen.tune)."""
+    return _Lowerer(graph, library, tiles).run()

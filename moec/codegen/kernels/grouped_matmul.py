@@ -44,6 +44,15 @@ def grouped_tiles(dtype: str, block_m: int, gated: bool) -> tuple[int, int]:
     return min(4, block_m), (vl if gated else 2 * vl)
 
 
+def check_tiles(builder: str, dtype: str, tiles: tuple[int, int]) -> tuple[int, int]:
+    mr, nr = (int(v) for v in tiles)
+    vl = vector_lanes(dtype)
+    if not (1 <= mr <= 8 and nr >= vl and nr % vl == 0 and nr <= 4 * vl):
+        raise CodegenError(f"{builder}: tiles (MR, NR) = {tiles}: want 1 <= MR <= 8 and NR a "
+                           f"multiple of the SIMD width {vl}, at most {4 * vl}")
+    return mr, nr
+
+
 def grouped_matmul(
     E: int,
     N: int,
@@ -56,6 +65,7 @@ def grouped_matmul(
     bias: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    tiles: tuple[int, int] | None = None,
 ) -> Kernel:
     """Grouped GEMM `moe.grouped_matmul`. Kernel args: `(x, w_packed, [w2_packed], [b], [b2],
     sorted_ids i32[S], tile_expert i32[TL], out [S, N])` with x `[T, K]` if `gather` else
@@ -66,7 +76,8 @@ def grouped_matmul(
     or clamped_swiglu_mul (GPT-OSS, `alpha`, `limit`). Rows of padding and of unused tiles are
     left unwritten or hold values of no meaning (ops.md allows both). The padding sentinel
     T*top_k comes from x's shape when gathering, else from sorted_ids[S-1], which the align
-    layout guarantees is padding."""
+    layout guarantees is padding. `tiles` = (MR, NR) overrides `grouped_tiles` (a tuning
+    choice; NR a multiple of the SIMD width)."""
     check_dtype("grouped_matmul", dtype)
     check_positive("grouped_matmul", E=E, N=N, K=K, block_m=block_m, top_k=top_k)
     if activation not in ACTIVATIONS:
@@ -75,7 +86,8 @@ def grouped_matmul(
     clamped = activation == "clamped_swiglu_mul"
     bias2 = bias and gated
     act = fmath.activation("none" if clamped else activation.removesuffix("_mul"))
-    mr, nr = grouped_tiles(dtype, block_m, gated)
+    mr, nr = check_tiles("grouped_matmul", dtype, tiles) if tiles else grouped_tiles(
+        dtype, block_m, gated)
     kc, nkc = k_blocking(K)
     k_tail = K - (nkc - 1) * kc
     nb, full_nb = -(-N // nr), N // nr
@@ -88,7 +100,8 @@ def grouped_matmul(
     x_rows = t if gather else s
     name = kernel_name("grouped_matmul", dtype, "E", E, "N", N, "K", K, "bm", block_m, "k",
                        top_k, "gather" if gather else "", activation, "bias" if bias else "",
-                       f"a{alpha}_l{limit}" if clamped else "")
+                       f"a{alpha}_l{limit}" if clamped else "",
+                       f"t{mr}x{nr}" if tiles else "")
 
     def row(tile, g, i):
         r = tile * block_m + g * mr + i

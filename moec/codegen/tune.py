@@ -1,0 +1,267 @@
+"""Tuning of the expert GEMMs by measurement, and the tuning database `moec compile` reads.
+
+What is tuned, per MoE layer shape and CPU: the tile height `block_m` of the aligned layout (one
+value for the whole layer: moe.align and both grouped GEMMs share it) and the micro-kernel tile
+(MR rows x NR columns) of each of the two grouped GEMMs. Each candidate is compiled on its own
+and timed on synthetic routings (uniform, fresh per repetition) at a few token counts; a layer's
+score for a `block_m` is the geometric mean over the token counts of (time / best time at that
+count), so decode and prefill weigh the same. Times are the fastest of a few calls: on a shared
+machine other load only adds time, and tuning on a noisy machine still picks noisy winners.
+
+The database is JSON, `{"format": 1, "entries": {"<mcpu>|<layer key>": entry}}`; `moec compile`
+merges the entries shipped in moec/tuning/*.json with the per-user cache
+(`$MOEC_TUNING_DB`, else `~/.cache/moec/tuning.json`, which `moec tune` writes). A layer without
+an entry gets the built-in defaults (block_m 32, `grouped_tiles`). The entries a compile used go
+into the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.errors import InputError
+from moec.ir.graph import Graph, Node
+
+FORMAT = 1
+DEFAULT_BLOCK_M = 32
+BLOCK_MS = (16, 32, 64)
+SHIPPED = Path(__file__).resolve().parent.parent / "tuning"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the tuning of one MoE layer depends on (a `moe.experts` node)."""
+
+    experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+    activation: str  # grouped GEMM activation of the first GEMM, e.g. silu_mul
+    bias: bool
+    dtype: str
+
+    @property
+    def key(self) -> str:
+        return (f"E{self.experts}_H{self.hidden}_I{self.intermediate}_k{self.top_k}_"
+                f"{self.activation}{'_bias' if self.bias else ''}_{self.dtype}")
+
+    def gemms(self) -> list[tuple[int, int, bool, str]]:
+        """(N, K, gather, activation) of the layer's two grouped GEMMs."""
+        return [(self.intermediate, self.hidden, True, self.activation),
+                (self.hidden, self.intermediate, False, "none")]
+
+
+def layer_shape(node: Node) -> LayerShape:
+    """The LayerShape of a `moe.experts` node (before the pipeline)."""
+    from moec.ir.types import tvm_dtype
+
+    a = node.attrs
+    x, _, ids = node.operands[:3]
+    w_up = node.operands[4] if a["gated"] else node.operands[3]
+    act = a["activation"] + ("_mul" if a["gated"] else "")
+    return LayerShape(experts=w_up.shape[0], hidden=x.shape[1], intermediate=w_up.shape[1],
+                      top_k=ids.shape[1], activation=act, bias=bool(a["bias"]),
+                      dtype=tvm_dtype(x.dtype))
+
+
+def cpu_name() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+# ------------------------------------------------------------------------------ database
+def user_db_path() -> Path:
+    env = os.environ.get("MOEC_TUNING_DB")
+    return Path(env) if env else Path.home() / ".cache" / "moec" / "tuning.json"
+
+
+def read_db(path: Path) -> dict[str, Any]:
+    """The entries of one database file; a missing file has none. A damaged one is an error
+    that names the file (delete it or fix it), never silently ignored."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"want format {FORMAT} with an `entries` object")
+    except (ValueError, AttributeError) as e:
+        raise InputError(f"tuning database {path} is not readable ({e}); delete it or run "
+                         f"`moec tune` again") from None
+    return data["entries"]
+
+
+def load_db(extra: Path | None = None) -> dict[str, Any]:
+    """Shipped entries, then the user's cache, then `extra` (later ones win)."""
+    entries: dict[str, Any] = {}
+    for f in sorted(SHIPPED.glob("*.json")) if SHIPPED.is_dir() else []:
+        entries.update(read_db(f))
+    entries.update(read_db(user_db_path()))
+    if extra is not None:
+        if not extra.exists():
+            raise InputError(f"tuning database {extra} does not exist")
+        entries.update(read_db(extra))
+    return entries
+
+
+def write_db(path: Path, new: dict[str, Any]) -> None:
+    """Merge `new` into the database at `path`, atomically (temp file + rename)."""
+    entries = read_db(path)
+    entries.update(new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": FORMAT, "entries": dict(sorted(entries.items()))}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the compiler does for one layer: block_m and the (MR, NR) of its two GEMMs
+    (None: the built-in default)."""
+
+    block_m: int = DEFAULT_BLOCK_M
+    tiles: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
+    source: str = "default"
+
+
+def choose(shape: LayerShape, entries: dict[str, Any]) -> Choice:
+    e = entries.get(f"{cpu_name()}|{shape.key}")
+    if e is None:
+        return Choice()
+    tiles = tuple(tuple(t) if t else None for t in e["tiles"])
+    return Choice(int(e["block_m"]), tiles, "tuned")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ measuring
+def _routing(t: int, e: int, k: int, bm: int, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """sorted_ids, tile_expert of a uniform random routing (docs/ops.md's align layout)."""
+    ids = np.argsort(rng.random((t, e)), axis=1)[:, :k].reshape(-1)
+    tl = t * k // bm + e
+    sorted_ids = np.full(tl * bm, t * k, np.int32)
+    tile_expert = np.full(tl, -1, np.int32)
+    r = ti = 0
+    for ex in range(e):
+        slots = np.nonzero(ids == ex)[0]
+        sorted_ids[r:r + len(slots)] = slots
+        n_tiles = -(-len(slots) // bm)
+        tile_expert[ti:ti + n_tiles] = ex
+        r, ti = r + n_tiles * bm, ti + n_tiles
+    return sorted_ids, tile_expert
+
+
+def tile_candidates(dtype: str, gated: bool) -> list[tuple[int, int]]:
+    """(MR, NR) micro-kernels that fit the SIMD register file (16 registers with AVX2, 32 with
+    AVX-512; accumulators MR * NR / lanes, doubled when gated)."""
+    from moec.codegen.kernels.base import vector_lanes
+
+    vl = vector_lanes(dtype)
+    regs = 32 if vl * 4 >= 64 else 16
+    out = []
+    for mr in (4, 6, 8):
+        for nv in (1, 2):  # 3 vectors per row measured 4-6x slower here (Zen 3)
+            acc = mr * nv * (2 if gated else 1)
+            if acc + nv + 1 <= regs:
+                out.append((mr, nv * vl))
+    return out
+
+
+def measure_gemm(shape: LayerShape, which: int, block_m: int, tiles: tuple[int, int],
+                 tokens: int, reps: int = 3, seed: int = 0) -> float:
+    """Seconds of one of the layer's grouped GEMMs (0: gate/up, 1: down) on its own: the fastest
+    of `reps` calls (other load on the machine only ever adds time), each on another routing."""
+    import tvm
+
+    from moec.codegen.kernels import grouped_matmul
+    from moec.codegen.target import host_target
+
+    n, k, gather, act = shape.gemms()[which]
+    e, tk = shape.experts, shape.top_k
+    kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype, bias=shape.bias,
+                          tiles=tiles)
+    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=host_target())
+    fn = lib[kern.name]
+    rng = np.random.default_rng(seed)
+    np_dt = np.float32 if shape.dtype == "float32" else np.float16
+    gated = act.endswith("_mul")
+    ws = [kern.arg_transforms[i]((rng.standard_normal((e, n, k)) * k ** -0.5).astype(np_dt))
+          for i in ((1, 2) if gated else (1,))]
+    bs = [np.zeros((e, n), np_dt)] * (len(ws) if shape.bias else 0)
+    dev = tvm.cpu()
+    wt = [tvm.runtime.tensor(w, dev) for w in ws + bs]
+    routings = [_routing(tokens, e, tk, block_m, rng) for _ in range(max(2, reps))]
+    s = len(routings[0][0])
+    rows = tokens if gather else s
+    x = tvm.runtime.tensor(rng.standard_normal((max(rows, 1), k)).astype(np_dt)[:rows], dev)
+    out = tvm.runtime.empty((s, n), shape.dtype, dev)
+    args = [(tvm.runtime.tensor(si, dev), tvm.runtime.tensor(te, dev)) for si, te in routings]
+    fn(x, *wt, *args[0], out)  # warm-up
+    times = []
+    for i in range(reps):
+        si, te = args[i % len(args)]
+        t0 = time.perf_counter()
+        fn(x, *wt, si, te, out)
+        times.append(time.perf_counter() - t0)
+    return float(np.min(times))
+
+
+def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: int = 3,
+               block_ms: Sequence[int] = BLOCK_MS,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The database entry of `shape`: the best block_m and tiles, with what was measured."""
+    from moec.codegen.kernels.grouped_matmul import grouped_tiles
+
+    say = progress or (lambda _m: None)
+    results: dict[int, dict[str, Any]] = {}
+    for bm in block_ms:
+        best_tiles, per_t = [], {t: 0.0 for t in tokens}
+        for which, (_, _, _, act) in enumerate(shape.gemms()):
+            gated = act.endswith("_mul")
+            cands = {grouped_tiles(shape.dtype, bm, gated), *tile_candidates(shape.dtype, gated)}
+            scored = []
+            for tiles in sorted(cands):
+                if tiles[0] > bm:
+                    continue
+                ts = {t: measure_gemm(shape, which, bm, tiles, t, reps) for t in tokens}
+                scored.append((sum(math.log(ts[t]) for t in tokens), tiles, ts))
+                say(f"block_m {bm} gemm {which} tiles {tiles}: "
+                    + ", ".join(f"T={t} {1e3 * v:.2f} ms" for t, v in ts.items()))
+            _, tiles, ts = min(scored)
+            best_tiles.append(list(tiles))
+            for t in tokens:
+                per_t[t] += ts[t]
+        results[bm] = {"tiles": best_tiles, "seconds": per_t}
+    best_at = {t: min(r["seconds"][t] for r in results.values()) for t in tokens}
+
+    def score(bm: int) -> float:
+        return sum(math.log(results[bm]["seconds"][t] / best_at[t]) for t in tokens) / len(tokens)
+
+    bm = min(results, key=score)
+    default = results.get(DEFAULT_BLOCK_M)
+    return {"block_m": bm, "tiles": results[bm]["tiles"],
+            "measured_ms": {str(t): round(1e3 * results[bm]["seconds"][t], 4) for t in tokens},
+            "default_ms": ({str(t): round(1e3 * default["seconds"][t], 4) for t in tokens}
+                           if default else None),
+            "tokens": list(tokens), "threads": os.environ.get("TVM_NUM_THREADS"),
+            "when": time.strftime("%Y-%m-%d")}
+
+
+def layers_of(graph: Graph) -> list[LayerShape]:
+    """The distinct MoE layer shapes of a graph straight from the frontend."""
+    seen: dict[str, LayerShape] = {}
+    for node in graph.find("moe.experts"):
+        s = layer_shape(node)
+        seen.setdefault(s.key, s)
+    return list(seen.values())
