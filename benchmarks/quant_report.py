@@ -67,7 +67,8 @@ def report(name: str, model: torch.nn.Module, hidden: int, tmp: Path,
         out = tmp / f"{name}.{q or 'fp32'}.moec"
         moec.compile(model, (torch.from_numpy(inputs[1]),), max_tokens=256, quantize=q).save(out)
         m = moec.load(out)
-        errs = [errors(np.asarray(m(x)).reshape(r.shape), r) for x, r in zip(inputs, refs, strict=True)]
+        errs = [errors(np.asarray(m(x)).reshape(r.shape), r)
+                for x, r in zip(inputs, refs, strict=True)]
         rows.append({"model": name, "weights": q or "fp32", "artifact_bytes": size_bytes(out),
                      "rel_fro_err": max(e[0] for e in errs),
                      "rel_max_err": max(e[1] for e in errs)})

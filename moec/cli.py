@@ -79,6 +79,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
     model, example = _model_of(a.spec)
     shapes = tune.layers_of(to_graph(model, example, max(a.tokens)))
+    del model, example  # the tuning allocates its own weights
     if not shapes:
         raise InputError(f"{a.spec}: no MoE layer (moe.experts) to tune")
     out = Path(a.output) if a.output else tune.user_db_path()

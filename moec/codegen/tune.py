@@ -178,82 +178,109 @@ def tile_candidates(dtype: str, gated: bool) -> list[tuple[int, int]]:
     return out
 
 
-def measure_gemm(shape: LayerShape, which: int, block_m: int, tiles: tuple[int, int],
-                 tokens: int, reps: int = 3, seed: int = 0) -> float:
-    """Seconds of one of the layer's grouped GEMMs (0: gate/up, 1: down) on its own: the fastest
-    of `reps` calls (other load on the machine only ever adds time), each on another routing."""
-    import tvm
+class _Bench:
+    """One of a layer's grouped GEMMs (0: gate/up, 1: down) with its weights packed for one NR,
+    timed for any block_m, MR and token count. The weights' values do not change the time
+    (a constant, no denormals): one allocation per packing instead of random data per
+    candidate keeps the memory to one copy of the GEMM's weights."""
 
-    from moec.codegen.kernels import grouped_matmul
-    from moec.codegen.target import host_target
+    def __init__(self, shape: LayerShape, which: int, nr: int) -> None:
+        import tvm
 
-    n, k, gather, act = shape.gemms()[which]
-    e, tk = shape.experts, shape.top_k
-    kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype, bias=shape.bias,
-                          tiles=tiles)
-    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=host_target())
-    fn = lib[kern.name]
-    rng = np.random.default_rng(seed)
-    np_dt = np.float32 if shape.dtype == "float32" else np.float16
-    gated = act.endswith("_mul")
-    ws = [kern.arg_transforms[i]((rng.standard_normal((e, n, k)) * k ** -0.5).astype(np_dt))
-          for i in ((1, 2) if gated else (1,))]
-    bs = [np.zeros((e, n), np_dt)] * (len(ws) if shape.bias else 0)
-    dev = tvm.cpu()
-    wt = [tvm.runtime.tensor(w, dev) for w in ws + bs]
-    routings = [_routing(tokens, e, tk, block_m, rng) for _ in range(max(2, reps))]
-    s = len(routings[0][0])
-    rows = tokens if gather else s
-    x = tvm.runtime.tensor(rng.standard_normal((max(rows, 1), k)).astype(np_dt)[:rows], dev)
-    out = tvm.runtime.empty((s, n), shape.dtype, dev)
-    args = [(tvm.runtime.tensor(si, dev), tvm.runtime.tensor(te, dev)) for si, te in routings]
-    fn(x, *wt, *args[0], out)  # warm-up
-    times = []
-    for i in range(reps):
-        si, te = args[i % len(args)]
-        t0 = time.perf_counter()
-        fn(x, *wt, si, te, out)
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times))
+        from moec.codegen.kernels import grouped_matmul
+
+        self.shape, self.which, self.nr = shape, which, nr
+        n, k, gather, act = shape.gemms()[which]
+        probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act, shape.dtype,
+                               bias=shape.bias, tiles=(1, nr))
+        np_dt = np.float32 if shape.dtype == "float32" else np.float16
+        gated = act.endswith("_mul")
+        packed = []
+        for _ in range(2 if gated else 1):  # distinct memory: decode streams both weights
+            w = np.full((shape.experts, n, k), 0.01, np_dt)
+            packed.append(tvm.runtime.tensor(probe.arg_transforms[1](w), tvm.cpu()))
+            del w
+        bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), np_dt), tvm.cpu())
+                for _ in range(len(packed) if shape.bias else 0)]
+        self.weights = packed + bias
+
+    def time(self, block_m: int, mr: int, tokens: int, reps: int, seed: int = 0) -> float:
+        """Seconds: the fastest of `reps` calls (other load on the machine only ever adds
+        time), each on another uniform routing."""
+        import tvm
+
+        from moec.codegen.kernels import grouped_matmul
+        from moec.codegen.target import host_target
+
+        shape = self.shape
+        n, k, gather, act = shape.gemms()[self.which]
+        e, tk = shape.experts, shape.top_k
+        kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype, bias=shape.bias,
+                              tiles=(mr, self.nr))
+        fn = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=host_target())[kern.name]
+        rng = np.random.default_rng(seed)
+        dev = tvm.cpu()
+        routings = [_routing(tokens, e, tk, block_m, rng) for _ in range(max(2, reps))]
+        s = len(routings[0][0])
+        rows = tokens if gather else s
+        np_dt = np.float32 if shape.dtype == "float32" else np.float16
+        x = tvm.runtime.tensor(rng.standard_normal((rows, k)).astype(np_dt), dev)
+        out = tvm.runtime.empty((s, n), shape.dtype, dev)
+        args = [(tvm.runtime.tensor(si, dev), tvm.runtime.tensor(te, dev)) for si, te in routings]
+        fn(x, *self.weights, *args[0], out)  # warm-up
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(x, *self.weights, *args[i % len(args)], out)
+            times.append(time.perf_counter() - t0)
+        return float(np.min(times))
 
 
 def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: int = 3,
                block_ms: Sequence[int] = BLOCK_MS,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The database entry of `shape`: the best block_m and tiles, with what was measured."""
+    import gc
+
     from moec.codegen.kernels.grouped_matmul import grouped_tiles
 
     say = progress or (lambda _m: None)
-    results: dict[int, dict[str, Any]] = {}
-    for bm in block_ms:
-        best_tiles, per_t = [], {t: 0.0 for t in tokens}
-        for which, (_, _, _, act) in enumerate(shape.gemms()):
-            gated = act.endswith("_mul")
-            cands = {grouped_tiles(shape.dtype, bm, gated), *tile_candidates(shape.dtype, gated)}
-            scored = []
-            for tiles in sorted(cands):
-                if tiles[0] > bm:
-                    continue
-                ts = {t: measure_gemm(shape, which, bm, tiles, t, reps) for t in tokens}
-                scored.append((sum(math.log(ts[t]) for t in tokens), tiles, ts))
+    # best[(block_m, which)] = (score, tiles, {tokens: seconds})
+    best: dict[tuple[int, int], tuple[float, tuple[int, int], dict[int, float]]] = {}
+    seen: dict[tuple[int, int, tuple[int, int]], dict[int, float]] = {}
+    for which, (_, _, _, act) in enumerate(shape.gemms()):
+        gated = act.endswith("_mul")
+        cands = {(bm, t) for bm in block_ms
+                 for t in {grouped_tiles(shape.dtype, bm, gated),
+                           *tile_candidates(shape.dtype, gated)} if t[0] <= bm}
+        for nr in sorted({t[1] for _, t in cands}):
+            bench = _Bench(shape, which, nr)
+            for bm, tiles in sorted(c for c in cands if c[1][1] == nr):
+                ts = {t: bench.time(bm, tiles[0], t, reps) for t in tokens}
+                seen[(bm, which, tiles)] = ts
+                score = sum(math.log(ts[t]) for t in tokens)
                 say(f"block_m {bm} gemm {which} tiles {tiles}: "
                     + ", ".join(f"T={t} {1e3 * v:.2f} ms" for t, v in ts.items()))
-            _, tiles, ts = min(scored)
-            best_tiles.append(list(tiles))
-            for t in tokens:
-                per_t[t] += ts[t]
-        results[bm] = {"tiles": best_tiles, "seconds": per_t}
-    best_at = {t: min(r["seconds"][t] for r in results.values()) for t in tokens}
+                if (bm, which) not in best or score < best[(bm, which)][0]:
+                    best[(bm, which)] = (score, tiles, ts)
+            del bench
+            gc.collect()
+    per_bm = {bm: {t: sum(best[(bm, w)][2][t] for w in range(2)) for t in tokens}
+              for bm in block_ms}
+    best_at = {t: min(v[t] for v in per_bm.values()) for t in tokens}
 
     def score(bm: int) -> float:
-        return sum(math.log(results[bm]["seconds"][t] / best_at[t]) for t in tokens) / len(tokens)
+        return sum(math.log(per_bm[bm][t] / best_at[t]) for t in tokens) / len(tokens)
 
-    bm = min(results, key=score)
-    default = results.get(DEFAULT_BLOCK_M)
-    return {"block_m": bm, "tiles": results[bm]["tiles"],
-            "measured_ms": {str(t): round(1e3 * results[bm]["seconds"][t], 4) for t in tokens},
-            "default_ms": ({str(t): round(1e3 * default["seconds"][t], 4) for t in tokens}
-                           if default else None),
+    bm = min(per_bm, key=score)
+    default = None  # what the compiler does without an entry, if it was among the candidates
+    keys = [(DEFAULT_BLOCK_M, w, grouped_tiles(shape.dtype, DEFAULT_BLOCK_M, g[3].endswith("_mul")))
+            for w, g in enumerate(shape.gemms())]
+    if all(k in seen for k in keys):
+        default = {str(t): round(1e3 * sum(seen[k][t] for k in keys), 4) for t in tokens}
+    return {"block_m": bm, "tiles": [list(best[(bm, w)][1]) for w in range(2)],
+            "measured_ms": {str(t): round(1e3 * per_bm[bm][t], 4) for t in tokens},
+            "default_ms": default,
             "tokens": list(tokens), "threads": os.environ.get("TVM_NUM_THREADS"),
             "when": time.strftime("%Y-%m-%d")}
 

@@ -31,6 +31,7 @@ def kernel_set(dtype: str) -> list[Kernel]:
         # decode-size tiles, GPT-OSS's biased clamped SwiGLU
         C.grouped_matmul(8, 512, 256, 16, 2, True, "clamped_swiglu_mul", dtype, bias=True),
         C.permute(H, K_TOP, dtype),
+        C.unpermute(H, K_TOP, dtype),
         C.combine(H, K_TOP, dtype),
     ]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tvm
 
-from moec.codegen.cuda.dispatch import define_combine, define_permute
+from moec.codegen.cuda.dispatch import define_combine, define_permute, define_unpermute
 from moec.codegen.cuda.elementwise import define_binary, define_unary
 from moec.codegen.cuda.gemm import define_grouped_matmul, define_linear
 from moec.codegen.cuda.reduction import define_norm, define_reduce, define_softmax
@@ -91,6 +91,16 @@ def test_permute_definition(tokens):
     x = rng.standard_normal((tokens, 16)).astype(np.float32)
     (got,) = cpu_run(define_permute(16, 2, "float32"), [x, sid], [((len(sid), 16), "float32")])
     close(got, ref("moe.permute", [x, sid], top_k=2)[0], "float32")
+
+
+@pytest.mark.parametrize("tokens", [0, 3, 20])
+def test_unpermute_definition(tokens):
+    rng = np.random.default_rng(tokens)
+    sid, _, srow = align_ref(routing(tokens, 4, 2, rng), 4, 8)
+    y = rng.standard_normal((len(sid), 16)).astype(np.float32)
+    (got,) = cpu_run(define_unpermute(16, 2, "float32"), [y, srow],
+                     [((tokens, 2, 16), "float32")])
+    close(got, ref("moe.unpermute", [y, srow])[0], "float32")
 
 
 @pytest.mark.parametrize("tokens", [0, 3, 20])

@@ -94,6 +94,7 @@ def kernels(dtype: str) -> list[Kernel]:
         named(C.linear("T", 256, 128, dtype, True), "linear"),
         named(C.combine(64, 2, dtype), "combine"),
         named(C.permute(64, 2, dtype), "permute"),
+        named(C.unpermute(64, 2, dtype), "unpermute"),
         named(C.elementwise_unary("silu", ("T", 256), dtype), "silu"),
         named(C.elementwise_unary("gelu", ("T", 256), dtype, approximate="tanh"), "gelu"),
         named(C.elementwise_binary("mul", ("T", 256), (256,), dtype), "mul"),
@@ -238,6 +239,16 @@ def test_permute(emu, tokens):
     got = np.ones((len(sid), 64), np.float16)
     emu("float16")["permute_float16"](x, sid, got)
     close(got, ref("moe.permute", [x, sid], top_k=2)[0])  # padding rows: zeros in both
+
+
+@pytest.mark.parametrize("tokens", [0, 9])
+def test_unpermute(emu, tokens):
+    rng = np.random.default_rng(tokens)
+    sid, _, srow = align_ref(routing(tokens, 8, 2, tokens), 8, 16)
+    y = rng.standard_normal((len(sid), 64)).astype(np.float16)
+    got = np.ones((tokens, 2, 64), np.float16)
+    emu("float16")["unpermute_float16"](y, srow, got)
+    close(got, ref("moe.unpermute", [y, srow])[0])
 
 
 @pytest.mark.parametrize("tokens", [0, 9])
