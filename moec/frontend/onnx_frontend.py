@@ -85,6 +85,12 @@ class _Translator:
         self.params: dict[str, Value] = {}
         self.pnames: set[str] = set()
         self.node: Any = None
+        from moec.frontend.onnx_dense_moe import find_dense_moe, node_key
+
+        self.node_key = node_key
+
+        self.dense = {m.output: m for m in find_dense_moe(self.g, self.consts)}
+        self.replaced = set().union(*(m.nodes for m in self.dense.values()))
 
     # ------------------------------------------------------------------ helpers
     def pname(self, name: str) -> str:
@@ -158,6 +164,8 @@ class _Translator:
                                            and all(not i or i in const for i in n.input)):
                 const.update(n.output)
                 continue
+            if self.node_key(n) in self.replaced:
+                continue
             if key not in _HANDLERS:
                 missing.setdefault(key, []).append(_where(n))
         if missing:
@@ -173,6 +181,10 @@ class _Translator:
             if n.op_type == "Constant" or (n.domain in ("", "ai.onnx")
                                            and all(self.is_const(i) for i in n.input)):
                 self.fold(n)
+                continue
+            if self.node_key(n) in self.replaced:
+                if n.output[0] in self.dense:
+                    self.env[n.output[0]] = self._dense_moe(self.dense[n.output[0]])
                 continue
             try:
                 out = _HANDLERS[key](self, n)
@@ -398,6 +410,18 @@ class _Translator:
                                                                                strict=True)]
         attrs.update(gated=gated, bias=bias)
         return self.emit("moe.experts", [x, weights, ids, *operands], attrs)
+
+    def _dense_moe(self, m: Any) -> Value:
+        """moe.experts for a dense-combine MoE (moec/frontend/onnx_dense_moe.py)."""
+        x, weights, ids = self.val(m.x), self.val(m.weights), self.val(m.ids)
+        if x.type.rank != 2:
+            raise UnsupportedError(f"dense MoE at '{m.output}': x must be [T, H], got {x.type}")
+        if ids.dtype != "i32":
+            ids = self.emit("core.cast", [ids], {"dtype": "i32"})
+        ws = [self.b.param(self.pname(f"{m.output}.{nm}"), w) for nm, w in
+              (("w_gate", m.w_gate), ("w_up", m.w_up), ("w_down", m.w_down))]
+        return self.emit("moe.experts", [x, weights, ids, *ws],
+                         {"activation": "silu", "gated": True, "bias": False})
 
     def _moe_routing(self, logits: Value, E: int, k: int, at: dict[str, Any]
                      ) -> tuple[Value, Value]:

@@ -198,20 +198,52 @@ def test_unsupported_moe_form_named(tmp_path: Path) -> None:
         from_onnx(m)
 
 
-def test_torch_onnx_export_of_stacked_block(tmp_path: Path) -> None:
-    """torch.onnx (dynamo) exports moec's reference StackedMoEBlock, but as a dense combine:
-    zeros [T, E] built from Shape/Concat/Expand, ScatterElements of the top-k weights into it,
-    and a Slice per expert; the error names all of them at once."""
+@pytest.mark.parametrize("norm", [True, False])
+def test_torch_onnx_export_of_stacked_block(tmp_path: Path, norm: bool) -> None:
+    """torch.onnx (dynamo) exports moec's reference StackedMoEBlock as a dense combine: zeros
+    [T, E], ScatterElements of the top-k weights into it, a Slice and a SwiGLU per expert, an
+    Add chain. moec recognises it as one moe.experts (onnx_dense_moe.py), compiles it, and
+    matches onnxruntime on the same file (uniform and skewed routing)."""
     pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's dynamo exporter) missing")
     import torch
 
-    from moec.models.reference import StackedMoEBlock
+    from moec.models.reference import StackedMoEBlock, skew_router
 
-    block = StackedMoEBlock(H, I, E, 2, norm_topk_prob=True).eval()
-    prog = torch.onnx.export(block, (torch.randn(5, H),), dynamo=True, verbose=False,
-                             dynamic_shapes=({0: torch.export.Dim("T", max=4096)},))
-    prog.save(str(tmp_path / "stacked.onnx"))
-    with pytest.raises(UnsupportedError) as exc:
-        from_onnx(tmp_path / "stacked.onnx")
-    for op in ("ScatterElements", "Slice", "Shape", "Expand"):
-        assert f"  {op}:" in str(exc.value), str(exc.value)
+    for routing in ("uniform", "skewed"):
+        torch.manual_seed(0)
+        block = StackedMoEBlock(H, I, E, 2, norm_topk_prob=norm).eval()
+        if routing == "skewed":
+            skew_router(block, expert=1)
+        path = tmp_path / f"stacked_{routing}.onnx"
+        prog = torch.onnx.export(block, (torch.randn(5, H),), dynamo=True, verbose=False,
+                                 dynamic_shapes=({0: torch.export.Dim("T", max=4096)},))
+        prog.save(str(path))
+        graph = from_onnx(path)
+        ops = [n.op for n in graph.nodes]
+        assert ops.count("moe.experts") == 1 and not {"core.slice", "core.concat"} & set(ops)
+        model = moec.compile(str(path), max_tokens=256).load_model()
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        for t in (0, *TOKENS):
+            x = np.random.default_rng(t).standard_normal((t, H)).astype(np.float32)
+            got = np.asarray(model(x))
+            if t == 0:
+                assert got.shape == (0, H)
+                continue
+            ref = sess.run(None, {name: x})[0]
+            assert _rel(got, ref) <= TOL, (routing, t, _rel(got, ref))
+            assert _rel(interpret(graph, [x])[0], ref) <= TOL
+
+
+def test_scatter_outside_the_moe_form_is_named(tmp_path: Path) -> None:
+    """A ScatterElements that is not a dense MoE combine stays unsupported, named with its node."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 4])
+    idx = numpy_helper.from_array(np.zeros((1, 4), np.int64), "idx")
+    upd = numpy_helper.from_array(np.ones((1, 4), np.float32), "upd")
+    node = helper.make_node("ScatterElements", ["x", "idx", "upd"], ["y"], name="sc", axis=0)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], [idx, upd]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "sc.onnx")
+    with pytest.raises(UnsupportedError, match="ScatterElements: node 'sc'"):
+        from_onnx(tmp_path / "sc.onnx")
