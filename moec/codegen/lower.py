@@ -188,7 +188,7 @@ class _Lowerer:
                 order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
                 has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"],
                 topk_groups=a["topk_groups"], group_score=a["group_score"], dtype=dt,
-                jitter_eps=a["jitter_eps"])
+                **({"jitter_eps": a["jitter_eps"]} if a["order"] == "sparsemixer" else {}))
             key = (op, s0, dt, len(ins), tuple(sorted(kk.items())))
             if a["capacity"] == 0:
                 self.call(n, key, build)
