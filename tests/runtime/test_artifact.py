@@ -130,7 +130,7 @@ def _fail(*args: Any, **kwargs: Any) -> None:
     raise OSError("disk full (simulated)")
 
 
-@pytest.mark.parametrize("where", ["safetensors.numpy.save_file", "manifest"])
+@pytest.mark.parametrize("where", ["moec.runtime.weights.save_aligned", "manifest"])
 def test_failed_save_keeps_the_old_artifact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
