@@ -4,8 +4,10 @@
 x[sorted_ids[r] // top_k] (gather) or x[r]. Gated activations (`silu_mul`, `gelu_mul`) read a
 second weight and compute `act(w[e] @ v) * (w2[e] @ v)` in the same pass over x.
 
-Schedule: a task is (NR-column panel p, tile); tasks run in parallel, panel-major, so that the
-two threads split the panels and stay balanced even when only a few tiles are used (decode).
+Schedule: a task is (block of PANELS NR-column panels, tile); tasks run in parallel,
+panel-major, so that the threads split the panels and stay balanced even when only a few tiles
+are used (decode). Within a task, each K chunk of the tile's x rows is reused for every panel
+of the block while it is in L1/L2.
 Unused tiles (tile_expert outside [0, E)) return at once. A tile is processed in row groups of MR
 rows; a group whose first row is padding is skipped (runs end with their padding, so the rest of
 the group is padding too): at T=1 a tile costs one MR-row group, not block_m rows. Padding rows
@@ -37,6 +39,10 @@ ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "silu_mul", "gelu_mu
                "gelu_tanh_mul", "relu_mul", "clamped_swiglu_mul")
 
 
+PANELS = 4  # panels per task: x rows reused 4x from L1/L2 (Qwen3-30B layer at 2048 tokens,
+# Zen 3: gate/up 819 -> 666 ms, down 531 -> 445 ms; decode no slower)
+
+
 def grouped_tiles(dtype: str, block_m: int, gated: bool) -> tuple[int, int]:
     """(MR, NR) of the micro-kernel: 4 rows (divides the usual power-of-two block_m), two SIMD
     vectors of columns, or one per weight when gated (AVX2: 8 accumulator registers)."""
@@ -66,6 +72,7 @@ def grouped_matmul(
     alpha: float = 1.702,
     limit: float = 7.0,
     tiles: tuple[int, int] | None = None,
+    panels: int | None = None,
 ) -> Kernel:
     """Grouped GEMM `moe.grouped_matmul`. Kernel args: `(x, w_packed, [w2_packed], [b], [b2],
     sorted_ids i32[S], tile_expert i32[TL], out [S, N])` with x `[T, K]` if `gather` else
@@ -77,7 +84,8 @@ def grouped_matmul(
     left unwritten or hold values of no meaning (ops.md allows both). The padding sentinel
     T*top_k comes from x's shape when gathering, else from sorted_ids[S-1], which the align
     layout guarantees is padding. `tiles` = (MR, NR) overrides `grouped_tiles` (a tuning
-    choice; NR a multiple of the SIMD width)."""
+    choice; NR a multiple of the SIMD width); a task computes `panels` NR-column panels of its
+    tile, so the tile's rows of x are reused from cache that many times (default PANELS)."""
     check_dtype("grouped_matmul", dtype)
     check_positive("grouped_matmul", E=E, N=N, K=K, block_m=block_m, top_k=top_k)
     if activation not in ACTIVATIONS:
@@ -91,6 +99,10 @@ def grouped_matmul(
     kc, nkc = k_blocking(K)
     k_tail = K - (nkc - 1) * kc
     nb, full_nb = -(-N // nr), N // nr
+    pb = min(PANELS, nb) if panels is None else panels
+    if not 1 <= pb <= nb:
+        raise CodegenError(f"grouped_matmul: panels={panels} not in 1..{nb} (N={N}, NR={nr})")
+    npb = -(-nb // pb)  # panel blocks
     ng = -(-block_m // mr)  # row groups per tile
     nw = 2 if gated else 1
     dims = Dims()
@@ -101,7 +113,7 @@ def grouped_matmul(
     name = kernel_name("grouped_matmul", dtype, "E", E, "N", N, "K", K, "bm", block_m, "k",
                        top_k, "gather" if gather else "", activation, "bias" if bias else "",
                        f"a{alpha}_l{limit}" if clamped else "",
-                       f"t{mr}x{nr}" if tiles else "")
+                       f"t{mr}x{nr}" if tiles else "", f"pb{pb}" if pb > 1 else "")
 
     def row(tile, g, i):
         r = tile * block_m + g * mr + i
@@ -121,11 +133,11 @@ def grouped_matmul(
     def kc_len(kb):
         return kc if k_tail == kc else T.min(kc, K - kb * kc)
 
-    def epilogue(ct, gi, j, e, col, b, b2):
-        g = ct[gi, 0, j] + b[e, col] if bias else ct[gi, 0, j]
+    def epilogue(ct, q, gi, j, e, col, b, b2):
+        g = ct[q, gi, 0, j] + b[e, col] if bias else ct[q, gi, 0, j]
         if not gated:
             return act(g)
-        u = ct[gi, 1, j] + b2[e, col] if bias else ct[gi, 1, j]
+        u = ct[q, gi, 1, j] + b2[e, col] if bias else ct[q, gi, 1, j]
         return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
 
     def sentinel_of(si, rows):
@@ -154,55 +166,66 @@ def grouped_matmul(
         Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
         Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
         sentinel: T.let = sentinel_of(SI, s)
-        for task in T.parallel(nb * tl):
-            p: T.let = task // tl
+        for task in T.parallel(npb * tl):
+            pblk: T.let = task // tl
             tile: T.let = task % tl
             if TE[tile] >= 0 and TE[tile] < E:
-                ctile = T.alloc_buffer((ng * mr, nw, nr), "float32")
+                ctile = T.alloc_buffer((pb, ng * mr, nw, nr), "float32")
                 acc = T.alloc_buffer((mr, nr), "float32")
                 acc2 = T.alloc_buffer((mr, nr), "float32")
                 src = T.alloc_buffer((mr,), "int64")
                 for kb in range(nkc):
-                    for g in range(ng):
-                        if valid(SI[tile * block_m + g * mr], sentinel):
-                            for i in T.unroll(mr):
-                                src[i] = source(SI, tile, g, i, sentinel)
-                                for j in T.vectorized(nr):
-                                    acc[i, j] = T.Select(kb == 0, T.float32(0),
-                                                         ctile[g * mr + i, 0, j])
-                                    if gated:
-                                        acc2[i, j] = T.Select(kb == 0, T.float32(0),
-                                                              ctile[g * mr + i, 1, j])
-                            for kk in range(kc_len(kb)):
+                    for q in range(pb):
+                        p: T.let = pblk * pb + q
+                        if p < nb:
+                            for g in range(ng):
+                                if valid(SI[tile * block_m + g * mr], sentinel):
+                                    for i in T.unroll(mr):
+                                        src[i] = source(SI, tile, g, i, sentinel)
+                                        for j in T.vectorized(nr):
+                                            acc[i, j] = T.Select(kb == 0, T.float32(0),
+                                                                 ctile[q, g * mr + i, 0, j])
+                                            if gated:
+                                                acc2[i, j] = T.Select(kb == 0, T.float32(0),
+                                                                      ctile[q, g * mr + i, 1, j])
+                                    for kk in range(kc_len(kb)):
+                                        for i in T.unroll(mr):
+                                            for j in T.vectorized(nr):
+                                                acc[i, j] = acc[i, j] + X[
+                                                    src[i], kb * kc + kk] * W[
+                                                    TE[tile], p, kb * kc + kk, j]
+                                                if gated:
+                                                    acc2[i, j] = acc2[i, j] + X[
+                                                        src[i], kb * kc + kk] * Wb[
+                                                        TE[tile], p, kb * kc + kk, j]
+                                    for i in T.unroll(mr):
+                                        for j in T.vectorized(nr):
+                                            ctile[q, g * mr + i, 0, j] = acc[i, j]
+                                            if gated:
+                                                ctile[q, g * mr + i, 1, j] = acc2[i, j]
+                for q in range(pb):
+                    p: T.let = pblk * pb + q
+                    if p < nb:
+                        for g in range(ng):
+                            if valid(SI[tile * block_m + g * mr], sentinel):
                                 for i in T.unroll(mr):
-                                    for j in T.vectorized(nr):
-                                        acc[i, j] = acc[i, j] + X[src[i], kb * kc + kk] * W[
-                                            TE[tile], p, kb * kc + kk, j]
-                                        if gated:
-                                            acc2[i, j] = acc2[i, j] + X[src[i], kb * kc + kk] * Wb[
-                                                TE[tile], p, kb * kc + kk, j]
-                            for i in T.unroll(mr):
-                                for j in T.vectorized(nr):
-                                    ctile[g * mr + i, 0, j] = acc[i, j]
-                                    if gated:
-                                        ctile[g * mr + i, 1, j] = acc2[i, j]
-                for g in range(ng):
-                    if valid(SI[tile * block_m + g * mr], sentinel):
-                        for i in T.unroll(mr):
-                            if full_nb == nb:
-                                for j in T.vectorized(nr):
-                                    Y[row(tile, g, i), p * nr + j] = epilogue(
-                                        ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
-                            else:
-                                # Only the last panel is partial: guard its columns one by one.
-                                if p < full_nb:
-                                    for j in T.vectorized(nr):
-                                        Y[row(tile, g, i), p * nr + j] = epilogue(
-                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
-                                else:
-                                    for j in range(N - full_nb * nr):
-                                        Y[row(tile, g, i), p * nr + j] = epilogue(
-                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+                                    if full_nb == nb:
+                                        for j in T.vectorized(nr):
+                                            Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                ctile, q, g * mr + i, j, TE[tile], p * nr + j,
+                                                Bb, Bb2)
+                                    else:
+                                        # Only the last panel is partial: guard its columns.
+                                        if p < full_nb:
+                                            for j in T.vectorized(nr):
+                                                Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                    ctile, q, g * mr + i, j, TE[tile],
+                                                    p * nr + j, Bb, Bb2)
+                                        else:
+                                            for j in range(N - full_nb * nr):
+                                                Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                    ctile, q, g * mr + i, j, TE[tile],
+                                                    p * nr + j, Bb, Bb2)
 
     transforms = {1: lambda a: pack_nk(a, nr)}
     if gated:
