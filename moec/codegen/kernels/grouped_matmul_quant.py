@@ -17,7 +17,7 @@ from tvm.script import tirx as T
 
 from moec.codegen.kernels import fmath
 from moec.codegen.kernels.base import Dims, Kernel, check_dtype, finish, i64, kernel_name
-from moec.codegen.kernels.grouped_matmul import ACTIVATIONS, grouped_tiles
+from moec.codegen.kernels.grouped_matmul import ACTIVATIONS, PANELS, grouped_tiles
 from moec.codegen.kernels.linear import pack_nk
 from moec.codegen.kernels.routing import check_positive
 from moec.errors import CodegenError
@@ -61,6 +61,8 @@ def grouped_matmul_quant(
     kq = K // 2 if int4 else K
     qdt = "uint8" if int4 else "int8"
     nb, full_nb = -(-N // nr), N // nr
+    pb = min(PANELS, nb)  # panels per task: a row group's x is reused from L1 for each
+    npb = -(-nb // pb)
     ng = -(-block_m // mr)
     nw = 2 if gated else 1
     dims = Dims()
@@ -135,8 +137,8 @@ def grouped_matmul_quant(
         Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
         Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
         sentinel: T.let = sentinel_of(SI, s)
-        for task in T.parallel(nb * tl):
-            p: T.let = task // tl
+        for task in T.parallel(npb * tl):
+            pblk: T.let = task // tl
             tile: T.let = task % tl
             if TE[tile] >= 0 and TE[tile] < E:
                 ctile = T.alloc_buffer((ng * mr, nw, nr), "float32")
@@ -144,64 +146,71 @@ def grouped_matmul_quant(
                 acc2 = T.alloc_buffer((mr, nr), "float32")
                 src = T.alloc_buffer((mr,), "int64")
                 for g in range(ng):
-                    if valid(SI[tile * block_m + g * mr], sentinel):
-                        for i in T.unroll(mr):
-                            src[i] = source(SI, tile, g, i, sentinel)
-                            for j in T.vectorized(nr):
-                                ctile[g * mr + i, 0, j] = T.float32(0)
-                                if gated:
-                                    ctile[g * mr + i, 1, j] = T.float32(0)
-                        for kg in range(ng_k):
-                            for i in T.unroll(mr):
-                                for j in T.vectorized(nr):
-                                    acc[i, j] = T.float32(0)
-                                    if gated:
-                                        acc2[i, j] = T.float32(0)
-                            if int4:
-                                for kk in range(glen(kg) // 2):
-                                    for h in T.unroll(2):
-                                        for i in T.unroll(mr):
-                                            for j in T.vectorized(nr):
-                                                acc[i, j] = acc[i, j] + X[
-                                                    src[i], kg * gs + 2 * kk + h] * deq(
-                                                    Q, Zb, TE[tile], p, kg * (gs // 2) + kk, kg,
-                                                    j, 4 * h)
-                                                if gated:
-                                                    acc2[i, j] = acc2[i, j] + X[
-                                                        src[i], kg * gs + 2 * kk + h] * deq(
-                                                        Qb2, Zb2, TE[tile], p,
-                                                        kg * (gs // 2) + kk, kg, j, 4 * h)
-                            else:
-                                for kk in range(glen(kg)):
+                    for q in range(pb):
+                        p: T.let = pblk * pb + q
+                        ex: T.let = TE[tile]
+                        if p < nb:
+                            if valid(SI[tile * block_m + g * mr], sentinel):
+                                for i in T.unroll(mr):
+                                    src[i] = source(SI, tile, g, i, sentinel)
+                                    for j in T.vectorized(nr):
+                                        ctile[g * mr + i, 0, j] = T.float32(0)
+                                        if gated:
+                                            ctile[g * mr + i, 1, j] = T.float32(0)
+                                for kg in range(ng_k):
                                     for i in T.unroll(mr):
                                         for j in T.vectorized(nr):
-                                            acc[i, j] = acc[i, j] + X[src[i], kg * gs + kk] * deq(
-                                                Q, Zb, TE[tile], p, kg * gs + kk, kg, j, 0)
+                                            acc[i, j] = T.float32(0)
                                             if gated:
-                                                acc2[i, j] = acc2[i, j] + X[
-                                                    src[i], kg * gs + kk] * deq(
-                                                    Qb2, Zb2, TE[tile], p, kg * gs + kk, kg, j, 0)
-                            for i in T.unroll(mr):
-                                for j in T.vectorized(nr):
-                                    ctile[g * mr + i, 0, j] = ctile[g * mr + i, 0, j] + acc[
-                                        i, j] * S1[TE[tile], p, kg, j]
-                                    if gated:
-                                        ctile[g * mr + i, 1, j] = ctile[g * mr + i, 1, j] + acc2[
-                                            i, j] * Sb2[TE[tile], p, kg, j]
-                        for i in T.unroll(mr):
-                            if full_nb == nb:
-                                for j in T.vectorized(nr):
-                                    Y[row(tile, g, i), p * nr + j] = epilogue(
-                                        ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
-                            else:
-                                if p < full_nb:
-                                    for j in T.vectorized(nr):
-                                        Y[row(tile, g, i), p * nr + j] = epilogue(
-                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
-                                else:
-                                    for j in range(N - full_nb * nr):
-                                        Y[row(tile, g, i), p * nr + j] = epilogue(
-                                            ctile, g * mr + i, j, TE[tile], p * nr + j, Bb, Bb2)
+                                                acc2[i, j] = T.float32(0)
+                                    if int4:
+                                        for kk in range(glen(kg) // 2):
+                                            for h in T.unroll(2):
+                                                for i in T.unroll(mr):
+                                                    for j in T.vectorized(nr):
+                                                        acc[i, j] = acc[i, j] + X[
+                                                            src[i], kg * gs + 2 * kk + h] * deq(
+                                                            Q, Zb, ex, p, kg * (gs // 2) + kk, kg,
+                                                            j, 4 * h)
+                                                        if gated:
+                                                            acc2[i, j] = acc2[i, j] + X[
+                                                                src[i], kg * gs + 2 * kk + h] * deq(
+                                                                Qb2, Zb2, ex, p,
+                                                                kg * (gs // 2) + kk, kg, j, 4 * h)
+                                    else:
+                                        for kk in range(glen(kg)):
+                                            for i in T.unroll(mr):
+                                                for j in T.vectorized(nr):
+                                                    acc[i, j] = acc[i, j] + X[
+                                                        src[i], kg * gs + kk] * deq(
+                                                        Q, Zb, ex, p, kg * gs + kk, kg, j, 0)
+                                                    if gated:
+                                                        acc2[i, j] = acc2[i, j] + X[
+                                                            src[i], kg * gs + kk] * deq(
+                                                            Qb2, Zb2, ex, p, kg * gs + kk, kg, j, 0)
+                                    for i in T.unroll(mr):
+                                        for j in T.vectorized(nr):
+                                            ctile[g * mr + i, 0, j] = ctile[g * mr + i, 0, j] + acc[
+                                                i, j] * S1[ex, p, kg, j]
+                                            if gated:
+                                                ctile[g * mr + i, 1, j] = ctile[
+                                                    g * mr + i, 1, j] + acc2[
+                                                    i, j] * Sb2[ex, p, kg, j]
+                                for i in T.unroll(mr):
+                                    if full_nb == nb:
+                                        for j in T.vectorized(nr):
+                                            Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                ctile, g * mr + i, j, ex, p * nr + j, Bb, Bb2)
+                                    else:
+                                        if p < full_nb:
+                                            for j in T.vectorized(nr):
+                                                Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                    ctile, g * mr + i, j, ex, p * nr + j, Bb, Bb2)
+                                        else:
+                                            for j in range(N - full_nb * nr):
+                                                Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                    ctile, g * mr + i, j, ex, p * nr + j, Bb, Bb2)
+
 
     per = 3 if int4 else 2
     transforms = {}
