@@ -18,6 +18,9 @@ weights pre-packed into NR-wide panels (`arg_transforms`), K cut into L1/L2-size
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -48,6 +51,51 @@ def grouped_tiles(dtype: str, block_m: int, gated: bool) -> tuple[int, int]:
     vectors of columns, or one per weight when gated (AVX2: 8 accumulator registers)."""
     vl = vector_lanes(dtype)
     return min(4, block_m), (vl if gated else 2 * vl)
+
+
+@dataclass(frozen=True)
+class TileRows:
+    """How both grouped GEMM kernels (fp32 and quantised) walk the rows of the aligned tile
+    layout: row r of group g of a tile, whether a sorted id is a real slot, which x row a tile
+    row reads, and the padding sentinel (see the module docstring)."""
+
+    block_m: int
+    mr: int
+    top_k: int
+    gather: bool
+    t: Any  # the token count var when gathering
+
+    def row(self, tile: Any, g: Any, i: Any) -> Any:
+        r = tile * self.block_m + g * self.mr + i
+        # Only when MR does not divide block_m can a group's rows spill into the next tile.
+        if self.block_m % self.mr == 0:
+            return r
+        return T.min(r, tile * self.block_m + (self.block_m - 1))
+
+    def valid(self, sid: Any, sentinel: Any) -> Any:
+        return tirx.And(sid >= 0, T.Cast("int64", sid) < sentinel)
+
+    def source(self, si: Any, tile: Any, g: Any, i: Any, sentinel: Any) -> Any:
+        """x row of tile row (g, i); padding rows read the group's first row (no index leaves x,
+        no garbage enters the registers)."""
+        r0 = tile * self.block_m + g * self.mr
+        ok = self.valid(si[self.row(tile, g, i)], sentinel)
+        if self.gather:
+            return T.Cast("int64", T.Select(ok, si[self.row(tile, g, i)], si[r0])) // self.top_k
+        return T.Select(ok, self.row(tile, g, i), r0)
+
+    def sentinel(self, si: Any, rows: Any) -> Any:
+        """T*top_k from x's shape when gathering, else sorted_ids[S-1], which the align layout
+        guarantees is padding; if_then_else evaluates only the taken side (no read at S = 0)."""
+        if self.gather:
+            return self.t * i64(self.top_k)
+        return T.Cast("int64", T.if_then_else(rows > 0, si[rows - i64(1)], 0))
+
+
+def alias(used: bool, buf: Any, fallback: Any) -> Any:
+    """Optional operands are dropped from the signature when unused: the body then declares its
+    view on `fallback` (and never reads it), so the dropped buffer has no use left."""
+    return buf if used else fallback
 
 
 def check_tiles(builder: str, dtype: str, tiles: tuple[int, int]) -> tuple[int, int]:
@@ -115,20 +163,8 @@ def grouped_matmul(
                        f"a{alpha}_l{limit}" if clamped else "",
                        f"t{mr}x{nr}" if tiles else "", f"pb{pb}" if pb > 1 else "")
 
-    def row(tile, g, i):
-        r = tile * block_m + g * mr + i
-        # Only when MR does not divide block_m can a group's rows spill into the next tile.
-        return r if block_m % mr == 0 else T.min(r, tile * block_m + (block_m - 1))
-
-    def valid(sid, sentinel):
-        return tirx.And(sid >= 0, T.Cast("int64", sid) < sentinel)
-
-    def source(si, tile, g, i, sentinel):
-        r0 = tile * block_m + g * mr
-        ok = valid(si[row(tile, g, i)], sentinel)
-        if gather:
-            return T.Cast("int64", T.Select(ok, si[row(tile, g, i)], si[r0])) // top_k
-        return T.Select(ok, row(tile, g, i), r0)
+    layout = TileRows(block_m, mr, top_k, gather, t)
+    row, valid, source, sentinel_of = layout.row, layout.valid, layout.source, layout.sentinel
 
     def kc_len(kb):
         return kc if k_tail == kc else T.min(kc, K - kb * kc)
@@ -139,17 +175,6 @@ def grouped_matmul(
             return act(g)
         u = ct[q, gi, 1, j] + b2[e, col] if bias else ct[q, gi, 1, j]
         return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
-
-    def sentinel_of(si, rows):
-        if gather:
-            return t * i64(top_k)
-        # if_then_else only evaluates the taken side: no read of si[-1] when S = 0.
-        return T.Cast("int64", T.if_then_else(rows > 0, si[rows - i64(1)], 0))
-
-    def alias(used, buf, fallback):
-        # Optional operands are dropped from the signature when unused: the body then declares
-        # its view on `fallback` (and never reads it), so the dropped buffer has no use left.
-        return buf if used else fallback
 
     @T.prim_func
     def func(x: T.handle, w: T.handle, w2: T.handle, b: T.handle, b2: T.handle,

@@ -12,12 +12,17 @@ a shift, a mask and a subtract) per weight element, and one multiply per group a
 
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.codegen.kernels import fmath
-from moec.codegen.kernels.base import Dims, Kernel, check_dtype, finish, i64, kernel_name
-from moec.codegen.kernels.grouped_matmul import ACTIVATIONS, PANELS, grouped_tiles
+from moec.codegen.kernels.base import Dims, Kernel, check_dtype, finish, kernel_name
+from moec.codegen.kernels.grouped_matmul import (
+    ACTIVATIONS,
+    PANELS,
+    TileRows,
+    alias,
+    grouped_tiles,
+)
 from moec.codegen.kernels.linear import pack_nk
 from moec.codegen.kernels.routing import check_positive
 from moec.errors import CodegenError
@@ -74,19 +79,8 @@ def grouped_matmul_quant(
                        block_m, "k", top_k, "gather" if gather else "", activation,
                        "bias" if bias else "", f"a{alpha}_l{limit}" if clamped else "")
 
-    def row(tile, g, i):
-        r = tile * block_m + g * mr + i
-        return r if block_m % mr == 0 else T.min(r, tile * block_m + (block_m - 1))
-
-    def valid(sid, sentinel):
-        return tirx.And(sid >= 0, T.Cast("int64", sid) < sentinel)
-
-    def source(si, tile, g, i, sentinel):
-        r0 = tile * block_m + g * mr
-        ok = valid(si[row(tile, g, i)], sentinel)
-        if gather:
-            return T.Cast("int64", T.Select(ok, si[row(tile, g, i)], si[r0])) // top_k
-        return T.Select(ok, row(tile, g, i), r0)
+    layout = TileRows(block_m, mr, top_k, gather, t)
+    row, valid, source, sentinel_of = layout.row, layout.valid, layout.source, layout.sentinel
 
     def glen(kg):
         return gs if K % gs == 0 else T.min(gs, K - kg * gs)
@@ -104,14 +98,6 @@ def grouped_matmul_quant(
             return act(g)
         u = ct[gi, 1, j] + b2[e, col] if bias else ct[gi, 1, j]
         return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
-
-    def sentinel_of(si, rows):
-        if gather:
-            return t * i64(top_k)
-        return T.Cast("int64", T.if_then_else(rows > 0, si[rows - i64(1)], 0))
-
-    def alias(used, buf, fallback):
-        return buf if used else fallback
 
     @T.prim_func
     def func(x: T.handle, q: T.handle, sc: T.handle, zp: T.handle, q2: T.handle, sc2: T.handle,
