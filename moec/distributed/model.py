@@ -337,6 +337,12 @@ def _load_weights(path: Path, plan: Plan, lo: int, hi: int, dev: Any
     from moec.runtime.weights import mapped_arrays, to_tvm
 
     arrays = mapped_arrays(path)
+    needed = {w for seg in plan.segments for w in seg.weights} | {
+        w for r in plan.regions for w in r.flat_weights}
+    missing = sorted(needed - set(arrays))
+    if missing:
+        raise ArtifactError(f"{path.name} has no weight {missing[0]!r} (and {len(missing) - 1} "
+                            f"more) that the EP plan needs: the artifact is damaged")
     shared: dict[str, Any] = {}
     memory = {"shared_bytes": 0, "expert_bytes": 0, "all_expert_bytes": 0, "artifact_bytes": 0}
     expert_names = {w for r in plan.regions for w in r.flat_weights}

@@ -202,3 +202,19 @@ def test_cli_run_under_torchrun(two_layer, tmp_path):
     assert "rank 1/2: experts 2..3" in proc.stderr  # each rank says what it holds
     y = np.load(tmp_path / "y.npy")
     assert W.rel_err(y, moec.load(two_layer)(x)) <= RTOL
+
+
+def test_weights_file_missing_a_planned_weight_is_an_artifact_error(two_layer, tmp_path):
+    import safetensors.numpy
+    import tvm
+
+    from moec.distributed.model import _load_weights
+    from moec.runtime.weights import PAD_PREFIX, save_aligned
+
+    plan = parse_plan(moec.runtime.verify(two_layer).meta, str(two_layer))
+    stored = safetensors.numpy.load_file(str(two_layer / "weights.safetensors"))
+    dropped = plan.regions[0].flat_weights[0]
+    save_aligned({n: a for n, a in stored.items() if n != dropped and not n.startswith(PAD_PREFIX)},
+                 tmp_path / "w.safetensors")
+    with pytest.raises(ArtifactError, match=f"no weight '{dropped}'"):
+        _load_weights(tmp_path / "w.safetensors", plan, 0, 2, tvm.cpu())
