@@ -26,6 +26,7 @@ from moec.bench.layer import SHAPES, build_block  # noqa: E402
 from moec.codegen.kernels import grouped_matmul  # noqa: E402
 from moec.codegen.lower import lower  # noqa: E402
 from moec.codegen.target import host_target  # noqa: E402
+from moec.codegen.tune import random_layout  # noqa: E402
 from moec.frontend import from_torch  # noqa: E402
 from moec.passes import PassManager, parse_pipeline  # noqa: E402
 
@@ -56,17 +57,8 @@ def main() -> None:
     w = rng.standard_normal((e, inter, h), np.float32) * 0.03
     pack = grouped_matmul(e, inter, h, block_m, k, True, "silu_mul").arg_transforms[1]
     packed = tvm.runtime.tensor(pack(w))
-    ids = np.argsort(rng.random((tokens, e)), axis=1)[:, :k].reshape(-1)
-    rows = (tokens * k // block_m + e) * block_m
-    sorted_ids = np.full(rows, tokens * k, np.int32)
-    tile_expert = np.full(rows // block_m, -1, np.int32)
-    r = t = 0
-    for ex in range(e):
-        slots = np.nonzero(ids == ex)[0]
-        sorted_ids[r:r + len(slots)] = slots
-        n_tiles = -(-len(slots) // block_m)
-        tile_expert[t:t + n_tiles] = ex
-        r, t = r + n_tiles * block_m, t + n_tiles
+    sorted_ids, tile_expert = random_layout(tokens, e, k, block_m, rng)
+    rows = len(sorted_ids)
     args = [x, packed, packed, tvm.runtime.tensor(sorted_ids), tvm.runtime.tensor(tile_expert),
             tvm.runtime.empty((rows, inter), "float32")]
     print(f"{name}, {tokens} tokens, load {os.getloadavg()[0]:.1f}")

@@ -145,7 +145,7 @@ def choose(shape: LayerShape, entries: dict[str, Any]) -> Choice:
 
 
 # ------------------------------------------------------------------------------ measuring
-def _routing(t: int, e: int, k: int, bm: int, rng: np.random.Generator
+def random_layout(t: int, e: int, k: int, bm: int, rng: np.random.Generator
              ) -> tuple[np.ndarray, np.ndarray]:
     """sorted_ids, tile_expert of a uniform random routing (docs/ops.md's align layout)."""
     ids = np.argsort(rng.random((t, e)), axis=1)[:, :k].reshape(-1)
@@ -220,7 +220,7 @@ class _Bench:
         fn = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=host_target())[kern.name]
         rng = np.random.default_rng(seed)
         dev = tvm.cpu()
-        routings = [_routing(tokens, e, tk, block_m, rng) for _ in range(max(2, reps))]
+        routings = [random_layout(tokens, e, tk, block_m, rng) for _ in range(max(2, reps))]
         s = len(routings[0][0])
         rows = tokens if gather else s
         np_dt = np.float32 if shape.dtype == "float32" else np.float16

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from moec.errors import UnsupportedError
+from moec.frontend.onnx_dense_moe import find_dense_moe, node_key
 from moec.ir import Graph
 from moec.ir.builder import IRBuilder
 from moec.ir.graph import Value
@@ -85,9 +86,6 @@ class _Translator:
         self.params: dict[str, Value] = {}
         self.pnames: set[str] = set()
         self.node: Any = None
-        from moec.frontend.onnx_dense_moe import find_dense_moe, node_key
-
-        self.node_key = node_key
 
         self.dense = {m.output: m for m in find_dense_moe(self.g, self.consts)}
         self.replaced = set().union(*(m.nodes for m in self.dense.values()))
@@ -164,7 +162,7 @@ class _Translator:
                                            and all(not i or i in const for i in n.input)):
                 const.update(n.output)
                 continue
-            if self.node_key(n) in self.replaced:
+            if node_key(n) in self.replaced:
                 continue
             if key not in _HANDLERS:
                 missing.setdefault(key, []).append(_where(n))
@@ -182,7 +180,7 @@ class _Translator:
                                            and all(self.is_const(i) for i in n.input)):
                 self.fold(n)
                 continue
-            if self.node_key(n) in self.replaced:
+            if node_key(n) in self.replaced:
                 if n.output[0] in self.dense:
                     self.env[n.output[0]] = self._dense_moe(self.dense[n.output[0]])
                 continue
