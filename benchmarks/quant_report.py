@@ -1,5 +1,6 @@
-"""Size and error of quantised experts: fp32 / int8 / int4 artifacts of the reference model and of
-a tiny Hugging Face Qwen3-MoE block, each compiled and run through the moec runtime.
+"""Size and error of quantised experts: fp32 / int8 / int4 artifacts of the reference model, of
+a tiny Hugging Face Qwen3-MoE block (bare: no residual around it), and of a tiny whole Qwen3-MoE
+causal LM compiled from its checkpoint folder (logits), each run through the moec runtime.
 
     TVM_NUM_THREADS=2 python benchmarks/quant_report.py [--json benchmarks/results/quant.json]
 
@@ -37,6 +38,45 @@ def qwen3_block(seed: int = 0) -> torch.nn.Module:
         for t in block.parameters():
             t.copy_(torch.randn(t.shape, generator=gen) * t.shape[-1] ** -0.5)
     return block.eval()
+
+
+def qwen3_lm(folder: Path, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Qwen3-MoE causal LM with random weights (std 1/sqrt(fan-in), norms near 1),
+    saved to `folder` with save_pretrained."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(vocab_size=512, hidden_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, num_hidden_layers=2,
+                         moe_intermediate_size=128, intermediate_size=256, num_experts=16,
+                         num_experts_per_tok=4, norm_topk_prob=True, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            scale = t.shape[-1] ** -0.5 if t.dim() > 1 else 0.1
+            base = 1.0 if "norm" in name else 0.0
+            t.copy_(base + scale * torch.randn(t.shape, generator=gen))
+    model.eval().save_pretrained(folder)
+    return model
+
+
+def lm_report(tmp: Path) -> list[dict]:
+    model = qwen3_lm(tmp / "qwen3_lm")
+    rng = np.random.default_rng(7)
+    ids = [rng.integers(0, 512, n).astype(np.int64) for n in (1, 16, 128)]
+    with torch.no_grad():
+        refs = [model(input_ids=torch.from_numpy(i)[None]).logits[0].numpy() for i in ids]
+    rows = []
+    for q in (None, "int8", "int8-g32", "int4"):
+        out = tmp / f"lm.{q or 'fp32'}.moec"
+        moec.compile(str(tmp / "qwen3_lm"), max_tokens=256, quantize=q).save(out)
+        m = moec.load(out)
+        errs = [errors(np.asarray(m(i)), r) for i, r in zip(ids, refs, strict=True)]
+        rows.append({"model": "qwen3-moe LM tiny", "weights": q or "fp32",
+                     "artifact_bytes": size_bytes(out),
+                     "rel_fro_err": max(e[0] for e in errs),
+                     "rel_max_err": max(e[1] for e in errs)})
+    return rows
 
 
 def size_bytes(path: Path) -> int:
@@ -86,6 +126,7 @@ def main() -> None:
         rows += report("demo (uniform)", demo, x.shape[-1], tmp)
         rows += report("demo (skewed)", skew_router(demo_model()[0]), x.shape[-1], tmp)
         rows += report("qwen3-moe tiny", qwen3_block(), 256, tmp, batched=True)
+        rows += lm_report(tmp)
     print(f"{'model':<18} {'weights':<8} {'artifact MiB':>12} {'rel err (fro)':>14} "
           f"{'rel err (max)':>14}")
     for r in rows:

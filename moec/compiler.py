@@ -115,6 +115,11 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         ins.append(timing)
     if dump_ir:
         ins.append(DumpIR(dump_ir))
+    missing = [n for n in graph.params if graph.param_data.get(n) is None]
+    if missing:  # text IR parses to shape-only parameters
+        raise InputError(f"parameter(s) {', '.join('@' + n for n in missing[:5])} have no data: "
+                         f"an artifact holds every weight's values; set graph.param_data[name] "
+                         f"for each parameter first")
     step("passes")
     PassManager(pass_list, ins).run(graph)
     step("kernels")

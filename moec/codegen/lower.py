@@ -34,11 +34,12 @@ _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
 
 @dataclass
 class Lowered:
-    """A Relax module plus the weights `main` takes after the inputs, in order."""
+    """A Relax module plus the weights `main` takes after the inputs, in order (None for a
+    graph parameter declared without data: the caller supplies it at run time)."""
 
     mod: tvm.IRModule
     param_names: list[str]
-    params: dict[str, np.ndarray]
+    params: dict[str, np.ndarray | None]
     kernels: list[str] = field(default_factory=list)
 
 
@@ -69,7 +70,7 @@ class _Lowerer:
         self.vals: dict[Value, relax.Expr] = {}
         self.kernel_cache: dict[tuple, tuple[K.Kernel, relax.GlobalVar]] = {}
         self.weight_vars: dict[str, relax.Var] = {}
-        self.weights: dict[str, np.ndarray] = {}
+        self.weights: dict[str, np.ndarray | None] = {}
 
     # ---------------------------------------------------------------- helpers
     def dim(self, d: DimLike) -> tirx.PrimExpr | int:
@@ -93,13 +94,23 @@ class _Lowerer:
             self.kernel_cache[key] = (kern, gv)
         return self.kernel_cache[key]
 
-    def weight(self, name: str, data: np.ndarray) -> relax.Var:
+    def weight(self, name: str, data: np.ndarray | None, declared: Value | None = None
+               ) -> relax.Var:
+        """The Relax parameter of a weight. A graph parameter declared without data (text IR,
+        or a shape-only graph whose weights are supplied at run time) becomes a parameter of
+        its declared type; `Lowered.params` then holds None for it."""
         if name not in self.weight_vars:
             from moec.ir.types import dtype_of_numpy
 
-            self.weights[name] = np.ascontiguousarray(data)
-            self.weight_vars[name] = relax.Var(
-                name, relax.TensorType(data.shape, tvm_dtype(dtype_of_numpy(data.dtype))))
+            if data is None:
+                assert declared is not None
+                self.weights[name] = None
+                sinfo = relax.TensorType([self.dim(d) for d in declared.shape],
+                                         tvm_dtype(declared.dtype))
+            else:
+                self.weights[name] = np.ascontiguousarray(data)
+                sinfo = relax.TensorType(data.shape, tvm_dtype(dtype_of_numpy(data.dtype)))
+            self.weight_vars[name] = relax.Var(name, sinfo)
         return self.weight_vars[name]
 
     def args(self, node: Node, kern: K.Kernel) -> list[relax.Expr]:
@@ -112,12 +123,16 @@ class _Lowerer:
             if v.kind != "param":
                 raise CodegenError(f"{node!r}: operand {i} must be a constant weight for kernel "
                                    f"{kern.name} (it is packed at compile time)")
+            if self.g.param_data.get(v.name) is None:
+                raise CodegenError(f"{node!r}: weight @{v.name} has no data, but kernel "
+                                   f"{kern.name} packs it at compile time; give the graph its "
+                                   f"data")
             out.append(self.weight(f"{v.name}@{kern.name}.{i}", fn(self.g.param_array(v))))
         return out
 
     def value(self, v: Value) -> relax.Expr:
         if v.kind == "param":
-            return self.weight(v.name, self.g.param_array(v))
+            return self.weight(v.name, self.g.param_data.get(v.name), v)
         return self.vals[v]
 
     def call(self, node: Node, key: tuple, build: Callable[[], K.Kernel]) -> None:
@@ -167,29 +182,25 @@ class _Lowerer:
             self.call(n, (op, s0, dt, a["k"]), lambda: self.K.topk(s0, a["k"], dt))
         elif op == "core.linear":
             self.lower_linear(n, dt)
-        elif op in _NN_OPS or op == "moe.grouped_matmul_q":
-            if self.cuda:  # these have CPU kernels only so far
-                raise CodegenError(f"{n!r}: {op} has no CUDA kernel yet; compile with "
-                                   f"target='cpu'")
-            if op == "moe.grouped_matmul_q":
-                self.lower_quant(n, a, ins, dt)
-                return
+        elif op == "moe.grouped_matmul_q":
+            self.lower_quant(n, a, ins, dt)
+        elif op in _NN_OPS:
             from moec.codegen.lower_nn import lower_nn
 
             lower_nn(self, n, dt)
         elif op == "moe.router":
-            if self.cuda and (a["order"] == "sparsemixer" or a["capacity"] > 0):
-                what = "order=sparsemixer" if a["order"] == "sparsemixer" else "capacity"
-                raise CodegenError(f"{n!r}: moe.router with {what} has no CUDA kernel yet; "
-                                   f"compile with target='cpu'")
             kk = {key: v for key, v in a.items() if key != "capacity"}
+            # the CUDA router reads the weight in its own dtype (Switch keeps it in float32
+            # while x is half)
+            w_dt = {"w_dtype": tvm_dtype(ins[1].dtype)} if self.cuda else {}
             build = lambda: self.K.router(  # noqa: E731
                 H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
                 order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
                 has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"],
                 topk_groups=a["topk_groups"], group_score=a["group_score"], dtype=dt,
-                **({"jitter_eps": a["jitter_eps"]} if a["order"] == "sparsemixer" else {}))
-            key = (op, s0, dt, len(ins), tuple(sorted(kk.items())))
+                **({"jitter_eps": a["jitter_eps"]} if a["order"] == "sparsemixer" else {}),
+                **w_dt)
+            key = (op, s0, dt, len(ins), tuple(sorted(kk.items())), tuple(w_dt.items()))
             if a["capacity"] == 0:
                 self.call(n, key, build)
             else:
@@ -237,12 +248,10 @@ class _Lowerer:
         self.vals[n.results[1]] = ids
 
     def lower_quant(self, n: Node, a: Any, ins: list, dt: str) -> None:
-        from moec.codegen.kernels.grouped_matmul_quant import grouped_matmul_quant
-
         e, nn = ins[1].shape[0], ins[1].shape[1]
         kk2 = ins[0].shape[1]
         key = tuple(sorted(a.items()))
-        self.call(n, (n.op, dt, e, nn, kk2, key), lambda: grouped_matmul_quant(
+        self.call(n, (n.op, dt, e, nn, kk2, key), lambda: self.K.grouped_matmul_quant(
             e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
             bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
             alpha=a["alpha"], limit=a["limit"]))

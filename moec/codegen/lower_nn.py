@@ -1,5 +1,6 @@
 """Lowering of the whole-model ops (moec/ir/nn_ops.py) and of `core.linear` over N-D inputs;
-called by moec.codegen.lower for the ops in its `_NN_OPS`. Kernels: moec.codegen.kernels.nn."""
+called by moec.codegen.lower for the ops in its `_NN_OPS`. Kernels: moec.codegen.kernels.nn for
+the CPU, moec.codegen.cuda.nn (same builders) when the lowerer targets CUDA."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Any
 from tvm import relax
 
 from moec.codegen import kernels as K
-from moec.codegen.kernels import nn as NK
 from moec.errors import CodegenError
 from moec.ir.graph import Node, Value
 from moec.ir.types import DimLike, tvm_dtype
@@ -20,6 +20,17 @@ def _key(shape: tuple[DimLike, ...]) -> tuple[int | str, ...]:
     from moec.codegen.lower import _shape_key
 
     return _shape_key(shape)
+
+
+def _library(lw: Any) -> Any:
+    """The nn kernel builders of the lowerer's target: CPU or CUDA (same names and signatures)."""
+    if lw.cuda:
+        from moec.codegen.cuda import nn as cuda_nn
+
+        return cuda_nn
+    from moec.codegen.kernels import nn as cpu_nn
+
+    return cpu_nn
 
 
 def _emit(lw: Any, key: tuple, build: Callable[[], K.Kernel], args: list[relax.Expr],
@@ -40,7 +51,7 @@ def lower_linear_nd(lw: Any, n: Node, dt: str) -> None:
     bias = len(n.operands) == 3
     m = _key((rows,))[0]
     kern, gv = lw.kernel(("core.linear", m, kk, nn, dt, bias),
-                         lambda: K.linear(m, kk, nn, dt, bias))
+                         lambda: lw.K.linear(m, kk, nn, dt, bias))
     args = lw.args(n, kern)
     args[0] = lw.bb.emit(relax.op.reshape(lw.value(x), [lw.dim(rows), lw.dim(kk)]))
     y = lw.bb.emit(relax.call_tir(gv, args, relax.TensorType([lw.dim(rows), nn], dt)))
@@ -49,6 +60,7 @@ def lower_linear_nd(lw: Any, n: Node, dt: str) -> None:
 
 def lower_nn(lw: Any, n: Node, dt: str) -> None:
     a, op = n.attrs, n.op
+    NK = _library(lw)
     ins = [v.type for v in n.operands]
     s0 = _key(ins[0].shape)
     out = _key(n.result.shape)
@@ -83,12 +95,13 @@ def lower_nn(lw: Any, n: Node, dt: str) -> None:
         lw.call(n, (op, B, Hq, Hkv, D, Dv, sc, dt),
                 lambda: NK.attention(B, Hq, Hkv, D, Dv, sc, dt))
     else:
-        raise CodegenError(f"{n!r}: no CPU kernel for {op}")
+        raise CodegenError(f"{n!r}: no {'CUDA' if lw.cuda else 'CPU'} kernel for {op}")
 
 
 def _concat(lw: Any, n: Node, dt: str) -> None:
     """Pairwise concat2 kernels, left to right (operands are few: rotary halves, MLA parts)."""
     axis = n.attrs["axis"]
+    NK = _library(lw)
     vals: list[Value] = list(n.operands)
     acc = lw.value(vals[0])
     shape = vals[0].shape

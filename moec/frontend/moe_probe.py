@@ -153,6 +153,7 @@ class Probe:
         for s in self.scenarios:
             self._run(s)
         self._ffn: dict[tuple[int, int], torch.Tensor] = {}
+        self._ties: dict[tuple[int, int], torch.Tensor] = {}
 
     def _set_router(self, s: _Scenario) -> None:
         r = self.parts.router
@@ -217,11 +218,35 @@ class Probe:
                      s.select_bias if ro.select_bias else None, ro.n_groups, ro.topk_groups,
                      ro.group_score, ro.capacity, ro.jitter_eps)
 
-    def _err(self, got: torch.Tensor, s: _Scenario) -> torch.Tensor:
+    def _err(self, got: torch.Tensor, s: _Scenario, k: int) -> torch.Tensor:
+        """max |got - out| / max |out| over the scenario's tokens, leaving out the tokens whose
+        top-(k+1) router logits are a tie at the router's precision (see `_tied`)."""
         if s.shared is not None:
             got = got + s.shared
-        dims = tuple(range(got.dim() - 2, got.dim()))
-        return (got - s.out).abs().amax(dim=dims) / s.out.abs().max().clamp_min(1e-12)
+        per_token = (got - s.out).abs().amax(dim=-1)
+        per_token = per_token.masked_fill(self._tied(s, k), 0.0)
+        return per_token.amax(dim=-1) / s.out.abs().max().clamp_min(1e-12)
+
+    def _tied(self, s: _Scenario, k: int) -> torch.Tensor:
+        """bool [T]: tokens whose k+1 largest router logits (float32) include two closer than
+        the rounding step of the router's dtype. A float16/bfloat16 block computes its logits
+        in that dtype, where such a pair may round to a tie or swap, so its choice among them
+        is not evidence for or against a candidate routing. None in float32, and none where
+        more than a quarter of the tokens would be left out."""
+        key = (id(s), k)
+        if key not in self._ties:
+            dt = s.weight.dtype
+            if dt == torch.float32:
+                self._ties[key] = torch.zeros(len(s.x), dtype=torch.bool, device=s.x.device)
+            else:
+                logits = F.linear(s.x.float(), s.weight.float(),
+                                  None if s.bias is None else s.bias.float())
+                top = logits.topk(min(k + 1, logits.shape[-1]), dim=-1).values
+                step = 2.0 * torch.finfo(dt).eps * top.abs().amax(dim=-1, keepdim=True)
+                tied = ((top[:, :-1] - top[:, 1:]) <= step).any(dim=-1)
+                # a scenario made of ties (one built so) proves nothing if all are left out
+                self._ties[key] = tied if tied.float().mean() <= 0.25 else tied & False
+        return self._ties[key]
 
     def search(self, readings: list[Reading], cands: list[Routing]
                ) -> tuple[Reading, Routing, str] | None:
@@ -243,7 +268,7 @@ class Probe:
                         w = torch.stack([routed[i][si][0] for i in part])
                         ids = torch.stack([routed[i][si][1] for i in part])
                         got = (w[..., None] * y[ids, rows]).sum(dim=2)
-                        ok[part] = self._err(got, s) <= self.tol
+                        ok[part] = self._err(got, s, k) <= self.tol
             first = int(ok.nonzero()[0]) if ok.any() else None
             if first is not None:
                 return reading, cands[first], "output"
@@ -251,7 +276,8 @@ class Probe:
         plain = [i for i, ro in enumerate(cands) if not ro.norm_topk and ro.n_groups == 1
                  and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0]
         for reading, i in ((rd, i) for rd in readings for i in plain):
-            if all(bool(self._err(_weighted_input(s.x.float(), *routed[i][si], reading), s)
+            if all(bool(self._err(_weighted_input(s.x.float(), *routed[i][si], reading), s,
+                                  cands[i].k)
                         <= self.tol) for si, s in enumerate(self.scenarios)):
                 return reading, cands[i], "input"
         return None

@@ -46,3 +46,30 @@ def tvm() -> ModuleType:
                     del sys.modules["torch"]
             _tvm = tvm_pkg
     return _tvm
+
+
+def ensure_device_runtime(kind: str) -> None:
+    """Load TVM's runtime plugin for a GPU kind ("cuda") if this process has not yet.
+
+    A full TVM loads it at import when the driver library is present; a runtime-only TVM
+    (`TVM_USE_RUNTIME_LIB=1`, or a tvm package without libtvm_compiler, as shipped to machines
+    that only run artifacts) loads no backends, and without the plugin a kernels library with
+    an embedded CUDA binary cannot be loaded. A missing plugin or driver is left for the loader
+    to report (the device then does not exist)."""
+    if kind != "cuda":
+        return
+    tvm_pkg = tvm()
+    if tvm_pkg.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True):
+        return
+    from pathlib import Path  # noqa: PLC0415
+
+    from tvm.base import _LOADED_LIBS  # noqa: PLC0415
+    from tvm_ffi.libinfo import load_lib_ctypes  # noqa: PLC0415
+
+    with _lock:
+        try:
+            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                "tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
+                extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
+        except (OSError, RuntimeError):
+            pass

@@ -17,6 +17,7 @@ import numpy as np
 from moec.errors import ArtifactError, ExecutionError, InputError
 from moec.runtime import _tvm, archive
 from moec.runtime.cpu import check_elf_machine
+from moec.runtime.cuda_graph import stream_context
 from moec.runtime.inputs import (
     check_inputs,
     is_torch_tensor,
@@ -109,7 +110,7 @@ class CompiledModel:
             to_tvm(spec, x, self._tvm, self._device)
             for spec, x in zip(sig.inputs, inputs, strict=True)
         ]
-        with self._lock:
+        with self._lock, stream_context(inputs):
             try:
                 result = self._main(*args, *self._weights)
             except Exception as e:  # TVM raises ValueError, RuntimeError, tvm.error.*
@@ -124,6 +125,18 @@ class CompiledModel:
             for o in outs
         )
         return converted[0] if len(converted) == 1 else converted
+
+    def cuda_graph(self, *example_inputs: Any) -> Any:
+        """A CUDA graph of one call at the shapes of `example_inputs` (torch CUDA tensors): the
+        returned function copies its inputs into the graph's buffers and replays the captured
+        kernels with one launch, returning the graph's output buffers (overwritten by the next
+        replay). For decode-sized calls, where launch overhead dominates; one graph per token
+        count. See moec/runtime/cuda_graph.py."""
+        from moec.runtime.cuda_graph import capture  # noqa: PLC0415
+
+        if on_cpu(self._device):
+            raise InputError("cuda_graph needs a model loaded with device='cuda'")
+        return capture(self, *example_inputs)
 
     def _wrap(self, t: Any, *, copy: bool, as_torch: bool) -> Any:
         if as_torch:
@@ -203,6 +216,7 @@ def load(
             RuntimeWarning,
             stacklevel=2,
         )
+    _tvm.ensure_device_runtime(kind)
     dev = tvm.cpu(index) if kind == "cpu" else tvm.cuda(index)
     if not dev.exist:
         raise ArtifactError(f"the artifact needs device {kind}:{index}, which this host lacks")

@@ -51,7 +51,7 @@ static std::barrier<>* emu_block_bar;
 struct EmuWarp { std::barrier<>* bar; uint64_t slot[32]; };
 static EmuWarp* emu_warps;
 #define __global__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 #define __align__(x) alignas(x)
@@ -92,6 +92,7 @@ template <class T> inline T __shfl_xor_sync(uint, T v, int m, int width = 32) {
 template <class T> inline T __shfl_down_sync(uint, T v, int d, int width = 32) {
   int src = emu_lane + d; return emu_exchange(v, src, src / width != emu_lane / width); }
 inline uint __activemask() { return 0xffffffffu; }
+inline void __syncwarp(uint = 0xffffffffu) { emu_warps[emu_warp].bar->arrive_and_wait(); }
 inline uint __match_any_sync(uint, int v) {
   EmuWarp& w = emu_warps[emu_warp];
   w.slot[emu_lane] = (uint64_t)(uint32_t)v;
@@ -196,7 +197,7 @@ static void emu_launch(dim3 g, dim3 b, const std::function<void()>& fn) {
 """
 
 _HOOKED: dict[str, str] = {}
-_SIG = re.compile(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(([^)]*)\)\s*\{')
+_SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+(?:, \d+)?\) )?(\w+)\(([^)]*)\)\s*\{')
 
 
 def _wrapper(name: str, params: str) -> str:
@@ -262,8 +263,8 @@ class Emulated:
         body = re.sub(r"extern __shared__ __align__\((\d+)\) uchar (\w+)\[\];",
                       r"alignas(\1) static uchar \2[233472];", body)
         body = re.sub(r"__shared__ alignas\((\d+)\)", r"alignas(\1) static", body)
-        body = re.sub(r'extern "C" __global__ void __launch_bounds__\(\d+\) \w+\([^)]*\);\n',
-                      "", body)  # forward declarations
+        body = re.sub(r'extern "C" __global__ void (?:__launch_bounds__\(\d+(?:, \d+)?\) )?'
+                      r'\w+\([^)]*\);\n', "", body)  # forward declarations
         wrappers = "".join(_wrapper(n, p) for n, p in _SIG.findall(body))
         code = HEADER + body + wrappers
         so = workdir / f"emu_{hashlib.sha1(code.encode()).hexdigest()[:12]}.so"

@@ -82,6 +82,8 @@ GMMS = {  # name: (E, N, K, block_m, top_k, gather, activation, bias)
     "up16": (8, 128, 64, 16, 2, True, "gelu_mul", False),
     "down": (8, 64, 128, 64, 2, False, "none", False),
     "swiglu": (8, 64, 64, 16, 2, True, "clamped_swiglu_mul", True),
+    # Switch-like top-1, N = 48: no 4-warp tensor-core block divides it, one warp per tile
+    "narrow": (8, 48, 32, 16, 1, True, "relu", False),
 }
 
 
@@ -92,6 +94,9 @@ def kernels(dtype: str) -> list[Kernel]:
         named(C.topk(("T", 8), 2, dtype), "topk8"),
         named(C.topk(("T", 300), 7, dtype), "topk300"),
         named(C.linear("T", 256, 128, dtype, True), "linear"),
+        # N = 1 (Qwen2-MoE's shared-expert gate) and an odd N: one-column SIMT tiles
+        named(C.linear("T", 256, 1, dtype, False), "linear_n1"),
+        named(C.linear("T", 256, 3, dtype, True), "linear_n3"),
         named(C.combine(64, 2, dtype), "combine"),
         named(C.permute(64, 2, dtype), "permute"),
         named(C.unpermute(64, 2, dtype), "unpermute"),
@@ -104,6 +109,12 @@ def kernels(dtype: str) -> list[Kernel]:
         named(C.reduce("sum", ("T", 6, 40), 1, False, dtype), "sum_mid"),
         named(C.rmsnorm(("T", 256), 1e-6, dtype), "rmsnorm"),
         named(C.layernorm(("T", 256), 1e-5, dtype), "layernorm"),
+        # rows shorter than a warp (Qwen3's per-head q/k norm), a static dim outside the
+        # token dim, and one-element rows
+        named(C.rmsnorm(("T", 4, 16), 1e-6, dtype), "rmsnorm_heads"),
+        named(C.softmax((2, "T", 12), -1, dtype), "softmax_small"),
+        named(C.softmax((2, "T", 64), -1, dtype), "softmax_outer"),
+        named(C.layernorm(("T", 1), 1e-5, dtype), "layernorm_one"),
     ]
     if dtype == "float16":  # dtype-free, and the float32 (SIMT) GEMMs
         ks += [named(C.align(8, 2, 16), "align_small"), named(C.align(64, 6, 64), "align_big")]
@@ -223,6 +234,13 @@ def test_dense_ops(emu, dtype, tokens):
         ("rmsnorm", [x, w], "core.rmsnorm", {"eps": 1e-6}),
         ("layernorm", [x, w, b], "core.layernorm", {"eps": 1e-5}),
         ("linear", [x, lw, lb], "core.linear", {}),
+        ("linear_n1", [x, lw[:1]], "core.linear", {}),
+        ("linear_n3", [x, lw[:3], lb[:3]], "core.linear", {}),
+        ("rmsnorm_heads", [x[:, :64].reshape(tokens, 4, 16), w[:16]], "core.rmsnorm",
+         {"eps": 1e-6}),
+        ("softmax_small", [np.stack([x[:, :12], x[:, 12:24]])], "core.softmax", {"axis": -1}),
+        ("softmax_outer", [np.stack([x[:, :64], x[:, 64:128]])], "core.softmax", {"axis": -1}),
+        ("layernorm_one", [x[:, :1], w[:1], b[:1]], "core.layernorm", {"eps": 1e-5}),
     ]
     for name, xs, op, attrs in cases:
         want = ref(op, xs, **attrs)[0]

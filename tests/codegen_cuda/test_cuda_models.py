@@ -34,16 +34,23 @@ def _hf(family):
     return make
 
 
-MODELS = {"demo": _demo, "mixtral": _hf("mixtral"), "qwen3_moe": _hf("qwen3_moe")}
+MODELS = {"demo": _demo, "mixtral": _hf("mixtral"), "qwen3_moe": _hf("qwen3_moe"),
+          # sparsemixer routing; expert capacity with a float32 router weight beside half x
+          "phimoe": _hf("phimoe"), "switch_transformers": _hf("switch_transformers")}
+
+
+# every model with float experts; the demo with int8 / int4 experts too
+CASES = [(name, None) for name in MODELS] + [("demo", "int8"), ("demo", "int4")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_model_builds_for_sm90(name, dtype, tmp_path):
+@pytest.mark.parametrize("name,quantize", CASES, ids=lambda v: str(v))
+def test_model_builds_for_sm90(name, quantize, dtype, tmp_path):
     module, x = MODELS[name]()
     module = module.to(dtype).eval()
     with collect_compilations() as comps:
-        art = moec.compile(module, (x.to(dtype),), target="cuda", max_tokens=256)
+        art = moec.compile(module, (x.to(dtype),), target="cuda", max_tokens=256,
+                           quantize=quantize)
     assert art.target["kind"] == "cuda" and art.target["arch"] == "sm_90"
     assert comps and all(c.arch == "sm_90" for c in comps)
     report = {k: v for c in comps for k, v in c.report.items()}
@@ -51,6 +58,8 @@ def test_model_builds_for_sm90(name, dtype, tmp_path):
     for kernel, r in report.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (kernel, r)
     gemms = [k for k in report if k.startswith("grouped_matmul")]
+    # the dequantising kernels when the experts are quantised (weights stay int8 / int4)
+    assert all(k.startswith("grouped_matmul_q") for k in gemms) == bool(quantize), gemms
     assert len(gemms) >= 2
     for k in gemms:
         assert any(has_mma(c.ptx, k) for c in comps if k in c.report), f"{k}: no mma in PTX"

@@ -151,3 +151,14 @@ def test_compiled_matches_transformers(family, compiled):
         got = got[0] if isinstance(got, (tuple, list)) else got
         err = max_rel_err(got, ref)
         assert err <= TOL, f"{family} compiled {name}: max relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_block_with_bf16_router_ties_is_recognised(dtype):
+    """GPT-OSS computes its router logits and top-k in the block's dtype: in bfloat16 some probe
+    tokens' logits round to ties (or swap), which must not hide the routing from the recogniser.
+    The recognised block is the float32 one (checked on the other tokens)."""
+    block = build("gpt_oss").eval().to(dtype)
+    ((_, spec),) = find_moe_blocks(block)
+    for attr, want in EXPECT["gpt_oss"].items():
+        assert getattr(spec, attr) == want, f"{attr}={getattr(spec, attr)!r}"

@@ -188,3 +188,18 @@ def test_bad_torch_inputs(model: Any) -> None:
         model(torch.zeros(2, H, dtype=torch.int32), torch.zeros(2))
     with pytest.raises(InputError, match=r"'x' is a torch float32 tensor of shape \(2, 3\) on cpu"):
         model(torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_cuda_graph_needs_a_cuda_model_and_cuda_inputs(model):
+    """CUDA graph capture is refused with a clear error on a CPU model, and for non-CUDA inputs
+    (the capture itself runs on a GPU: benchmarks/gpu_check.py)."""
+    import torch
+
+    from moec.errors import InputError
+    from moec.runtime.cuda_graph import capture
+
+    x = torch.zeros(2, model.signature.inputs[0].shape[1])
+    with pytest.raises(InputError, match="device='cuda'"):
+        model.cuda_graph(x)
+    with pytest.raises(InputError, match="torch CUDA tensors"):
+        capture(model, x)

@@ -17,15 +17,23 @@ tile) use a register-tiled SIMT schedule. Tiles with tile_expert < 0 return at o
 
 Interleaving gate and up rows (rather than two B operands) lets one accumulator tile hold both
 halves of every output column, so the SiLU-mul epilogue reads them side by side.
+
+`grouped_stages` (the stages, given how to compute one B element) and `schedule_grouped` are
+shared with gemm_quant.py, whose B stage dequantises int8/int4 weights: it is computed per
+thread into registers as scalar code and stored to shared memory as one vector
+(`GemmConfig.b_in_registers`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
+import tvm
 import tvm_ffi
 from tvm import s_tir, te, tirx
-from tvm.s_tir.stmt import SBlock
+from tvm.ir import Expr
+from tvm.s_tir.stmt import SBlock, SBlockRealize
 
 from moec.codegen.cuda.base import FLOATS, Kernel, Shapes, cast, check_dtype, f32, finalize
 from moec.codegen.cuda.elementwise import activation as act_fn
@@ -41,7 +49,10 @@ class GemmConfig:
     """Tiling of one thread block. `bn` counts accumulator columns (2x the output's for
     `*_mul`). Tensor cores: a warps_m x warps_n grid of warps, each owning
     (bm/warps_m) x (bn/warps_n) of 16x16 fragments, `stages` operand buffers in flight. SIMT:
-    (bm/tm) x (bn/tn) threads, each owning tm x tn accumulators."""
+    (bm/tm) x (bn/tn) threads, each owning tm x tn accumulators. `b_in_registers`: each
+    thread computes its `vec` elements of the B operand (Wt) as scalar code into registers and
+    stores them to shared memory as one vector (for B stages that dequantise: TVM's vector
+    form of their index and bit arithmetic does not compile)."""
 
     tensor_core: bool
     bm: int
@@ -53,6 +64,7 @@ class GemmConfig:
     tm: int = 1
     tn: int = 1
     stages: int = 1
+    b_in_registers: bool = False
 
     @property
     def threads(self) -> int:
@@ -73,10 +85,12 @@ def pick_config(bm: int, n2: int, k: int, dtype: str, pairs: bool) -> GemmConfig
     """Tile sizes for a block of `bm` rows, `n2` accumulator columns and depth `k`."""
     if dtype in ("float16", "bfloat16") and bm % 16 == 0 and k % 16 == 0:
         wm = 1 if bm <= 16 else 2 if bm <= 128 else 4
-        wn = 4 // wm
         fm = bm // (16 * wm)
         bk = 32 if k % 32 == 0 else 16
-        for bn in (256, 128, 64, 32, 16):
+        # 4 warps (4 // wm along N) first; failing that, fewer along N for narrow blocks (N =
+        # 48 with 16-row tiles: no 64-column block divides it, a 16-column one does)
+        for wn, bn in ((w, b) for w in (4 // wm, 2, 1) if w <= 4 // wm
+                       for b in (256, 128, 64, 32, 16)):
             fn = bn // (16 * wn) if bn % (16 * wn) == 0 else 0
             # fragments per warp <= 8 (64 accumulator registers); dynamic shared memory
             # <= 48 KB (no opt-in needed): double-buffered padded operand tiles, later reused
@@ -97,19 +111,38 @@ def pick_config(bm: int, n2: int, k: int, dtype: str, pairs: bool) -> GemmConfig
     return GemmConfig(False, bm, tn * tx, bk, vec, tm=tm, tn=tn)
 
 
-def _fetch(sch: s_tir.Schedule, name: str, loop, cfg: GemmConfig, scope: str, pad: bool) -> None:
-    """Compute operand stage `name` into shared memory at `loop`, all threads cooperating."""
+def _fetch(sch: s_tir.Schedule, name: str, loop, cfg: GemmConfig, scope: str, pad: bool,
+           in_registers: bool = False) -> None:
+    """Compute operand stage `name` into shared memory at `loop`, all threads cooperating;
+    `in_registers`: through a per-thread register vector (see GemmConfig.b_in_registers)."""
     blk = sch.get_sblock(name)
     sch.set_scope(blk, 0, scope)  # before compute_at: see TVM_NOTES §7.3
     sch.compute_at(blk, loop)
-    fused = sch.fuse(*sch.get_loops(blk)[-2:])
-    if cfg.tensor_core:
-        _, ty, tx, v = sch.split(fused, [None, cfg.warps_m * cfg.warps_n, WARP, cfg.vec])
+    threads = ([cfg.warps_m * cfg.warps_n, WARP] if cfg.tensor_core
+               else [cfg.bm // cfg.tm, cfg.bn // cfg.tn])
+    comp = None
+    if in_registers:  # blk computes into "local", a new block copies it to shared memory
+        comp, blk = blk, sch.cache_write(blk, 0, "local")
+        # the same thread -> elements map as below, with the vector split off k first: the
+        # register vector's index is then v alone (k % bk would hide that from TVM's buffer
+        # compaction, which then indexes it dynamically, i.e. in local memory)
+        rows, cols = sch.get_loops(blk)[-2:]
+        cols, v = sch.split(cols, [None, cfg.vec])
+        _, ty, tx = sch.split(sch.fuse(rows, cols), [None, *threads])
     else:
-        _, ty, tx, v = sch.split(fused, [None, cfg.bm // cfg.tm, cfg.bn // cfg.tn, cfg.vec])
+        # the loops under `loop` (one only where a tile dim of extent 1 was dropped: N = 1)
+        loops = sch.get_loops(blk)
+        at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+        inner = loops[at + 1:]
+        fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+        _, ty, tx, v = sch.split(fused, [None, *threads, cfg.vec])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(v)
+    if comp is not None:
+        sch.compute_at(comp, tx)
+        depth = len(sch.get_loops(blk)) - 1  # the loops down to tx
+        sch.unroll(sch.fuse(*sch.get_loops(comp)[depth:]))
     if pad:  # rows padded by 8 elements: conflict-free fragment loads, 32-byte aligned rows
         sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)
 
@@ -142,7 +175,7 @@ def _schedule_tensor_core(func: tirx.PrimFunc, cfg: GemmConfig, dtype: str) -> t
     sch.reverse_compute_at(sch.get_sblock("O"), warp)
     sch.compute_inline(y_smem)
     _fetch(sch, "Xg", ko, cfg, "shared.dyn", True)
-    _fetch(sch, "Wt", ko, cfg, "shared.dyn", True)
+    _fetch(sch, "Wt", ko, cfg, "shared.dyn", True, cfg.b_in_registers)
     frag_a = sch.cache_read(outer, 0, "wmma.matrix_a")
     frag_b = sch.cache_read(outer, 1, "wmma.matrix_b")
     sch.compute_at(frag_a, kk)
@@ -224,7 +257,7 @@ def _schedule_simt(func: tirx.PrimFunc, cfg: GemmConfig) -> tirx.PrimFunc:
     sch.reverse_compute_at(sch.get_sblock("O"), tx)
     sch.compute_inline(y_reg)
     _fetch(sch, "Xg", ko, cfg, "shared", False)
-    _fetch(sch, "Wt", ko, cfg, "shared", False)
+    _fetch(sch, "Wt", ko, cfg, "shared", False, cfg.b_in_registers)
     sch.unroll(ki)
     sch.unroll(ti)
     sch.unroll(tj)
@@ -232,11 +265,59 @@ def _schedule_simt(func: tirx.PrimFunc, cfg: GemmConfig) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def _uses(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda v: found.append(v.same_as(var)))])
+    return any(found)
+
+
+def _substitute(expr: tirx.PrimExpr, vmap: dict) -> tirx.PrimExpr:
+    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: vmap.get(v, v))])
+
+
+def _unswitch_b_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """`for v: Wt[v] = c ? a : b` -> `if c: (for v: Wt[v] = a) else: (for v: Wt[v] = b)`.
+
+    With the B stage in registers, each thread's vector lies in one weight row, so the
+    gate/up choice of `*_mul` (the row's parity) is the same for all its elements; taken
+    element by element, nvcc keeps one branch per element and reloads what the elements share
+    (a byte of two int4 weights, the group's scale and zero point) in each."""
+    is_select = tvm.ir.Op.get("prim.if_then_else")
+
+    def visit(loop: tirx.For) -> tirx.Stmt:
+        real = loop.body
+        if not isinstance(real, SBlockRealize) or real.block.name_hint != "Wt":
+            return loop
+        store = real.block.body
+        if not (isinstance(store, tirx.BufferStore) and isinstance(store.value, tvm.ir.Call)
+                and store.value.op.same_as(is_select)
+                and isinstance(real.predicate, tirx.IntImm) and real.predicate.value):
+            return loop
+        binding = {iv.var: val for iv, val in zip(real.block.iter_vars, real.iter_values,
+                                                  strict=True)}
+        cond, *values = (_substitute(e, binding) for e in store.value.args)
+        if _uses(cond, loop.loop_var):
+            return loop
+        loops = []
+        for i, value in enumerate(values):  # the block's accesses, inlined: no SBlock inside
+            var = loop.loop_var if i == 0 else tirx.Var(loop.loop_var.name, loop.loop_var.ty)
+            fresh = {loop.loop_var: var}
+            body = tirx.BufferStore(store.buffer, _substitute(value, fresh), [
+                _substitute(_substitute(x, binding), fresh) for x in store.indices])
+            loops.append(tirx.For(var, loop.min, loop.extent, loop.kind, body,
+                                  loop.thread_binding, loop.annotations))
+        return tirx.IfThenElse(cond, *loops)
+
+    return tvm_ffi.structural_map(func, [(tirx.For, visit)])
+
+
 def schedule_gemm(func: tirx.PrimFunc, cfg: GemmConfig, dtype: str) -> tirx.PrimFunc:
     """Schedule a PrimFunc with blocks Xg, Wt, Y, O (see the module doc) for `cfg`."""
     if cfg.tensor_core:
-        return _schedule_tensor_core(func, cfg, dtype)
-    return _schedule_simt(func, cfg)
+        func = _schedule_tensor_core(func, cfg, dtype)
+    else:
+        func = _schedule_simt(func, cfg)
+    return _unswitch_b_rows(func) if cfg.b_in_registers else func
 
 
 def _glu(activation: str, g: tirx.PrimExpr, u: tirx.PrimExpr, alpha: float,
@@ -252,13 +333,16 @@ def _glu(activation: str, g: tirx.PrimExpr, u: tirx.PrimExpr, alpha: float,
 
 
 def _epilogue(y: te.Tensor, rows, n, activation: str, dtype: str,
-              bias=lambda t, j, h: None, alpha: float = 1.702, limit: float = 7.0
-              ) -> te.Tensor:
-    """O[t, j] from the accumulators; `bias(t, j, h)` is the bias of half h (0: w, 1: w2)."""
+              bias=lambda t, j, h: None, alpha: float = 1.702, limit: float = 7.0,
+              scale=lambda t, j, h: None) -> te.Tensor:
+    """O[t, j] from the accumulators; `bias(t, j, h)` is the bias of half h (0: w, 1: w2),
+    `scale(t, j, h)` a float32 factor applied to the accumulator before it (gemm_quant.py:
+    per-channel weight scales)."""
 
     def half(t, j, h, col):
-        b = bias(t, j, h)
-        return y(t, col) if b is None else y(t, col) + f32(b)
+        acc, s, b = y(t, col), scale(t, j, h), bias(t, j, h)
+        acc = acc if s is None else acc * s
+        return acc if b is None else acc + f32(b)
 
     if activation.endswith("_mul"):
         a = activation[:-4]
@@ -268,24 +352,36 @@ def _epilogue(y: te.Tensor, rows, n, activation: str, dtype: str,
                       name="O")
 
 
-def define_grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gather: bool,
-                          activation: str, dtype: str, bias: bool = False,
-                          alpha: float = 1.702, limit: float = 7.0) -> tirx.PrimFunc:
-    """Unscheduled te definition of `grouped_matmul` (tests run it on the CPU)."""
-    check_dtype(dtype, FLOATS)
+def check_activation(builder: str, activation: str) -> bool:
+    """Validate a grouped GEMM activation; whether it is gated (`*_mul`: two weights)."""
     pairs = activation.endswith("_mul")
     base = activation[:-4] if pairs else activation
     if base not in ACTIVATIONS or (pairs and base == "none") or (
             base == "clamped_swiglu" and not pairs):
-        raise CodegenError(f"grouped_matmul: activation {activation!r}")
-    sh = Shapes()
+        raise CodegenError(f"{builder}: activation {activation!r}")
+    return pairs
+
+
+WeightFn = Callable[[Expr, Expr, Expr, int], Expr]
+ExpertFn = Callable[[Expr, Expr, int], Expr]
+
+
+def grouped_stages(sh: Shapes, N: int, K: int, block_m: int, top_k: int, gather: bool,
+                   activation: str, dtype: str, weight: WeightFn,
+                   bias: ExpertFn | None = None, scale: ExpertFn | None = None,
+                   alpha: float = 1.702, limit: float = 7.0
+                   ) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor]:
+    """x, sorted_ids, tile_expert and the result O of a grouped GEMM over the tile layout.
+
+    `weight(e, j, k, h)` is the B operand element (in `dtype`) of half h (0: w, 1: w2 of
+    `*_mul`) of expert e at output column j and depth k; `bias(e, j, h)` and `scale(e, j, h)`
+    (float32, applied to the accumulator first) are optional epilogue terms. The stages are the
+    Xg, Wt, Y, O blocks that `schedule_gemm` expects, shared by gemm_quant.py."""
+    pairs = activation.endswith("_mul")
     n_tok, tiles = sh.dim("T"), sh.dim("TL")
-    e_, n_, k_ = sh.dim(E), sh.dim(N), sh.dim(K)
+    n_, k_ = sh.dim(N), sh.dim(K)
     rows = tiles * block_m
-    nw = 2 if pairs else 1
     x = te.placeholder((n_tok if gather else rows, k_), dtype, name="x")
-    ws = [te.placeholder((e_, n_, k_), dtype, name=nm) for nm in ("w", "w2")[:nw]]
-    bs = [te.placeholder((e_, n_), dtype, name=nm) for nm in ("b", "b2")[:nw]] if bias else []
     sid = te.placeholder((rows,), "int32", name="sorted_ids")
     eid = te.placeholder((tiles,), "int32", name="tile_expert")
 
@@ -300,11 +396,13 @@ def define_grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gath
     def wt(tile, j, k):
         e = tirx.max(eid[tile], 0)
         if not pairs:
-            return ws[0][e, j, k]
-        return tirx.if_then_else(j % 2 == 0, ws[0][e, j // 2, k], ws[1][e, j // 2, k])
+            return weight(e, j, k, 0)
+        return tirx.if_then_else(j % 2 == 0, weight(e, j // 2, k, 0), weight(e, j // 2, k, 1))
 
-    def bias_of(t, j, h):
-        return bs[h][tirx.max(eid[t // block_m], 0), j] if bias else None
+    def per_expert(fn: ExpertFn | None):
+        if fn is None:
+            return lambda t, j, h: None
+        return lambda t, j, h: fn(tirx.max(eid[t // block_m], 0), j, h)
 
     n2 = sh.dim(2 * N if pairs else N)
     xs = te.compute((rows, k_), xg, name="Xg")
@@ -312,8 +410,38 @@ def define_grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gath
     kr = te.reduce_axis((0, k_), "k")
     y = te.compute((rows, n2), lambda t, j: te.sum(
         f32(xs(t, kr)) * f32(wts(t // block_m, j, kr)), axis=kr), name="Y")
-    o = _epilogue(y, rows, n_, activation, dtype, bias_of, alpha, limit)
+    o = _epilogue(y, rows, n_, activation, dtype, per_expert(bias), alpha, limit,
+                  per_expert(scale))
+    return x, sid, eid, o
+
+
+def define_grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gather: bool,
+                          activation: str, dtype: str, bias: bool = False,
+                          alpha: float = 1.702, limit: float = 7.0) -> tirx.PrimFunc:
+    """Unscheduled te definition of `grouped_matmul` (tests run it on the CPU)."""
+    check_dtype(dtype, FLOATS)
+    pairs = check_activation("grouped_matmul", activation)
+    sh = Shapes()
+    e_, n_, k_ = sh.dim(E), sh.dim(N), sh.dim(K)
+    nw = 2 if pairs else 1
+    ws = [te.placeholder((e_, n_, k_), dtype, name=nm) for nm in ("w", "w2")[:nw]]
+    bs = [te.placeholder((e_, n_), dtype, name=nm) for nm in ("b", "b2")[:nw]] if bias else []
+    x, sid, eid, o = grouped_stages(
+        sh, N, K, block_m, top_k, gather, activation, dtype,
+        lambda e, j, k, h: ws[h][e, j, k], (lambda e, j, h: bs[h][e, j]) if bias else None,
+        alpha=alpha, limit=limit)
     return te.create_prim_func([x, *ws, *bs, sid, eid, o])
+
+
+def schedule_grouped(func: tirx.PrimFunc, block_m: int, N: int, K: int, dtype: str,
+                     pairs: bool, name: str, b_in_registers: bool = False) -> tirx.PrimFunc:
+    """Schedule a `grouped_stages` PrimFunc (params ending in sorted_ids, tile_expert, out) and
+    finish it as kernel `name`: tiles with tile_expert < 0 return at once."""
+    cfg = pick_config(block_m, 2 * N if pairs else N, K, dtype, pairs)
+    cfg = replace(cfg, b_in_registers=b_in_registers)
+    func = schedule_gemm(func, cfg, dtype)
+    eid = func.params[-2]  # tile_expert; buffer params are typed vars in TVM 0.27
+    return finalize(func, name, exit_if=lambda bx: tirx.BufferLoad(eid, [bx]) < 0)
 
 
 def grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gather: bool,
@@ -329,12 +457,8 @@ def grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gather: boo
     op's attributes (clamped_swiglu_mul: GPT-OSS)."""
     func = define_grouped_matmul(E, N, K, block_m, top_k, gather, activation, dtype, bias=bias,
                                  alpha=alpha, limit=limit)
-    pairs = activation.endswith("_mul")
-    cfg = pick_config(block_m, 2 * N if pairs else N, K, dtype, pairs)
-    func = schedule_gemm(func, cfg, dtype)
-    eid = func.params[-2]  # tile_expert; buffer params are typed vars in TVM 0.27
     name = f"grouped_matmul_{activation}_{dtype}"
-    func = finalize(func, name, exit_if=lambda bx: tirx.BufferLoad(eid, [bx]) < 0)
+    func = schedule_grouped(func, block_m, N, K, dtype, activation.endswith("_mul"), name)
     return Kernel(func, name, {})
 
 

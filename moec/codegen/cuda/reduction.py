@@ -50,8 +50,12 @@ def schedule_rows(func: tirx.PrimFunc, out: str, ax: int | None, stats: Sequence
     blk = sch.get_sblock(out)
     loops = sch.get_loops(blk)
     spatial = [lp for j, lp in enumerate(loops) if j != ax]
-    if ax is not None:
-        sch.reorder(*spatial, loops[ax])
+    # symbolic extents outermost: with a static dim outside a symbolic one, compute_at could
+    # not prove the fused row's outer index in range and put a predicate around the stats'
+    # cross-thread reduction, where TVM cannot place its barriers
+    spatial.sort(key=lambda lp: isinstance(sch.get(lp).extent, tirx.IntImm))
+    if ax is not None or len(spatial) > 1:
+        sch.reorder(*spatial, *([loops[ax]] if ax is not None else []))
     row = sch.fuse(*spatial) if spatial else sch.add_unit_loop(blk)
     sch.bind(row, "blockIdx.x")
     # A row of one element gets a unit loop, so that the split's predicate leaves it to thread 0.
@@ -94,8 +98,12 @@ def schedule_columns(func: tirx.PrimFunc, out: str, ax: int | None, stats: Seque
 
 def _rows(func: tirx.PrimFunc, out: str, ax: int | None, last: bool, stats: Sequence[str],
           n) -> tirx.PrimFunc:
-    """Block-per-row schedule when reducing the last axis, thread-per-row otherwise."""
-    if last:
+    """Block-per-row schedule when reducing the last axis over 32 or more elements,
+    thread-per-row otherwise: a row shorter than a warp (Qwen3's per-head q/k RMSNorm over 16)
+    is cheap to reduce serially, and splitting it over a warp's threads puts a `threadIdx.x < n`
+    predicate around TVM's cross-thread reduction, which it cannot lower (and over exactly n
+    threads TVM emitted a racy shared-memory update instead of a reduction)."""
+    if last and (n is None or n >= 32):
         return schedule_rows(func, out, ax, stats, threads_for(n))
     return schedule_columns(func, out, ax, stats)
 
@@ -206,15 +214,15 @@ def define_norm(kind: str, shape: Sequence[Dim], eps: float, dtype: str) -> tirx
 
 def rmsnorm(shape: Sequence[Dim], eps: float, dtype: str) -> Kernel:
     """x / sqrt(mean(x^2) + eps) * w over the last axis; operands (x, w)."""
-    func = schedule_rows(define_norm("rmsnorm", shape, eps, dtype), "y", len(shape) - 1,
-                         ["ss"], threads_for(_n(shape[-1])))
+    func = _rows(define_norm("rmsnorm", shape, eps, dtype), "y", len(shape) - 1, True, ["ss"],
+                 _n(shape[-1]))
     name = f"rmsnorm_{dtype}"
     return Kernel(finalize(func, name), name, {})
 
 
 def layernorm(shape: Sequence[Dim], eps: float, dtype: str) -> Kernel:
     """(x - mean) / sqrt(var + eps) * w + b over the last axis (two-pass variance)."""
-    func = schedule_rows(define_norm("layernorm", shape, eps, dtype), "y", len(shape) - 1,
-                         ["s1", "s2"], threads_for(_n(shape[-1])))
+    func = _rows(define_norm("layernorm", shape, eps, dtype), "y", len(shape) - 1, True,
+                 ["s1", "s2"], _n(shape[-1]))
     name = f"layernorm_{dtype}"
     return Kernel(finalize(func, name), name, {})

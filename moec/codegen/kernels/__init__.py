@@ -24,6 +24,7 @@ then outputs), its name, and the offline transforms its constant weights need.
 from moec.codegen.kernels.base import Kernel
 from moec.codegen.kernels.elementwise import elementwise_binary, elementwise_unary
 from moec.codegen.kernels.grouped_matmul import grouped_matmul
+from moec.codegen.kernels.grouped_matmul_quant import grouped_matmul_quant
 from moec.codegen.kernels.linear import linear
 from moec.codegen.kernels.reduction import layernorm, reduce, rmsnorm, softmax
 from moec.codegen.kernels.router import router
@@ -46,6 +47,7 @@ __all__ = [
     "elementwise_binary",
     "elementwise_unary",
     "grouped_matmul",
+    "grouped_matmul_quant",
     "layernorm",
     "linear",
     "permute",
