@@ -67,3 +67,26 @@ def test_model_builds_for_sm90(name, quantize, dtype, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ArtifactError, match="cuda"):
             moec.load(path, device="cuda")
+
+
+def test_causal_lm_builds_for_sm90(tmp_path):
+    """A whole Qwen3-MoE causal LM from its checkpoint folder (embedding, rotary positions,
+    per-head q/k RMSNorm, causal GQA attention, MoE layers) for sm_90 in bf16: no spills, and
+    attention and expert GEMMs on tensor cores."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_hidden_layers=1, moe_intermediate_size=64, intermediate_size=128,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(
+        tmp_path / "ckpt")
+    with collect_compilations() as comps:
+        art = moec.compile(str(tmp_path / "ckpt"), target="cuda", max_tokens=128)
+    report = {k: v for c in comps for k, v in c.report.items()}
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in report.values()), report
+    for prefix in ("attention", "grouped_matmul"):
+        kernels = [k for k in report if k.startswith(prefix)]
+        assert kernels, (prefix, sorted(report))
+        assert all(any(has_mma(c.ptx, k) for c in comps if k in c.report) for k in kernels)
+    assert art.signature.inputs[0].dtype in ("int64", "int32")
