@@ -28,6 +28,8 @@ _UNARY = {"core.silu", "core.gelu", "core.relu", "core.sigmoid", "core.tanh", "c
 _BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core.minimum"}
 _NN_OPS = {"core.embedding", "core.arange", "core.cos", "core.sin", "core.permute_dims",
            "core.slice", "core.concat", "core.broadcast_to", "core.attention"}  # lower_nn.py
+# last-axis row ops, lowered on CUDA through a [rows, n] view when x has rank > 2
+_ROW_OPS = ("core.softmax", "core.sum", "core.mean", "core.rmsnorm", "core.layernorm")
 _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
                "moe.expert_ffn": "tile-expert-gemm", "moe.select": "fuse-gating"}
 
@@ -169,6 +171,16 @@ class _Lowerer:
             s1 = _shape_key(ins[1].shape)
             self.call(n, (op, s0, s1, dt),
                       lambda: self.K.elementwise_binary(op.split(".")[1], s0, s1, dt))
+        elif op in _ROW_OPS and self.cuda and ins[0].rank > 2 and (
+                op in ("core.rmsnorm", "core.layernorm") or a["axis"] in (-1, ins[0].rank - 1)):
+            from moec.codegen.lower_nn import lower_rows_2d
+
+            red = op.split(".")[1]
+            build = {"core.softmax": lambda s2: self.K.softmax(s2, -1, dt),
+                     "core.rmsnorm": lambda s2: self.K.rmsnorm(s2, a["eps"], dt),
+                     "core.layernorm": lambda s2: self.K.layernorm(s2, a["eps"], dt)}.get(
+                op, lambda s2: self.K.reduce(red, s2, -1, True, dt))
+            lower_rows_2d(self, n, (op, dt, tuple(sorted(a.items()))), build)
         elif op == "core.softmax":
             self.call(n, (op, s0, dt, a["axis"]), lambda: self.K.softmax(s0, a["axis"], dt))
         elif op in ("core.sum", "core.mean"):

@@ -40,13 +40,38 @@ def _emit(lw: Any, key: tuple, build: Callable[[], K.Kernel], args: list[relax.E
     return lw.bb.emit(relax.call_tir(gv, args, sinfo))
 
 
+def _rows(shape: tuple[DimLike, ...]) -> DimLike:
+    """The product of `shape` (static dims folded first)."""
+    rows: DimLike = math.prod(d for d in shape if isinstance(d, int))
+    for d in shape:
+        if not isinstance(d, int):
+            rows = d if rows == 1 else rows * d
+    return rows
+
+
+def lower_rows_2d(lw: Any, n: Node, key: tuple, build: Callable[[tuple], K.Kernel]) -> None:
+    """A last-axis row op (softmax, sum/mean with keepdim, RMSNorm, LayerNorm) on x [..., n] as
+    its 2-D kernel on x viewed as [rows, n], the result viewed back (Relax reshapes are free).
+    For CUDA: TVM lowers the cross-thread reduction of a block-per-row kernel only when the
+    row is one loop; over several fused dims it silently emitted a racy shared-memory update.
+    `build((rows, n))` makes the 2-D kernel; its output is [rows, n], or [rows, 1] for sums."""
+    x = n.operands[0]
+    rows, last = _rows(x.shape[:-1]), x.shape[-1]
+    s2 = (_key((rows,))[0], last)
+    kern, gv = lw.kernel((*key, s2), lambda: build(s2))
+    args = lw.args(n, kern)
+    args[0] = lw.bb.emit(relax.op.reshape(lw.value(x), [lw.dim(rows), lw.dim(last)]))
+    out = n.result
+    width = last if len(out.shape) == len(x.shape) and out.shape[-1] == last else 1
+    y = lw.bb.emit(relax.call_tir(gv, args, relax.TensorType([lw.dim(rows), width],
+                                                             tvm_dtype(out.dtype))))
+    lw.vals[out] = lw.bb.emit(relax.op.reshape(y, [lw.dim(d) for d in out.shape]))
+
+
 def lower_linear_nd(lw: Any, n: Node, dt: str) -> None:
     """`core.linear` on x [..., K]: reshape to [rows, K], the 2-D kernel, reshape back."""
     x, w = n.operands[0], n.operands[1]
-    rows: DimLike = math.prod(d for d in x.shape[:-1] if isinstance(d, int))
-    for d in x.shape[:-1]:
-        if not isinstance(d, int):
-            rows = d if rows == 1 else rows * d
+    rows = _rows(x.shape[:-1])
     kk, nn = x.shape[-1], w.shape[0]
     bias = len(n.operands) == 3
     m = _key((rows,))[0]

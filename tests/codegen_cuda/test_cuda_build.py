@@ -235,3 +235,35 @@ def test_relax_moe_block_builds(tmp_path: Path):
     lib = tmp_path / "moe.so"
     ex.export_library(str(lib))
     assert FATBIN_MAGIC in lib.read_bytes()
+
+
+def test_nd_row_ops_lower_through_2d_views():
+    """Softmax, RMSNorm, mean and sum over the last axis of a 3-D tensor (attention heads) are
+    lowered for CUDA as their 2-D kernels on [rows, n] views: the reshapes cost no kernel, and
+    every reduction is a cross-thread one (warp shuffles), not the racy shared-memory update TVM
+    emitted for a row of several fused loops. The builders refuse such rows themselves."""
+    import numpy as np
+
+    from moec.codegen.lower import lower
+    from moec.errors import CodegenError
+    from moec.ir import parse
+
+    g = parse("""
+        dim T: 0..64
+        input %x: f16[T, 4, 64]
+        param @w: f16[64]
+        %s: f16[T, 4, 64] = core.softmax(%x) {axis=-1}
+        %r: f16[T, 4, 64] = core.rmsnorm(%s, @w) {eps=1e-6}
+        %m: f16[T, 4, 1] = core.mean(%r) {axis=2, keepdim=true}
+        %q: f16[T, 4] = core.sum(%r) {axis=-1}
+        output %m, %q
+    """)
+    g.param_data["w"] = np.ones(64, np.float16)
+    with collect_compilations() as comps:
+        C.build_cuda(lower(g, library=C).mod)
+    (comp,) = comps
+    assert sorted(k.split("_")[0] for k in comp.report) == ["mean", "rmsnorm", "softmax", "sum"]
+    for name in comp.report:
+        assert "__shfl" in _kernel_source(comp.source, name), name
+    with pytest.raises(CodegenError, match="rows, n"):
+        C.softmax((2, "T", 64), -1, "float16")

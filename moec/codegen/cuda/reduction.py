@@ -50,12 +50,15 @@ def schedule_rows(func: tirx.PrimFunc, out: str, ax: int | None, stats: Sequence
     blk = sch.get_sblock(out)
     loops = sch.get_loops(blk)
     spatial = [lp for j, lp in enumerate(loops) if j != ax]
-    # symbolic extents outermost: with a static dim outside a symbolic one, compute_at could
-    # not prove the fused row's outer index in range and put a predicate around the stats'
-    # cross-thread reduction, where TVM cannot place its barriers
-    spatial.sort(key=lambda lp: isinstance(sch.get(lp).extent, tirx.IntImm))
-    if ax is not None or len(spatial) > 1:
-        sch.reorder(*spatial, *([loops[ax]] if ax is not None else []))
+    extents = [sch.get(lp).extent for lp in spatial]
+    if sum(not (isinstance(e, tirx.IntImm) and e.value == 1) for e in extents) > 1:
+        # TVM lowered the cross-thread reduction over a row made of several fused loops as a
+        # racy shared-memory update (or failed to place its barriers); the lowerer hands
+        # these kernels a [rows, n] view instead (moec.codegen.lower_nn.lower_rows_2d)
+        raise CodegenError(f"block-per-row reduction over rows of {len(spatial)} dims: "
+                           f"reduce a [rows, n] view of the tensor")
+    if ax is not None:
+        sch.reorder(*spatial, loops[ax])
     row = sch.fuse(*spatial) if spatial else sch.add_unit_loop(blk)
     sch.bind(row, "blockIdx.x")
     # A row of one element gets a unit loop, so that the split's predicate leaves it to thread 0.
