@@ -122,6 +122,13 @@ class _Lowerer:
             if fn is None:
                 out.append(self.value(v))
                 continue
+            if v.kind != "param" and getattr(fn, "casts_to", None):
+                # a transform that only casts (the CUDA router's biases to float32) applies to
+                # a computed operand too, in the graph (DeepSeek-V3 casts its correction bias)
+                val = self.value(v)
+                out.append(val if tvm_dtype(v.dtype) == fn.casts_to
+                           else self.bb.emit(relax.op.astype(val, fn.casts_to)))
+                continue
             if v.kind != "param":
                 raise CodegenError(f"{node!r}: operand {i} must be a constant weight for kernel "
                                    f"{kern.name} (it is packed at compile time)")

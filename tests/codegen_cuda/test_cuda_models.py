@@ -36,7 +36,9 @@ def _hf(family):
 
 MODELS = {"demo": _demo, "mixtral": _hf("mixtral"), "qwen3_moe": _hf("qwen3_moe"),
           # sparsemixer routing; expert capacity with a float32 router weight beside half x
-          "phimoe": _hf("phimoe"), "switch_transformers": _hf("switch_transformers")}
+          "phimoe": _hf("phimoe"), "switch_transformers": _hf("switch_transformers"),
+          # grouped sigmoid routing whose correction bias is cast in the graph (not a weight)
+          "deepseek_v3": _hf("deepseek_v3")}
 
 
 # every model with float experts; the demo with int8 / int4 experts too

@@ -510,6 +510,9 @@ def _as_f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+_as_f32.casts_to = "float32"  # type: ignore[attr-defined]  (lower.py casts computed operands)
+
+
 def _without_param(func: tirx.PrimFunc, index: int) -> tirx.PrimFunc:
     params = [p for i, p in enumerate(func.params) if i != index]
     return tirx.PrimFunc(params, func.body, func.ret_type, attrs=func.attrs)
