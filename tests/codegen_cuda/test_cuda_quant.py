@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 import pytest
+import torch  # a hard dependency of moec
 import tvm
 from tvm import relax, tirx
 
@@ -287,14 +288,12 @@ def test_relax_quantised_experts_build():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", list(EMU))
 @pytest.mark.parametrize("tokens,how", [(0, "skewed"), (1, "skewed"), (300, "skewed"),
                                         (300, "uniform")])
 def test_gpu(name, tokens, how):
     """The emulated cases on a CUDA device (deselected by default, like test_cuda_gpu.py)."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     e, n, kd, bm, top, gather, act, bias, bits, gs, dtype = EMU[name]
     xs, sid, eid = operands(e, n, kd, bm, top, gather, act, bias, bits, gs, NP[dtype], tokens,
                             how, seed=tokens + 1)
