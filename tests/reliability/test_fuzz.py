@@ -191,8 +191,14 @@ def _apply(manifest: dict, path: tuple, action: str, value: Any) -> None:
     if not path:
         return
     parent = manifest
-    for k in path[:-1]:
-        parent = parent[k]
+    try:  # an earlier edit of the same example may have removed or replaced the path
+        for k in path[:-1]:
+            parent = parent[k]
+        if not isinstance(parent, dict | list):
+            return
+        parent[path[-1]]  # still there?
+    except (KeyError, IndexError, TypeError):
+        return
     if action == "delete":
         del parent[path[-1]]
     elif action == "replace":
