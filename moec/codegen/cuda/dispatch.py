@@ -17,6 +17,38 @@ from moec.errors import CodegenError
 ALIGN_WARPS = 16
 
 
+@T.macro
+def warp_expert_counts(ex, peers, lead, wcnt, before, after, total, lane, warp, nw):
+    """One round of an ordered walk over slots, one slot per thread, `ex[0]` its expert (-1:
+    none): the lanes of a warp holding the same expert find each other (`peers[0]`, a lane
+    mask); the lowest of them (`lead[0]`) publishes the group's size in `wcnt[warp, expert]`;
+    after the barrier each thread with an expert sums the counts of the warps before and after
+    its own (`before[0]`, `after[0]`) and the round's total for its expert (`total[0]`). The
+    slot's rank among this round's slots of its expert is `before[0]` plus the number of
+    peers on lower lanes (`lower_peers`). Used by align and by the capacity kernel."""
+    # every lane calls it (lanes without a slot carry -1, never an expert): the warp is whole
+    peers[0] = T.call_extern("uint32", "__match_any_sync", T.uint32(0xFFFFFFFF), ex[0])
+    lead[0] = T.Cast("int32", ex[0] >= 0 and T.call_extern("int32", "__ffs", peers[0]) - 1 == lane)
+    if lead[0] == 1:
+        wcnt[warp, ex[0]] = T.call_extern("int32", "__popc", peers[0])
+    T.tvm_storage_sync("shared")
+    if ex[0] >= 0:
+        before[0] = 0
+        after[0] = 0
+        for w in range(nw):
+            if w < warp:
+                before[0] = before[0] + wcnt[w, ex[0]]
+            if w > warp:
+                after[0] = after[0] + wcnt[w, ex[0]]
+        total[0] = before[0] + T.call_extern("int32", "__popc", peers[0]) + after[0]
+
+
+def lower_peers(peers: tirx.Buffer, lane: tirx.PrimExpr) -> tirx.PrimExpr:
+    """How many of the lanes in the mask `peers[0]` are below `lane`."""
+    return T.call_extern("int32", "__popc", peers[0] & (
+        T.shift_left(T.uint32(1), T.Cast("uint32", lane)) - T.uint32(1)))
+
+
 def align(E: int, k: int, block_m: int) -> Kernel:
     """moe.align: ids i32[T, k] -> sorted_ids i32[S], tile_expert i32[TL], slot_row i32[T, k].
 
@@ -98,28 +130,11 @@ def align(E: int, k: int, block_m: int) -> Kernel:
             ex[0] = -1
             if s < n:
                 ex[0] = ids_f[s]
-            # all 32 lanes call it (lanes past n carry -1, never a valid expert)
-            peers[0] = T.call_extern("uint32", "__match_any_sync", T.uint32(0xFFFFFFFF), ex[0])
-            below = T.call_extern("int32", "__popc", peers[0] & (
-                T.shift_left(T.uint32(1), T.Cast("uint32", lane)) - T.uint32(1)))
-            # the lowest lane of each group of equal experts speaks for its warp
-            lead[0] = T.Cast("int32", ex[0] >= 0 and
-                             T.call_extern("int32", "__ffs", peers[0]) - 1 == lane)
-            if lead[0] == 1:
-                wcnt[warp, ex[0]] = T.call_extern("int32", "__popc", peers[0])
-            T.tvm_storage_sync("shared")
+            warp_expert_counts(ex, peers, lead, wcnt, acc, after, total, lane, warp, nw)
             if ex[0] >= 0:
-                acc[0] = 0
-                after[0] = 0
-                for w in range(nw):
-                    if w < warp:
-                        acc[0] = acc[0] + wcnt[w, ex[0]]
-                    if w > warp:
-                        after[0] = after[0] + wcnt[w, ex[0]]
-                row = off[ex[0]] + run[ex[0]] + acc[0] + below
+                row = off[ex[0]] + run[ex[0]] + acc[0] + lower_peers(peers, lane)
                 sid[row] = T.Cast("int32", s)
                 srow_f[s] = row
-                total[0] = acc[0] + T.call_extern("int32", "__popc", peers[0]) + after[0]
             T.tvm_storage_sync("shared")
             # Each (warp, expert) leader clears its own count, and the leader of the last warp
             # holding the expert advances its running count: no thread reads and writes the

@@ -17,6 +17,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.codegen.cuda.base import FLOATS, Kernel, Shapes, check_dtype, finalize, numel
+from moec.codegen.cuda.dispatch import lower_peers, warp_expert_counts
 from moec.errors import CodegenError
 
 FULL = 0xFFFFFFFF
@@ -472,26 +473,10 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
             ex[0] = -1  # past the last slot: -1, never an expert
             if s < n:
                 ex[0] = T.max(T.min(idf[s], E - 1), 0)
-            # every lane calls it: the warp is whole
-            peers[0] = T.call_extern("uint32", "__match_any_sync", T.uint32(FULL), ex[0])
-            below = T.call_extern("int32", "__popc", peers[0] & (
-                T.shift_left(T.uint32(1), T.Cast("uint32", lane)) - T.uint32(1)))
-            # the lowest lane of each group of equal experts speaks for its warp
-            lead[0] = T.Cast("int32", ex[0] >= 0 and
-                             T.call_extern("int32", "__ffs", peers[0]) - 1 == lane)
-            if lead[0] == 1:
-                wcnt[warp, ex[0]] = T.call_extern("int32", "__popc", peers[0])
-            T.tvm_storage_sync("shared")
+            warp_expert_counts(ex, peers, lead, wcnt, before, after, total, lane, warp, nw)
             if ex[0] >= 0:
-                before[0] = 0
-                after[0] = 0
-                for w in range(nw):
-                    if w < warp:
-                        before[0] = before[0] + wcnt[w, ex[0]]
-                    if w > warp:
-                        after[0] = after[0] + wcnt[w, ex[0]]
-                of[s] = T.Select(run[ex[0]] + before[0] + below < cap, wf[s], T.float32(0))
-                total[0] = before[0] + T.call_extern("int32", "__popc", peers[0]) + after[0]
+                of[s] = T.Select(run[ex[0]] + before[0] + lower_peers(peers, lane) < cap, wf[s],
+                                 T.float32(0))
             T.tvm_storage_sync("shared")
             # Each (warp, expert) leader clears its own count, and the leader of the last warp
             # holding the expert advances the running count (saturated at cap: only "below
