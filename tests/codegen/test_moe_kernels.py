@@ -104,6 +104,9 @@ GMM_CASES = [
     (8, 48, 64, 16, 2, False, "clamped_swiglu_mul", True),
     (4, 16, 32, 6, 2, True, "relu", False),  # block_m not a multiple of the 4-row groups
     (4, 24, 40, 16, 1, True, "gelu_tanh_mul", False),
+    # 10 (gated) / 5 panels in blocks of 4: the last panel block is partial (decode path clamps)
+    (6, 80, 70, 8, 2, True, "silu_mul", True),
+    (6, 80, 70, 8, 2, False, "none", True),
 ]
 COMBINE_CASES = [(40, 2), (64, 3)]  # (H, k)
 ROUTER_CASES = [
@@ -253,6 +256,28 @@ def test_grouped_matmul(lib, case, routing, t):
     group_used = np.repeat(tile_expert >= 0, bm) & (sorted_ids[starts] < t * top_k)
     written = ~np.isnan(out).all(axis=1)
     np.testing.assert_array_equal(written, group_used)
+
+
+GEMV_CASE = (16, 72, 50, 4, 2, True, "silu_mul", True)  # N tail; 9 panels in blocks of 4
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 9])
+@pytest.mark.parametrize("gemv_rows", [0, 1, 2, 3])
+def test_grouped_matmul_decode_path(kernel_lib, gemv_rows, t):
+    """Tiles of at most gemv_rows rows take the row-at-a-time decode path, the others the
+    MR-row GEMM path (t=3, 9 mix both in one call): the same values either way, and the same
+    rows written (a decode tile's padding rows of group 0 repeat its first row)."""
+    e, n, kdim, bm, top_k, gather, act, bias = GEMV_CASE
+    kern = grouped_matmul(e, n, kdim, bm, top_k, gather, act, "float32", bias=bias,
+                          tiles=(4, 8), gemv_rows=gemv_rows)
+    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(GEMV_CASE, "uniform", t)
+    (out,) = kernel_lib([kern])(kern, x, *ws, *bs, sorted_ids, tile_expert,
+                                outs=[((len(sorted_ids), n), "float32")], fill=np.nan)
+    used, ref = gmm_ref(x, ws, bs, sorted_ids, tile_expert, bm, top_k, gather, act)
+    np.testing.assert_allclose(out[used], ref, rtol=RTOL, atol=ATOL)
+    written = ~np.isnan(out).all(axis=1)
+    np.testing.assert_array_equal(written, np.repeat(tile_expert >= 0, bm))  # bm == MR here
+    assert np.isfinite(out[written]).all()
 
 
 def test_grouped_matmul_rejects_bad_activation():
