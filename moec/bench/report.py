@@ -30,8 +30,10 @@ def limits_line(lim: dict[str, Any], when: str = "start") -> None:
     bw, g = lim["bandwidth"], lim["gemm"]
     tvm = (f", moec TVM linear {g['tvm_gflops']:.0f}" if g["tvm_gflops"] is not None else
            f", moec TVM linear not measured ({g['tvm_error']})" if g["tvm_error"] else "")
+    rd = (f", TVM 4-stream read {bw['tvm_read_gbs']:.1f}" if bw.get("tvm_read_gbs") is not None
+          else f", TVM read not measured ({bw['tvm_error']})" if bw.get("tvm_error") else "")
     print(f"limits at {when}: memory bandwidth {bw['gbs']:.1f} GB/s (copy {bw['copy_gbs']:.1f}, "
-          f"read {bw['read_gbs']:.1f}); fp32 GEMM {g['n']}^3 {g['gflops']:.0f} GFLOP/s "
+          f"read {bw['read_gbs']:.1f}{rd}); fp32 GEMM {g['n']}^3 {g['gflops']:.0f} GFLOP/s "
           f"(torch.matmul {g['torch_gflops']:.0f}{tvm})", flush=True)
 
 

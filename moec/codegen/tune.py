@@ -6,7 +6,9 @@ value for the whole layer: moe.align and both grouped GEMMs share it) and the mi
 and timed on synthetic routings (uniform, fresh per repetition) at a few token counts; a layer's
 score for a `block_m` is the geometric mean over the token counts of (time / best time at that
 count), so decode and prefill weigh the same. Times are the fastest of a few calls: on a shared
-machine other load only adds time, and tuning on a noisy machine still picks noisy winners.
+machine other load only adds time. The candidates of one GEMM are called in turn within each
+repetition, on the same routing, so that a slow spell of the machine slows them all instead of
+deciding the winner (timed one after another, candidates here differed by 1.5x run to run).
 
 The database is JSON, `{"format": 1, "entries": {"<mcpu>|<layer key>": entry}}`; `moec compile`
 merges the entries shipped in moec/tuning/*.json with the per-user cache
@@ -148,7 +150,13 @@ def choose(shape: LayerShape, entries: dict[str, Any]) -> Choice:
 def random_layout(t: int, e: int, k: int, bm: int, rng: np.random.Generator
              ) -> tuple[np.ndarray, np.ndarray]:
     """sorted_ids, tile_expert of a uniform random routing (docs/ops.md's align layout)."""
-    ids = np.argsort(rng.random((t, e)), axis=1)[:, :k].reshape(-1)
+    return layout_of(np.argsort(rng.random((t, e)), axis=1)[:, :k], e, bm)
+
+
+def layout_of(ids: np.ndarray, e: int, bm: int) -> tuple[np.ndarray, np.ndarray]:
+    """sorted_ids, tile_expert of the routing `ids` [T, k] (docs/ops.md's align layout)."""
+    t, k = ids.shape
+    ids = ids.reshape(-1)
     tl = t * k // bm + e
     sorted_ids = np.full(tl * bm, t * k, np.int32)
     tile_expert = np.full(tl, -1, np.int32)
@@ -204,9 +212,12 @@ class _Bench:
                 for _ in range(len(packed) if shape.bias else 0)]
         self.weights = packed + bias
 
-    def time(self, block_m: int, mr: int, tokens: int, reps: int, seed: int = 0) -> float:
-        """Seconds: the fastest of `reps` calls (other load on the machine only ever adds
-        time), each on another uniform routing."""
+    def times(self, cands: Sequence[tuple[int, int]], tokens: int, reps: int, seed: int = 0
+              ) -> list[float]:
+        """Seconds per candidate (block_m, MR): the fastest of `reps` calls (other load on the
+        machine only ever adds time). The candidates are called in turn within each
+        repetition, on the same fresh uniform routing, so that a slow spell of the machine
+        slows all of them rather than deciding the winner."""
         import tvm
 
         from moec.codegen.kernels import grouped_matmul
@@ -215,25 +226,31 @@ class _Bench:
         shape = self.shape
         n, k, gather, act = shape.gemms()[self.which]
         e, tk = shape.experts, shape.top_k
-        kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype, bias=shape.bias,
-                              tiles=(mr, self.nr))
-        fn = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=host_target())[kern.name]
-        rng = np.random.default_rng(seed)
         dev = tvm.cpu()
-        routings = [random_layout(tokens, e, tk, block_m, rng) for _ in range(max(2, reps))]
-        s = len(routings[0][0])
-        rows = tokens if gather else s
+        fns = []
+        for block_m, mr in cands:
+            kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype,
+                                  bias=shape.bias, tiles=(mr, self.nr))
+            fns.append(tvm.compile(tvm.IRModule({kern.name: kern.func}),
+                                   target=host_target())[kern.name])
+        rng = np.random.default_rng(seed)
         np_dt = np.float32 if shape.dtype == "float32" else np.float16
-        x = tvm.runtime.tensor(rng.standard_normal((rows, k)).astype(np_dt), dev)
-        out = tvm.runtime.empty((s, n), shape.dtype, dev)
-        args = [(tvm.runtime.tensor(si, dev), tvm.runtime.tensor(te, dev)) for si, te in routings]
-        fn(x, *self.weights, *args[0], out)  # warm-up
-        times = []
-        for i in range(reps):
-            t0 = time.perf_counter()
-            fn(x, *self.weights, *args[i % len(args)], out)
-            times.append(time.perf_counter() - t0)
-        return float(np.min(times))
+        x_rows = {bm: tokens if gather else (tokens * tk // bm + e) * bm for bm, _ in cands}
+        xs = {r: tvm.runtime.tensor(rng.standard_normal((r, k)).astype(np_dt), dev)
+              for r in set(x_rows.values())}
+        best = [math.inf] * len(cands)
+        for rep in range(reps + 1):  # the first round warms up
+            ids = np.argsort(rng.random((tokens, e)), axis=1)[:, :tk]
+            layouts = {bm: [tvm.runtime.tensor(a, dev) for a in layout_of(ids, e, bm)]
+                       for bm in {bm for bm, _ in cands}}
+            for c, ((bm, _), fn) in enumerate(zip(cands, fns, strict=True)):
+                si, te = layouts[bm]
+                out = tvm.runtime.empty((si.shape[0], n), shape.dtype, dev)
+                t0 = time.perf_counter()
+                fn(xs[x_rows[bm]], *self.weights, si, te, out)
+                if rep:
+                    best[c] = min(best[c], time.perf_counter() - t0)
+        return best
 
 
 def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: int = 3,
@@ -255,8 +272,11 @@ def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: in
                            *tile_candidates(shape.dtype, gated)} if t[0] <= bm}
         for nr in sorted({t[1] for _, t in cands}):
             bench = _Bench(shape, which, nr)
-            for bm, tiles in sorted(c for c in cands if c[1][1] == nr):
-                ts = {t: bench.time(bm, tiles[0], t, reps) for t in tokens}
+            group = sorted(c for c in cands if c[1][1] == nr)
+            timed = {t: bench.times([(bm, tiles[0]) for bm, tiles in group], t, reps)
+                     for t in tokens}
+            for i, (bm, tiles) in enumerate(group):
+                ts = {t: timed[t][i] for t in tokens}
                 seen[(bm, which, tiles)] = ts
                 score = sum(math.log(ts[t]) for t in tokens)
                 say(f"block_m {bm} gemm {which} tiles {tiles}: "

@@ -150,3 +150,13 @@ def test_cli_layer_bench_rejects_ep(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["bench", "--ep", "2"]) == 1
     assert "--ep applies to `moec bench ARTIFACT`" in capsys.readouterr().err
+
+
+def test_bandwidth_limit_includes_the_tvm_read_kernel():
+    """The bandwidth limit is the best of torch's copy and sum and a TVM 4-stream read, whose sum
+    is checked against numpy's (a kernel that skipped data would look fast)."""
+    from moec.bench import limits
+
+    bw = limits.bandwidth(mib=8, reps=1)
+    assert bw["tvm_error"] is None and bw["tvm_read_gbs"] > 0
+    assert bw["gbs"] == max(bw["copy_gbs"], bw["read_gbs"], bw["tvm_read_gbs"])

@@ -18,6 +18,7 @@ from moec.codegen.kernels import fmath
 from moec.codegen.kernels.base import Dims, Kernel, check_dtype, finish, kernel_name
 from moec.codegen.kernels.grouped_matmul import (
     ACTIVATIONS,
+    GEMV_ROWS,
     PANELS,
     TileRows,
     alias,
@@ -42,11 +43,14 @@ def grouped_matmul_quant(
     bias: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    gemv_rows: int | None = None,
 ) -> Kernel:
     """Kernel args: `(x, q, scale, [zero], [q2, scale2, [zero2]], [b], [b2], sorted_ids,
     tile_expert, out)`, the operand order of moe.grouped_matmul_q (zero points with bits=4 only;
     the second weight when the activation is gated). `arg_transforms` pack q, scales and zeros
-    `[E, N, *]` into `[E, ceil(N/NR), *, NR]`."""
+    `[E, N, *]` into `[E, ceil(N/NR), *, NR]`. `gemv_rows` (default GEMV_ROWS, capped at MR and
+    block_m - 1; 0 turns it off): tiles with at most this many rows take the decode path (module
+    docstring)."""
     check_dtype("grouped_matmul_quant", dtype)
     check_positive("grouped_matmul_quant", E=E, N=N, K=K, block_m=block_m, top_k=top_k)
     if activation not in ACTIVATIONS:
@@ -68,6 +72,9 @@ def grouped_matmul_quant(
     nb, full_nb = -(-N // nr), N // nr
     pb = min(PANELS, nb)  # panels per task: a row group's x is reused from L1 for each
     npb = -(-nb // pb)
+    explicit_gemv = gemv_rows is not None
+    gemv_rows = min(GEMV_ROWS if gemv_rows is None else gemv_rows, mr, block_m - 1)
+    gemv = gemv_rows > 0
     ng = -(-block_m // mr)
     nw = 2 if gated else 1
     dims = Dims()
@@ -77,7 +84,8 @@ def grouped_matmul_quant(
     x_rows = t if gather else s
     name = kernel_name("grouped_matmul_q", bits, dtype, "E", E, "N", N, "K", K, "g", gs, "bm",
                        block_m, "k", top_k, "gather" if gather else "", activation,
-                       "bias" if bias else "", f"a{alpha}_l{limit}" if clamped else "")
+                       "bias" if bias else "", f"a{alpha}_l{limit}" if clamped else "",
+                       f"gv{gemv_rows}" if explicit_gemv else "")
 
     layout = TileRows(block_m, mr, top_k, gather, t)
     row, valid, source, sentinel_of = layout.row, layout.valid, layout.source, layout.sentinel
@@ -131,72 +139,159 @@ def grouped_matmul_quant(
                 acc = T.alloc_buffer((mr, nr), "float32")
                 acc2 = T.alloc_buffer((mr, nr), "float32")
                 src = T.alloc_buffer((mr,), "int64")
-                for g in range(ng):
-                    for q in range(pb):
-                        p: T.let = pblk * pb + q
-                        ex: T.let = TE[tile]
-                        if p < nb:
-                            if valid(SI[tile * block_m + g * mr], sentinel):
-                                for i in T.unroll(mr):
-                                    src[i] = source(SI, tile, g, i, sentinel)
+                vacc = T.alloc_buffer((pb, nw, nr), "float32")
+                vout = T.alloc_buffer((pb, nw, nr), "float32")
+                if gemv and not valid(SI[tile * block_m + gemv_rows], sentinel):
+                    # At most gemv_rows rows (decode): one row at a time over the whole of K,
+                    # group by group, the task's panels interleaved (a partial last panel block
+                    # recomputes the last panel), so that each weight panel is one contiguous
+                    # stream and pb*nw streams are in flight.
+                    ex: T.let = TE[tile]
+                    for i in range(gemv_rows):
+                        if valid(SI[tile * block_m + i], sentinel):
+                            xr: T.let = source(SI, tile, 0, i, sentinel)
+                            for q in T.unroll(pb):
+                                for j in T.vectorized(nr):
+                                    vout[q, 0, j] = T.float32(0)
+                                    if gated:
+                                        vout[q, 1, j] = T.float32(0)
+                            for kg in range(ng_k):
+                                for q in T.unroll(pb):
                                     for j in T.vectorized(nr):
-                                        ctile[g * mr + i, 0, j] = T.float32(0)
+                                        vacc[q, 0, j] = T.float32(0)
                                         if gated:
-                                            ctile[g * mr + i, 1, j] = T.float32(0)
-                                for kg in range(ng_k):
+                                            vacc[q, 1, j] = T.float32(0)
+                                if int4:
+                                    for kk in range(glen(kg) // 2):
+                                        for h in T.unroll(2):
+                                            for q in T.unroll(pb):
+                                                for j in T.vectorized(nr):
+                                                    vacc[q, 0, j] = vacc[q, 0, j] + X[
+                                                        xr, kg * gs + 2 * kk + h] * deq(
+                                                        Q, Zb, ex, T.min(pblk * pb + q, nb - 1),
+                                                        kg * (gs // 2) + kk, kg, j, 4 * h)
+                                                    if gated:
+                                                        vacc[q, 1, j] = vacc[q, 1, j] + X[
+                                                            xr, kg * gs + 2 * kk + h] * deq(
+                                                            Qb2, Zb2, ex,
+                                                            T.min(pblk * pb + q, nb - 1),
+                                                            kg * (gs // 2) + kk, kg, j, 4 * h)
+                                else:
+                                    for kk in range(glen(kg)):
+                                        for q in T.unroll(pb):
+                                            for j in T.vectorized(nr):
+                                                vacc[q, 0, j] = vacc[q, 0, j] + X[
+                                                    xr, kg * gs + kk] * deq(
+                                                    Q, Zb, ex, T.min(pblk * pb, nb - 1),
+                                                    kg * gs + kk, kg, j, 0)
+                                                if gated:
+                                                    vacc[q, 1, j] = vacc[q, 1, j] + X[
+                                                        xr, kg * gs + kk] * deq(
+                                                        Qb2, Zb2, ex, T.min(pblk * pb + q, nb - 1),
+                                                        kg * gs + kk, kg, j, 0)
+                                for q in T.unroll(pb):
+                                    for j in T.vectorized(nr):
+                                        vout[q, 0, j] = vout[q, 0, j] + vacc[q, 0, j] * S1[
+                                            ex, T.min(pblk * pb + q, nb - 1), kg, j]
+                                        if gated:
+                                            vout[q, 1, j] = vout[q, 1, j] + vacc[q, 1, j] * Sb2[
+                                                ex, T.min(pblk * pb + q, nb - 1), kg, j]
+                            # Row i; row 0 also goes to the padding rows of group 0 (they repeat
+                            # the group's first row, as in the GEMM path).
+                            for i2 in range(mr):
+                                if i2 == i or (i == 0 and not valid(SI[row(tile, 0, i2)],
+                                                                    sentinel)):
+                                    for q in range(pb):
+                                        p: T.let = pblk * pb + q
+                                        if p < nb:
+                                            if full_nb == nb:
+                                                for j in T.vectorized(nr):
+                                                    Y[row(tile, 0, i2), p * nr + j] = epilogue(
+                                                        vout, q, j, ex, p * nr + j, Bb, Bb2)
+                                            else:
+                                                if p < full_nb:
+                                                    for j in T.vectorized(nr):
+                                                        Y[row(tile, 0, i2), p * nr + j] = (
+                                                            epilogue(vout, q, j, ex, p * nr + j,
+                                                                     Bb, Bb2))
+                                                else:
+                                                    for j in range(N - full_nb * nr):
+                                                        Y[row(tile, 0, i2), p * nr + j] = (
+                                                            epilogue(vout, q, j, ex, p * nr + j,
+                                                                     Bb, Bb2))
+                else:
+                    for g in range(ng):
+                        for q in range(pb):
+                            p: T.let = pblk * pb + q
+                            ex: T.let = TE[tile]
+                            if p < nb:
+                                if valid(SI[tile * block_m + g * mr], sentinel):
                                     for i in T.unroll(mr):
+                                        src[i] = source(SI, tile, g, i, sentinel)
                                         for j in T.vectorized(nr):
-                                            acc[i, j] = T.float32(0)
+                                            ctile[g * mr + i, 0, j] = T.float32(0)
                                             if gated:
-                                                acc2[i, j] = T.float32(0)
-                                    if int4:
-                                        for kk in range(glen(kg) // 2):
-                                            for h in T.unroll(2):
+                                                ctile[g * mr + i, 1, j] = T.float32(0)
+                                    for kg in range(ng_k):
+                                        for i in T.unroll(mr):
+                                            for j in T.vectorized(nr):
+                                                acc[i, j] = T.float32(0)
+                                                if gated:
+                                                    acc2[i, j] = T.float32(0)
+                                        if int4:
+                                            for kk in range(glen(kg) // 2):
+                                                for h in T.unroll(2):
+                                                    for i in T.unroll(mr):
+                                                        for j in T.vectorized(nr):
+                                                            acc[i, j] = acc[i, j] + X[
+                                                                src[i], kg * gs + 2 * kk + h
+                                                            ] * deq(Q, Zb, ex, p,
+                                                                    kg * (gs // 2) + kk, kg, j,
+                                                                    4 * h)
+                                                            if gated:
+                                                                acc2[i, j] = acc2[i, j] + X[
+                                                                    src[i], kg * gs + 2 * kk + h
+                                                                ] * deq(Qb2, Zb2, ex, p,
+                                                                        kg * (gs // 2) + kk, kg,
+                                                                        j, 4 * h)
+                                        else:
+                                            for kk in range(glen(kg)):
                                                 for i in T.unroll(mr):
                                                     for j in T.vectorized(nr):
                                                         acc[i, j] = acc[i, j] + X[
-                                                            src[i], kg * gs + 2 * kk + h] * deq(
-                                                            Q, Zb, ex, p, kg * (gs // 2) + kk, kg,
-                                                            j, 4 * h)
+                                                            src[i], kg * gs + kk] * deq(
+                                                            Q, Zb, ex, p, kg * gs + kk, kg, j, 0)
                                                         if gated:
                                                             acc2[i, j] = acc2[i, j] + X[
-                                                                src[i], kg * gs + 2 * kk + h] * deq(
-                                                                Qb2, Zb2, ex, p,
-                                                                kg * (gs // 2) + kk, kg, j, 4 * h)
-                                    else:
-                                        for kk in range(glen(kg)):
-                                            for i in T.unroll(mr):
-                                                for j in T.vectorized(nr):
-                                                    acc[i, j] = acc[i, j] + X[
-                                                        src[i], kg * gs + kk] * deq(
-                                                        Q, Zb, ex, p, kg * gs + kk, kg, j, 0)
-                                                    if gated:
-                                                        acc2[i, j] = acc2[i, j] + X[
-                                                            src[i], kg * gs + kk] * deq(
-                                                            Qb2, Zb2, ex, p, kg * gs + kk, kg, j, 0)
+                                                                src[i], kg * gs + kk] * deq(
+                                                                Qb2, Zb2, ex, p, kg * gs + kk, kg,
+                                                                j, 0)
+                                        for i in T.unroll(mr):
+                                            for j in T.vectorized(nr):
+                                                ctile[g * mr + i, 0, j] = ctile[
+                                                    g * mr + i, 0, j] + acc[
+                                                    i, j] * S1[ex, p, kg, j]
+                                                if gated:
+                                                    ctile[g * mr + i, 1, j] = ctile[
+                                                        g * mr + i, 1, j] + acc2[
+                                                        i, j] * Sb2[ex, p, kg, j]
                                     for i in T.unroll(mr):
-                                        for j in T.vectorized(nr):
-                                            ctile[g * mr + i, 0, j] = ctile[g * mr + i, 0, j] + acc[
-                                                i, j] * S1[ex, p, kg, j]
-                                            if gated:
-                                                ctile[g * mr + i, 1, j] = ctile[
-                                                    g * mr + i, 1, j] + acc2[
-                                                    i, j] * Sb2[ex, p, kg, j]
-                                for i in T.unroll(mr):
-                                    if full_nb == nb:
-                                        for j in T.vectorized(nr):
-                                            Y[row(tile, g, i), p * nr + j] = epilogue(
-                                                ctile, g * mr + i, j, ex, p * nr + j, Bb, Bb2)
-                                    else:
-                                        if p < full_nb:
+                                        if full_nb == nb:
                                             for j in T.vectorized(nr):
                                                 Y[row(tile, g, i), p * nr + j] = epilogue(
-                                                    ctile, g * mr + i, j, ex, p * nr + j, Bb, Bb2)
+                                                    ctile, g * mr + i, j, ex, p * nr + j, Bb,
+                                                    Bb2)
                                         else:
-                                            for j in range(N - full_nb * nr):
-                                                Y[row(tile, g, i), p * nr + j] = epilogue(
-                                                    ctile, g * mr + i, j, ex, p * nr + j, Bb, Bb2)
-
+                                            if p < full_nb:
+                                                for j in T.vectorized(nr):
+                                                    Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                        ctile, g * mr + i, j, ex, p * nr + j,
+                                                        Bb, Bb2)
+                                            else:
+                                                for j in range(N - full_nb * nr):
+                                                    Y[row(tile, g, i), p * nr + j] = epilogue(
+                                                        ctile, g * mr + i, j, ex, p * nr + j,
+                                                        Bb, Bb2)
 
     per = 3 if int4 else 2
     transforms = {}
