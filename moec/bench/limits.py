@@ -42,7 +42,6 @@ def bandwidth(mib: int = 128, reps: int = 10, tvm_kernel: bool = True) -> dict[s
     read = nbytes / _best(lambda: src.sum(), reps) / 1e9
     out: dict[str, Any] = {"copy_gbs": copy, "read_gbs": read, "tvm_read_gbs": None,
                            "tvm_error": None}
-    del dst
     if tvm_kernel:
         try:
             out["tvm_read_gbs"] = nbytes / _tvm_read_time(src.numpy(), reps) / 1e9
