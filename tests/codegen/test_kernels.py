@@ -108,6 +108,11 @@ LINEAR_CASES = [  # (K, N, bias): vector-exact, N tail + bias, K split into chun
     (100, 40, True),
     (1500, 33, True),
 ]
+# At most 2 rows take linear's decode path. N=150: a partial last panel, and 10 (AVX2) or 5
+# (AVX-512) panels, so the last block of 4 panels is partial.
+LINEAR_DECODE_CASES = [(200, 150, True), (200, 150, False)]
+LINEAR_DECODE_LEADS = [(0, 4), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3)]  # x [B, T, K]
+LINEAR_STATIC_M = [1, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +130,11 @@ def lib(kernel_lib):
     for case in LINEAR_CASES:
         ks[("linear", case)] = linear("T", *case[:2], "float32", case[2])
     ks[("linear3d",)] = linear(("B", "T"), 64, 48)
+    for case in LINEAR_DECODE_CASES:
+        ks[("linear", case)] = linear("T", *case[:2], "float32", case[2])
+        ks[("linear3d", case)] = linear(("B", "T"), *case[:2], "float32", case[2])
+        for m in LINEAR_STATIC_M:
+            ks[("linear", m, case)] = linear(m, *case[:2], "float32", case[2])
     lib = kernel_lib(ks.values())
     lib.k = ks
     return lib
@@ -290,6 +300,32 @@ def test_linear_leading_dims(lib):
     w = (rng.standard_normal((48, 64)) / 8).astype(np.float32)
     (y,) = lib(lib.k[("linear3d",)], x, w, outs=[((3, 5, 48), "float32")])
     _close(y, x.astype(np.float64) @ w.T)
+
+
+def _linear_check(lib, kern, case, lead):
+    kdim, n, bias = case
+    x = rng.standard_normal((*lead, kdim)).astype(np.float32)
+    w = (rng.standard_normal((n, kdim)) / math.sqrt(kdim)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    args = [x, w, b] if bias else [x, w]
+    (y,) = lib(kern, *args, outs=[((*lead, n), "float32")], fill=np.nan)
+    _close(y, x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0))
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 3])
+@pytest.mark.parametrize("case", LINEAR_DECODE_CASES)
+def test_linear_decode_path(lib, case, m):
+    """m <= 2 rows take the decode path (rows one at a time, 4 panels interleaved), 3 rows the
+    GEMM path: the same values, for a symbolic and a static row count (leading dims below)."""
+    _linear_check(lib, lib.k[("linear", case)], case, (m,))
+    if m in LINEAR_STATIC_M:
+        _linear_check(lib, lib.k[("linear", m, case)], case, (m,))
+
+
+@pytest.mark.parametrize("lead", LINEAR_DECODE_LEADS)
+@pytest.mark.parametrize("case", LINEAR_DECODE_CASES)
+def test_linear_decode_path_leading_dims(lib, case, lead):
+    _linear_check(lib, lib.k[("linear3d", case)], case, lead)
 
 
 def _scratch_cases():
