@@ -132,6 +132,32 @@ def _tvm_linear_time(x: Any, w: Any, reps: int) -> float:
     return _best(lambda: f(*args), reps)
 
 
+class ReadProbe:
+    """One TVM 4-stream read of `mib` MiB per call, in GB/s: the bandwidth the machine gives
+    right now, measured between the rounds of a case (on a shared VM it changed 1.5x within
+    one benchmark run here, so a run-wide best alone can make any case look far from it)."""
+
+    def __init__(self, mib: int = 64) -> None:
+        import numpy as np
+        import tvm
+
+        from moec.codegen.target import host_target
+
+        n = mib * (1 << 20) // 4 // (STREAMS * CHUNK) * (STREAMS * CHUNK)
+        self.nbytes = 4 * n
+        self.fn = tvm.compile(tvm.IRModule({"read_sum": _read_kernel(n)}),
+                              target=host_target())["read_sum"]
+        data = np.random.default_rng(0).random(n, dtype=np.float32)
+        self.src = tvm.runtime.tensor(data.reshape(n // CHUNK, STREAMS, -1))
+        self.out = tvm.runtime.empty((n // CHUNK, 8), "float32")
+        self.fn(self.src, self.out)
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        self.fn(self.src, self.out)
+        return self.nbytes / (time.perf_counter() - t) / 1e9
+
+
 def measure(reps: int = 10, tvm_kernel: bool = True) -> dict[str, Any]:
     """Both limits, with the wall time the measurement took."""
     t0 = time.perf_counter()

@@ -82,9 +82,9 @@ def format_table(results: dict[str, Any]) -> str:
     lines: list[str] = []
     head = (f"{'tokens':>6} | {'roofline':>11} | {'hf (fastest impl)':<28} | "
             f"{'torch.compile':<21} | {'ort-moe':<21} | {'moec':<21} | "
-            f"{'moec speed-up x':<17} | {'moec/':>5} | {'load':>4}")
+            f"{'moec speed-up x':<17} | {'moec / roof':>11} | {'load':>4}")
     sub = (f"{'':>6} | {'ms':>11} | {'ms median (min-max)':<28} | {'':<21} | {'':<21} | "
-           f"{'':<21} | {'hf':>5} {'tc':>5} {'ort':>5} | {'roof':>5} | {'':>4}")
+           f"{'':<21} | {'hf':>5} {'tc':>5} {'ort':>5} | {'run':>5} {'now':>5} | {'':>4}")
     for shape_name, shape in results["shapes"].items():
         lines.append("")
         lines.append(f"== {shape_name}: {shape['description']}")
@@ -115,14 +115,16 @@ def format_table(results: dict[str, Any]) -> str:
                 rtxt = (f"{_ms(roof['t_s'])} {'bw' if roof['bound'] == 'bandwidth' else 'mm'}"
                         if roof else "-")
                 m = cols["moec"]
-                vs_roof = (f"{m[1]['median_s'] / roof['t_s']:.2f}"
-                           if roof and m and m[1]["status"] == "ok" else "-")
+                ok = bool(m and m[1]["status"] == "ok")
+                vs_roof = f"{m[1]['median_s'] / roof['t_s']:.2f}" if roof and ok else "-"
+                now = c.get("roofline_now")
+                vs_now = f"{m[1]['median_s'] / now['t_s']:.2f}" if now and ok else "-"
                 lines.append(
                     f"{c['tokens']:>6} | {rtxt:>11} | {_cell(cols['hf'], 'hf'):<28} | "
                     f"{_cell(cols['torch.compile'], ''):<21} | {_cell(cols['ort-moe'], ''):<21} | "
                     f"{_cell(m, ''):<21} | {_ratio(cols['hf'], m):>5} "
                     f"{_ratio(cols['torch.compile'], m):>5} {_ratio(cols['ort-moe'], m):>5} | "
-                    f"{vs_roof:>5} | {c['load_average'][1]:>4.1f}")
+                    f"{vs_roof:>5} {vs_now:>5} | {c['load_average'][1]:>4.1f}")
             for c in cases:
                 for name, s in c["systems"].items():
                     if s["status"] not in ("ok",) and not (s["status"] == "skipped"
@@ -131,7 +133,9 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append("roofline: max(bytes of the distinct experts touched + router + shared + "
                  "activations / bandwidth, FLOPs / GEMM rate); bw = bandwidth-bound, mm = "
-                 "GEMM-bound. speed-up = other's median / moec's median.")
+                 "GEMM-bound. speed-up = other's median / moec's median. moec / roof: run = "
+                 "against the roofline at the run's best limits, now = at the median bandwidth "
+                 "of a TVM read after each of the case's own timed rounds.")
     return "\n".join(lines)
 
 

@@ -9,6 +9,8 @@ timing (a system that fails there is never timed), and a system that fails in a 
 loses its times. The check is max |y - ref| / max |ref| <= tol over the tokens not on a routing
 near-tie (layer.tie_tokens). Reported per system: median, min and max wall time of the timed
 rounds, and the median process CPU time (less disturbed by other jobs than the wall time).
+After each timed round a 64 MiB TVM read (limits.ReadProbe) measures the bandwidth the machine
+gives at that moment: the case's `roofline_now` uses its median beside the run-wide `roofline`.
 """
 
 from __future__ import annotations
@@ -155,8 +157,10 @@ class Timing:
         return d
 
 
-def time_case(systems: list, pool: Pool, warmup: int, tol: float, tick: Any) -> dict[str, Timing]:
-    """Run the case's rounds (see the module docstring); `tick()` after each round."""
+def time_case(systems: list, pool: Pool, warmup: int, tol: float, tick: Any,
+              probe: Any = None, probed: list[float] | None = None) -> dict[str, Timing]:
+    """Run the case's rounds (see the module docstring); `tick()` after each round. With a
+    `probe` (limits.ReadProbe), its bandwidth after each timed round is appended to `probed`."""
     out = {s.name: Timing() for s in systems}
     active = []
     for s in systems:
@@ -203,6 +207,8 @@ def time_case(systems: list, pool: Pool, warmup: int, tol: float, tick: Any) -> 
             if i >= warmup:
                 t.times_s.append(dt)
                 t.cpu_s.append(dc)
+        if probe is not None and probed is not None and i >= warmup:
+            probed.append(probe())
         tick()
     return out
 
@@ -242,6 +248,10 @@ def run(opts: Options) -> dict[str, Any]:
     }
     report.preamble(results)
     lim = {"start": L.measure(opts.limits_reps, opts.tvm_gemm)}
+    try:
+        probe = L.ReadProbe() if opts.tvm_gemm else None
+    except Exception:  # optional, like the TVM limits: the run-wide roofline stays
+        probe = None
     report.limits_line(lim["start"])
     rounds = opts.warmup + opts.repeat
     total = len(opts.shapes) * len(opts.tokens) * len(opts.routings) * rounds
@@ -269,13 +279,15 @@ def run(opts: Options) -> dict[str, Any]:
                 log(f"{shape_name} T={tokens} {routing}")
                 pool = make_pool(block, shape, tokens, routing, rounds, opts.seed, opts.zipf_s)
                 load0 = os.getloadavg()[0]
-                timings = time_case(systems, pool, opts.warmup, opts.tol, lambda: bar.update(1))
+                probed: list[float] = []
+                timings = time_case(systems, pool, opts.warmup, opts.tol, lambda: bar.update(1),
+                                    probe, probed)
                 results["cases"].append({
                     "shape": shape_name, "tokens": tokens, "routing": routing,
                     "routing_stats": routing_stats(shape, pool),
                     "tie_tokens": int(sum(t.sum() for t in pool.ties)),
                     "load_average": [load0, os.getloadavg()[0]],
-                    "work": traffic(shape, pool),
+                    "work": traffic(shape, pool), "round_bandwidth_gbs": probed,
                     "systems": {k: v.summary() for k, v in timings.items()}})
         entry["compile_s"] = {s.name: s.compile_s for s in systems if s.compile_s}
         del systems, block
@@ -287,7 +299,11 @@ def run(opts: Options) -> dict[str, Any]:
     rate = max(lim["start"]["gemm"]["gflops"], lim["end"]["gemm"]["gflops"]) * 1e9
     results["limits"] = {**lim, "bandwidth_gbs": bw / 1e9, "gemm_gflops": rate / 1e9}
     for case in results["cases"]:
-        case["roofline"] = roofline(case.pop("work"), bw, rate)
+        work = case.pop("work")
+        case["roofline"] = roofline(work, bw, rate)
+        if case["round_bandwidth_gbs"]:  # the same, at the bandwidth of the case's own rounds
+            now = statistics.median(case["round_bandwidth_gbs"]) * 1e9
+            case["roofline_now"] = roofline(work, now, rate)
     results["load_average_end"] = list(os.getloadavg())
     report.write(results, opts.json_path, plot_png=opts.plot)
     return results

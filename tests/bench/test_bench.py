@@ -121,6 +121,19 @@ def test_a_wrong_system_is_not_timed() -> None:
     assert out["hf-eager"].status == "ok"
 
 
+def test_read_probe_runs_after_each_timed_round() -> None:
+    """The case's own bandwidth: one TVM read after each timed round (none in warm-up)."""
+    from moec.bench import limits
+
+    shape = SHAPES["tiny"]
+    block = build_block(shape)
+    pool = make_pool(block, shape, 4, "uniform", 4)
+    probe, probed = limits.ReadProbe(mib=8), []
+    runner.time_case([HFBlock(block, shape, "eager")], pool, warmup=1, tol=1e-4,
+                     tick=lambda: None, probe=probe, probed=probed)
+    assert len(probed) == 3 and all(v > 0 for v in probed)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_zipf_routing_is_skewed(name: str) -> None:
     shape = SHAPES[name]
