@@ -104,9 +104,9 @@ GMM_CASES = [
     (8, 48, 64, 16, 2, False, "clamped_swiglu_mul", True),
     (4, 16, 32, 6, 2, True, "relu", False),  # block_m not a multiple of the 4-row groups
     (4, 24, 40, 16, 1, True, "gelu_tanh_mul", False),
-    # 10 (gated) / 5 panels in blocks of 4: the last panel block is partial (decode path clamps)
+    # 10 panels in blocks of 4 (gated) or 8: the last panel block is partial (decode path clamps)
     (6, 80, 70, 8, 2, True, "silu_mul", True),
-    (6, 80, 70, 8, 2, False, "none", True),
+    (6, 150, 70, 8, 2, False, "none", True),
 ]
 COMBINE_CASES = [(40, 2), (64, 3)]  # (H, k)
 ROUTER_CASES = [

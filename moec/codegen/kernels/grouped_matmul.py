@@ -4,10 +4,10 @@
 x[sorted_ids[r] // top_k] (gather) or x[r]. Gated activations (`silu_mul`, `gelu_mul`) read a
 second weight and compute `act(w[e] @ v) * (w2[e] @ v)` in the same pass over x.
 
-Schedule: a task is (block of PANELS NR-column panels, tile); tasks run in parallel,
-panel-major, so that the threads split the panels and stay balanced even when only a few tiles
-are used (decode). Within a task, each K chunk of the tile's x rows is reused for every panel
-of the block while it is in L1/L2.
+Schedule: a task is (block of PANELS NR-column panels (PANELS_UNGATED without a second
+weight), tile); tasks run in parallel, panel-major, so that the threads split the panels and
+stay balanced even when only a few tiles are used (decode). Within a task, each K chunk of the
+tile's x rows is reused for every panel of the block while it is in L1/L2.
 Unused tiles (tile_expert outside [0, E)) return at once. A tile is processed in row groups of MR
 rows; a group whose first row is padding is skipped (runs end with their padding, so the rest of
 the group is padding too): at T=1 a tile costs one MR-row group, not block_m rows. Padding rows
@@ -52,6 +52,8 @@ ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "silu_mul", "gelu_mu
 
 PANELS = 4  # panels per task: x rows reused 4x from L1/L2 (Qwen3-30B layer at 2048 tokens,
 # Zen 3: gate/up 819 -> 666 ms, down 531 -> 445 ms; decode no slower)
+PANELS_UNGATED = 8  # one weight: twice the panels for the same decode accumulators (Qwen3-30B
+# down, tiles (8, 8), interleaved runs on Zen 3: 1 token 28-31 -> 33-35 GB/s, 512 tokens +7-14%)
 
 
 GEMV_ROWS = 2  # tiles of at most this many rows take the decode path (see grouped_matmul)
@@ -145,7 +147,8 @@ def grouped_matmul(
     T*top_k comes from x's shape when gathering, else from sorted_ids[S-1], which the align
     layout guarantees is padding. `tiles` = (MR, NR) overrides `grouped_tiles` (a tuning
     choice; NR a multiple of the SIMD width); a task computes `panels` NR-column panels of its
-    tile, so the tile's rows of x are reused from cache that many times (default PANELS).
+    tile, so the tile's rows of x are reused from cache that many times (default PANELS, or
+    PANELS_UNGATED for one weight).
     `gemv_rows` (default GEMV_ROWS, capped at MR and block_m - 1; 0 turns it off): tiles with at
     most this many rows take the decode path (module docstring)."""
     check_dtype("grouped_matmul", dtype)
@@ -161,7 +164,7 @@ def grouped_matmul(
     kc, nkc = k_blocking(K)
     k_tail = K - (nkc - 1) * kc
     nb, full_nb = -(-N // nr), N // nr
-    pb = min(PANELS, nb) if panels is None else panels
+    pb = min(PANELS if gated else PANELS_UNGATED, nb) if panels is None else panels
     if not 1 <= pb <= nb:
         raise CodegenError(f"grouped_matmul: panels={panels} not in 1..{nb} (N={N}, NR={nr})")
     npb = -(-nb // pb)  # panel blocks
