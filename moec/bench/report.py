@@ -208,7 +208,9 @@ def write(results: dict[str, Any], json_path: Path, plot_png: bool = True) -> No
     """Print the table; write the JSON and (plot_png) the PNG next to it."""
     lim = results["limits"]
     limits_line(lim["end"], "end")
-    print(f"roofline from the best of both: {lim['bandwidth_gbs']:.1f} GB/s, "
+    rounds = lim.get("rounds_best_gbs")
+    rtxt = f", the reads between rounds (best {rounds:.1f} GB/s)" if rounds else ""
+    print(f"roofline from the best of both{rtxt}: {lim['bandwidth_gbs']:.1f} GB/s, "
           f"{lim['gemm_gflops']:.0f} GFLOP/s")
     print(format_table(results))
     json_path = Path(json_path)
