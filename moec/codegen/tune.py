@@ -5,10 +5,11 @@ value for the whole layer: moe.align and both grouped GEMMs share it) and the mi
 (MR rows x NR columns) of each of the two grouped GEMMs. Each candidate is compiled on its own
 and timed on synthetic routings (uniform, fresh per repetition) at a few token counts; a layer's
 score for a `block_m` is the geometric mean over the token counts of (time / best time at that
-count), so decode and prefill weigh the same. Times are the fastest of a few calls: on a shared
-machine other load only adds time. The candidates of one GEMM are called in turn within each
-repetition, on the same routing, so that a slow spell of the machine slows them all instead of
-deciding the winner (timed one after another, candidates here differed by 1.5x run to run).
+count), so decode and prefill weigh the same. Times are the fastest of a few calls (4x as many
+at up to 64 tokens): on a shared machine other load only adds time. All the candidates of one
+GEMM, whatever their NR, are called in turn within each repetition, on the same routing, so
+that a slow spell of the machine slows them all instead of deciding the winner (timed one after
+another, candidates here differed by 1.5x run to run).
 
 The database is JSON, `{"format": 1, "entries": {"<mcpu>|<layer key>": entry}}`; `moec compile`
 merges the entries shipped in moec/tuning/*.json with the per-user cache
@@ -37,6 +38,8 @@ from moec.ir.graph import Graph, Node
 FORMAT = 1
 DEFAULT_BLOCK_M = 32
 BLOCK_MS = (16, 32, 64)
+SMALL_TOKENS, SMALL_REPS = 64, 4  # calls at up to 64 tokens take milliseconds and vary most
+# (fastest of 3 calls differed by 25% between candidates that run the same decode code): 4x reps
 SHIPPED = Path(__file__).resolve().parent.parent / "tuning"
 
 
@@ -187,35 +190,37 @@ def tile_candidates(dtype: str, gated: bool) -> list[tuple[int, int]]:
 
 
 class _Bench:
-    """One of a layer's grouped GEMMs (0: gate/up, 1: down) with its weights packed for one NR,
-    timed for any block_m, MR and token count. The weights' values do not change the time
-    (a constant, no denormals): one allocation per packing instead of random data per
-    candidate keeps the memory to one copy of the GEMM's weights."""
+    """One of a layer's grouped GEMMs (0: gate/up, 1: down) with its weights packed for each
+    NR of the candidates, timed for any block_m, (MR, NR) and token count. The weights' values
+    do not change the time (a constant, no denormals): one allocation per packing instead of
+    random data per candidate keeps the memory to one copy of the GEMM's weights per NR."""
 
-    def __init__(self, shape: LayerShape, which: int, nr: int) -> None:
+    def __init__(self, shape: LayerShape, which: int, nrs: Sequence[int]) -> None:
         import tvm
 
         from moec.codegen.kernels import grouped_matmul
 
-        self.shape, self.which, self.nr = shape, which, nr
+        self.shape, self.which = shape, which
         n, k, gather, act = shape.gemms()[which]
-        probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act, shape.dtype,
-                               bias=shape.bias, tiles=(1, nr))
         np_dt = np.float32 if shape.dtype == "float32" else np.float16
         gated = act.endswith("_mul")
-        packed = []
-        for _ in range(2 if gated else 1):  # distinct memory: decode streams both weights
-            w = np.full((shape.experts, n, k), 0.01, np_dt)
-            packed.append(tvm.runtime.tensor(probe.arg_transforms[1](w), tvm.cpu()))
-            del w
-        bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), np_dt), tvm.cpu())
-                for _ in range(len(packed) if shape.bias else 0)]
-        self.weights = packed + bias
+        self.weights: dict[int, list[Any]] = {}
+        for nr in nrs:
+            probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act,
+                                   shape.dtype, bias=shape.bias, tiles=(1, nr))
+            packed = []
+            for _ in range(2 if gated else 1):  # distinct memory: decode streams both weights
+                w = np.full((shape.experts, n, k), 0.01, np_dt)
+                packed.append(tvm.runtime.tensor(probe.arg_transforms[1](w), tvm.cpu()))
+                del w
+            bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), np_dt), tvm.cpu())
+                    for _ in range(len(packed) if shape.bias else 0)]
+            self.weights[nr] = packed + bias
 
-    def times(self, cands: Sequence[tuple[int, int]], tokens: int, reps: int, seed: int = 0
-              ) -> list[float]:
-        """Seconds per candidate (block_m, MR): the fastest of `reps` calls (other load on the
-        machine only ever adds time). The candidates are called in turn within each
+    def times(self, cands: Sequence[tuple[int, tuple[int, int]]], tokens: int, reps: int,
+              seed: int = 0) -> list[float]:
+        """Seconds per candidate (block_m, (MR, NR)): the fastest of `reps` calls (other load
+        on the machine only ever adds time). The candidates are called in turn within each
         repetition, on the same fresh uniform routing, so that a slow spell of the machine
         slows all of them rather than deciding the winner."""
         import tvm
@@ -228,9 +233,9 @@ class _Bench:
         e, tk = shape.experts, shape.top_k
         dev = tvm.cpu()
         fns = []
-        for block_m, mr in cands:
+        for block_m, tiles in cands:
             kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype,
-                                  bias=shape.bias, tiles=(mr, self.nr))
+                                  bias=shape.bias, tiles=tiles)
             fns.append(tvm.compile(tvm.IRModule({kern.name: kern.func}),
                                    target=host_target())[kern.name])
         rng = np.random.default_rng(seed)
@@ -243,11 +248,11 @@ class _Bench:
             ids = np.argsort(rng.random((tokens, e)), axis=1)[:, :tk]
             layouts = {bm: [tvm.runtime.tensor(a, dev) for a in layout_of(ids, e, bm)]
                        for bm in {bm for bm, _ in cands}}
-            for c, ((bm, _), fn) in enumerate(zip(cands, fns, strict=True)):
+            for c, ((bm, tiles), fn) in enumerate(zip(cands, fns, strict=True)):
                 si, te = layouts[bm]
                 out = tvm.runtime.empty((si.shape[0], n), shape.dtype, dev)
                 t0 = time.perf_counter()
-                fn(xs[x_rows[bm]], *self.weights, si, te, out)
+                fn(xs[x_rows[bm]], *self.weights[tiles[1]], si, te, out)
                 if rep:
                     best[c] = min(best[c], time.perf_counter() - t0)
         return best
@@ -267,24 +272,22 @@ def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: in
     seen: dict[tuple[int, int, tuple[int, int]], dict[int, float]] = {}
     for which, (_, _, _, act) in enumerate(shape.gemms()):
         gated = act.endswith("_mul")
-        cands = {(bm, t) for bm in block_ms
-                 for t in {grouped_tiles(shape.dtype, bm, gated),
-                           *tile_candidates(shape.dtype, gated)} if t[0] <= bm}
-        for nr in sorted({t[1] for _, t in cands}):
-            bench = _Bench(shape, which, nr)
-            group = sorted(c for c in cands if c[1][1] == nr)
-            timed = {t: bench.times([(bm, tiles[0]) for bm, tiles in group], t, reps)
-                     for t in tokens}
-            for i, (bm, tiles) in enumerate(group):
-                ts = {t: timed[t][i] for t in tokens}
-                seen[(bm, which, tiles)] = ts
-                score = sum(math.log(ts[t]) for t in tokens)
-                say(f"block_m {bm} gemm {which} tiles {tiles}: "
-                    + ", ".join(f"T={t} {1e3 * v:.2f} ms" for t, v in ts.items()))
-                if (bm, which) not in best or score < best[(bm, which)][0]:
-                    best[(bm, which)] = (score, tiles, ts)
-            del bench
-            gc.collect()
+        group = sorted({(bm, t) for bm in block_ms
+                        for t in {grouped_tiles(shape.dtype, bm, gated),
+                                  *tile_candidates(shape.dtype, gated)} if t[0] <= bm})
+        bench = _Bench(shape, which, sorted({t[1] for _, t in group}))
+        timed = {t: bench.times(group, t, reps * (SMALL_REPS if t <= SMALL_TOKENS else 1))
+                 for t in tokens}
+        for i, (bm, tiles) in enumerate(group):
+            ts = {t: timed[t][i] for t in tokens}
+            seen[(bm, which, tiles)] = ts
+            score = sum(math.log(ts[t]) for t in tokens)
+            say(f"block_m {bm} gemm {which} tiles {tiles}: "
+                + ", ".join(f"T={t} {1e3 * v:.2f} ms" for t, v in ts.items()))
+            if (bm, which) not in best or score < best[(bm, which)][0]:
+                best[(bm, which)] = (score, tiles, ts)
+        del bench
+        gc.collect()
     per_bm = {bm: {t: sum(best[(bm, w)][2][t] for w in range(2)) for t in tokens}
               for bm in block_ms}
     best_at = {t: min(v[t] for v in per_bm.values()) for t in tokens}

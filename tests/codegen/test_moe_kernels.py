@@ -258,19 +258,27 @@ def test_grouped_matmul(lib, case, routing, t):
     np.testing.assert_array_equal(written, group_used)
 
 
-GEMV_CASE = (16, 70, 50, 4, 2, True, "silu_mul", True)  # N tail; 9 panels in blocks of 4
+GEMV_CASES = {
+    # gated, N tail; 9 panels in blocks of 4, one decode pass of 4 panels
+    "gated": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 8), None),
+    # two-vector panels: 7 panels (N tail) in blocks of 6, decode passes of 4 panels, the
+    # second one repeating the block's last panel
+    "wide": ((16, 100, 50, 4, 2, False, "none", True), (4, 16), 6),
+}
 
 
+@pytest.mark.parametrize("case", GEMV_CASES)
 @pytest.mark.parametrize("t", [1, 2, 3, 9])
 @pytest.mark.parametrize("gemv_rows", [0, 1, 2, 3])
-def test_grouped_matmul_decode_path(kernel_lib, gemv_rows, t):
+def test_grouped_matmul_decode_path(kernel_lib, gemv_rows, t, case):
     """Tiles of at most gemv_rows rows take the row-at-a-time decode path, the others the
     MR-row GEMM path (t=3, 9 mix both in one call): the same values either way, and the same
     rows written (a decode tile's padding rows of group 0 repeat its first row)."""
-    e, n, kdim, bm, top_k, gather, act, bias = GEMV_CASE
+    spec, tiles, panels = GEMV_CASES[case]
+    e, n, kdim, bm, top_k, gather, act, bias = spec
     kern = grouped_matmul(e, n, kdim, bm, top_k, gather, act, "float32", bias=bias,
-                          tiles=(4, 8), gemv_rows=gemv_rows)
-    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(GEMV_CASE, "uniform", t)
+                          tiles=tiles, panels=panels, gemv_rows=gemv_rows)
+    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(spec, "uniform", t)
     (out,) = kernel_lib([kern])(kern, x, *ws, *bs, sorted_ids, tile_expert,
                                 outs=[((len(sorted_ids), n), "float32")], fill=np.nan)
     used, ref = gmm_ref(x, ws, bs, sorted_ids, tile_expert, bm, top_k, gather, act)
