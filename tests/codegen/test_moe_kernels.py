@@ -261,9 +261,12 @@ def test_grouped_matmul(lib, case, routing, t):
 GEMV_CASES = {
     # gated, N tail; 9 panels in blocks of 4, one decode pass of 4 panels
     "gated": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 8), None),
-    # two-vector panels: 7 panels (N tail) in blocks of 6, decode passes of 4 panels, the
-    # second one repeating the block's last panel
+    # two-vector micro-panels: 7 (N tail) in blocks of 6, decode passes of 8 of the 12
+    # one-vector packed panels of a block, the second one repeating the block's last panel
     "wide": ((16, 100, 50, 4, 2, False, "none", True), (4, 16), 6),
+    # gated two-vector micro-panels: 5 (N tail) in blocks of 3, decode passes of 4 of the 6
+    # one-vector packed panels of a block
+    "gated-wide": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 16), 3),
 }
 
 

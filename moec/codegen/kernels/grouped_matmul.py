@@ -150,7 +150,8 @@ def grouped_matmul(
     sorted_ids i32[S], tile_expert i32[TL], out [S, N])` with x `[T, K]` if `gather` else
     `[S, K]`, S = TL*block_m (TL symbolic, bound from tile_expert), biases `[E, N]`.
 
-    `arg_transforms` pack w (and w2) `[E, N, K]` into `[E, ceil(N/NR), K, NR]`. activation:
+    `arg_transforms` pack w (and w2) `[E, N, K]` into one-vector panels `[E, ceil(N/V), K, V]`
+    (V = SIMD lanes, whatever NR: an NR-wide micro-panel reads NR/V adjacent ones). activation:
     none, silu, gelu (erf form), gelu_tanh, relu, or `<act>_mul` (`act(w@v + b) * (w2@v + b2)`),
     or clamped_swiglu_mul (GPT-OSS, `alpha`, `limit`). Rows of padding and of unused tiles are
     left unwritten or hold values of no meaning (ops.md allows both). The padding sentinel
@@ -178,9 +179,14 @@ def grouped_matmul(
     if not 1 <= pb <= nb:
         raise CodegenError(f"grouped_matmul: panels={panels} not in 1..{nb} (N={N}, NR={nr})")
     npb = -(-nb // pb)  # panel blocks
-    # decode path: panels per pass over K, so that its accumulators fit in the registers
-    gp = max(1, min(pb, GEMV_ACC // (nw_of(activation) * (nr // vector_lanes(dtype)))))
-    npass = -(-pb // gp)
+    # Weights are packed in one-vector panels whatever NR: an NR-wide micro-panel p is packed
+    # panels p*nv .. p*nv+nv-1, and the decode path streams one-vector panels.
+    vl = vector_lanes(dtype)
+    nv, nbp = nr // vl, -(-N // vl)
+    pbp = pb * nv  # packed panels of a task
+    # decode path: packed panels per pass over K, so that its accumulators fit in the registers
+    gp = max(1, min(pbp, GEMV_ACC // nw_of(activation)))
+    npass = -(-pbp // gp)
     explicit_gemv = gemv_rows is not None
     gemv_rows = min(GEMV_ROWS if gemv_rows is None else gemv_rows, mr, block_m - 1)
     gemv = gemv_rows > 0
@@ -200,6 +206,10 @@ def grouped_matmul(
     layout = TileRows(block_m, mr, top_k, gather, t)
     row, valid, source, sentinel_of = layout.row, layout.valid, layout.source, layout.sentinel
 
+    def packed(p, v):
+        """Packed panel of vector v of micro-panel p (the last one repeats past N)."""
+        return p if nv == 1 else T.min(p * nv + v, nbp - 1)
+
     def kc_len(kb):
         return kc if k_tail == kc else T.min(kc, K - kb * kc)
 
@@ -214,14 +224,14 @@ def grouped_matmul(
     def func(x: T.handle, w: T.handle, w2: T.handle, b: T.handle, b2: T.handle,
              sorted_ids: T.handle, tile_expert: T.handle, out: T.handle):
         X = T.match_buffer(x, (x_rows, K), dtype)
-        W = T.match_buffer(w, (E, nb, K, nr), dtype)
-        W2 = T.match_buffer(w2, (E, nb, K, nr), dtype)
+        W = T.match_buffer(w, (E, nbp, K, vl), dtype)
+        W2 = T.match_buffer(w2, (E, nbp, K, vl), dtype)
         B1 = T.match_buffer(b, (E, N), dtype)
         B2 = T.match_buffer(b2, (E, N), dtype)
         SI = T.match_buffer(sorted_ids, (s,), "int32")
         TE = T.match_buffer(tile_expert, (tl,), "int32")
         Y = T.match_buffer(out, (s, N), dtype)
-        Wb = T.decl_buffer((E, nb, K, nr), dtype, data=alias(gated, W2, W).data)
+        Wb = T.decl_buffer((E, nbp, K, vl), dtype, data=alias(gated, W2, W).data)
         Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
         Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
         sentinel: T.let = sentinel_of(SI, s)
@@ -233,7 +243,7 @@ def grouped_matmul(
                 acc = T.alloc_buffer((mr, nr), "float32")
                 acc2 = T.alloc_buffer((mr, nr), "float32")
                 src = T.alloc_buffer((mr,), "int64")
-                vacc = T.alloc_buffer((gp, nw, nr), "float32")
+                vacc = T.alloc_buffer((gp, nw, vl), "float32")
                 if gemv and not valid(SI[tile * block_m + gemv_rows], sentinel):
                     # At most gemv_rows rows (decode): one row at a time over the whole of K,
                     # the task's panels interleaved, so that each weight panel is one
@@ -241,29 +251,32 @@ def grouped_matmul(
                     for i in range(gemv_rows):
                         if valid(SI[tile * block_m + i], sentinel):
                             xr: T.let = source(SI, tile, 0, i, sentinel)
-                            # gp panels per pass: their accumulators stay in registers
+                            # gp packed panels per pass: their accumulators stay in registers
                             for qp in range(npass):
                                 for q in T.unroll(gp):
-                                    for j in T.vectorized(nr):
+                                    for j in T.vectorized(vl):
                                         vacc[q, 0, j] = T.float32(0)
                                         if gated:
                                             vacc[q, 1, j] = T.float32(0)
                                 for kk in range(K):
                                     for q in T.unroll(gp):
-                                        for j in T.vectorized(nr):
+                                        for j in T.vectorized(vl):
                                             vacc[q, 0, j] = vacc[q, 0, j] + X[xr, kk] * W[
-                                                TE[tile], T.min(pblk * pb + T.min(
-                                                    qp * gp + q, pb - 1), nb - 1), kk, j]
+                                                TE[tile], T.min(pblk * pbp + T.min(
+                                                    qp * gp + q, pbp - 1), nbp - 1), kk, j]
                                             if gated:
                                                 vacc[q, 1, j] = vacc[q, 1, j] + X[xr, kk] * Wb[
-                                                    TE[tile], T.min(pblk * pb + T.min(
-                                                        qp * gp + q, pb - 1), nb - 1), kk, j]
+                                                    TE[tile], T.min(pblk * pbp + T.min(
+                                                        qp * gp + q, pbp - 1), nbp - 1), kk, j]
                                 for q in T.unroll(gp):
-                                    for j in T.vectorized(nr):
-                                        ctile[T.min(qp * gp + q, pb - 1), i, 0, j] = vacc[q, 0, j]
+                                    for j in T.vectorized(vl):
+                                        ctile[T.min(qp * gp + q, pbp - 1) // nv, i, 0,
+                                              T.min(qp * gp + q, pbp - 1) % nv * vl + j] = vacc[
+                                            q, 0, j]
                                         if gated:
-                                            ctile[T.min(qp * gp + q, pb - 1), i, 1, j] = vacc[
-                                                q, 1, j]
+                                            ctile[T.min(qp * gp + q, pbp - 1) // nv, i, 1,
+                                                  T.min(qp * gp + q, pbp - 1) % nv * vl + j] = (
+                                                vacc[q, 1, j])
                     # padding rows of group 0 repeat its first row (as the GEMM path does)
                     for i in range(mr):
                         if not valid(SI[row(tile, 0, i)], sentinel):
@@ -289,14 +302,19 @@ def grouped_matmul(
                                                         ctile[q, g * mr + i, 1, j])
                                         for kk in range(kc_len(kb)):
                                             for i in T.unroll(mr):
-                                                for j in T.vectorized(nr):
-                                                    acc[i, j] = acc[i, j] + X[
-                                                        src[i], kb * kc + kk] * W[
-                                                        TE[tile], p, kb * kc + kk, j]
-                                                    if gated:
-                                                        acc2[i, j] = acc2[i, j] + X[
-                                                            src[i], kb * kc + kk] * Wb[
-                                                            TE[tile], p, kb * kc + kk, j]
+                                                for v in T.unroll(nv):
+                                                    for j in T.vectorized(vl):
+                                                        acc[i, v * vl + j] = acc[
+                                                            i, v * vl + j] + X[
+                                                            src[i], kb * kc + kk] * W[
+                                                            TE[tile], packed(p, v),
+                                                            kb * kc + kk, j]
+                                                        if gated:
+                                                            acc2[i, v * vl + j] = acc2[
+                                                                i, v * vl + j] + X[
+                                                                src[i], kb * kc + kk] * Wb[
+                                                                TE[tile], packed(p, v),
+                                                                kb * kc + kk, j]
                                         for i in T.unroll(mr):
                                             for j in T.vectorized(nr):
                                                 ctile[q, g * mr + i, 0, j] = acc[i, j]
@@ -326,8 +344,8 @@ def grouped_matmul(
                                                     ctile, q, g * mr + i, j, TE[tile],
                                                     p * nr + j, Bb, Bb2)
 
-    transforms = {1: lambda a: pack_nk(a, nr)}
+    transforms = {1: lambda a: pack_nk(a, vl)}
     if gated:
-        transforms[2] = lambda a: pack_nk(a, nr)
+        transforms[2] = lambda a: pack_nk(a, vl)
     drop = [n for n, used in (("W2", gated), ("B1", bias), ("B2", bias2)) if not used]
     return finish(func, name, drop=drop, arg_transforms=transforms)
