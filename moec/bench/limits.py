@@ -132,6 +132,23 @@ def _tvm_linear_time(x: Any, w: Any, reps: int) -> float:
     return _best(lambda: f(*args), reps)
 
 
+class CacheFlush:
+    """Evicts the last-level cache: one call writes a buffer twice its size (moec.codegen.tune
+    `flush_bytes`; 64 MiB here, about 10 ms). Run before each timed call of a case, outside the
+    stopwatch, so that no system finds in the L3 the experts that the system before it read for
+    the same input (the DeepSeek-V3-like layer at 1 token reads about 25 MB: it fits)."""
+
+    def __init__(self, nbytes: int | None = None) -> None:
+        import numpy as np
+
+        from moec.codegen.tune import flush_bytes
+
+        self.buf = np.ones((nbytes or flush_bytes()) // 4, np.float32)
+
+    def __call__(self) -> None:
+        self.buf += 1.0
+
+
 class ReadProbe:
     """One TVM 4-stream read of `mib` MiB per call, in GB/s: the bandwidth the machine gives
     right now, measured between the rounds of a case (on a shared VM it changed 1.5x within

@@ -3,7 +3,9 @@
 
 Protocol of one case. The pool holds `warmup + repeat` inputs; round i feeds `pool[i]` to every
 system, `hf-eager` first (its output is the reference), the others in an order that rotates
-each round, so that machine noise and cache state hit every system alike. Every output is
+each round, so that machine noise hits every system alike. Before each call the last-level
+cache is flushed outside the stopwatch (limits.CacheFlush): a system must not find in the cache
+the experts that the system before it read for the same input. Every output is
 checked against the reference outside the stopwatch: the warm-up rounds are the check before
 timing (a system that fails there is never timed), and a system that fails in a timed round
 loses its times. The check is max |y - ref| / max |ref| <= tol over the tokens not on a routing
@@ -159,9 +161,11 @@ class Timing:
 
 
 def time_case(systems: list, pool: Pool, warmup: int, tol: float, tick: Any,
-              probe: Any = None, probed: list[float] | None = None) -> dict[str, Timing]:
+              probe: Any = None, probed: list[float] | None = None,
+              flush: Any = None) -> dict[str, Timing]:
     """Run the case's rounds (see the module docstring); `tick()` after each round. With a
-    `probe` (limits.ReadProbe), its bandwidth after each timed round is appended to `probed`."""
+    `probe` (limits.ReadProbe), its bandwidth after each timed round is appended to `probed`;
+    `flush()` (limits.CacheFlush) runs before every call."""
     out = {s.name: Timing() for s in systems}
     active = []
     for s in systems:
@@ -186,6 +190,8 @@ def time_case(systems: list, pool: Pool, warmup: int, tol: float, tick: Any,
             if t.status != "ok":
                 continue
             try:
+                if flush is not None:
+                    flush()
                 c0, t0 = time.process_time(), time.perf_counter()
                 y = s(x)
                 dt, dc = time.perf_counter() - t0, time.process_time() - c0
@@ -254,6 +260,7 @@ def run(opts: Options) -> dict[str, Any]:
     except Exception:  # optional, like the TVM limits: the run-wide roofline stays
         probe = None
     report.limits_line(lim["start"])
+    flush = L.CacheFlush()
     rounds = opts.warmup + opts.repeat
     total = len(opts.shapes) * len(opts.tokens) * len(opts.routings) * rounds
     bar = tqdm(total=total, unit="round", disable=(None if opts.progress is None
@@ -282,7 +289,7 @@ def run(opts: Options) -> dict[str, Any]:
                 load0 = os.getloadavg()[0]
                 probed: list[float] = []
                 timings = time_case(systems, pool, opts.warmup, opts.tol, lambda: bar.update(1),
-                                    probe, probed)
+                                    probe, probed, flush)
                 results["cases"].append({
                     "shape": shape_name, "tokens": tokens, "routing": routing,
                     "routing_stats": routing_stats(shape, pool),

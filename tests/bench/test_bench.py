@@ -134,6 +134,31 @@ def test_read_probe_runs_after_each_timed_round() -> None:
     assert len(probed) == 3 and all(v > 0 for v in probed)
 
 
+def test_cache_is_flushed_before_every_call() -> None:
+    """limits.CacheFlush runs before each system call of every round, warm-up included."""
+    from moec.bench import limits
+
+    shape = SHAPES["tiny"]
+    block = build_block(shape)
+    pool = make_pool(block, shape, 4, "uniform", 3)
+    calls: list[str] = []
+    real = limits.CacheFlush(nbytes=1 << 20)
+
+    def flush() -> None:
+        real()
+        calls.append("flush")
+
+    class Logged(HFBlock):
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            calls.append(self.name)
+            return super().__call__(x)
+
+    runner.time_case([Logged(block, shape, "eager"), Logged(block, shape, "grouped_mm")], pool,
+                     warmup=1, tol=1e-4, tick=lambda: None, flush=flush)
+    assert calls == ["flush", "hf-eager", "flush", "hf-grouped_mm"] * 3
+    assert float(real.buf[0]) == 1.0 + 6
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_zipf_routing_is_skewed(name: str) -> None:
     shape = SHAPES[name]
