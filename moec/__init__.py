@@ -42,15 +42,19 @@ def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
     return _compile(model, example_inputs, **kwargs)
 
 
-def load(path: Any, device: str = "cpu", *, ep_group: Any = None) -> CompiledModel:
+def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
+         weights: str = "copy") -> CompiledModel:
     """Load a saved artifact; returns a callable CompiledModel.
 
     ep_group: a torch.distributed process group to run the model expert-parallel over (the
     artifact must be compiled with ep=True); every rank of the group calls load, and gets an
-    EPModel holding its shard of the experts (see moec.distributed)."""
+    EPModel holding its shard of the experts (see moec.distributed).
+    weights (CPU): "copy" (default: the weights in this process's memory, where the kernels
+    read them fastest) or "mmap" (views of the mapped file, shared between processes; see
+    moec.runtime.load)."""
     from moec.runtime import load as _load
 
-    return _load(path, device=device, ep_group=ep_group)
+    return _load(path, device=device, ep_group=ep_group, weights=weights)
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,10 @@ as a view of the mapped file (DLPack): loading reads nothing up front, the page 
 the only copy, and processes that load the same artifact (expert-parallel ranks) share it.
 The mapping is copy-on-write, so nothing a process does reaches the file.
 
-Files from before alignment, or weights going to a GPU, are copied once into TVM memory.
+Files from before alignment, or weights going to a GPU, are copied once into TVM memory, and so
+are all weights when `moec.load` is asked to (`weights="copy"`, its default on a CPU): the
+grouped GEMMs read a private anonymous copy 8-34% faster than the mapped page cache here
+(Qwen3-30B-A3B gate/up GEMM, 1 to 2048 tokens, both kinds interleaved in one process).
 """
 
 from __future__ import annotations
@@ -115,28 +118,33 @@ def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def to_tvm(view: np.ndarray, dev: Any) -> Any:
-    """`view` as a TVM tensor on `dev`: zero-copy on a CPU when it is contiguous and aligned,
-    else one copy."""
+def to_tvm(view: np.ndarray, dev: Any, copy: bool = False) -> Any:
+    """`view` as a TVM tensor on `dev`: zero-copy on a CPU when it is contiguous and aligned
+    and `copy` is false, else one copy into memory TVM allocates."""
     import tvm  # noqa: PLC0415  (moec.runtime imports TVM lazily)
 
     on_cpu = int(dev.dlpack_device_type()) == 1  # kDLCPU
-    if on_cpu and view.nbytes and view.flags.c_contiguous and view.ctypes.data % ALIGN == 0:
-        if view.dtype.kind == "V":  # bfloat16 / float8: numpy's DLPack takes plain dtypes only
-            bits = view.view(f"u{view.dtype.itemsize}")
-            return tvm.runtime.from_dlpack(bits)._create_view(view.shape, view.dtype.name)
-        return tvm.runtime.from_dlpack(view)
-    return tvm.runtime.tensor(np.ascontiguousarray(view), dev)
+    plain = view.dtype.kind != "V"  # bfloat16 / float8: numpy's DLPack takes plain dtypes only
+    bits = view if plain else view.view(f"u{view.dtype.itemsize}")
+    if (on_cpu and not copy and view.nbytes and view.flags.c_contiguous
+            and view.ctypes.data % ALIGN == 0):
+        t = tvm.runtime.from_dlpack(bits)
+    elif plain:
+        return tvm.runtime.tensor(np.ascontiguousarray(view), dev)
+    else:
+        t = tvm.runtime.tensor(np.ascontiguousarray(bits), dev)
+    return t if plain else t._create_view(view.shape, view.dtype.name)
 
 
-def load_mapped(path: str | Path, names: Sequence[str], dev: Any) -> list[Any]:
+def load_mapped(path: str | Path, names: Sequence[str], dev: Any, copy: bool = False
+                ) -> list[Any]:
     """The tensors `names` of the safetensors file `path` as TVM tensors on `dev`: on a CPU,
-    aligned ones are views of a copy-on-write mapping of the file (no copy), others are copied
-    once; on a GPU each is copied once from the mapping to the device."""
+    aligned ones are views of a copy-on-write mapping of the file (no copy) unless `copy`,
+    others are copied once; on a GPU each is copied once from the mapping to the device."""
     arrays = mapped_arrays(path)
     out = []
     for name in names:
         if name not in arrays:
             raise ArtifactError(f"{Path(path).name} has no weight {name!r}")
-        out.append(to_tvm(arrays[name], dev))
+        out.append(to_tvm(arrays[name], dev, copy))
     return out

@@ -203,3 +203,15 @@ def test_cuda_graph_needs_a_cuda_model_and_cuda_inputs(model):
         model.cuda_graph(x)
     with pytest.raises(InputError, match="torch CUDA tensors"):
         capture(model, x)
+
+
+def test_weight_modes_agree(saved_path: Any, scale_weights: dict) -> None:
+    """moec.load(weights="copy") (the CPU default) and "mmap" run the same numbers; any other
+    mode is refused before anything loads."""
+    from moec.runtime import load
+
+    x, s = _inputs(5)
+    for mode in ("copy", "mmap"):
+        _check(load(saved_path, weights=mode), scale_weights, x, s)
+    with pytest.raises(InputError, match="weights='lazy'"):
+        load(saved_path, weights="lazy")

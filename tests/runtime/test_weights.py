@@ -96,3 +96,24 @@ def test_bfloat16_view_outlives_the_loader(tmp_path):
     gc.collect()
     assert str(t.dtype) == "bfloat16"
     np.testing.assert_array_equal(t.numpy().astype(np.float32), w["b"].astype(np.float32))
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_load_mapped_copy_is_private(tmp_path, copy):
+    """copy=True: every tensor (bfloat16 too) lives in TVM's own memory, so rewriting the
+    file in place does not reach it; copy=False: aligned tensors are views of the mapping."""
+    w = {"a": np.arange(48, dtype=np.float32).reshape(6, 8),
+         "b": np.linspace(-2, 2, 64, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(8, 8)}
+    path = tmp_path / "w.safetensors"
+    save_aligned(w, path)
+    got = load_mapped(path, ["a", "b"], tvm.cpu(), copy=copy)
+    with open(path, "r+b") as f:  # rewrite every data byte in place
+        f.seek(64)
+        f.write(b"\xff" * (path.stat().st_size - 64))
+    a = got[0].numpy()
+    if copy:
+        np.testing.assert_array_equal(a, w["a"])
+        np.testing.assert_array_equal(got[1].numpy().astype(np.float32),
+                                      w["b"].astype(np.float32))
+    else:  # the copy-on-write mapping shows the file's new bytes (not yet written privately)
+        assert not np.array_equal(a, w["a"])
