@@ -13,7 +13,9 @@ rows; a group whose first row is padding is skipped (runs end with their padding
 the group is padding too): at T=1 a tile costs one MR-row group, not block_m rows. Padding rows
 inside a group are computed on a copy of the group's first row, so no index leaves x and no
 garbage enters the registers. Micro-kernel: MR x NR accumulators (x2 when gated) in registers,
-weights pre-packed into NR-wide panels (`arg_transforms`), K cut into L1/L2-sized chunks.
+weights pre-packed into one-SIMD-vector panels (`arg_transforms`; an NR-wide micro-panel reads
+NR/V adjacent ones: Qwen3-30B down at 512 tokens, NR=16, ran 3-8% faster than on NR-wide
+panels, and the decode path keeps 8 streams), K cut into L1/L2-sized chunks.
 
 Decode path: a tile of at most GEMV_ROWS rows (decode, or a wide expert count at a few tokens)
 is memory-bound, and the MR-row micro-kernel reads its weights as one short K chunk of one panel
