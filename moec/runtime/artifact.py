@@ -243,15 +243,15 @@ class Artifact:
         _fsync_file(folder / MANIFEST)
         _fsync_dir(folder)
 
-    def load_model(self, device: Any = "cpu") -> CompiledModel:
+    def load_model(self, device: Any = "cpu", *, weights: str = "copy") -> CompiledModel:
         """Load this artifact for running, without the caller choosing a path.
 
         It is saved to a private temporary folder and loaded from there (so it runs exactly
         as the saved artifact would); the folder is deleted when the model is garbage
-        collected."""
+        collected. `weights`: as for `moec.load`."""
         tmp = tempfile.mkdtemp(prefix="moec-")
         try:
-            model = load(self.save(Path(tmp) / "model.moec"), device)
+            model = load(self.save(Path(tmp) / "model.moec"), device, weights=weights)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -205,13 +205,14 @@ def test_cuda_graph_needs_a_cuda_model_and_cuda_inputs(model):
         capture(model, x)
 
 
-def test_weight_modes_agree(saved_path: Any, scale_weights: dict) -> None:
-    """moec.load(weights="copy") (the CPU default) and "mmap" run the same numbers; any other
-    mode is refused before anything loads."""
+def test_weight_modes_agree(saved_path: Any, scale_artifact: Any, scale_weights: dict) -> None:
+    """moec.load(weights="copy") (the CPU default) and "mmap" run the same numbers, also
+    through Artifact.load_model; any other mode is refused before anything loads."""
     from moec.runtime import load
 
     x, s = _inputs(5)
     for mode in ("copy", "mmap"):
         _check(load(saved_path, weights=mode), scale_weights, x, s)
+        _check(scale_artifact.load_model(weights=mode), scale_weights, x, s)
     with pytest.raises(InputError, match="weights='lazy'"):
         load(saved_path, weights="lazy")
