@@ -134,7 +134,7 @@ def _tvm_linear_time(x: Any, w: Any, reps: int) -> float:
 
 class CacheFlush:
     """Evicts the last-level cache: one call writes a buffer twice its size (moec.codegen.tune
-    `flush_bytes`; 64 MiB here, about 10 ms). Run before each timed call of a case, outside the
+    `flush_bytes`; 64 MiB here). Run before each timed call of a case, outside the
     stopwatch, so that no system finds in the L3 the experts that the system before it read for
     the same input (the DeepSeek-V3-like layer at 1 token reads about 25 MB: it fits)."""
 

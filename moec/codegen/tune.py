@@ -38,8 +38,8 @@ from moec.ir.graph import Graph, Node
 FORMAT = 1
 DEFAULT_BLOCK_M = 32
 BLOCK_MS = (16, 32, 64)
-SMALL_TOKENS, SMALL_REPS = 64, 4  # calls at up to 64 tokens take milliseconds and vary most
-# (fastest of 3 calls differed by 25% between candidates that run the same decode code): 4x reps
+SMALL_TOKENS, SMALL_REPS = 64, 4  # calls at up to 64 tokens take milliseconds: 4x the reps
+# costs little and narrows the spread of their fastest-of times
 SHIPPED = Path(__file__).resolve().parent.parent / "tuning"
 
 
@@ -203,12 +203,13 @@ def flush_bytes() -> int:
 
 
 class _Bench:
-    """One of a layer's grouped GEMMs (0: gate/up, 1: down) with its weights packed for each
-    NR of the candidates, timed for any block_m, (MR, NR) and token count. The weights' values
-    do not change the time (a constant, no denormals): one allocation per packing instead of
-    random data per candidate keeps the memory to one copy of the GEMM's weights per NR."""
+    """One of a layer's grouped GEMMs (0: gate/up, 1: down) with its weights packed, timed for
+    any block_m, (MR, NR) and token count (the packing is one-vector panels whatever the tile:
+    one copy serves every candidate). The weights' values do not change the time (a constant,
+    no denormals): one allocation instead of random data keeps the memory to one copy of the
+    GEMM's weights."""
 
-    def __init__(self, shape: LayerShape, which: int, nrs: Sequence[int]) -> None:
+    def __init__(self, shape: LayerShape, which: int) -> None:
         import tvm
 
         from moec.codegen.kernels import grouped_matmul
@@ -216,19 +217,16 @@ class _Bench:
         self.shape, self.which = shape, which
         n, k, gather, act = shape.gemms()[which]
         np_dt = np.float32 if shape.dtype == "float32" else np.float16
-        gated = act.endswith("_mul")
-        self.weights: dict[int, list[Any]] = {}
-        for nr in nrs:
-            probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act,
-                                   shape.dtype, bias=shape.bias, tiles=(1, nr))
-            packed = []
-            for _ in range(2 if gated else 1):  # distinct memory: decode streams both weights
-                w = np.full((shape.experts, n, k), 0.01, np_dt)
-                packed.append(tvm.runtime.tensor(probe.arg_transforms[1](w), tvm.cpu()))
-                del w
-            bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), np_dt), tvm.cpu())
-                    for _ in range(len(packed) if shape.bias else 0)]
-            self.weights[nr] = packed + bias
+        probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act, shape.dtype,
+                               bias=shape.bias)
+        packed = []
+        for _ in range(2 if act.endswith("_mul") else 1):  # distinct memory: decode streams both
+            w = np.full((shape.experts, n, k), 0.01, np_dt)
+            packed.append(tvm.runtime.tensor(probe.arg_transforms[1](w), tvm.cpu()))
+            del w
+        bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), np_dt), tvm.cpu())
+                for _ in range(len(packed) if shape.bias else 0)]
+        self.weights = packed + bias
 
     def times(self, cands: Sequence[tuple[int, tuple[int, int]]], tokens: int, reps: int,
               seed: int = 0) -> list[float]:
@@ -264,12 +262,12 @@ class _Bench:
             ids = np.argsort(rng.random((tokens, e)), axis=1)[:, :tk]
             layouts = {bm: [tvm.runtime.tensor(a, dev) for a in layout_of(ids, e, bm)]
                        for bm in {bm for bm, _ in cands}}
-            for c, ((bm, tiles), fn) in enumerate(zip(cands, fns, strict=True)):
+            for c, ((bm, _), fn) in enumerate(zip(cands, fns, strict=True)):
                 si, te = layouts[bm]
                 out = tvm.runtime.empty((si.shape[0], n), shape.dtype, dev)
                 flush += 1.0  # evict the weights the previous candidate read (same routing)
                 t0 = time.perf_counter()
-                fn(xs[x_rows[bm]], *self.weights[tiles[1]], si, te, out)
+                fn(xs[x_rows[bm]], *self.weights, si, te, out)
                 if rep:
                     best[c] = min(best[c], time.perf_counter() - t0)
         return best
@@ -292,7 +290,7 @@ def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: in
         group = sorted({(bm, t) for bm in block_ms
                         for t in {grouped_tiles(shape.dtype, bm, gated),
                                   *tile_candidates(shape.dtype, gated)} if t[0] <= bm})
-        bench = _Bench(shape, which, sorted({t[1] for _, t in group}))
+        bench = _Bench(shape, which)
         timed = {t: bench.times(group, t, reps * (SMALL_REPS if t <= SMALL_TOKENS else 1))
                  for t in tokens}
         for i, (bm, tiles) in enumerate(group):

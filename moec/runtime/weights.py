@@ -10,7 +10,8 @@ The mapping is copy-on-write, so nothing a process does reaches the file.
 Files from before alignment, or weights going to a GPU, are copied once into TVM memory, and so
 are all weights when `moec.load` is asked to (`weights="copy"`, its default on a CPU): the
 grouped GEMMs read a private anonymous copy 8-34% faster than the mapped page cache here
-(Qwen3-30B-A3B gate/up GEMM, 1 to 2048 tokens, both kinds interleaved in one process).
+(Qwen3-30B-A3B gate/up GEMM, 1 to 2048 tokens, both kinds interleaved in one process; the
+smaller bench layers measured the same either way).
 """
 
 from __future__ import annotations
@@ -155,9 +156,8 @@ def load_mapped(path: str | Path, names: Sequence[str], dev: Any, copy: bool = F
 
 def drop_cached(path: str | Path) -> None:
     """Ask the kernel to drop `path`'s clean, unmapped pages from the page cache (a hint; pages
-    that other processes map stay). Without it a copied model holds its weights twice, and the
-    kernel reclaims the page cache under load (a Qwen3-30B-A3B layer: 2.4 GB more, and
-    decode timings of every system in the benchmark process turned erratic)."""
+    that other processes map stay). Without it a copied model holds its weights twice until
+    the kernel reclaims the cache (a Qwen3-30B-A3B layer: 2.4 GB more)."""
     import gc
     import os
 

@@ -67,11 +67,6 @@ GEMV_ACC = 8  # SIMD accumulators (one-vector panels) of one decode pass: the 8 
 # once the caches were flushed between calls: Qwen3-30B down 1.74 ms against 1.78.)
 
 
-def nw_of(activation: str) -> int:
-    """Weights a grouped GEMM reads: 2 when gated (`<act>_mul`), else 1."""
-    return 2 if activation.endswith("_mul") else 1
-
-
 def grouped_tiles(dtype: str, block_m: int, gated: bool) -> tuple[int, int]:
     """(MR, NR) of the micro-kernel: 4 rows (divides the usual power-of-two block_m), two SIMD
     vectors of columns, or one per weight when gated (AVX2: 8 accumulator registers)."""
@@ -188,13 +183,13 @@ def grouped_matmul(
     nv, nbp = nr // vl, -(-N // vl)
     pbp = pb * nv  # packed panels of a task
     # decode path: packed panels per pass over K, so that its accumulators fit in the registers
-    gp = max(1, min(pbp, GEMV_ACC // nw_of(activation)))
+    nw = 2 if gated else 1
+    gp = max(1, min(pbp, GEMV_ACC // nw))
     npass = -(-pbp // gp)
     explicit_gemv = gemv_rows is not None
     gemv_rows = min(GEMV_ROWS if gemv_rows is None else gemv_rows, mr, block_m - 1)
     gemv = gemv_rows > 0
     ng = -(-block_m // mr)  # row groups per tile
-    nw = 2 if gated else 1
     dims = Dims()
     tl = dims.var("TL")
     s = tl * block_m
