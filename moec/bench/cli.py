@@ -42,25 +42,31 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--tol", type=float, default=1e-4, help="max relative error against "
                    "hf-eager for a system to be timed (default: %(default)s)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    g.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                   help="pause after building each layer's systems, before timing it "
+                   "(default: 20, 0 with --quick; see moec.bench.runner.SETTLE_S)")
 
 
 def run_from_args(a: argparse.Namespace) -> int:
     """`moec bench` without an artifact: run moec.bench and write its results."""
     from moec.bench.layer import DEFAULT_TOKENS
-    from moec.bench.runner import DEFAULT_JSON, Options, run
+    from moec.bench.runner import DEFAULT_JSON, SETTLE_S, Options, run
 
     if getattr(a, "ep", None) is not None:
         raise InputError("--ep applies to `moec bench ARTIFACT`; the layer benchmark runs in "
                          "one process")
     if a.threads < 1:
         raise InputError(f"--threads must be >= 1, got {a.threads}")
+    settle = a.settle if a.settle is not None else (0.0 if a.quick else SETTLE_S)
+    if not settle >= 0:
+        raise InputError(f"--settle must be >= 0 seconds, got {a.settle}")
     tokens = a.tokens or (QUICK_TOKENS if a.quick else DEFAULT_TOKENS)
     warmup, repeat = (min(a.warmup, 1), min(a.repeat, 3)) if a.quick else (a.warmup, a.repeat)
     opts = Options(shapes=tuple(a.shapes), tokens=tuple(tokens), routings=tuple(a.routing),
                    systems=tuple(a.systems), hf_impls=tuple(a.hf_impls), warmup=warmup,
                    repeat=repeat, threads=a.threads, seed=a.seed, zipf_s=a.zipf, tol=a.tol,
                    json_path=Path(a.json) if a.json else DEFAULT_JSON, plot=not a.no_plot,
-                   limits_reps=3 if a.quick else 10,
+                   limits_reps=3 if a.quick else 10, settle_s=settle,
                    command=" ".join(["moec", *map(shlex.quote, sys.argv[1:])]))
     run(opts)
     return 0

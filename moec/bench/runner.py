@@ -46,6 +46,13 @@ from moec.bench.layer import (
 
 SYSTEM_KINDS = ("hf", "torch.compile", "ort", "moec")
 DEFAULT_JSON = Path("benchmarks/results/layer_bench.json")
+SETTLE_S = 20.0  # `moec bench`'s pause after building a shape's systems, before its first case.
+# Building them (moec's compile and packing, ONNX Runtime's weight interleave) frees gigabytes,
+# and on this VM the calls that follow ran slow for a while (the cause is not known; the
+# hypervisor reclaiming the freed pages is a guess). `moec bench --shapes qwen3 --tokens 1
+# --routing uniform --repeat 40`, runs alternated: without the pause moec's per-call times
+# started at 19-51 ms and fell to 6 ms over the 40 rounds (medians 11.1 and 19.5 ms); with a
+# 20 s pause, medians 9.1 and 6.8 ms (one of the two runs still started at 16-21 ms).
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Options:
     progress: bool | None = None  # None: a bar when stderr is a terminal
     limits_reps: int = 10
     tvm_gemm: bool = True
+    settle_s: float = 0.0  # pause after building each shape's systems (see SETTLE_S)
     command: str = ""
 
     def validate(self) -> None:
@@ -282,6 +290,10 @@ def run(opts: Options) -> dict[str, Any]:
         entry = {**shape.summary(), "missing": missing,
                  "notes": {s.name: s.note for s in systems}, "compile_s": {}}
         results["shapes"][shape_name] = entry
+        if opts.settle_s > 0:
+            log(f"{shape_name}: settling {opts.settle_s:g} s")
+            gc.collect()
+            time.sleep(opts.settle_s)
         for tokens in sorted(opts.tokens):
             for routing in opts.routings:
                 log(f"{shape_name} T={tokens} {routing}")

@@ -178,9 +178,31 @@ def test_cli_layer_bench(tmp_path: Path, keep_env: None) -> None:
                  "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["options"]["repeat"] == 3 and res["options"]["warmup"] == 1
+    assert res["options"]["settle_s"] == 0  # --quick does not pause
     assert [c["tokens"] for c in res["cases"]] == [2]
     assert res["command"].startswith("moec ")
     assert not out.with_suffix(".png").exists()
+
+
+def test_cli_layer_bench_settles_after_building(tmp_path: Path, keep_env: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--settle pauses once per layer, after its systems are built and before its first case;
+    a negative pause is an input error."""
+    from moec.bench import runner as r
+    from moec.cli import main
+
+    events: list[str] = []
+    monkeypatch.setattr(r.time, "sleep", lambda s: events.append(f"sleep {s:g}"))
+    real_time_case = r.time_case
+    monkeypatch.setattr(r, "time_case", lambda *a, **k: events.append("case") or real_time_case(
+        *a, **k))
+    out = tmp_path / "cli.json"
+    assert main(["bench", "--shapes", "tiny", "tiny-deepseek", "--tokens", "2", "--systems",
+                 "hf", "--quick", "--routing", "uniform", "--hf-impls", "eager", "--no-plot",
+                 "--settle", "1.5", "--json", str(out)]) == 0
+    assert events == ["sleep 1.5", "case", "sleep 1.5", "case"]
+    assert json.loads(out.read_text())["options"]["settle_s"] == 1.5
+    assert main(["bench", "--settle", "-1", "--json", str(out)]) == 1
 
 
 def test_cli_layer_bench_rejects_ep(capsys: pytest.CaptureFixture) -> None:
