@@ -42,6 +42,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--tol", type=float, default=1e-4, help="max relative error against "
                    "hf-eager for a system to be timed (default: %(default)s)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    g.add_argument("--no-touch", action="store_true", help="skip the untimed call of every "
+                   "system on the largest token count before a layer's first case")
     g.add_argument("--settle", type=float, default=None, metavar="SECONDS",
                    help="pause after building each layer's systems, before timing it "
                    "(default: 20, 0 with --quick; see moec.bench.runner.SETTLE_S)")
@@ -67,6 +69,7 @@ def run_from_args(a: argparse.Namespace) -> int:
                    repeat=repeat, threads=a.threads, seed=a.seed, zipf_s=a.zipf, tol=a.tol,
                    json_path=Path(a.json) if a.json else DEFAULT_JSON, plot=not a.no_plot,
                    limits_reps=3 if a.quick else 10, settle_s=settle,
+                   touch=not a.no_touch,
                    command=" ".join(["moec", *map(shlex.quote, sys.argv[1:])]))
     run(opts)
     return 0

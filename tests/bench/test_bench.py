@@ -184,25 +184,62 @@ def test_cli_layer_bench(tmp_path: Path, keep_env: None) -> None:
     assert not out.with_suffix(".png").exists()
 
 
-def test_cli_layer_bench_settles_after_building(tmp_path: Path, keep_env: None,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """--settle pauses once per layer, after its systems are built and before its first case;
-    a negative pause is an input error."""
+def test_cli_layer_bench_settles_and_touches_before_timing(
+        tmp_path: Path, keep_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once per layer, after its systems are built and before its first case: --settle pauses,
+    then every system runs once on the largest token count (--no-touch skips it); a negative
+    pause is an input error."""
     from moec.bench import runner as r
     from moec.cli import main
 
     events: list[str] = []
     monkeypatch.setattr(r.time, "sleep", lambda s: events.append(f"sleep {s:g}"))
-    real_time_case = r.time_case
-    monkeypatch.setattr(r, "time_case", lambda *a, **k: events.append("case") or real_time_case(
+    real_touch, real_case = r.touch_weights, r.time_case
+    monkeypatch.setattr(r, "touch_weights", lambda systems, x: events.append(
+        f"touch {x.shape[0]}") or real_touch(systems, x))
+    monkeypatch.setattr(r, "time_case", lambda *a, **k: events.append("case") or real_case(
         *a, **k))
     out = tmp_path / "cli.json"
-    assert main(["bench", "--shapes", "tiny", "tiny-deepseek", "--tokens", "2", "--systems",
-                 "hf", "--quick", "--routing", "uniform", "--hf-impls", "eager", "--no-plot",
-                 "--settle", "1.5", "--json", str(out)]) == 0
-    assert events == ["sleep 1.5", "case", "sleep 1.5", "case"]
-    assert json.loads(out.read_text())["options"]["settle_s"] == 1.5
+    args = ["bench", "--shapes", "tiny", "tiny-deepseek", "--tokens", "2", "5", "--systems",
+            "hf", "--quick", "--routing", "uniform", "--hf-impls", "eager", "--no-plot",
+            "--json", str(out)]
+    assert main([*args, "--settle", "1.5"]) == 0
+    assert events == ["sleep 1.5", "touch 5", "case", "case"] * 2
+    res = json.loads(out.read_text())["options"]
+    assert res["settle_s"] == 1.5 and res["touch"] is True
+    events.clear()
+    assert main([*args, "--no-touch"]) == 0
+    assert events == ["case", "case"] * 2
     assert main(["bench", "--settle", "-1", "--json", str(out)]) == 1
+
+
+def test_touch_weights_calls_each_system_once() -> None:
+    """Every system not skipped at that token count is prepared and called once on x; a
+    failing one does not stop the others (time_case reports it)."""
+    from moec.bench import runner as r
+
+    calls: list[tuple[str, int]] = []
+
+    class Sys(System):
+        def __init__(self, name: str, skip: bool = False, fail: bool = False) -> None:
+            super().__init__(name)
+            self.skip, self.fail = skip, fail
+
+        def skip_reason(self, tokens: int) -> str | None:
+            return "too big" if self.skip else None
+
+        def prepare(self, x: np.ndarray) -> None:
+            calls.append((f"prepare {self.name}", x.shape[0]))
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            calls.append((self.name, x.shape[0]))
+            if self.fail:
+                raise RuntimeError("boom")
+            return x
+
+    x = np.zeros((7, 4), np.float32)
+    r.touch_weights([Sys("a", fail=True), Sys("b", skip=True), Sys("c")], x)
+    assert calls == [("prepare a", 7), ("a", 7), ("prepare c", 7), ("c", 7)]
 
 
 def test_cli_layer_bench_rejects_ep(capsys: pytest.CaptureFixture) -> None:
