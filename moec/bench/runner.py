@@ -180,7 +180,9 @@ def touch_weights(systems: list, x: Any) -> None:
     memory suffered. `moec bench --shapes qwen3 --tokens 1 8 512 --routing uniform --repeat 8`,
     runs alternated, without / with: moec at 1 token 13.4, 28.1 / 5.93, 5.78 ms, at 8 tokens
     52.2, 54.6 / 38.2, 37.7 ms, at 512 tokens 341, 333 / 307, 311 ms; ONNX Runtime at 1 token
-    16.7, 15.4 / 9.37, 9.03 ms; the transformers block at 1 token 9.83, 12.1 / 10.9, 11.2 ms."""
+    16.7, 15.4 / 9.37, 9.03 ms; the transformers block at 1 token 9.83, 12.1 / 10.9, 11.2 ms.
+    It is not a cure: in one full run after it, moec's Qwen3 1-token cell still measured
+    67.6 ms (7.81 ms in the next run)."""
     for s in systems:
         if s.skip_reason(x.shape[0]):
             continue
