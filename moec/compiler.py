@@ -89,6 +89,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     that database file; False uses the built-in defaults. See moec.codegen.tune.
     """
     from moec.codegen.build import build
+    from moec.passes.widen_activations import WidenActivations, has_half_compute
     from moec.runtime.artifact import Artifact
 
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
@@ -109,6 +110,10 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
 
         bits, group_size = parse_mode(quantize)
         pass_list.append(QuantizeExperts(bits=bits, group_size=group_size))
+    if tgt.get("kind") == "llvm" and not any(isinstance(p, WidenActivations) for p in pass_list) \
+            and has_half_compute(graph):
+        # the CPU kernels compute in float32 and widen half GEMM weights as they read them
+        pass_list.append(WidenActivations())
     ins = list(instruments)
     timing = PassTiming(stream=sys.stderr) if time_passes else None
     if timing:

@@ -234,11 +234,12 @@ class _EpLowerer(_Lowerer):
                             group_size=a["group_size"], dtype=dt, bias=a["bias"],
                             alpha=a["alpha"], limit=a["limit"])
                     else:
+                        wd = self.weight_dtype(dt, g.operands[1].type)  # half weights
                         key = ("ep.grouped_matmul_e1", dt, n, kk, bm, a["gather"],
-                               a["activation"], a["bias"], a["alpha"], a["limit"])
-                        build = lambda a=a, n=n, kk=kk: K.grouped_matmul(  # noqa: E731
+                               a["activation"], a["bias"], a["alpha"], a["limit"], *wd.values())
+                        build = lambda a=a, n=n, kk=kk, wd=wd: K.grouped_matmul(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"])
+                            alpha=a["alpha"], limit=a["limit"], **wd)
                     kern, gv = self.kernel(key, build)
                     names, args = [], [cur]
                     for i, v in enumerate(g.operands[1:-2], start=1):

@@ -234,8 +234,10 @@ class _Lowerer:
             tiles = None if self.cuda else self.tiles.get(
                 (e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"]))
             extra = {"tiles": tiles} if tiles else {}
+            extra.update(self.weight_dtype(dt, w))
             self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                          a["activation"], a["bias"], a["alpha"], a["limit"], tiles),
+                          a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
+                          extra.get("w_dtype")),
                       lambda: self.K.grouped_matmul(
                           e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
                           dt, bias=a["bias"], alpha=a["alpha"], limit=a["limit"], **extra))
@@ -285,8 +287,16 @@ class _Lowerer:
         m, kk = _shape_key(x.shape)
         nn = w.shape[0]
         bias = len(n.operands) == 3
-        self.call(n, ("core.linear", m, kk, nn, dt, bias),
-                  lambda: self.K.linear(m, kk, nn, dt, bias))
+        wd = self.weight_dtype(dt, w)
+        self.call(n, ("core.linear", m, kk, nn, dt, bias, *wd.values()),
+                  lambda: self.K.linear(m, kk, nn, dt, bias, **wd))
+
+    @staticmethod
+    def weight_dtype(dt: str, w: Any) -> dict[str, str]:
+        """`{"w_dtype": ...}` for a GEMM whose weights are stored in another dtype than its
+        activations (half weights widened by the kernel; see widen-activations), else {}."""
+        wdt = tvm_dtype(w.dtype)
+        return {} if wdt == dt else {"w_dtype": wdt}
 
     # ---------------------------------------------------------------- whole graph
     def run(self) -> Lowered:

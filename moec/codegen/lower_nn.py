@@ -75,8 +75,9 @@ def lower_linear_nd(lw: Any, n: Node, dt: str) -> None:
     kk, nn = x.shape[-1], w.shape[0]
     bias = len(n.operands) == 3
     m = _key((rows,))[0]
-    kern, gv = lw.kernel(("core.linear", m, kk, nn, dt, bias),
-                         lambda: lw.K.linear(m, kk, nn, dt, bias))
+    wd = lw.weight_dtype(dt, n.operands[1].type)
+    kern, gv = lw.kernel(("core.linear", m, kk, nn, dt, bias, *wd.values()),
+                         lambda: lw.K.linear(m, kk, nn, dt, bias, **wd))
     args = lw.args(n, kern)
     args[0] = lw.bb.emit(relax.op.reshape(lw.value(x), [lw.dim(rows), lw.dim(kk)]))
     y = lw.bb.emit(relax.call_tir(gv, args, relax.TensorType([lw.dim(rows), nn], dt)))

@@ -34,6 +34,7 @@ import numpy as np
 
 from moec.errors import InputError
 from moec.ir.graph import Graph, Node
+from moec.runtime.inputs import numpy_dtype
 
 FORMAT = 1
 DEFAULT_BLOCK_M = 32
@@ -59,6 +60,17 @@ class LayerShape:
     def key(self) -> str:
         return (f"E{self.experts}_H{self.hidden}_I{self.intermediate}_k{self.top_k}_"
                 f"{self.activation}{'_bias' if self.bias else ''}_{self.dtype}")
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the CPU kernels compute in: float32 for half layers, whose weights stay
+        half (widen-activations)."""
+        return "float32" if self.dtype in ("float16", "bfloat16") else self.dtype
+
+    @property
+    def w_dtype(self) -> str | None:
+        """The GEMM weights' dtype when it differs from the compute dtype."""
+        return self.dtype if self.dtype != self.compute_dtype else None
 
     def gemms(self) -> list[tuple[int, int, bool, str]]:
         """(N, K, gather, activation) of the layer's two grouped GEMMs."""
@@ -216,15 +228,14 @@ class _Bench:
 
         self.shape, self.which = shape, which
         n, k, gather, act = shape.gemms()[which]
-        np_dt = np.float32 if shape.dtype == "float32" else np.float16
-        probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act, shape.dtype,
-                               bias=shape.bias)
+        probe = grouped_matmul(shape.experts, n, k, 16, shape.top_k, gather, act,
+                               shape.compute_dtype, bias=shape.bias, w_dtype=shape.w_dtype)
         packed = []
         for _ in range(2 if act.endswith("_mul") else 1):  # distinct memory: decode streams both
-            w = np.full((shape.experts, n, k), 0.01, np_dt)
+            w = np.full((shape.experts, n, k), 0.01, numpy_dtype(shape.dtype))
             packed.append(tvm.runtime.tensor(probe.arg_transforms[1](w), tvm.cpu()))
             del w
-        bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), np_dt), tvm.cpu())
+        bias = [tvm.runtime.tensor(np.zeros((shape.experts, n), shape.compute_dtype), tvm.cpu())
                 for _ in range(len(packed) if shape.bias else 0)]
         self.weights = packed + bias
 
@@ -247,12 +258,12 @@ class _Bench:
         dev = tvm.cpu()
         fns = []
         for block_m, tiles in cands:
-            kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.dtype,
-                                  bias=shape.bias, tiles=tiles)
+            kern = grouped_matmul(e, n, k, block_m, tk, gather, act, shape.compute_dtype,
+                                  bias=shape.bias, tiles=tiles, w_dtype=shape.w_dtype)
             fns.append(tvm.compile(tvm.IRModule({kern.name: kern.func}),
                                    target=host_target())[kern.name])
         rng = np.random.default_rng(seed)
-        np_dt = np.float32 if shape.dtype == "float32" else np.float16
+        np_dt = numpy_dtype(shape.compute_dtype)
         x_rows = {bm: tokens if gather else (tokens * tk // bm + e) * bm for bm, _ in cands}
         xs = {r: tvm.runtime.tensor(rng.standard_normal((r, k)).astype(np_dt), dev)
               for r in set(x_rows.values())}
@@ -264,7 +275,7 @@ class _Bench:
                        for bm in {bm for bm, _ in cands}}
             for c, ((bm, _), fn) in enumerate(zip(cands, fns, strict=True)):
                 si, te = layouts[bm]
-                out = tvm.runtime.empty((si.shape[0], n), shape.dtype, dev)
+                out = tvm.runtime.empty((si.shape[0], n), shape.compute_dtype, dev)
                 flush += 1.0  # evict the weights the previous candidate read (same routing)
                 t0 = time.perf_counter()
                 fn(xs[x_rows[bm]], *self.weights, si, te, out)
@@ -288,8 +299,8 @@ def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: in
     for which, (_, _, _, act) in enumerate(shape.gemms()):
         gated = act.endswith("_mul")
         group = sorted({(bm, t) for bm in block_ms
-                        for t in {grouped_tiles(shape.dtype, bm, gated),
-                                  *tile_candidates(shape.dtype, gated)} if t[0] <= bm})
+                        for t in {grouped_tiles(shape.compute_dtype, bm, gated),
+                                  *tile_candidates(shape.compute_dtype, gated)} if t[0] <= bm})
         bench = _Bench(shape, which)
         timed = {t: bench.times(group, t, reps * (SMALL_REPS if t <= SMALL_TOKENS else 1))
                  for t in tokens}
@@ -312,7 +323,8 @@ def tune_layer(shape: LayerShape, tokens: Sequence[int] = (1, 64, 512), reps: in
 
     bm = min(per_bm, key=score)
     default = None  # what the compiler does without an entry, if it was among the candidates
-    keys = [(DEFAULT_BLOCK_M, w, grouped_tiles(shape.dtype, DEFAULT_BLOCK_M, g[3].endswith("_mul")))
+    keys = [(DEFAULT_BLOCK_M, w, grouped_tiles(shape.compute_dtype, DEFAULT_BLOCK_M,
+                                               g[3].endswith("_mul")))
             for w, g in enumerate(shape.gemms())]
     if all(k in seen for k in keys):
         default = {str(t): round(1e3 * sum(seen[k][t] for k in keys), 4) for t in tokens}

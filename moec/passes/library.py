@@ -8,4 +8,5 @@ from moec.passes import (  # noqa: F401
     quantize_experts,
     reorder_dispatch,
     tile_expert_gemm,
+    widen_activations,
 )

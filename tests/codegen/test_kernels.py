@@ -113,6 +113,8 @@ LINEAR_CASES = [  # (K, N, bias): vector-exact, N tail + bias, K split into chun
 LINEAR_DECODE_CASES = [(200, 150, True), (200, 150, False)]
 LINEAR_DECODE_LEADS = [(0, 4), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3)]  # x [B, T, K]
 LINEAR_STATIC_M = [1, 2, 3]
+LINEAR_HALF_CASES = [(1500, 33, True), (200, 150, False)]  # K in chunks + N tail; decode blocks
+HALF_WEIGHTS = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,9 @@ def lib(kernel_lib):
     for case in LINEAR_CASES:
         ks[("linear", case)] = linear("T", *case[:2], "float32", case[2])
     ks[("linear3d",)] = linear(("B", "T"), 64, 48)
+    for case in LINEAR_HALF_CASES:
+        for wdt in HALF_WEIGHTS:
+            ks[("linear", case, wdt)] = linear("T", *case[:2], "float32", case[2], w_dtype=wdt)
     for case in LINEAR_DECODE_CASES:
         ks[("linear", case)] = linear("T", *case[:2], "float32", case[2])
         ks[("linear3d", case)] = linear(("B", "T"), *case[:2], "float32", case[2])
@@ -320,6 +325,27 @@ def test_linear_decode_path(lib, case, m):
     _linear_check(lib, lib.k[("linear", case)], case, (m,))
     if m in LINEAR_STATIC_M:
         _linear_check(lib, lib.k[("linear", m, case)], case, (m,))
+
+
+@pytest.mark.parametrize("t", [0, 1, 2, 3, 64])
+@pytest.mark.parametrize("wdt", list(HALF_WEIGHTS))
+@pytest.mark.parametrize("case", LINEAR_HALF_CASES)
+def test_linear_half_weights(lib, case, wdt, t):
+    """float16 / bfloat16 weights under float32 x (widen-activations' GEMMs): the kernel widens
+    each weight as it reads it, so it computes the float32 product of the weights' exact
+    values (the float32 test's tolerance), on the decode path (t <= 2) and the GEMM path."""
+    kdim, n, bias = case
+    x = rng.standard_normal((t, kdim)).astype(np.float32)
+    w = (rng.standard_normal((n, kdim)) / math.sqrt(kdim)).astype(HALF_WEIGHTS[wdt])
+    b = rng.standard_normal(n).astype(np.float32)
+    args = [x, w, b] if bias else [x, w]
+    (y,) = lib(lib.k[("linear", case, wdt)], *args, outs=[((t, n), "float32")], fill=np.nan)
+    _close(y, x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0))
+
+
+def test_linear_rejects_other_weight_dtypes():
+    with pytest.raises(CodegenError, match="half weights take float32 activations"):
+        linear("T", 64, 48, "float32", w_dtype="int8")
 
 
 @pytest.mark.parametrize("lead", LINEAR_DECODE_LEADS)

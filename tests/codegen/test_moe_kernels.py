@@ -122,6 +122,8 @@ ROUTER_H = [64, 37]
 SPARSEMIXER_EPS = [0.01, 0.3]  # PhiMoE's default, and one wide enough to keep many experts
 CAPACITY_CASES = [(8, 1, 3), (4, 2, 5)]
 LOW_PRECISION = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+# gated; K in two chunks and an N tail; a partial last panel block with biases
+HALF_GMM_CASES = [GMM_CASES[0], GMM_CASES[1], GMM_CASES[6]]
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +138,10 @@ def lib(kernel_lib):
         ks[("combine", h, k)] = combine(h, k)
         ks[("permute", h, k)] = permute(h, k)
         ks[("unpermute", h, k)] = unpermute(h, k)
+    for case in HALF_GMM_CASES:
+        *args, bias = case
+        for dt in LOW_PRECISION:
+            ks[("gmm", case, dt)] = grouped_matmul(*args, "float32", bias=bias, w_dtype=dt)
     for dt in LOW_PRECISION:
         ks[("combine", dt)] = combine(40, 2, dt)
         ks[("permute", dt)] = permute(40, 2, dt)
@@ -256,6 +262,30 @@ def test_grouped_matmul(lib, case, routing, t):
     group_used = np.repeat(tile_expert >= 0, bm) & (sorted_ids[starts] < t * top_k)
     written = ~np.isnan(out).all(axis=1)
     np.testing.assert_array_equal(written, group_used)
+
+
+@pytest.mark.parametrize("t", [0, 1, 2, 64])
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("w_dtype", list(LOW_PRECISION))
+@pytest.mark.parametrize("case", HALF_GMM_CASES)
+def test_grouped_matmul_half_weights(lib, case, w_dtype, routing, t):
+    """float16 / bfloat16 expert weights under float32 activations (widen-activations): each
+    weight is widened as it is read, so the kernel computes the float32 GEMM of the weights'
+    exact values (the float32 test's tolerance), on the decode path (1-2 rows a tile) and the
+    GEMM path."""
+    e, n, kdim, bm, top_k, gather, act, bias = case
+    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(case, routing, t)
+    ws = [w.astype(LOW_PRECISION[w_dtype]) for w in ws]
+    (out,) = lib(lib.k[("gmm", case, w_dtype)], x, *ws, *bs, sorted_ids, tile_expert,
+                 outs=[((len(sorted_ids), n), "float32")], fill=np.nan)
+    used, ref = gmm_ref(x, [w.astype(np.float32) for w in ws], bs, sorted_ids, tile_expert, bm,
+                        top_k, gather, act)
+    np.testing.assert_allclose(out[used], ref, rtol=RTOL, atol=ATOL)
+
+
+def test_grouped_matmul_rejects_other_weight_dtypes():
+    with pytest.raises(CodegenError, match="half weights take float32 activations"):
+        grouped_matmul(4, 8, 8, 16, 2, True, "silu_mul", "float32", w_dtype="int8")
 
 
 GEMV_CASES = {

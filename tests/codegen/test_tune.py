@@ -124,3 +124,24 @@ def test_moec_tune_then_compile(tmp_path, capsys):
                  "--max-tokens", "64", "--tuning-db", str(db)]) == 0
     manifest = (tmp_path / "a.moec" / "manifest.json").read_text()
     assert "reorder-dispatch{block_m=16}" in manifest
+
+
+def test_bf16_layer_tunes_float32_kernels_on_bf16_weights(tmp_path):
+    """A bf16 layer is tuned as it is compiled for the CPU (widen-activations): float32
+    kernels reading bf16 weights. Its entry has its own key and applies to its compile, whose
+    output still matches the model (the tuned block_m is used)."""
+    model, (x,) = demo_model(hidden=HIDDEN, intermediate=INTER, experts=E, top_k=K)
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    (shape,) = tune.layers_of(to_graph(model, (x,), 64))
+    assert (shape.dtype, shape.compute_dtype, shape.w_dtype) == ("bfloat16", "float32",
+                                                                 "bfloat16")
+    assert shape.key.endswith("_bfloat16")
+    entry = tune.tune_layer(shape, tokens=(1, 8), reps=1, block_ms=(16,))
+    assert entry["block_m"] == 16 and set(entry["measured_ms"]) == {"1", "8"}
+    db = tmp_path / "tuned.json"
+    tune.write_db(db, {f"{tune.cpu_name()}|{shape.key}": entry})
+    art = moec.compile(model, (x,), max_tokens=64, tuning=db)
+    assert "reorder-dispatch{block_m=16}" in art.pipeline
+    ref = model.float()(x.float()).detach()
+    got = art.load_model()(x).float()
+    assert (got - ref).abs().max() <= 2.0 ** -8 * ref.abs().max() + 1e-5

@@ -162,3 +162,41 @@ def test_half_precision_block_with_bf16_router_ties_is_recognised(dtype):
     ((_, spec),) = find_moe_blocks(block)
     for attr, want in EXPECT["gpt_oss"].items():
         assert getattr(spec, attr) == want, f"{attr}={getattr(spec, attr)!r}"
+
+
+_HALF_FAST = ("mixtral", "deepseek_v3", "gpt_oss", "switch_transformers")
+COMPILED_HALF = [pytest.param(f, marks=() if f in _HALF_FAST else pytest.mark.slow)
+                 for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", COMPILED_HALF)
+def test_compiled_bf16_block_computes_in_float32(family):
+    """A bfloat16 block (as most checkpoints are) compiles for the CPU: activations in float32,
+    the GEMM weights kept bfloat16 (widen-activations). The output is the float32 block on the
+    same bf16 weights and inputs, rounded once to bf16: within half a bf16 unit in the last
+    place (2^-8 relative) plus float32 noise (1e-5 of the largest output). torch's own bf16 run
+    rounds after every op and is further off (printed, not asserted)."""
+    import copy
+
+    import moec
+
+    block16 = build(family).to(torch.bfloat16)
+    block32 = copy.deepcopy(block16).float()
+    art = moec.compile(block16, (torch.randn(5, H).to(torch.bfloat16),), max_tokens=256)
+    assert any("wbfloat16" in k for k in art.meta["kernels"]), "GEMM weights not kept bf16"
+    model = art.load_model()
+    for name, x in _inputs(block32):
+        x16 = x.to(torch.bfloat16)
+        want = reference(block32, x16.float())
+        got = model(x16)
+        got = got[0] if isinstance(got, (tuple, list)) else got
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        bad = (got.float() - want).abs() > 2.0 ** -8 * want.abs() + 1e-5 * want.abs().max()
+        eager = max_rel_err(reference(block16, x16).float().numpy(), want.numpy())
+        print(f"{family} {name}: moec {max_rel_err(got.float().numpy(), want.numpy()):.2e}, "
+              f"torch bf16 eager {eager:.2e} (max rel err against float32)")
+        assert not bad.any(), f"{family} {name}: {int(bad.sum())} outputs off by more than " \
+                              f"the bf16 rounding of the float32 result"
+    empty = model(torch.zeros(0, H, dtype=torch.bfloat16))
+    empty = empty[0] if isinstance(empty, (tuple, list)) else empty
+    assert empty.shape == (0, H) and empty.dtype == torch.bfloat16

@@ -110,3 +110,31 @@ def test_not_a_checkpoint(tmp_path):
 
     with pytest.raises(InputError, match="no config.json"):
         from_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+def test_bf16_checkpoint_compiles_for_the_cpu(tmp_path, family):
+    """A checkpoint saved in bfloat16 (as most are) compiles from its folder for the CPU: the
+    activations run in float32 on the bf16 weights (widen-activations) and the logits come
+    out in the checkpoint's dtype. They are the float32 model's logits on the same bf16
+    weights, rounded once to bf16: within half a bf16 unit in the last place (2^-8 relative)
+    plus float32 noise (1e-5 of the largest logit)."""
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_config(family)), 0)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "model.moec"
+    assert main(["compile", str(tmp_path / "ckpt"), "-o", str(out),
+                 "--max-tokens", str(MAX_TOKENS)]) == 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "ckpt"), dtype=torch.float32, local_files_only=True).eval()
+    compiled = moec.load(out)
+    for n in TOKENS:
+        ids = np.random.default_rng(n).integers(0, V, n).astype(np.int64)
+        got = compiled(ids)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        assert got.dtype.name == "bfloat16" and got.shape == (n, V)
+        got = got.astype(np.float32)
+        want = _logits(ref, ids)
+        bad = np.abs(got - want) > 2.0 ** -8 * np.abs(want) + 1e-5 * np.abs(want).max()
+        assert not bad.any(), f"{family} T={n}: {int(bad.sum())} logits off by more than " \
+                              f"the bf16 rounding of the float32 result"

@@ -129,6 +129,21 @@ def check_dtype(builder: str, dtype: str, allowed: Sequence[str] = ("float32",))
     return dtype
 
 
+HALF_WEIGHTS = ("float16", "bfloat16")  # weight dtypes a float32 GEMM widens as it reads them
+
+
+def check_weight_dtype(builder: str, dtype: str, w_dtype: str | None) -> str:
+    """The storage dtype of a GEMM's weights: `dtype` itself, or float16 / bfloat16 weights
+    under float32 activations (widened in registers as they are read)."""
+    if w_dtype is None or w_dtype == dtype:
+        return dtype
+    if dtype != "float32" or w_dtype not in HALF_WEIGHTS:
+        raise CodegenError(f"{builder}: {w_dtype} weights with {dtype} activations are not "
+                           f"supported (half weights take float32 activations: "
+                           f"{HALF_WEIGHTS})")
+    return w_dtype
+
+
 @functools.cache
 def _vector_bits() -> int:
     return 512 if codegen.llvm_cpu_has_features(["avx512f"], host_target(1)) else 256

@@ -41,6 +41,7 @@ from moec.codegen.kernels.base import (
     Dims,
     Kernel,
     check_dtype,
+    check_weight_dtype,
     finish,
     i64,
     kernel_name,
@@ -143,6 +144,7 @@ def grouped_matmul(
     tiles: tuple[int, int] | None = None,
     panels: int | None = None,
     gemv_rows: int | None = None,
+    w_dtype: str | None = None,
 ) -> Kernel:
     """Grouped GEMM `moe.grouped_matmul`. Kernel args: `(x, w_packed, [w2_packed], [b], [b2],
     sorted_ids i32[S], tile_expert i32[TL], out [S, N])` with x `[T, K]` if `gather` else
@@ -159,8 +161,12 @@ def grouped_matmul(
     tile, so the tile's rows of x are reused from cache that many times (default PANELS, or
     PANELS_UNGATED for one weight).
     `gemv_rows` (default GEMV_ROWS, capped at MR and block_m - 1; 0 turns it off): tiles with at
-    most this many rows take the decode path (module docstring)."""
+    most this many rows take the decode path (module docstring).
+    `w_dtype` (default `dtype`): the dtype the weights are stored in; float16 / bfloat16
+    weights under float32 activations are widened in registers as they are read (half the
+    bytes of a float32 weight: decode reads half as much memory)."""
     check_dtype("grouped_matmul", dtype)
+    w_dtype = check_weight_dtype("grouped_matmul", dtype, w_dtype)
     check_positive("grouped_matmul", E=E, N=N, K=K, block_m=block_m, top_k=top_k)
     if activation not in ACTIVATIONS:
         raise CodegenError(f"grouped_matmul: activation {activation!r} not in {ACTIVATIONS}")
@@ -199,7 +205,8 @@ def grouped_matmul(
                        top_k, "gather" if gather else "", activation, "bias" if bias else "",
                        f"a{alpha}_l{limit}" if clamped else "",
                        f"t{mr}x{nr}" if tiles else "", f"pb{pb}" if pb > 1 else "",
-                       f"gv{gemv_rows}" if explicit_gemv else "")
+                       f"gv{gemv_rows}" if explicit_gemv else "",
+                       f"w{w_dtype}" if w_dtype != dtype else "")
 
     layout = TileRows(block_m, mr, top_k, gather, t)
     row, valid, source, sentinel_of = layout.row, layout.valid, layout.source, layout.sentinel
@@ -210,6 +217,10 @@ def grouped_matmul(
 
     def kc_len(kb):
         return kc if k_tail == kc else T.min(kc, K - kb * kc)
+
+    def wide(v):
+        """A weight element in the compute dtype."""
+        return v if w_dtype == dtype else T.Cast(dtype, v)
 
     def epilogue(ct, q, gi, j, e, col, b, b2):
         g = ct[q, gi, 0, j] + b[e, col] if bias else ct[q, gi, 0, j]
@@ -222,14 +233,14 @@ def grouped_matmul(
     def func(x: T.handle, w: T.handle, w2: T.handle, b: T.handle, b2: T.handle,
              sorted_ids: T.handle, tile_expert: T.handle, out: T.handle):
         X = T.match_buffer(x, (x_rows, K), dtype)
-        W = T.match_buffer(w, (E, nbp, K, vl), dtype)
-        W2 = T.match_buffer(w2, (E, nbp, K, vl), dtype)
+        W = T.match_buffer(w, (E, nbp, K, vl), w_dtype)
+        W2 = T.match_buffer(w2, (E, nbp, K, vl), w_dtype)
         B1 = T.match_buffer(b, (E, N), dtype)
         B2 = T.match_buffer(b2, (E, N), dtype)
         SI = T.match_buffer(sorted_ids, (s,), "int32")
         TE = T.match_buffer(tile_expert, (tl,), "int32")
         Y = T.match_buffer(out, (s, N), dtype)
-        Wb = T.decl_buffer((E, nbp, K, vl), dtype, data=alias(gated, W2, W).data)
+        Wb = T.decl_buffer((E, nbp, K, vl), w_dtype, data=alias(gated, W2, W).data)
         Bb = T.decl_buffer((E, N), dtype, data=alias(bias, B1, Y).data)
         Bb2 = T.decl_buffer((E, N), dtype, data=alias(bias2, B2, Y).data)
         sentinel: T.let = sentinel_of(SI, s)
@@ -259,13 +270,13 @@ def grouped_matmul(
                                 for kk in range(K):
                                     for q in T.unroll(gp):
                                         for j in T.vectorized(vl):
-                                            vacc[q, 0, j] = vacc[q, 0, j] + X[xr, kk] * W[
+                                            vacc[q, 0, j] = vacc[q, 0, j] + X[xr, kk] * wide(W[
                                                 TE[tile], T.min(pblk * pbp + T.min(
-                                                    qp * gp + q, pbp - 1), nbp - 1), kk, j]
+                                                    qp * gp + q, pbp - 1), nbp - 1), kk, j])
                                             if gated:
-                                                vacc[q, 1, j] = vacc[q, 1, j] + X[xr, kk] * Wb[
+                                                vacc[q, 1, j] = vacc[q, 1, j] + X[xr, kk] * wide(Wb[
                                                     TE[tile], T.min(pblk * pbp + T.min(
-                                                        qp * gp + q, pbp - 1), nbp - 1), kk, j]
+                                                        qp * gp + q, pbp - 1), nbp - 1), kk, j])
                                 for q in T.unroll(gp):
                                     for j in T.vectorized(vl):
                                         ctile[T.min(qp * gp + q, pbp - 1) // nv, i, 0,
@@ -304,15 +315,15 @@ def grouped_matmul(
                                                     for j in T.vectorized(vl):
                                                         acc[i, v * vl + j] = acc[
                                                             i, v * vl + j] + X[
-                                                            src[i], kb * kc + kk] * W[
+                                                            src[i], kb * kc + kk] * wide(W[
                                                             TE[tile], packed(p, v),
-                                                            kb * kc + kk, j]
+                                                            kb * kc + kk, j])
                                                         if gated:
                                                             acc2[i, v * vl + j] = acc2[
                                                                 i, v * vl + j] + X[
-                                                                src[i], kb * kc + kk] * Wb[
+                                                                src[i], kb * kc + kk] * wide(Wb[
                                                                 TE[tile], packed(p, v),
-                                                                kb * kc + kk, j]
+                                                                kb * kc + kk, j])
                                         for i in T.unroll(mr):
                                             for j in T.vectorized(nr):
                                                 ctile[q, g * mr + i, 0, j] = acc[i, j]

@@ -29,6 +29,7 @@ from moec.codegen.kernels.base import (
     Kernel,
     ceildiv,
     check_dtype,
+    check_weight_dtype,
     finish,
     i64,
     kernel_name,
@@ -72,13 +73,17 @@ def linear_tiles(dtype: str) -> tuple[int, int, int]:
 
 
 def linear(
-    M: Dim | tuple, K: int, N: int, dtype: str = "float32", bias: bool = False
+    M: Dim | tuple, K: int, N: int, dtype: str = "float32", bias: bool = False,
+    w_dtype: str | None = None,
 ) -> Kernel:
     """`y[M, N] = x[M, K] @ w[N, K].T (+ b[N])`. Kernel args: `(x, w_packed, [b], y)`.
 
     M: rows, an int or a symbolic name, or a tuple of leading dims (x `[*M, K]`, y `[*M, N]`).
-    `arg_transforms[1]` packs w `[N, K]` into `[ceil(N/NR), K, NR]`; pass the packed array."""
+    `arg_transforms[1]` packs w `[N, K]` into `[ceil(N/NR), K, NR]`; pass the packed array.
+    `w_dtype` (default `dtype`): float16 / bfloat16 weights under float32 x, widened in
+    registers as they are read."""
     check_dtype("linear", dtype)
+    w_dtype = check_weight_dtype("linear", dtype, w_dtype)
     if K < 1 or N < 1:
         raise CodegenError(f"linear: K={K} and N={N} must be >= 1")
     mr, nr, mc = linear_tiles(dtype)
@@ -94,7 +99,8 @@ def linear(
     npb = -(-nb // pb)
     gemv_rows = i64(GEMV_ROWS)
     k_tail = K - (nkc - 1) * kc
-    name = kernel_name("linear", dtype, *lead, K, N, "bias" if bias else "")
+    name = kernel_name("linear", dtype, *lead, K, N, "bias" if bias else "",
+                       f"w{w_dtype}" if w_dtype != dtype else "")
 
     def row(mo, g, i):
         return T.min(mo * mc + g * mr + i, m - i64(1))
@@ -102,13 +108,17 @@ def linear(
     def kc_len(kb):
         return kc if k_tail == kc else T.min(kc, K - kb * kc)
 
+    def wide(v):
+        """A weight element in the compute dtype."""
+        return v if w_dtype == dtype else T.Cast(dtype, v)
+
     def add_bias(v, b_buf, col):
         return v + b_buf[col] if bias else v
 
     @T.prim_func
     def func(x: T.handle, w: T.handle, b: T.handle, y: T.handle):
         X = T.match_buffer(x, [*lead_sh, K], dtype)
-        W = T.match_buffer(w, (nb, K, nr), dtype)
+        W = T.match_buffer(w, (nb, K, nr), w_dtype)
         B = T.match_buffer(b, (N,), dtype)
         Y = T.match_buffer(y, [*lead_sh, N], dtype)
         Xf = T.decl_buffer((m, K), dtype, data=X.data)
@@ -127,8 +137,8 @@ def linear(
                     for kk in range(K):
                         for q in T.unroll(pb):
                             for j in T.vectorized(nr):
-                                vacc[q, j] = vacc[q, j] + Xf[i, kk] * W[
-                                    T.min(task * pb + q, nb - 1), kk, j]
+                                vacc[q, j] = vacc[q, j] + Xf[i, kk] * wide(W[
+                                    T.min(task * pb + q, nb - 1), kk, j])
                     for q in range(pb):
                         p: T.let = task * pb + q
                         if p < nb:
@@ -160,8 +170,9 @@ def linear(
                             for kk in range(kc_len(kb)):
                                 for i in T.unroll(mr):
                                     for j in T.vectorized(nr):
-                                        acc[i, j] = acc[i, j] + Xf[row(mo, g, i), kb * kc + kk] * W[
-                                            p, kb * kc + kk, j]
+                                        acc[i, j] = acc[i, j] + Xf[
+                                            row(mo, g, i), kb * kc + kk] * wide(W[
+                                                p, kb * kc + kk, j])
                             for i in T.unroll(mr):
                                 for j in T.vectorized(nr):
                                     ctile[g * mr + i, j] = acc[i, j]
