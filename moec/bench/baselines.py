@@ -10,6 +10,10 @@ same block weights:
 - `ort-moe`: ONNX Runtime's com.microsoft MoE op (moec.bench.ort).
 - `moec`: `moec.compile` of the transformers block; if the family does not compile, of an
   equivalent `moec.models.reference.StackedMoEBlock` with the same weights (said in `note`).
+
+A bfloat16 run (`moec bench --dtype bfloat16`) builds every system on the bf16 block: each call
+converts x to bf16 and the output back to float32 numpy, inside the stopwatch, for every system
+alike. ONNX Runtime is not run: its CPU MoE kernel has no bfloat16 implementation.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.bench.layer import LayerShape, gathered_bytes, sibling
+from moec.bench.layer import LayerShape, block_dtype, gathered_bytes, sibling, to_block
 
 BATCHED_MM_LIMIT = 1 << 30  # bytes of gathered expert weights above which batched_mm is skipped
 
@@ -67,7 +71,7 @@ class HFBlock(System):
         import torch
 
         with torch.inference_mode():
-            return self.block(torch.from_numpy(x)[None])[0].numpy()
+            return self.block(to_block(self.block, x))[0].float().numpy()
 
 
 class TorchCompile(System):
@@ -79,6 +83,7 @@ class TorchCompile(System):
 
         super().__init__("torch.compile", f"inductor, default mode, experts_implementation={impl}"
                          f", compile caches off")
+        self.block = block
         # compile time as a first compile costs it, not a cache hit from an earlier run
         inductor_config.force_disable_caches = True
         torch._dynamo.reset()
@@ -97,7 +102,7 @@ class TorchCompile(System):
         import torch
 
         with torch.inference_mode():
-            return self.compiled(torch.from_numpy(x)[None])[0].numpy()
+            return self.compiled(to_block(self.block, x))[0].float().numpy()
 
 
 class OrtSystem(System):
@@ -138,7 +143,7 @@ def reference_block(block: Any, shape: LayerShape) -> Any:
         ref.experts.w_gate.copy_(gate_up[:, :inter])
         ref.experts.w_up.copy_(gate_up[:, inter:])
         ref.experts.w_down.copy_(block.experts.down_proj)
-    return ref.eval()
+    return ref.to(block.gate.weight.dtype).eval()
 
 
 class Moec(System):
@@ -151,7 +156,9 @@ class Moec(System):
         from moec.errors import MoecError
 
         super().__init__("moec", "moec.compile of the transformers block")
-        example = (torch.randn(5, shape.hidden),)
+        self.block = block
+        self.half = block_dtype(block) != "float32"
+        example = (torch.randn(5, shape.hidden).to(block.gate.weight.dtype),)
         t0 = time.perf_counter()
         try:
             art = moec.compile(block, example, max_tokens=max_tokens)
@@ -167,6 +174,8 @@ class Moec(System):
         del art  # its weights are now in the loaded model
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.half:  # the artifact takes the block's dtype: a torch bf16 tensor in and out
+            return self.model(to_block(self.block, x)[0]).float().numpy()
         return self.model(x)
 
 
@@ -183,7 +192,11 @@ def build_systems(block: Any, shape: LayerShape, kinds: tuple[str, ...], max_tok
     if "torch.compile" in kinds:
         systems.append(TorchCompile(block, shape))
     if "ort" in kinds:
-        why = ort.available()
+        why = ort.available() or (None if block_dtype(block) == "float32" else
+                                  "ONNX Runtime's CPU MoE kernel has no bfloat16 implementation "
+                                  "(onnxruntime 1.32 answers NOT_IMPLEMENTED; it takes float32 "
+                                  "and float16), so this harness builds its graph in float32 "
+                                  "only")
         if why is None:
             try:
                 systems.append(OrtSystem(block, shape, threads))

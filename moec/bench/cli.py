@@ -17,8 +17,8 @@ QUICK_TOKENS = (1, 64)
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    from moec.bench.layer import DEFAULT_SHAPES, EXPERTS_IMPLEMENTATIONS, ROUTINGS, SHAPES
-    from moec.bench.runner import SYSTEM_KINDS
+    from moec.bench.layer import DEFAULT_SHAPES, DTYPES, EXPERTS_IMPLEMENTATIONS, ROUTINGS, SHAPES
+    from moec.bench.runner import BF16_JSON, SYSTEM_KINDS
 
     g = s.add_argument_group("layer benchmark (moec bench without ARTIFACT)")
     g.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(DEFAULT_SHAPES),
@@ -44,6 +44,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
     g.add_argument("--no-touch", action="store_true", help="skip the untimed call of every "
                    "system on the largest token count before a layer's first case")
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="the blocks' dtype (default: %(default)s); bfloat16 writes "
+                   f"{BF16_JSON} unless --json")
     g.add_argument("--settle", type=float, default=None, metavar="SECONDS",
                    help="pause after building each layer's systems, before timing it "
                    "(default: 20, 0 with --quick; see moec.bench.runner.SETTLE_S)")
@@ -52,7 +55,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 def run_from_args(a: argparse.Namespace) -> int:
     """`moec bench` without an artifact: run moec.bench and write its results."""
     from moec.bench.layer import DEFAULT_TOKENS
-    from moec.bench.runner import DEFAULT_JSON, SETTLE_S, Options, run
+    from moec.bench.runner import BF16_JSON, DEFAULT_JSON, SETTLE_S, Options, run
 
     if getattr(a, "ep", None) is not None:
         raise InputError("--ep applies to `moec bench ARTIFACT`; the layer benchmark runs in "
@@ -67,9 +70,10 @@ def run_from_args(a: argparse.Namespace) -> int:
     opts = Options(shapes=tuple(a.shapes), tokens=tuple(tokens), routings=tuple(a.routing),
                    systems=tuple(a.systems), hf_impls=tuple(a.hf_impls), warmup=warmup,
                    repeat=repeat, threads=a.threads, seed=a.seed, zipf_s=a.zipf, tol=a.tol,
-                   json_path=Path(a.json) if a.json else DEFAULT_JSON, plot=not a.no_plot,
+                   json_path=Path(a.json) if a.json else
+                   (DEFAULT_JSON if a.dtype == "float32" else BF16_JSON), plot=not a.no_plot,
                    limits_reps=3 if a.quick else 10, settle_s=settle,
-                   touch=not a.no_touch,
+                   touch=not a.no_touch, dtype=a.dtype,
                    command=" ".join(["moec", *map(shlex.quote, sys.argv[1:])]))
     run(opts)
     return 0

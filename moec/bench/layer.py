@@ -25,6 +25,7 @@ import numpy as np
 
 ROUTINGS = ("uniform", "zipf")
 DEFAULT_TOKENS = (1, 8, 64, 512, 2048)
+DTYPES = {"float32": 4, "bfloat16": 2}  # the blocks' dtype -> bytes per weight
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,13 @@ class LayerShape:
     shared_intermediate: int = 0
     routed_scale: float = 1.0
 
-    @property
-    def expert_bytes(self) -> int:
-        """fp32 bytes of one routed expert (gate, up and down projections)."""
-        return 3 * self.hidden * self.intermediate * 4
+    def expert_bytes(self, itemsize: int = 4) -> int:
+        """Bytes of one routed expert (gate, up and down projections)."""
+        return 3 * self.hidden * self.intermediate * itemsize
 
-    @property
-    def always_bytes(self) -> int:
-        """fp32 bytes every call reads whatever the routing: router and shared expert."""
-        return 4 * (self.hidden * self.experts + 3 * self.hidden * self.shared_intermediate)
+    def always_bytes(self, itemsize: int = 4) -> int:
+        """Bytes every call reads whatever the routing: router and shared expert."""
+        return itemsize * (self.hidden * self.experts + 3 * self.hidden * self.shared_intermediate)
 
     def flops(self, tokens: int) -> int:
         """Useful FLOPs of one call: router, the k routed experts per token, shared expert."""
@@ -125,9 +124,10 @@ def block_class(shape: LayerShape) -> type:
     return cls
 
 
-def build_block(shape: LayerShape, seed: int = 0) -> Any:
+def build_block(shape: LayerShape, seed: int = 0, dtype: str = "float32") -> Any:
     """The family's transformers block, eval mode, experts implementation "eager", with seeded
-    random weights (see the module docstring)."""
+    random weights (see the module docstring), drawn in float32 and then converted to `dtype`
+    (bfloat16: the float32 weights rounded, as a bf16 checkpoint holds them)."""
     import torch
 
     cls = block_class(shape)
@@ -144,7 +144,7 @@ def build_block(shape: LayerShape, seed: int = 0) -> Any:
                 t.copy_(0.05 * torch.randn(t.shape, generator=gen))
             else:  # [.., out, in]: std 1/sqrt(in) keeps activations about unit size
                 t.copy_(torch.randn(t.shape, generator=gen) * t.shape[-1] ** -0.5)
-    return block.eval()
+    return block.to(getattr(torch, dtype)).eval()
 
 
 def sibling(block: Any, shape: LayerShape, impl: str) -> Any:
@@ -159,15 +159,24 @@ def sibling(block: Any, shape: LayerShape, impl: str) -> Any:
 
 
 def router_weight(block: Any) -> np.ndarray:
-    return block.gate.weight.detach().numpy()
+    return block.gate.weight.detach().float().numpy()
+
+
+def block_dtype(block: Any) -> str:
+    return str(block.gate.weight.dtype).removeprefix("torch.")
+
+
+def to_block(block: Any, x: np.ndarray) -> Any:
+    """x [T, H] (float32 numpy) as the torch tensor the block takes ([1, T, H], its dtype)."""
+    import torch
+
+    return torch.from_numpy(x)[None].to(block.gate.weight.dtype)
 
 
 def route(block: Any, x: np.ndarray) -> np.ndarray:
     """Expert ids [T, k] the block's router picks for x [T, H]."""
-    import torch
-
-    with torch.inference_mode():
-        return block.gate(torch.from_numpy(x))[2].numpy()
+    with __import__("torch").inference_mode():
+        return block.gate(to_block(block, x)[0])[2].numpy()
 
 
 def zipf_offset(block: Any, shape: LayerShape, s: float, seed: int) -> np.ndarray:
@@ -208,12 +217,15 @@ def make_pool(block: Any, shape: LayerShape, tokens: int, routing: str, size: in
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     rng = np.random.default_rng([seed, tokens, ROUTINGS.index(routing)])
     offset = zipf_offset(block, shape, zipf_s, seed) if routing == "zipf" else None
+    half = block_dtype(block) != "float32"
     xs = []
     for _ in range(size):
         x = aligned((tokens, shape.hidden))
         x[...] = rng.standard_normal((tokens, shape.hidden), dtype=np.float32)
         if offset is not None:
             x += offset
+        if half:  # values the block's dtype holds exactly: every system sees the same input
+            x[...] = to_block(block, x)[0].float().numpy()
         xs.append(x)
     return Pool(tokens, routing, xs, [route(block, x) for x in xs],
                 [tie_tokens(block, shape, x) for x in xs])
@@ -236,13 +248,13 @@ def routing_stats(shape: LayerShape, pool: Pool) -> dict[str, float]:
             "top10pct_share": float(order[:top].sum() / total)}
 
 
-def traffic(shape: LayerShape, pool: Pool) -> dict[str, float]:
+def traffic(shape: LayerShape, pool: Pool, itemsize: int = 4) -> dict[str, float]:
     """Work of one call, median over the pool's inputs: FLOPs, and bytes that must come from
     memory: the distinct routed experts the input's routing touches, router and shared expert,
-    and the input and output activations."""
-    act = 2 * pool.tokens * shape.hidden * 4
-    per_input = [len(np.unique(ids)) * shape.expert_bytes + shape.always_bytes + act
-                 for ids in pool.ids]
+    and the input and output activations (`itemsize` bytes per weight and activation)."""
+    act = 2 * pool.tokens * shape.hidden * itemsize
+    per_input = [len(np.unique(ids)) * shape.expert_bytes(itemsize)
+                 + shape.always_bytes(itemsize) + act for ids in pool.ids]
     return {"bytes": float(np.median(per_input)), "flops": float(shape.flops(pool.tokens))}
 
 
@@ -256,7 +268,7 @@ def roofline(work: dict[str, float], bandwidth: float, gemm_rate: float) -> dict
 def gathered_bytes(shape: LayerShape, tokens: int) -> int:
     """Bytes of expert weights transformers' batched_mm gathers per call (one copy per token and
     slot), which limits where it can run at all."""
-    return tokens * shape.top_k * shape.expert_bytes
+    return tokens * shape.top_k * shape.expert_bytes()
 
 
 def relative_error(got: np.ndarray, want: np.ndarray, skip: np.ndarray | None = None) -> float:
@@ -273,31 +285,37 @@ def relative_error(got: np.ndarray, want: np.ndarray, skip: np.ndarray | None = 
 
 
 TIE_MARGIN = 1e-5
+# a bf16 block rounds its router logits to bf16 (half a unit in the last place is 2^-8 for a
+# logit under 4, which unit inputs and unit-norm router rows give), then picks among them: the
+# gap between two rounded logits is off by up to 2^-7; the margin keeps 2x that
+TIE_MARGIN_BF16 = 2.0 ** -6
 
 
 def tie_tokens(block: Any, shape: LayerShape, x: np.ndarray) -> np.ndarray:
     """Boolean [T]: tokens whose expert choice sits on a near-tie (the k-th and (k+1)-th
     selection scores, or for group-limited routing the kept and dropped group scores, closer
-    than TIE_MARGIN). fp32 sums in another order may route such a token to another expert, so
-    the output check skips them; they are rare (about one token in 10^4 to 10^5)."""
+    than TIE_MARGIN; TIE_MARGIN_BF16 for a bf16 block). fp32 sums in another order may route
+    such a token to another expert, so the output check skips them; in float32 they are rare
+    (about one token in 10^4 to 10^5), in bf16 a few percent of the tokens."""
     logits = x.astype(np.float64) @ router_weight(block).astype(np.float64).T
+    margin = TIE_MARGIN if block_dtype(block) == "float32" else TIE_MARGIN_BF16
     k = shape.top_k
     if shape.family != "deepseek_v3":  # softmax is monotone: rank the logits
         srt = -np.sort(-logits, axis=1)
-        return (srt[:, k - 1] - srt[:, k]) < TIE_MARGIN
+        return (srt[:, k - 1] - srt[:, k]) < margin
     scores = 1.0 / (1.0 + np.exp(-logits))
-    choice = scores + block.gate.e_score_correction_bias.detach().numpy().astype(np.float64)
+    choice = scores + block.gate.e_score_correction_bias.detach().double().numpy()
     t, g = x.shape[0], shape.n_groups
     grouped = -np.sort(-choice.reshape(t, g, -1), axis=2)
     group_score = np.sort(grouped[:, :, 0] + grouped[:, :, 1], axis=1)[:, ::-1]
     tg = shape.topk_groups
     near = np.zeros(t, bool)
     if tg < g:
-        near |= (group_score[:, tg - 1] - group_score[:, tg]) < TIE_MARGIN
+        near |= (group_score[:, tg - 1] - group_score[:, tg]) < margin
     gs = (grouped[:, :, 0] + grouped[:, :, 1])
     kept = np.argsort(-gs, axis=1, kind="stable")[:, :tg]
     mask = np.zeros((t, g), bool)
     np.put_along_axis(mask, kept, True, axis=1)
     masked = np.where(np.repeat(mask, shape.experts // g, axis=1), choice, -np.inf)
     srt = -np.sort(-masked, axis=1)
-    return near | ((srt[:, k - 1] - srt[:, k]) < TIE_MARGIN)
+    return near | ((srt[:, k - 1] - srt[:, k]) < margin)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,12 @@ def limits_line(lim: dict[str, Any], when: str = "start") -> None:
            f", moec TVM linear not measured ({g['tvm_error']})" if g["tvm_error"] else "")
     rd = (f", TVM 4-stream read {bw['tvm_read_gbs']:.1f}" if bw.get("tvm_read_gbs") is not None
           else f", TVM read not measured ({bw['tvm_error']})" if bw.get("tvm_error") else "")
+    bf = (f", torch linear bf16 {g['torch_bf16_gflops']:.0f}"
+          if g.get("torch_bf16_gflops") is not None else "")
     print(f"limits at {when}: memory bandwidth {bw['gbs']:.1f} GB/s (copy {bw['copy_gbs']:.1f}, "
-          f"read {bw['read_gbs']:.1f}{rd}); fp32 GEMM {g['n']}^3 {g['gflops']:.0f} GFLOP/s "
-          f"(torch.matmul {g['torch_gflops']:.0f}{tvm})", flush=True)
+          f"read {bw['read_gbs']:.1f}{rd}); {'GEMM' if bf else 'fp32 GEMM'} {g['n']}^3 "
+          f"{g['gflops']:.0f} GFLOP/s (torch.matmul {g['torch_gflops']:.0f}{tvm}{bf})",
+          flush=True)
 
 
 def _ms(seconds: float) -> str:
@@ -196,12 +200,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     h = results["host"]
-    fig.suptitle(f"moec layer bench, fp32, {results['threads']['threads']} threads, {h['cpu']} "
+    fig.suptitle(f"moec layer bench, {results['dtype']}, {results['threads']['threads']} threads, "
+                 f"{h['cpu']} "
                  f"({h['llvm_mcpu']}); load {results['load_average_start'][0]:.1f}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write(results: dict[str, Any], json_path: Path, plot_png: bool = True) -> None:
@@ -215,7 +222,9 @@ def write(results: dict[str, Any], json_path: Path, plot_png: bool = True) -> No
     print(format_table(results))
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_clean(results), indent=1) + "\n")
+    tmp = json_path.with_name(json_path.name + ".tmp")  # a crash leaves the old file whole
+    tmp.write_text(json.dumps(_clean(results), indent=1) + "\n")
+    os.replace(tmp, json_path)
     print(f"wrote {json_path}")
     if plot_png:
         png = json_path.with_suffix(".png")

@@ -32,6 +32,7 @@ from typing import Any
 from moec.bench.layer import (
     DEFAULT_SHAPES,
     DEFAULT_TOKENS,
+    DTYPES,
     EXPERTS_IMPLEMENTATIONS,
     ROUTINGS,
     SHAPES,
@@ -46,6 +47,9 @@ from moec.bench.layer import (
 
 SYSTEM_KINDS = ("hf", "torch.compile", "ort", "moec")
 DEFAULT_JSON = Path("benchmarks/results/layer_bench.json")
+BF16_JSON = Path("benchmarks/results/layer_bench_bf16.json")
+BF16_TOL = 3e-2  # a bf16 run's check: hf-eager rounds every op to bf16 and moec computes in
+# float32 (widen-activations); on the tiny test layer they differ by up to about 1e-2
 SETTLE_S = 20.0  # `moec bench`'s pause after building a shape's systems, before its first case.
 # Building them (moec's compile and packing, ONNX Runtime's weight interleave) frees gigabytes,
 # and on this VM the calls that follow ran slow for a while (the cause is not known; the
@@ -77,7 +81,13 @@ class Options:
     tvm_gemm: bool = True
     settle_s: float = 0.0  # pause after building each shape's systems (see SETTLE_S)
     touch: bool = True  # one untimed call of every system on max(tokens) tokens (touch_weights)
+    dtype: str = "float32"  # the blocks' dtype: float32 or bfloat16
     command: str = ""
+
+    @property
+    def check_tol(self) -> float:
+        """The output check's tolerance: `tol`, or at least BF16_TOL for a bf16 run."""
+        return self.tol if self.dtype == "float32" else max(self.tol, BF16_TOL)
 
     def validate(self) -> None:
         from moec.errors import InputError
@@ -91,11 +101,22 @@ class Options:
             bad = [v for v in vals if v not in allowed]
             if bad:
                 raise InputError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r}; choose from {list(DTYPES)}")
         if not self.tokens or min(self.tokens) < 1:
             raise InputError(f"token counts must be >= 1, got {list(self.tokens)}")
         if self.warmup < 1 or self.repeat < 1:
             raise InputError("--warmup and --repeat must be >= 1 (the warm-up rounds are the "
                              "correctness check before timing)")
+
+
+def bf16_note(dtype: str, host: dict[str, Any]) -> str:
+    """What the run says about bf16 (the results' `bf16` field)."""
+    if dtype == "bfloat16":
+        return ("this run: bf16 blocks (moec computes in float32 on the bf16 weights; this CPU "
+                + ("has" if host["avx512_bf16"] else "lacks") + " avx512_bf16)")
+    return ("not run: moec bench --dtype bfloat16" + ("" if host["avx512_bf16"] else
+                                                      " (this CPU lacks avx512_bf16)"))
 
 
 def set_threads(n: int) -> dict[str, Any]:
@@ -281,13 +302,12 @@ def run(opts: Options) -> dict[str, Any]:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "host": host, "threads": threads, "versions": _versions(),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "load_average_start": list(os.getloadavg()), "dtype": "float32",
-        "bf16": ("not run: this CPU lacks avx512_bf16" if not host["avx512_bf16"] else
-                 "not run: the bf16 variant is not implemented in this harness yet"),
+        "load_average_start": list(os.getloadavg()), "dtype": opts.dtype,
+        "bf16": bf16_note(opts.dtype, host),
         "shapes": {}, "cases": [],
     }
     report.preamble(results)
-    lim = {"start": L.measure(opts.limits_reps, opts.tvm_gemm)}
+    lim = {"start": L.measure(opts.limits_reps, opts.tvm_gemm, opts.dtype)}
     try:
         probe = L.ReadProbe() if opts.tvm_gemm else None
     except Exception:  # optional, like the TVM limits: the run-wide roofline stays
@@ -308,7 +328,7 @@ def run(opts: Options) -> dict[str, Any]:
     for shape_name in opts.shapes:
         shape = SHAPES[shape_name]
         log(f"{shape_name}: building")
-        block = build_block(shape, opts.seed)
+        block = build_block(shape, opts.seed, opts.dtype)
         log(f"{shape_name}: compiling")
         systems, missing = build_systems(block, shape, opts.systems, max(opts.tokens),
                                          opts.threads, opts.hf_impls)
@@ -329,21 +349,22 @@ def run(opts: Options) -> dict[str, Any]:
                 pool = make_pool(block, shape, tokens, routing, rounds, opts.seed, opts.zipf_s)
                 load0 = os.getloadavg()[0]
                 probed: list[float] = []
-                timings = time_case(systems, pool, opts.warmup, opts.tol, lambda: bar.update(1),
-                                    probe, probed, flush)
+                timings = time_case(systems, pool, opts.warmup, opts.check_tol,
+                                    lambda: bar.update(1), probe, probed, flush)
                 results["cases"].append({
                     "shape": shape_name, "tokens": tokens, "routing": routing,
                     "routing_stats": routing_stats(shape, pool),
                     "tie_tokens": int(sum(t.sum() for t in pool.ties)),
                     "load_average": [load0, os.getloadavg()[0]],
-                    "work": traffic(shape, pool), "round_bandwidth_gbs": probed,
+                    "work": traffic(shape, pool, DTYPES[opts.dtype]),
+                    "round_bandwidth_gbs": probed,
                     "systems": {k: v.summary() for k, v in timings.items()}})
         entry["compile_s"] = {s.name: s.compile_s for s in systems if s.compile_s}
         del systems, block
         torch._dynamo.reset()
         gc.collect()
     bar.close()
-    lim["end"] = L.measure(opts.limits_reps, opts.tvm_gemm)
+    lim["end"] = L.measure(opts.limits_reps, opts.tvm_gemm, opts.dtype)
     # a read between rounds that beat both is the machine's limit too
     probes = [v for c in results["cases"] for v in c["round_bandwidth_gbs"]]
     lim["rounds_best_gbs"] = max(probes, default=None)

@@ -79,6 +79,35 @@ def test_tiny_layers_write_json_and_png(tmp_path: Path, keep_env: None,
     assert "== tiny-deepseek" in out and "moec speed-up" in out and "limits at end:" in out
 
 
+def test_bf16_run(tmp_path: Path, keep_env: None, capsys: pytest.CaptureFixture) -> None:
+    """`moec bench --dtype bfloat16`: bf16 blocks, every system checked against hf-eager in bf16
+    (within BF16_TOL: moec computes in float32), ONNX Runtime said to be missing and why, the
+    roofline counting 2 bytes per weight, and the bf16 GEMM rate among the limits."""
+    opts = runner.Options(shapes=TINY, tokens=(1, 8), warmup=1, repeat=2,
+                          systems=("hf", "ort", "moec"), json_path=tmp_path / "bench.json",
+                          limits_reps=1, tvm_gemm=False, progress=False, dtype="bfloat16")
+    runner.run(opts)
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["dtype"] == "bfloat16" and res["bf16"].startswith("this run")
+    for case in res["cases"]:
+        for name, s in case["systems"].items():
+            if s["status"] == "skipped":
+                continue
+            where = f"{case['shape']} T={case['tokens']} {case['routing']} {name}"
+            assert s["status"] == "ok", f"{where}: {s['status']} {s['detail']}"
+            assert s["max_rel_err"] <= runner.BF16_TOL, where
+        assert {"hf-eager", "moec"} <= set(case["systems"])
+        shape = SHAPES[case["shape"]]
+        # the routed experts and always-read weights at 2 bytes, and the activations
+        fixed = shape.always_bytes(2) + 2 * case["tokens"] * shape.hidden * 2
+        assert (case["roofline"]["bytes"] - fixed) % shape.expert_bytes(2) == 0
+    for shape in res["shapes"].values():
+        assert "bfloat16" in shape["missing"]["ort"]
+        assert "FALLBACK" not in shape["notes"]["moec"]
+    assert res["limits"]["start"]["gemm"]["torch_bf16_gflops"] > 0
+    assert "torch linear bf16" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_tiny_layer_with_torch_compile(tmp_path: Path, keep_env: None) -> None:
     res = _run(tmp_path, ("hf", "torch.compile", "ort", "moec"), shapes=("tiny",), tokens=(4,))
