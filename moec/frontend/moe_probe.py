@@ -21,6 +21,10 @@ from moec.frontend.moe_op import GROUP_SCORES, ORDERS, SCORINGS, activate, glu, 
 from moec.frontend.moe_parts import Parts, Reading
 
 PROBE_TOKENS = 16
+# a float16/bfloat16 router rounds its logits, and with many experts and a large top-k half the
+# tokens sit on a near-tie at the top-k boundary (Qwen3-30B's 128 experts, top-8, in bf16):
+# more probe tokens keep enough untied ones to tell the candidate routings apart
+PROBE_TOKENS_HALF = 64
 _K_ATTRS = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected_experts", "moe_top_k")
 _NORM_ATTRS = ("norm_topk_prob", "norm_topk", "renormalize", "normalize_topk",
                "moe_normalize_expert_weights")
@@ -136,7 +140,7 @@ class Probe:
         self.tol = 2e-3 if dt == torch.float32 else 5e-2
         self.tuple_out = False
         sel = parts.router.select_biases[0][1] if parts.router.select_biases else None
-        x = rnd(PROBE_TOKENS, h)
+        x = rnd(PROBE_TOKENS if dt == torch.float32 else PROBE_TOKENS_HALF, h)
         own = _Scenario(x, r.weight.detach().clone(),
                         None if r.bias is None else r.bias.detach().clone(),
                         None if sel is None else sel.detach().clone())
@@ -228,11 +232,12 @@ class Probe:
         return per_token.amax(dim=-1) / s.out.abs().max().clamp_min(1e-12)
 
     def _tied(self, s: _Scenario, k: int) -> torch.Tensor:
-        """bool [T]: tokens whose k+1 largest router logits (float32) include two closer than
-        the rounding step of the router's dtype. A float16/bfloat16 block computes its logits
-        in that dtype, where such a pair may round to a tie or swap, so its choice among them
-        is not evidence for or against a candidate routing. None in float32, and none where
-        more than a quarter of the tokens would be left out."""
+        """bool [T]: tokens whose k-th and (k+1)-th largest router logits (float32) are closer
+        than the rounding step of the router's dtype (for k <= 2, whose routings may weigh the
+        chosen experts by their order, any two of the k+1 largest). A float16/bfloat16 block
+        computes its logits in that dtype, where such a pair may round to a tie or swap, so its
+        choice among them is not evidence for or against a candidate routing. None in float32,
+        and none where fewer than a quarter of the tokens would be left to compare."""
         key = (id(s), k)
         if key not in self._ties:
             dt = s.weight.dtype
@@ -243,9 +248,12 @@ class Probe:
                                   None if s.bias is None else s.bias.float())
                 top = logits.topk(min(k + 1, logits.shape[-1]), dim=-1).values
                 step = 2.0 * torch.finfo(dt).eps * top.abs().amax(dim=-1, keepdim=True)
-                tied = ((top[:, :-1] - top[:, 1:]) <= step).any(dim=-1)
+                gaps = top[:, :-1] - top[:, 1:]
+                if k > 2:  # only the boundary decides which experts are chosen
+                    gaps = gaps[:, k - 1:k]
+                tied = (gaps <= step).any(dim=-1)
                 # a scenario made of ties (one built so) proves nothing if all are left out
-                self._ties[key] = tied if tied.float().mean() <= 0.25 else tied & False
+                self._ties[key] = tied if tied.float().mean() <= 0.75 else tied & False
         return self._ties[key]
 
     def search(self, readings: list[Reading], cands: list[Routing]
@@ -257,8 +265,9 @@ class Probe:
             by_k.setdefault(ro.k, []).append(i)
         for ri, reading in enumerate(readings):
             ok = torch.ones(len(cands), dtype=torch.bool)
+            wide = _float32(reading)
             for si, s in enumerate(self.scenarios):
-                y = self.ffn(ri, reading, si)
+                y = self.ffn(ri, wide, si)
                 rows = torch.arange(len(s.x))[:, None]
                 for k, idx in by_k.items():
                     live = [i for i in idx if ok[i]]
@@ -275,18 +284,20 @@ class Probe:
         # the weight scales the expert's input (Llama 4): plain routings only, one at a time
         plain = [i for i, ro in enumerate(cands) if not ro.norm_topk and ro.n_groups == 1
                  and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0]
-        for reading, i in ((rd, i) for rd in readings for i in plain):
-            if all(bool(self._err(_weighted_input(s.x.float(), *routed[i][si], reading), s,
-                                  cands[i].k)
-                        <= self.tol) for si, s in enumerate(self.scenarios)):
-                return reading, cands[i], "input"
+        for reading in readings if plain else ():
+            wide = _float32(reading)
+            for i in plain:
+                if all(bool(self._err(_weighted_input(s.x.float(), *routed[i][si], wide), s,
+                                      cands[i].k)
+                            <= self.tol) for si, s in enumerate(self.scenarios)):
+                    return reading, cands[i], "input"
         return None
 
     def check_experts(self, experts: list[nn.Module], reading: Reading) -> bool:
         """Whether `reading` reproduces each expert module called on the probe tokens."""
         x = self.scenarios[0].x
         with torch.no_grad():
-            y = _all_experts(x.float(), reading)
+            y = _all_experts(x.float(), _float32(reading))
             for e, ex in enumerate(experts):
                 ref = ex(x).float()
                 if not bool((y[e] - ref).abs().max() <= self.tol * ref.abs().max() + 1e-9):
@@ -309,6 +320,15 @@ class Probe:
         raise UnsupportedError(f"{self.where}: the block's second output "
                                f"{tuple(s.aux.shape)} is neither the router logits nor the "
                                "routing weights")
+
+
+def _float32(rd: Reading) -> Reading:
+    """`rd` with float32 weights and biases (a copy of half ones, made once per search rather
+    than at every projection: Qwen3-30B's bf16 experts are 1.2 GB)."""
+    names = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+    half = {n: getattr(rd, n).float() for n in names
+            if getattr(rd, n) is not None and getattr(rd, n).dtype != torch.float32}
+    return replace(rd, **half) if half else rd
 
 
 def _proj(w: torch.Tensor, b: torch.Tensor | None, v: torch.Tensor, spec: str) -> torch.Tensor:

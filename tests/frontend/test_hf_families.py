@@ -18,6 +18,7 @@ pytest.importorskip("transformers", reason="transformers is a test extra: pip in
 from hf_families import (  # noqa: E402
     FAMILIES,
     H,
+    _init,
     build,
     offers_experts_implementations,
     reference,
@@ -200,3 +201,18 @@ def test_compiled_bf16_block_computes_in_float32(family):
     empty = model(torch.zeros(0, H, dtype=torch.bfloat16))
     empty = empty[0] if isinstance(empty, (tuple, list)) else empty
     assert empty.shape == (0, H) and empty.dtype == torch.bfloat16
+
+
+def test_bf16_router_with_many_experts_and_a_large_top_k_is_recognised():
+    """Qwen3-30B routes over 128 experts, top-8. In bf16 about half the probe tokens sit on a
+    near-tie at the top-8 boundary; the probe leaves those out and finds the routing among the
+    hinted candidates (it once dropped its tie mask when more than a quarter of the tokens were
+    tied, matched nothing, and searched every routing for minutes)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=128,
+                         num_experts_per_tok=8, norm_topk_prob=True)
+    block = _init(Qwen3MoeSparseMoeBlock(cfg), 0).to(torch.bfloat16)
+    ((_, spec),) = find_moe_blocks(block)
+    assert (spec.k, spec.scoring, spec.norm_topk) == (8, "softmax", True)
