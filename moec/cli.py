@@ -146,6 +146,13 @@ def cmd_run(a: argparse.Namespace) -> int:
         outs = load(a.artifact, device=a.device)(*inputs)
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     if a.output:
+        # .npy has no bfloat16 (nor float8): numpy would write raw bytes that read back as void
+        wide = [o.dtype.name for o in outs if np.asarray(o).dtype.kind == "V"]
+        outs = [np.asarray(o, np.float32) if np.asarray(o).dtype.kind == "V" else o
+                for o in outs]
+        if wide:
+            print(f"{', '.join(sorted(set(wide)))} output(s) written as float32 (.npy has no "
+                  f"such dtype)")
         if a.output.endswith(".npz"):
             np.savez(a.output, *outs)
         elif len(outs) == 1:

@@ -203,6 +203,10 @@ def numpy_to_tvm(spec: TensorSpec, x: np.ndarray, tvm: ModuleType, device: Any) 
         fresh = aligned_empty(x.shape, want)
         np.copyto(fresh, x, casting="unsafe")
         x = fresh
+    if x.dtype.kind == "V":  # bfloat16 / float8 (ml_dtypes): numpy's DLPack takes plain dtypes
+        from moec.runtime.weights import to_tvm as array_to_tvm  # noqa: PLC0415
+
+        return array_to_tvm(x, device)  # zero-copy through the bits on a CPU
     if on_cpu(device):
         return tvm.runtime.from_dlpack(x)
     return tvm.runtime.tensor(x, device)

@@ -55,6 +55,39 @@ def test_compile_inspect_run(tmp_path):
     assert relative_error(y, want) <= 1e-4
 
 
+BF16_FACTORY = FACTORY + textwrap.dedent("""
+    def make_bf16():
+        module, (x,) = make()
+        return module.bfloat16(), (x.bfloat16(),)
+""")
+
+
+def test_bf16_model_compiles_and_runs_from_npy(tmp_path):
+    """A bf16 model through the CLI: float32 .npy input converted on the way in, the bf16
+    output written as float32 (.npy has no bfloat16), equal to the float32 model on the same
+    bf16 weights up to one bf16 rounding (2^-8 relative, plus 1e-5 of the largest output)."""
+    (tmp_path / "model.py").write_text(BF16_FACTORY)
+    moec_cli("compile", "model.py:make_bf16", "-o", "m.moec", "--max-tokens", "64", cwd=tmp_path)
+    x = np.random.default_rng(1).standard_normal((9, 64)).astype(np.float32)
+    x = torch.from_numpy(x).bfloat16().float().numpy()  # values bf16 holds exactly
+    np.save(tmp_path / "x.npy", x)
+    out = moec_cli("run", "m.moec", "--input", "x.npy", "--output", "y.npy", cwd=tmp_path)
+    assert "bfloat16 output(s) written as float32" in out.stdout
+    y = np.load(tmp_path / "y.npy")
+    assert y.dtype == np.float32 and y.shape == (9, 64)
+    sys.path.insert(0, str(tmp_path))
+    sys.modules.pop("model", None)  # another test's model.py may be imported already
+    try:
+        from model import make_bf16
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("model", None)
+    module, _ = make_bf16()
+    with torch.no_grad():
+        want = module.float()(torch.from_numpy(x)).numpy()
+    assert np.all(np.abs(y - want) <= 2.0 ** -8 * np.abs(want) + 1e-5 * np.abs(want).max())
+
+
 def test_errors_are_one_line(tmp_path):
     out = moec_cli("run", "nope.moec", "--input", "x.npy", cwd=tmp_path, check=False)
     assert out.returncode == 1

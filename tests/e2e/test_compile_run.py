@@ -129,3 +129,18 @@ def test_running_an_artifact_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_bf16_artifact_takes_numpy_and_torch_inputs():
+    """A bf16 artifact takes a bf16 numpy array (ml_dtypes), a float32 one (converted) and a
+    torch bf16 tensor, and gives the same output for each: numpy in -> numpy bf16 out."""
+    import ml_dtypes
+
+    module, (x,) = demo_model(hidden=64, intermediate=96, experts=4, top_k=2)
+    model = moec.compile(module.bfloat16(), (x.bfloat16(),), max_tokens=32).load_model()
+    x16 = x[:7].bfloat16()
+    want = model(x16).float().numpy()
+    as_bf16 = model(x16.float().numpy().astype(ml_dtypes.bfloat16))
+    assert as_bf16.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(as_bf16.astype(np.float32), want)
+    np.testing.assert_array_equal(model(x16.float().numpy()).astype(np.float32), want)
