@@ -26,3 +26,21 @@ def qwen3():
 
 def deepseek_v3():
     return _make("deepseek-v3")
+
+
+def _make_bf16(name: str):
+    """The same layer as a bf16 block (its weights rounded, as a bf16 checkpoint holds them)."""
+    shape = SHAPES[name]
+    return build_block(shape, 0, "bfloat16"), (torch.randn(5, shape.hidden).bfloat16(),)
+
+
+def mixtral_bf16():
+    return _make_bf16("mixtral")
+
+
+def qwen3_bf16():
+    return _make_bf16("qwen3")
+
+
+def deepseek_v3_bf16():
+    return _make_bf16("deepseek-v3")
