@@ -11,9 +11,12 @@ import torch
 from moec.bench.layer import SHAPES, build_block
 
 
-def _make(name: str):
+def _make(name: str, dtype: str = "float32"):
+    """The layer's block in `dtype` (bfloat16: its weights rounded, as a bf16 checkpoint holds
+    them) and an example input."""
     shape = SHAPES[name]
-    return build_block(shape), (torch.randn(5, shape.hidden),)
+    return (build_block(shape, 0, dtype),
+            (torch.randn(5, shape.hidden).to(getattr(torch, dtype)),))
 
 
 def mixtral():
@@ -28,19 +31,14 @@ def deepseek_v3():
     return _make("deepseek-v3")
 
 
-def _make_bf16(name: str):
-    """The same layer as a bf16 block (its weights rounded, as a bf16 checkpoint holds them)."""
-    shape = SHAPES[name]
-    return build_block(shape, 0, "bfloat16"), (torch.randn(5, shape.hidden).bfloat16(),)
-
 
 def mixtral_bf16():
-    return _make_bf16("mixtral")
+    return _make("mixtral", "bfloat16")
 
 
 def qwen3_bf16():
-    return _make_bf16("qwen3")
+    return _make("qwen3", "bfloat16")
 
 
 def deepseek_v3_bf16():
-    return _make_bf16("deepseek-v3")
+    return _make("deepseek-v3", "bfloat16")

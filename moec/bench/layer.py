@@ -175,7 +175,9 @@ def to_block(block: Any, x: np.ndarray) -> Any:
 
 def route(block: Any, x: np.ndarray) -> np.ndarray:
     """Expert ids [T, k] the block's router picks for x [T, H]."""
-    with __import__("torch").inference_mode():
+    import torch
+
+    with torch.inference_mode():
         return block.gate(to_block(block, x)[0])[2].numpy()
 
 

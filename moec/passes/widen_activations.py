@@ -35,6 +35,7 @@ from typing import ClassVar
 import numpy as np
 
 from moec.ir.graph import Graph, Node, Value
+from moec.ir.registry import infer_types
 from moec.ir.types import TensorType
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import Rewriter
@@ -143,8 +144,6 @@ class _Widen:
 
     @staticmethod
     def types(node: Node) -> list[TensorType]:
-        from moec.ir.registry import infer_types
-
         return infer_types(node.op, [v.type for v in node.operands], node.attrs)[1]
 
     def retire(self, node: Node, new: list[Value]) -> None:
