@@ -70,10 +70,17 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class _Translator:
-    def __init__(self, ep: ExportedProgram, max_tokens: int) -> None:
+    def __init__(self, ep: ExportedProgram, max_tokens: int,
+                 input_dims: dict[str, dict[int, str]] | None = None,
+                 dims: dict[str, tuple[int, int]] | None = None) -> None:
         self.ep = ep
         self.b = IRBuilder()
         self.T = self.b.dim("T", 0, max_tokens)
+        # named symbolic dims beyond T: input name -> {axis: dim name}, bounds by name
+        self.input_dims = input_dims or {}
+        self.named = {name: self.b.dim(name, lo, hi) for name, (lo, hi) in (dims or {}).items()
+                      if name != "T"}
+        self.named["T"] = self.T
         self.env: dict[fx.Node, Any] = {}
         self.params: dict[str, Value] = {}
         self.syms: dict[sympy.Symbol, DimLike] = {}
@@ -195,9 +202,16 @@ class _Translator:
         for n in nodes:  # bind the token symbol(s) first
             s = specs[n.name]
             val = n.meta.get("val")
+            if s.kind != InputKind.USER_INPUT or not isinstance(val, torch.Tensor):
+                continue
+            named = self.input_dims.get(n.name)
+            if named is not None:  # the caller names each dynamic axis
+                for axis, dim_name in named.items():
+                    d = val.shape[axis]
+                    if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                        self.syms[d.node.expr] = self.named[dim_name]
             # dim 0 of a float input (or of integer token ids) is T
-            if s.kind == InputKind.USER_INPUT and isinstance(val, torch.Tensor) and \
-                    val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+            elif val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
                 self.syms[val.shape[0].node.expr] = self.T
         for n in nodes:
             self.node = n
@@ -554,6 +568,12 @@ from moec.frontend.nn_translate import NN_HANDLERS  # noqa: E402  (whole-model o
 _HANDLERS.update(NN_HANDLERS)
 
 
-def translate_exported(ep: ExportedProgram, *, max_tokens: int = 4096) -> Graph:
-    """Translate an exported program (see the module docstring) into an IR graph."""
-    return _Translator(ep, max_tokens).run()
+def translate_exported(ep: ExportedProgram, *, max_tokens: int = 4096,
+                       input_dims: dict[str, dict[int, str]] | None = None,
+                       dims: dict[str, tuple[int, int]] | None = None) -> Graph:
+    """Translate an exported program (see the module docstring) into an IR graph.
+
+    `input_dims` names the symbolic axes of user inputs (`{"block_table": {0: "B", 1: "MB"}}`)
+    and `dims` gives each name's bounds; inputs it does not list keep the default (dim 0 of
+    every tensor input is the token dim `T`, 0..max_tokens)."""
+    return _Translator(ep, max_tokens, input_dims, dims).run()
