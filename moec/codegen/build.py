@@ -38,13 +38,16 @@ def signature(graph: Graph) -> dict[str, Any]:
 
 
 def build(graph: Graph, target: dict[str, Any],
-          tiles: dict[tuple, tuple[int, int]] | None = None) -> Built:
-    """`tiles`: tuned grouped-GEMM micro-kernel tiles (CPU; moec.codegen.tune)."""
+          tiles: dict[tuple, tuple[int, int]] | None = None,
+          functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Built:
+    """`tiles`: tuned grouped-GEMM micro-kernel tiles (CPU; moec.codegen.tune). `functions`:
+    the Relax functions to make from the graph (moec.codegen.lower.lower); a generation step
+    has `main` and `decode`."""
     if target.get("kind") == "cuda":
-        return _build_cuda(graph, target["arch"])
+        return _build_cuda(graph, target["arch"], functions)
     if target.get("kind") != "llvm":
         raise CodegenError(f"cannot build for target {target}")
-    lowered = lower(graph, tiles=tiles)
+    lowered = lower(graph, tiles=tiles, functions=functions)
     tgt = host_target()
     if env.debug_level() >= 3:
         print(lowered.mod.script())
@@ -59,13 +62,14 @@ def build(graph: Graph, target: dict[str, Any],
                  info, lowered.kernels)
 
 
-def _build_cuda(graph: Graph, arch: str) -> Built:
+def _build_cuda(graph: Graph, arch: str,
+                functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Built:
     """CUDA kernels from moec.codegen.cuda, compiled by the local nvcc into a fatbin embedded in
     the library (no GPU and no compiler needed at load)."""
     from moec.codegen import cuda
     from moec.codegen.cuda.build import build_cuda
 
-    lowered = lower(graph, library=cuda)
+    lowered = lower(graph, library=cuda, functions=functions)
     try:
         ex = build_cuda(lowered.mod, arch)
     except CodegenError:

@@ -27,7 +27,8 @@ _UNARY = {"core.silu", "core.gelu", "core.relu", "core.sigmoid", "core.tanh", "c
           "core.neg", "core.sqrt", "core.rsqrt", "core.scale", "core.clamp", "core.cast"}
 _BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core.minimum"}
 _NN_OPS = {"core.embedding", "core.arange", "core.cos", "core.sin", "core.permute_dims",
-           "core.slice", "core.concat", "core.broadcast_to", "core.attention"}  # lower_nn.py
+           "core.slice", "core.concat", "core.broadcast_to", "core.attention",
+           "core.cache_write", "core.paged_attention"}  # lower_nn.py
 # last-axis row ops, lowered on CUDA through a [rows, n] view when x has rank > 2
 _ROW_OPS = ("core.softmax", "core.sum", "core.mean", "core.rmsnorm", "core.layernorm")
 _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",
@@ -73,6 +74,9 @@ class _Lowerer:
         self.kernel_cache: dict[tuple, tuple[K.Kernel, relax.GlobalVar]] = {}
         self.weight_vars: dict[str, relax.Var] = {}
         self.weights: dict[str, np.ndarray | None] = {}
+        # the function being lowered is the decode entry point of a generation step (every
+        # sequence has one query token): core.paged_attention takes its decode kernel
+        self.decode = False
 
     # ---------------------------------------------------------------- helpers
     def dim(self, d: DimLike) -> tirx.PrimExpr | int:
@@ -104,6 +108,8 @@ class _Lowerer:
         if name not in self.weight_vars:
             from moec.ir.types import dtype_of_numpy
 
+            if data is None and name in self.weights and self.weights[name] is not None:
+                data = self.weights[name]  # lowered already for another function
             if data is None:
                 assert declared is not None
                 self.weights[name] = None
@@ -136,7 +142,10 @@ class _Lowerer:
                 raise CodegenError(f"{node!r}: weight @{v.name} has no data, but kernel "
                                    f"{kern.name} packs it at compile time; give the graph its "
                                    f"data")
-            out.append(self.weight(f"{v.name}@{kern.name}.{i}", fn(self.g.param_array(v))))
+            wname = f"{v.name}@{kern.name}.{i}"
+            done = self.weights.get(wname)  # packed already for another function
+            out.append(self.weight(wname, done if done is not None
+                                   else fn(self.g.param_array(v))))
         return out
 
     def value(self, v: Value) -> relax.Expr:
@@ -299,10 +308,15 @@ class _Lowerer:
         return {} if wdt == dt else {"w_dtype": wdt}
 
     # ---------------------------------------------------------------- whole graph
-    def run(self) -> Lowered:
+    def function(self, fname: str, decode: bool = False) -> list[str]:
+        """Lower the graph into the Relax function `fname` (inputs, then weights); returns the
+        weight names in parameter order."""
+        self.decode = decode
+        self.vals, self.weight_vars = {}, {}
+        self.syms = {name: tirx.Var(name, "int64") for name in self.g.dims}
         inputs = [relax.Var(v.name, self.sinfo(v)) for v in self.g.inputs]
         self.vals.update(zip(self.g.inputs, inputs, strict=True))
-        with self.bb.function("main"):
+        with self.bb.function(fname):
             with self.bb.dataflow():
                 for node in self.g.nodes:
                     try:
@@ -314,13 +328,28 @@ class _Lowerer:
                 outs = self.bb.emit_output(relax.Tuple([self.value(v) for v in self.g.outputs]))
             params = inputs + list(self.weight_vars.values())
             self.bb.emit_func_output(outs, params=params)
+        return list(self.weight_vars)
+
+    def run(self, functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Lowered:
+        names: list[str] | None = None
+        for fname, decode in functions:
+            got = self.function(fname, decode)
+            if names is not None and got != names:
+                raise CodegenError(f"internal: function {fname} takes other weights than "
+                                   f"{functions[0][0]}")
+            names = got
         mod = self.bb.get()
-        return Lowered(mod, list(self.weight_vars), dict(self.weights),
+        assert names is not None
+        return Lowered(mod, names, {n: self.weights[n] for n in names},
                        [gv.name_hint for _, gv in self.kernel_cache.values()])
 
 
 def lower(graph: Graph, library: Any = None,
-          tiles: Mapping[tuple, tuple[int, int]] | None = None) -> Lowered:
+          tiles: Mapping[tuple, tuple[int, int]] | None = None,
+          functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Lowered:
     """Lower a graph whose ops all have kernels (run the pipeline first) to a Relax module.
-    `tiles`: tuned micro-kernel tiles of CPU grouped GEMMs (moec.codegen.tune)."""
-    return _Lowerer(graph, library, tiles).run()
+    `tiles`: tuned micro-kernel tiles of CPU grouped GEMMs (moec.codegen.tune).
+    `functions`: (name, decode) of each Relax function to make from the graph, all taking the
+    same inputs and weights; `decode` lowers core.paged_attention with its decode kernel (a
+    generation step where every sequence has one new token)."""
+    return _Lowerer(graph, library, tiles).run(functions)

@@ -28,9 +28,23 @@ def _library(lw: Any) -> Any:
         from moec.codegen.cuda import nn as cuda_nn
 
         return cuda_nn
+    from moec.codegen.kernels import attention as cpu_attention
     from moec.codegen.kernels import nn as cpu_nn
 
-    return cpu_nn
+    return _Merged(cpu_nn, cpu_attention)
+
+
+class _Merged:
+    """Builders looked up in several kernel modules, in order."""
+
+    def __init__(self, *mods: Any) -> None:
+        self._mods = mods
+
+    def __getattr__(self, name: str) -> Any:
+        for m in self._mods:
+            if hasattr(m, name):
+                return getattr(m, name)
+        raise AttributeError(name)
 
 
 def _emit(lw: Any, key: tuple, build: Callable[[], K.Kernel], args: list[relax.Expr],
@@ -91,7 +105,7 @@ def lower_nn(lw: Any, n: Node, dt: str) -> None:
     s0 = _key(ins[0].shape)
     out = _key(n.result.shape)
     if op == "core.embedding":
-        V, H = ins[0].shape
+        V, H = _key(ins[0].shape)
         idt = tvm_dtype(ins[1].dtype)
         si = _key(ins[1].shape)
         lw.call(n, (op, V, H, si, dt, idt), lambda: NK.embedding(V, H, si, dt, idt))
@@ -120,8 +134,51 @@ def lower_nn(lw: Any, n: Node, dt: str) -> None:
         sc = float(a["scale"])
         lw.call(n, (op, B, Hq, Hkv, D, Dv, sc, dt),
                 lambda: NK.attention(B, Hq, Hkv, D, Dv, sc, dt))
+    elif op == "core.cache_write":
+        _cache_write(lw, n, NK)
+    elif op == "core.paged_attention":
+        _paged_attention(lw, n, NK)
     else:
         raise CodegenError(f"{n!r}: no {'CUDA' if lw.cuda else 'CPU'} kernel for {op}")
+
+
+def _cache_write(lw: Any, n: Node, NK: Any) -> None:
+    """In place: the kernel writes into the cache operand, which the result then is."""
+    cache, x = n.operands[0].type, n.operands[1].type
+    L, _, H = cache.shape[:3]
+    tr = n.attrs["transposed"]
+    BS, D = (cache.shape[4], cache.shape[3]) if tr else (cache.shape[3], cache.shape[4])
+    dt, xdt = tvm_dtype(cache.dtype), tvm_dtype(x.dtype)
+    layer = n.attrs["layer"]
+    _, gv = lw.kernel(("core.cache_write", L, H, BS, D, layer, tr, dt, xdt),
+                      lambda: NK.cache_write(L, H, BS, D, layer, tr, dt, xdt))
+    args = [lw.value(v) for v in n.operands]
+    lw.vals[n.result] = lw.bb.emit(relax.call_tir_inplace(gv, args, [0], lw.sinfo(n.result)))
+
+
+def _paged_attention(lw: Any, n: Node, NK: Any) -> None:
+    """The general step kernel, or in a decode function the decode kernel (one query token
+    per sequence), whose second output is its scratch for split contexts."""
+    q, kc, vc = (v.type for v in n.operands[:3])
+    L, _, Hkv, D, BS = kc.shape
+    Hq, Dv = q.shape[1], vc.shape[4]
+    a = n.attrs
+    dt = tvm_dtype(q.dtype)
+    dec = bool(lw.decode)
+    key = ("core.paged_attention", L, Hq, Hkv, D, Dv, BS, a["layer"], a["scale"], a["window"],
+           a["chunk"], a["sinks"], dt, dec)
+    _, gv = lw.kernel(key, lambda: NK.paged_attention(
+        L, Hq, Hkv, D, Dv, BS, a["layer"], a["scale"], window=a["window"], chunk=a["chunk"],
+        sinks=a["sinks"], dtype=dt, decode=dec))
+    args = [lw.value(v) for v in n.operands]
+    out = lw.sinfo(n.result)
+    if not dec:
+        lw.vals[n.result] = lw.bb.emit(relax.call_tir(gv, args, out))
+        return
+    t = lw.dim(q.shape[2])
+    part = relax.TensorType([t, Hq, NK.MAX_SPLITS, Dv + 2], "float32")
+    res = lw.bb.emit(relax.call_tir(gv, args, [out, part]))
+    lw.vals[n.result] = lw.bb.emit(relax.TupleGetItem(res, 0))
 
 
 def _concat(lw: Any, n: Node, dt: str) -> None:

@@ -137,6 +137,50 @@ def _attention(tr: Any, n: fx.Node) -> Value:
     return tr.emit("core.attention", [q, k, v], {"scale": float(n.args[3])})
 
 
+def _cache_write(tr: Any, n: fx.Node) -> Value:
+    a = tr._custom_args(n)
+    return tr.emit("core.cache_write", [tr.val(a["cache"]), tr.val(a["x"]), tr.val(a["slots"])],
+                   {"layer": int(a["layer"]), "transposed": bool(a["transposed"])})
+
+
+def _paged_attention(tr: Any, n: fx.Node) -> Value:
+    a = tr._custom_args(n)
+    ops = [tr.val(a[k]) for k in ("q", "k_cache", "v_cache", "q_start", "q_len", "kv_len",
+                                  "block_table")]
+    if a["sinks"] is not None:
+        ops.append(tr.val(a["sinks"]))
+    return tr.emit("core.paged_attention", ops, {
+        "layer": int(a["layer"]), "scale": float(a["scale"]), "window": int(a["window"]),
+        "chunk": int(a["chunk"]), "sinks": a["sinks"] is not None})
+
+
+def _index(tr: Any, n: fx.Node) -> Value:
+    """x[..., idx, ...] with one integer index tensor (the LM head's `logits_to_keep` rows):
+    the rows of x viewed as [outer, n, inner] picked by `core.take`."""
+    x = tr.val(n.args[0])
+    idx = list(n.args[1])
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    if len(pos) != 1:
+        raise tr.unsupported("indexing with more than one index tensor")
+    axis = pos[0]
+    ids = tr.val(idx[axis])
+    if ids.dtype not in ("i32", "i64") or ids.type.rank != 1:
+        raise tr.unsupported(f"indexing with a {ids.type} index (1-D integers only)")
+    if any(not isinstance(d, int) or d != 1 for d in x.shape[:axis]):
+        raise tr.unsupported(f"indexing axis {axis} of {x.type} (leading dims must be 1)")
+    rows = x
+    if axis:
+        rows = tr.emit("core.reshape", [x], {"shape": [-1, *x.shape[axis + 1:]]})
+    if rows.type.rank > 2:
+        raise tr.unsupported(f"indexing rows of {rows.type} (2-D tables only)")
+    out = tr.emit("core.embedding", [rows, ids])
+    shape, _ = tr.meta(n)
+    if out.type.rank != len(shape):
+        out = tr.emit("core.reshape", [out], {"shape": [-1 if not isinstance(d, int) else d
+                                                         for d in shape]})
+    return out
+
+
 NN_HANDLERS: dict[str, Callable[[Any, fx.Node], Any]] = {
     "aten.embedding": _embedding,
     "aten.arange": _arange,
@@ -150,6 +194,9 @@ NN_HANDLERS: dict[str, Callable[[Any, fx.Node], Any]] = {
     "aten.split": _split,
     "aten.to.device": _to_device,
     "moec.attention": _attention,
+    "moec.cache_write": _cache_write,
+    "moec.paged_attention": _paged_attention,
+    "aten.index.Tensor": _index,
 }
 
 

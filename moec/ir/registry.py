@@ -78,7 +78,7 @@ def all_ops() -> dict[str, OpDef]:
 
 def _ensure_loaded() -> None:
     # the built-in dialects register themselves on import
-    from moec.ir import core_ops, moe_ops, nn_ops  # noqa: F401
+    from moec.ir import core_ops, kv_ops, moe_ops, nn_ops  # noqa: F401
 
 
 def infer_types(op: str, operand_types: list[TensorType], attrs: Mapping[str, Any]

@@ -165,13 +165,15 @@ def concat2(shape_a: Shape, shape_b: Shape, axis: int, dtype: str = "float32") -
     return finish(func, name)
 
 
-def embedding(V: int, H: int, ids_shape: Shape, dtype: str = "float32",
+def embedding(V: int | str, H: int, ids_shape: Shape, dtype: str = "float32",
               id_dtype: str = "int64") -> Kernel:
     """`y[..., :] = w[ids[...], :]`. Kernel args: `(w [V, H], ids, y [..., H])`. Ids outside
-    [0, V) are clamped (never an out-of-bounds read)."""
+    [0, V) are clamped (never an out-of-bounds read). V may be symbolic (rows of an activation,
+    e.g. the hidden states of the rows whose logits a generation step returns)."""
     check_dtype("embedding", dtype, COPY_DTYPES)
     check_dtype("embedding ids", id_dtype, ("int32", "int64"))
     dims = Dims()
+    vd = dims.dim(V)
     si = dims.shape(ids_shape)
     n = prod(si)
     sy = [*si, i64(H)]
@@ -181,14 +183,14 @@ def embedding(V: int, H: int, ids_shape: Shape, dtype: str = "float32",
 
     @T.prim_func
     def func(w: T.handle, ids: T.handle, y: T.handle):
-        W = T.match_buffer(w, (V, H), dtype)
+        W = T.match_buffer(w, (vd, H), dtype)
         IDS = T.match_buffer(ids, si, id_dtype)
         Y = T.match_buffer(y, sy, dtype)
-        Wf = T.decl_buffer((V * H,), dtype, data=W.data)
+        Wf = T.decl_buffer((vd * H,), dtype, data=W.data)
         IDf = T.decl_buffer((n,), id_dtype, data=IDS.data)
         Yf = T.decl_buffer((n * H,), dtype, data=Y.data)
         for r in T.parallel(n):
-            base: T.let = T.max(T.min(T.Cast("int64", IDf[r]), T.int64(V - 1)), T.int64(0)) * H
+            base: T.let = T.max(T.min(T.Cast("int64", IDf[r]), vd - i64(1)), T.int64(0)) * H
             for v in range(nv):
                 for lane in T.vectorized(vl):
                     Yf[r * H + v * vl + lane] = Wf[base + v * vl + lane]
