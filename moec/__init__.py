@@ -43,18 +43,38 @@ def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
 
 
 def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
-         weights: str = "copy") -> CompiledModel:
-    """Load a saved artifact; returns a callable CompiledModel.
+         weights: str = "copy", kv_cache: str | int | None = None,
+         max_batch: int | None = None, max_seq_len: int | None = None) -> Any:
+    """Load a saved artifact; returns a callable CompiledModel, or for a generation artifact
+    (a causal LM compiled from a checkpoint folder) a `moec.engine.LanguageModel`, which also
+    generates: `model.generate(prompts, max_new_tokens=..., temperature=...)`, `model.stream`,
+    `model.chat`.
 
     ep_group: a torch.distributed process group to run the model expert-parallel over (the
     artifact must be compiled with ep=True); every rank of the group calls load, and gets an
     EPModel holding its shard of the experts (see moec.distributed).
     weights (CPU): "copy" (default: the weights in this process's memory, where the kernels
     read them fastest) or "mmap" (views of the mapped file, shared between processes; see
-    moec.runtime.load)."""
+    moec.runtime.load).
+    kv_cache, max_batch, max_seq_len (generation artifacts): the KV cache size ("2GB", or
+    bytes), the most sequences generated at once, and the longest sequence; chosen here, not
+    when compiling (see moec.engine.Engine for the defaults)."""
     from moec.runtime import load as _load
 
-    return _load(path, device=device, ep_group=ep_group, weights=weights)
+    model = _load(path, device=device, ep_group=ep_group, weights=weights)
+    from moec.runtime.step import StepModel
+
+    if isinstance(model, StepModel):
+        from moec.engine import LanguageModel
+
+        return LanguageModel(model, kv_cache=kv_cache, max_batch=max_batch,
+                             max_seq_len=max_seq_len)
+    if kv_cache is not None or max_batch is not None or max_seq_len is not None:
+        from moec.errors import InputError as _InputError
+
+        raise _InputError("kv_cache, max_batch and max_seq_len apply to generation artifacts "
+                          "(causal LMs compiled from a checkpoint folder); this one is not")
+    return model
 
 
 def __getattr__(name: str) -> Any:

@@ -67,7 +67,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             time_passes: bool = False, instruments: Sequence[Instrument] = (),
             progress: bool = False, ep: bool = False,
             quantize: str | None = None,
-            tuning: bool | str | Path = True) -> Artifact:  # noqa: F821
+            tuning: bool | str | Path = True,
+            generate: bool | None = None, block_size: int = 16) -> Artifact:  # noqa: F821
     """Compile an MoE model to an Artifact.
 
     model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
@@ -87,6 +88,13 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     tuning: True uses the tuning database (entries shipped with moec and the per-user cache
     that `moec tune` writes) for the expert GEMMs' block_m and tiles on CPU targets; a path adds
     that database file; False uses the built-in defaults. See moec.codegen.tune.
+    generate: for a checkpoint folder (or a transformers causal LM module without example
+    inputs): True (the default there) compiles the generation step over a paged KV cache
+    (moec.frontend.hf_generate; entry points `main` and `decode`, used by `model.generate`
+    and `moec generate`), with the tokenizer files of the folder; False compiles the plain
+    forward of one sequence (ids [T] -> logits [T, vocab]). max_tokens is then the most
+    tokens one step runs (longer prompts are prefilled in chunks). block_size: tokens per KV
+    cache block.
     """
     from moec.codegen.build import build
     from moec.passes.widen_activations import WidenActivations, has_half_compute
@@ -101,7 +109,14 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     t0 = time.perf_counter()
     step = _progress(progress)
     step("tracing")
-    graph = to_graph(model, example_inputs, max_tokens)
+    gen_meta, extra_files = None, {}
+    if _generates(model, example_inputs, generate):
+        if ep:
+            raise InputError("generation artifacts cannot be built expert-parallel yet "
+                             "(ep=True); compile with generate=False for the plain forward")
+        graph, gen_meta, extra_files = _step_graph(model, max_tokens, block_size, tgt)
+    else:
+        graph = to_graph(model, example_inputs, max_tokens)
     pass_list = parse_pipeline(passes if passes is not None else pipeline)
     tiles, tuned = ({}, {}) if tgt.get("kind") != "llvm" or tuning is False else \
         _apply_tuning(graph, pass_list, None if tuning is True else Path(tuning))
@@ -134,7 +149,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
 
         built, ep_plan = build_ep(graph, tgt)
     else:
-        built = build(graph, tgt, tiles=tiles)
+        functions = (("main", False), ("decode", True)) if gen_meta else (("main", False),)
+        built = build(graph, tgt, tiles=tiles, functions=functions)
     art = Artifact(
         executable=built.executable,
         weights=built.weights,
@@ -143,11 +159,54 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         signature=built.signature,
         pipeline=[p.spec() for p in pass_list],
         meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {}),
-              **({"tuning": tuned} if tuned else {})},
+              **({"tuning": tuned} if tuned else {}),
+              **({"generation": gen_meta} if gen_meta else {})},
+        extra_files=extra_files,
     )
     if env.debug_level() >= 1:
         print(f"moec: compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return art
+
+
+def _generates(model: Any, example_inputs: Any, generate: bool | None) -> bool:
+    """Whether `compile` builds the generation step (see its `generate` argument)."""
+    from moec.frontend.hf_model import is_checkpoint
+
+    if isinstance(model, (str, Path)) and not str(model).endswith(".onnx"):
+        ok = is_checkpoint(model)
+    else:
+        ok = _is_hf_causal_lm(model) and not example_inputs
+    if generate and not ok:
+        raise InputError("generate=True needs a Hugging Face checkpoint folder or a "
+                         "transformers causal LM module (without example inputs)")
+    return ok and generate is not False
+
+
+def _is_hf_causal_lm(model: Any) -> bool:
+    mod = sys.modules.get("transformers")  # a transformers model means transformers is imported
+    if mod is None or not isinstance(model, mod.PreTrainedModel):
+        return False
+    return model.get_output_embeddings() is not None
+
+
+def _step_graph(model: Any, max_tokens: int, block_size: int, tgt: dict[str, Any]
+                ) -> tuple[Graph, dict[str, Any], dict[str, bytes]]:
+    """The generation step graph, its metadata and the tokenizer files to ship with it."""
+    from moec.frontend.hf_generate import step_graph, tokenizer_files
+    from moec.frontend.hf_model import load_checkpoint
+
+    folder = None
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        model = load_checkpoint(folder)
+    import torch
+
+    # CPU kernels compute in float32 (widen-activations), and the caches follow them
+    kv_dtype = torch.float32 if tgt.get("kind") == "llvm" else None
+    graph, gen = step_graph(model, max_tokens=max_tokens, block_size=block_size,
+                            kv_dtype=kv_dtype)
+    files = tokenizer_files(folder) if folder is not None else {}
+    return graph, gen, files
 
 
 def _apply_tuning(graph: Graph, pass_list: list, db: Path | None

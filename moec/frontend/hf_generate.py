@@ -379,3 +379,21 @@ def _eos(model: nn.Module) -> list[int]:
         if ids:
             break
     return ids
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files(folder: Any) -> dict[str, bytes]:
+    """The tokenizer and chat-template files of a checkpoint folder, to ship in the artifact
+    (those present; a folder without tokenizer.json gives an artifact that generates from token
+    ids only)."""
+    from pathlib import Path
+
+    out = {}
+    for name in TOKENIZER_FILES:
+        p = Path(folder) / name
+        if p.is_file():
+            out[name] = p.read_bytes()
+    return out

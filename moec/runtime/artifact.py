@@ -91,6 +91,8 @@ class Artifact:
         ir_text: the final IR as text.
         pipeline: names of the passes that ran.
         meta: free-form, JSON-serialisable information.
+        extra_files: more files of the artifact, name -> content (a generation artifact's
+            tokenizer.json, tokenizer_config.json, ...); hashed in the manifest like the rest.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Artifact:
         ir_text: str,
         pipeline: Sequence[str] = (),
         meta: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> None:
         if not hasattr(executable, "export_library"):
             raise TypeError(f"executable must be a built TVM Executable, got {type(executable)}")
@@ -119,6 +122,12 @@ class Artifact:
         self._pipeline = as_str_tuple(pipeline, "pipeline")
         self._ir_text = ir_text
         self._meta = dict(meta or {})
+        self._extra = dict(extra_files or {})
+        for name, data in self._extra.items():
+            if name in (KERNELS, WEIGHTS, IR, MANIFEST) or "/" in name or name.startswith(".") \
+                    or not isinstance(data, bytes):
+                raise TypeError(f"extra file {name!r}: want a plain file name (not one of the "
+                                f"artifact's own) and bytes")
         try:
             json.dumps(self._meta, allow_nan=False)
             json.dumps(self._target, allow_nan=False)
@@ -234,8 +243,10 @@ class Artifact:
         save_aligned(self._weights, folder / WEIGHTS)
         text = self._ir_text if self._ir_text.endswith("\n") else self._ir_text + "\n"
         (folder / IR).write_text(text, encoding="utf-8")
+        for name, data in self._extra.items():
+            (folder / name).write_bytes(data)
         files = {}
-        for name in (KERNELS, WEIGHTS, IR):
+        for name in (KERNELS, WEIGHTS, IR, *self._extra):
             _fsync_file(folder / name)
             files[name] = FileEntry(sha256_file(folder / name), (folder / name).stat().st_size)
         # The manifest last: a folder without one is never mistaken for an artifact.

@@ -251,6 +251,14 @@ def load(
         params = _load_weights(root / WEIGHTS, manifest, dev, copy=weights == "copy")
     except Exception as e:  # safetensors' SafetensorError, OSError, TVM allocation errors
         raise ArtifactError(f"{WEIGHTS} in {root} could not be loaded: {e}") from None
+    if isinstance(manifest.meta.get("generation"), dict):  # a causal LM: main + decode
+        from moec.runtime.step import StepModel  # noqa: PLC0415
+
+        try:
+            return StepModel(root, manifest, vm, params, dev)
+        except (KeyError, AttributeError, RuntimeError) as e:
+            raise ArtifactError(f"{KERNELS} in {root}: the generation entry points could not "
+                                f"be loaded ({e}); recompile the model") from None
     return CompiledModel(root, manifest, vm, params, dev)
 
 
