@@ -28,6 +28,12 @@ from torch.export.graph_signature import InputKind
 from torch.utils._sympy.functions import FloorDiv
 
 from moec.errors import IRError, UnsupportedError
+from moec.frontend.complex_translate import (
+    Ones,
+    fold_constant,
+    materialize_ones,
+    translate_complex,
+)
 from moec.frontend.fx_util import CASTS, describe, find_rmsnorms, live_nodes, module_path, op_name
 from moec.ir import Graph, IRBuilder, Value
 from moec.ir.types import DimLike
@@ -44,6 +50,10 @@ _UNARY = {"silu": "silu", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", 
           "neg": "neg", "sqrt": "sqrt", "rsqrt": "rsqrt"}
 _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "maximum": "maximum",
            "minimum": "minimum"}
+
+
+# ops on constants that keep their own translation (a transposed weight folds into core.linear)
+_KEEP_CONST = {"aten.t", "aten.transpose", "aten.permute", "aten.numpy_T", "getitem"}
 
 
 class _Const:
@@ -86,6 +96,7 @@ class _Translator:
         self.syms: dict[sympy.Symbol, DimLike] = {}
         self.node: fx.Node | None = None
         self.nconst = 0
+        self.in_complex = False  # translating one part of a complex op (complex_translate)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -129,6 +140,8 @@ class _Translator:
 
     def meta(self, node: fx.Node) -> tuple[tuple[DimLike, ...], str]:
         val = node.meta["val"]
+        if val.dtype == torch.complex64:  # the real and imaginary parts' type
+            return tuple(self.dim(d) for d in val.shape), "f32"
         if val.dtype not in _DTYPES:
             raise self.unsupported(f"tensor of dtype {val.dtype} (from {op_name(node)})")
         return tuple(self.dim(d) for d in val.shape), _DTYPES[val.dtype]
@@ -151,6 +164,8 @@ class _Translator:
             a = self.env[a]
         if isinstance(a, _Const):
             a = self.const(a)
+        elif isinstance(a, Ones):
+            a = materialize_ones(self, a)
         elif isinstance(a, (bool, int, float)):
             return self.scalar(a, dtype or "f32")
         if not isinstance(a, Value):
@@ -251,9 +266,17 @@ class _Translator:
         val = n.meta.get("val")
         if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
             return self.dim(val)
+        if not self.in_complex:  # complex rotary math: (re, im) pairs of real values
+            c = translate_complex(self, n)
+            if c is not None:
+                return c
         name = op_name(n)
         packet = name.rsplit(".", 1)[0]
         op = packet.split(".", 1)[-1]
+        if packet not in _KEEP_CONST and name not in _IDENTITY and self._only_consts(n):
+            folded = fold_constant(self, n, _Const)  # computed now, a constant of the graph
+            if folded is not None:
+                return folded
         if name in CASTS:
             return self.val(n.args[0], self.meta(n)[1])
         if name in _IDENTITY or (name == "aten.dropout.default" and not self.arg(2, "train")):
@@ -266,8 +289,23 @@ class _Translator:
             return self._binary(n, _BINARY[op])
         handler = _HANDLERS.get(name) or _HANDLERS.get(packet)
         if handler is None:
+            folded = fold_constant(self, n, _Const)  # every input a constant: compute it now
+            if folded is not None:
+                return folded
             raise self.unsupported(f"no moec translation for op {name}")
         return handler(self, n)
+
+    def _only_consts(self, n: fx.Node) -> bool:
+        """Whether every node `n` reads is a constant (nothing computed from inputs)."""
+        def reads(a: Any) -> list[fx.Node]:
+            if isinstance(a, fx.Node):
+                return [a]
+            if isinstance(a, (list, tuple)):
+                return [x for b in a for x in reads(b)]
+            return []
+
+        nodes = reads(list(n.args)) + reads(list(n.kwargs.values()))
+        return all(isinstance(self.env.get(a), (_Const, int, float, bool)) for a in nodes)
 
     # ------------------------------------------------------------------ op handlers
     def _binary(self, n: fx.Node, op: str) -> Value:

@@ -243,6 +243,37 @@ def _set_attn(config: Any, impl: str | None) -> str | None:
     return old
 
 
+def _refuse_unsupported(model: nn.Module) -> None:
+    """Clear errors for what the step cannot express (before a confusing trace failure)."""
+    for name, m in model.named_modules():
+        if type(m).__name__ == "JetMoeMoA":
+            raise UnsupportedError(
+                f"{name} (JetMoeMoA): JetMoE's mixture of attention heads (top-k routed query "
+                f"and output projections) is not supported for generation; its MoE feed-"
+                f"forward blocks are (compile a block, or the model with generate=False, to "
+                f"get the plain forward where that traces)")
+
+
+def _position_limited(model: nn.Module) -> tuple[int | None, list[tuple[nn.Module, str, Any]]]:
+    """Position-dependent computations traced as their value at short range, with the
+    longest sequence for which that is exact: Llama 4's attention temperature tuning on NoPE
+    layers scales queries by 1 + attn_scale * log1p(floor((p + 1) / floor_scale)), which is 1
+    while p + 1 < floor_scale (8192 in the released models); transformers computes it from
+    arange(T) (wrong for a flattened batch), so it is switched off for the trace and sequences
+    are limited to floor_scale - 1 positions. Returns (limit, changes to undo)."""
+    limit, changed = None, []
+    for m in model.modules():
+        if getattr(m, "attn_temperature_tuning", False) and not getattr(m, "use_rope", True):
+            fs = int(getattr(m, "floor_scale", 0) or 0)
+            if fs < 2:
+                raise UnsupportedError(f"{type(m).__name__}: attention temperature tuning with "
+                                       f"floor_scale={fs} is not supported")
+            limit = fs - 1 if limit is None else min(limit, fs - 1)
+            changed.append((m, "attn_temperature_tuning", True))
+            m.attn_temperature_tuning = False
+    return limit, changed
+
+
 def _rope_limit(model: nn.Module) -> tuple[int | None, list[tuple[nn.Module, Any]]]:
     """Rotary modules whose frequencies depend on the sequence length are traced at their
     original frequencies (their rope_type set to "default" during the trace): the longest
@@ -278,6 +309,7 @@ def step_graph(model: nn.Module, *, max_tokens: int = 2048, block_size: int = 16
 
     if block_size < 1 or block_size & (block_size - 1):
         raise UnsupportedError(f"block_size must be a power of two, got {block_size}")
+    _refuse_unsupported(model)
     cfg = _text_config(model)
     layers = _probe_layers(model)
     n_layers = int(cfg.num_hidden_layers)
@@ -316,6 +348,9 @@ def step_graph(model: nn.Module, *, max_tokens: int = 2048, block_size: int = 16
     shapes = ({0: dT}, {0: dT}, {1: dNB}, {1: dNB}, {0: dB}, {0: dB}, {0: dB}, {0: dB, 1: dMB},
               {0: dT}, {0: dR})
     limit, rope_changed = _rope_limit(model)
+    tt_limit, tt_changed = _position_limited(model)
+    if tt_limit is not None:
+        limit = tt_limit if limit is None else min(limit, tt_limit)
     old = _set_attn(model.config, ATTN_IMPL)
     swapped = []
     record: dict[int, dict[str, Any]] = {}
@@ -339,6 +374,8 @@ def step_graph(model: nn.Module, *, max_tokens: int = 2048, block_size: int = 16
         _local.record = None
         for m, rt in rope_changed:
             m.rope_type = rt
+        for m, attr, v in tt_changed:
+            setattr(m, attr, v)
     fold_slice_writes(ep.graph)
     names = [s.arg.name for s in ep.graph_signature.input_specs
              if s.kind.name == "USER_INPUT"]

@@ -35,7 +35,14 @@ def _arange(tr: Any, n: fx.Node) -> Value:
     step = n.args[2] if name == "aten.arange.start_step" else 1
     end = tr.env.get(end, end) if isinstance(end, fx.Node) else end
     if start != 0 or step != 1:
-        raise tr.unsupported(f"arange({start}, {end}, {step}): only arange(n) is translated")
+        from moec.frontend.aten_translate import _Const
+        from moec.frontend.complex_translate import fold_constant
+
+        folded = fold_constant(tr, n, _Const)  # static bounds: a constant
+        if folded is None:
+            raise tr.unsupported(f"arange({start}, {end}, {step}): only arange(n) and "
+                                 f"constant ranges are translated")
+        return folded
     _, dtype = tr.meta(n)
     for v in tr.b.graph.inputs:  # a graph input that has the length as one of its dims
         for ax, d in enumerate(v.shape):
@@ -117,6 +124,10 @@ def _split(tr: Any, n: fx.Node) -> tuple[Value, ...]:
     axis = int(tr.arg(2, "dim", 0)) % x.type.rank
     sizes = n.args[1]
     size = x.shape[axis]
+    if op_name(n) == "aten.chunk.default":  # chunk(n): chunks of ceil(size / n)
+        if not isinstance(size, int):
+            raise tr.unsupported("chunk of a symbolic dim")
+        sizes = -(-size // int(sizes))
     if isinstance(sizes, int):  # aten.split.Tensor: chunks of `sizes`
         if not isinstance(size, int):
             raise tr.unsupported("split of a symbolic dim")
@@ -192,6 +203,7 @@ NN_HANDLERS: dict[str, Callable[[Any, fx.Node], Any]] = {
     "aten.concat": _cat,
     "aten.split_with_sizes": _split,
     "aten.split": _split,
+    "aten.chunk": _split,
     "aten.to.device": _to_device,
     "moec.attention": _attention,
     "moec.cache_write": _cache_write,

@@ -200,15 +200,19 @@ class StepModel(CompiledModel):
                              f"{ids.shape}")
         g = self.geometry
         t = len(ids)
-        if t == 0:
-            logits = np.zeros((0, g.vocab_size), np.float32)
-        else:
+        logits = np.zeros((t, g.vocab_size), np.float32)
+        if t:
+            # one sequence on a temporary cache, in steps of at most max_step_tokens tokens
             nblk = -(-t // g.block_size)
             caches = self.new_caches(nblk)
-            pos = np.arange(t)
-            logits = self.step(caches, ids=ids, positions=pos, q_start=[0], q_len=[t],
-                               kv_len=[t], block_table=np.arange(nblk)[None],
-                               slots=pos, logits_rows=pos, decode=False)
+            table = np.arange(nblk)[None]
+            for lo in range(0, t, g.max_step_tokens):
+                hi = min(t, lo + g.max_step_tokens)
+                pos = np.arange(lo, hi)
+                logits[lo:hi] = self.step(
+                    caches, ids=ids[lo:hi], positions=pos, q_start=[0], q_len=[hi - lo],
+                    kv_len=[hi], block_table=table, slots=pos, logits_rows=pos - lo,
+                    decode=False)
         if as_torch:
             torch = torch_module()
             assert torch is not None
