@@ -1,4 +1,5 @@
-"""The `moec` command line: demo, compile, run, bench, inspect, verify, pack, passes, opt.
+"""The `moec` command line: demo, compile, run, generate, chat, bench, inspect, verify, pack,
+passes, opt, profile, tune.
 
 Errors print one line (`moec: error: ...`) and exit 1; `--debug` shows the traceback.
 """
@@ -59,7 +60,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     tuning = False if a.no_tuning else (a.tuning_db or True)
     art = moec.compile(model, example, target=a.target, pipeline=a.pipeline, passes=a.passes,
                        max_tokens=a.max_tokens, dump_ir=a.dump_ir, time_passes=a.time_passes,
-                       progress=True, ep=a.ep, quantize=a.quantize, tuning=tuning)
+                       progress=True, ep=a.ep, quantize=a.quantize, tuning=tuning,
+                       generate=False if a.no_generate else None, block_size=a.block_size)
     art.save(a.output)
     print(f"wrote {a.output}")
     return 0
@@ -341,11 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compile", help="compile a model to an artifact")
     s.add_argument("spec", help="FILE.py:FACTORY or package.module:FACTORY returning "
                    "(module, example_inputs), or a Hugging Face checkpoint folder "
-                   "(config.json + *.safetensors; compiles ids [T] -> logits [T, vocab]), "
+                   "(config.json + *.safetensors; compiles the causal LM's generation step "
+                   "over a paged KV cache, with its tokenizer: `moec generate`), "
                    "or an ONNX model file (*.onnx)")
     s.add_argument("-o", "--output", required=True, help="artifact folder, e.g. model.moec")
     s.add_argument("--target", default="cpu")
-    s.add_argument("--max-tokens", type=int, default=4096)
+    s.add_argument("--max-tokens", type=int, default=4096, help="most tokens per call (for "
+                   "a checkpoint folder: per generation step; longer prompts go in chunks)")
+    s.add_argument("--no-generate", action="store_true", help="checkpoint folder: compile the "
+                   "plain forward of one sequence (ids [T] -> logits [T, vocab]) instead")
+    s.add_argument("--block-size", type=int, default=16, help="checkpoint folder: tokens per "
+                   "KV cache block")
     s.add_argument("--pipeline", default="default")
     s.add_argument("--passes", default=None, help="pass list, e.g. default,+my-pass{opt=1}")
     s.add_argument("--dump-ir", default=None, metavar="DIR")
@@ -387,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="with --ep: compare with the "
                    "single-process model on rank 0")
     s.set_defaults(fn=cmd_run)
+
+    from moec.engine.cli import add_commands as add_generation_commands
+
+    add_generation_commands(sub)
 
     s = sub.add_parser("bench", help="without ARTIFACT: the MoE layer benchmark (transformers, "
                        "torch.compile, ONNX Runtime and moec against the roofline; moec.bench); "

@@ -1,0 +1,162 @@
+"""`moec generate` and `moec chat`: text generation from a generation artifact.
+
+    moec generate m.moec --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.7
+    moec chat m.moec --system "You are terse."
+
+`generate` streams the text to stdout as it comes and ends with the timings on stderr: time to
+first token, prefill tokens/s (prompt tokens / time to first token) and decode tokens/s (the
+tokens after the first / the time after it). `chat` is an interactive loop: each line you type
+is a user message; the model's reply streams back; the history is kept (`/reset` clears it,
+`/exit` or end of input quits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, TextIO
+
+from moec.errors import InputError
+
+
+def add_sampling_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (the default unless the checkpoint's generation_config "
+                        "says do_sample)")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--min-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=None, help="a stop string (repeat)")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    s.add_argument("--kv-cache", default=None, help="KV cache size, e.g. 2GB (default: see "
+                   "moec.engine.Engine)")
+    s.add_argument("--max-seq-len", type=int, default=None)
+
+
+def _sampling(a: argparse.Namespace) -> dict[str, Any]:
+    out = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
+           "top_p": a.top_p, "min_p": a.min_p, "repetition_penalty": a.repetition_penalty,
+           "seed": a.seed, "stop": tuple(a.stop) if a.stop else None,
+           "ignore_eos": a.ignore_eos or None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _load(a: argparse.Namespace, max_batch: int = 1) -> Any:
+    import moec
+    from moec.engine import LanguageModel
+
+    model = moec.load(a.artifact, kv_cache=a.kv_cache, max_batch=max_batch,
+                      max_seq_len=a.max_seq_len) if _is_lm(a.artifact) else None
+    if not isinstance(model, LanguageModel):
+        raise InputError(f"{a.artifact} is not a generation artifact: compile a Hugging Face "
+                         f"checkpoint folder (moec compile CKPT_DIR -o m.moec) to generate")
+    return model
+
+
+def _is_lm(path: str) -> bool:
+    from moec.runtime.archive import opened
+    from moec.runtime.verify import read_manifest
+
+    with opened(path) as folder:
+        return isinstance(read_manifest(folder).meta.get("generation"), dict)
+
+
+def cmd_generate(a: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+                 ) -> int:
+    model = _load(a)
+    if (a.prompt is None) == (a.prompt_ids is None):
+        raise InputError("give the prompt as --prompt TEXT or as --prompt-ids \"1 2 3\"")
+    if a.prompt_ids is not None:
+        try:
+            prompt: Any = [int(t) for t in a.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise InputError(f"--prompt-ids wants integers, got {a.prompt_ids!r}") from None
+    else:
+        prompt = a.prompt
+    ids = model.encode(prompt)
+    params = _sampling(a)
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    reason = None
+    if a.prompt is not None and model.tokenizer is not None:
+        out.write(a.prompt)
+    for ev in model.stream([ids], **params):
+        now = time.perf_counter()
+        if ev.token >= 0:
+            n += 1
+            first = first if first is not None else now
+            last = now
+            if model.tokenizer is not None:
+                out.write(ev.text)
+            else:
+                out.write(f"{ev.token} ")
+            out.flush()
+        if ev.finished:
+            reason = ev.finish_reason
+    out.write("\n")
+    out.flush()
+    ttft = (first - t0) if first is not None else float("nan")
+    dec = (n - 1) / (last - first) if n > 1 and last > first else float("nan")
+    err.write(f"[{n} tokens, finish: {reason}] time to first token {ttft * 1e3:.1f} ms, "
+              f"prefill {len(ids) / ttft:.1f} tok/s ({len(ids)} prompt tokens), "
+              f"decode {dec:.1f} tok/s\n")
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    model = _load(a)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise InputError(f"{a.artifact} has no chat template (tokenizer_config.json's "
+                         f"chat_template in the checkpoint folder); use moec generate")
+    params = _sampling(a)
+    history: list[dict[str, str]] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    interactive = inp.isatty()
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        ids = model.tokenizer.encode_chat(history)
+        reply = []
+        for ev in model.stream([ids], **params):
+            if ev.token >= 0 and ev.text:
+                reply.append(ev.text)
+                out.write(ev.text)
+                out.flush()
+        out.write("\n")
+        out.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    s = sub.add_parser("generate", help="generate text with a causal LM artifact (compiled from "
+                       "a checkpoint folder), streamed to stdout")
+    s.add_argument("artifact")
+    s.add_argument("--prompt", default=None, help="the prompt text (needs the tokenizer)")
+    s.add_argument("--prompt-ids", default=None, help='the prompt as token ids, e.g. "1 2 3"')
+    add_sampling_arguments(s)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="an interactive chat with a causal LM artifact, with its "
+                       "chat template and the conversation's history")
+    s.add_argument("artifact")
+    s.add_argument("--system", default=None, help="a system message")
+    add_sampling_arguments(s)
+    s.set_defaults(fn=cmd_chat)
