@@ -120,6 +120,8 @@ class Engine:
                       "preemptions": 0}
         eos = list(g.eos_token_ids) or (tokenizer.eos_token_ids() if tokenizer else [])
         self.eos_ids = frozenset(eos)
+        # called with (request, its logits row) before each sample: inspection and tests
+        self.on_logits: Callable[[Request, np.ndarray], None] | None = None
 
     # ------------------------------------------------------------------ requests
     def params(self, **kwargs: Any) -> SamplingParams:
@@ -289,6 +291,8 @@ class Engine:
                 self.stats["prefill_tokens"] += n
         now = time.perf_counter()
         for row, req in enumerate(samplers):
+            if self.on_logits is not None:
+                self.on_logits(req, logits[row])
             seen = np.asarray(req.tokens, np.int64) if req.params.repetition_penalty != 1 \
                 else np.empty(0, np.int64)
             assert req.rng is not None
