@@ -330,7 +330,7 @@ def step_graph(model: nn.Module, *, max_tokens: int = 2048, block_size: int = 16
     notes: dict[str, str] = {}
     blocks = find_moe_blocks(step, notes)
     # distinct example sizes >= 2 (export specialises 0/1 and merges equal sizes)
-    T, B, MB, NB, R = 9, 3, 4, 7, 5
+    T, B, MB, NB = 9, 3, 4, 7
     bs = block_size
     ex = (torch.arange(T) % vocab, torch.arange(T),
           torch.zeros((n_layers, NB, kv_heads, k_dim, bs), dtype=dtype),

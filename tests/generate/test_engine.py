@@ -7,13 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from families import V  # noqa: I001
 
 import moec
 from moec.engine import Engine, SamplingParams
 from moec.engine.sampling import log_softmax
 from moec.errors import InputError
-
-from families import V  # noqa: I001
 
 NEW = 24
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compile_family  # noqa: I001
+from families import GENERATING, V
 
 import moec
 from moec.errors import UnsupportedError
-
-from conftest import compile_family  # noqa: I001
-from families import GENERATING, V
 
 PROMPT_LENS = (1, 7, 33, 100)
 NEW = 32

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import model as family_model  # noqa: I001
 
 import moec
 from moec.engine.cli import cmd_chat, cmd_generate
 from moec.engine.tokenizer import Tokenizer
-
-from families import model as family_model  # noqa: I001
 
 transformers = pytest.importorskip("transformers")
 
