@@ -7,8 +7,9 @@ scores of a query against a block's BS keys are BS-wide vector FMAs (as the valu
 is D-wide ones). A sequence owns the blocks its block table row lists, in order: its token at
 position p lives in block `block_table[b, p // BS]`, slot `p % BS`.
 
-One step (a call of the generation function) runs T new tokens of B sequences, flattened: sequence b's tokens are rows `q_start[b] .. q_start[b] + q_len[b] - 1` of the step,
-and after the step its cache holds `kv_len[b]` tokens (the new ones are the last `q_len[b]`).
+One step (a call of the generation function) runs T new tokens of B sequences, flattened:
+sequence b's tokens are rows `q_start[b] .. q_start[b] + q_len[b] - 1` of the step, and after
+the step its cache holds `kv_len[b]` tokens (the new ones are the last `q_len[b]`).
 A prefill is a step with q_len = prompt length, a decode step has q_len = 1 for every sequence,
 and chunked prefill mixes them.
 """
