@@ -26,8 +26,9 @@ def _library(lw: Any) -> Any:
     """The nn kernel builders of the lowerer's target: CPU or CUDA (same names and signatures)."""
     if lw.cuda:
         from moec.codegen.cuda import nn as cuda_nn
+        from moec.codegen.cuda import rope as cuda_rope
 
-        return cuda_nn
+        return _Merged(cuda_nn, cuda_rope)
     from moec.codegen.kernels import attention as cpu_attention
     from moec.codegen.kernels import nn as cpu_nn
 
@@ -134,6 +135,9 @@ def lower_nn(lw: Any, n: Node, dt: str) -> None:
         sc = float(a["scale"])
         lw.call(n, (op, B, Hq, Hkv, D, Dv, sc, dt),
                 lambda: NK.attention(B, Hq, Hkv, D, Dv, sc, dt))
+    elif op == "core.rope":
+        sc = _key(ins[1].shape)
+        lw.call(n, (op, s0, sc, dt), lambda: NK.rope(s0, sc, dt))
     elif op == "core.cache_write":
         _cache_write(lw, n, NK)
     elif op == "core.paged_attention":

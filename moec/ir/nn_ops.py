@@ -214,3 +214,37 @@ register_op(OpDef("core.attention", (3, 3), _infer_attention,
                   lambda xs, a: [attention_ref(*xs, a["scale"])], attrs={"scale": REQUIRED},
                   doc="causal softmax(q k^T * scale) v with grouped-query heads; "
                       "[B, Hq, T, D] x [B, Hkv, T, D] x [B, Hkv, T, Dv] -> [B, T, Hq, Dv]"))
+
+# --------------------------------------------------------------------------- rotary embedding
+
+
+def _infer_rope(ts: list[TensorType], a: A) -> list[TensorType]:
+    x, c, s = ts
+    d = x.shape[-1] if x.rank else None
+    ok = x.rank >= 1 and x.dtype in FLOAT_DTYPES and isinstance(d, int) and d % 2 == 0
+    for t in (c, s):
+        ok = ok and t.rank == x.rank and t.dtype == x.dtype and (
+            same_dim(t.shape[-1], d) or same_dim(t.shape[-1], (d or 0) // 2)) and all(
+            same_dim(td, 1) or same_dim(td, xd) for td, xd in zip(t.shape[:-1], x.shape[:-1],
+                                                                   strict=True))
+    if not ok or not same_dim(c.shape[-1], s.shape[-1]):
+        raise IRError(f"core.rope: want x [..., D] (D even) and cos, sin of x's rank whose "
+                      f"dims are x's or 1 and whose last dim is D or D/2; got {x}, {c}, {s}")
+    return [x]
+
+
+def rope_ref(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., h:], x[..., :h]); cos
+    and sin of last dim D/2 stand for the table repeated twice."""
+    h = x.shape[-1] // 2
+    if c.shape[-1] == h:
+        c, s = np.concatenate([c, c], -1), np.concatenate([s, s], -1)
+    xf = _f(x)
+    rot = np.concatenate([-xf[..., h:], xf[..., :h]], -1)
+    return (xf * _f(c) + rot * _f(s)).astype(x.dtype)
+
+
+register_op(OpDef("core.rope", (3, 3), _infer_rope, lambda xs, a: [rope_ref(*xs)],
+                  doc="rotary embedding, rotate-half form: x * cos + concat(-x2, x1) * sin with "
+                      "x1, x2 the halves of the last axis; cos/sin broadcast over x's leading "
+                      "dims, last dim D (or D/2: the table repeated)"))

@@ -4,6 +4,7 @@ from moec.passes import (  # noqa: F401
     canonicalize,
     fuse_combine,
     fuse_gating,
+    fuse_rope,
     prune_experts,
     quantize_experts,
     reorder_dispatch,

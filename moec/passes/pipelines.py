@@ -12,6 +12,8 @@ PIPELINES: dict[str, str] = {
         # phase 3: expert GEMMs and the combine
         "tile-expert-gemm",
         "fuse-combine",
+        # phase 4: the rest of the model (rotary embeddings)
+        "fuse-rope",
         "canonicalize",
     ]),
     # nothing but clean-up: lowers only graphs that are already in kernel form

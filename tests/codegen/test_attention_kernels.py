@@ -132,3 +132,25 @@ def test_cache_write_skips_slots_outside_the_pool():
     want = cache.copy()
     want[0, 0, :, 3] = 1
     np.testing.assert_array_equal(c.numpy(), want)
+
+
+@pytest.mark.parametrize("xs,cs", [
+    ((1, 4, "T", 16), (1, 1, "T", 16)),   # q after permute, rotate-half tables
+    ((1, "T", 4, 64), (1, "T", 1, 64)),   # before permute
+    (("T", 2, 12), ("T", 1, 6)),          # half tables (GPT-OSS), odd halves
+    ((2, 3, 8), (1, 3, 8))])
+def test_rope_kernel(xs, cs):
+    from moec.codegen.kernels.nn import rope
+    from moec.ir.nn_ops import rope_ref
+
+    k = rope(xs, cs)
+    ex = _build(k)
+    rng = np.random.default_rng(5)
+    for t in (0, 1, 9):
+        xshape = tuple(t if d == "T" else d for d in xs)
+        cshape = tuple(t if d == "T" else d for d in cs)
+        x = rng.standard_normal(xshape).astype(np.float32)
+        c, s = (rng.standard_normal(cshape).astype(np.float32) for _ in range(2))
+        y = tvm.runtime.tensor(np.full(xshape, 7.0, np.float32), tvm.cpu())
+        ex[k.name](_t(x), _t(c), _t(s), y)
+        np.testing.assert_allclose(y.numpy(), rope_ref(x, c, s), rtol=1e-6, atol=1e-6)

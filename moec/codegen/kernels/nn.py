@@ -290,3 +290,55 @@ def attention(B: int, Hq: int, Hkv: int, D: int, Dv: int, scale: float,
                 Of[ob + nv * vl + c] = acc[nv * vl + c] * st[1]
 
     return finish(func, name)
+
+
+def rope(x_shape: Shape, c_shape: Shape, dtype: str = "float32") -> Kernel:
+    """Rotary embedding, rotate-half form (core.rope): `y = x * cos + rot(x) * sin`.
+    Kernel args: `(x, cos, sin, y)`; cos/sin have x's rank, dims equal to x's or 1, and a last
+    dim of D or D/2. Rows of x in parallel, each half of a row vectorised."""
+    check_dtype("rope", dtype)
+    dims = Dims()
+    xs, cs = dims.shape(x_shape), dims.shape(c_shape)
+    d = static(xs[-1])
+    dc = static(cs[-1])
+    if d is None or d % 2 or dc not in (d, d // 2):
+        raise CodegenError(f"rope: want an even static last dim and tables of D or D/2, got "
+                           f"{list(x_shape)} and {list(c_shape)}")
+    h = d // 2
+    h2 = h if dc == d else 0  # where the second half's table starts
+    lead = xs[:-1]
+    rows = prod(lead)
+    bcast = [static(c) == 1 and static(x) != 1 for c, x in zip(cs[:-1], lead, strict=True)]
+    nc = prod(cs)
+    name = kernel_name("rope", dtype, *x_shape, "by", *c_shape)
+
+    def table_row(r):
+        """The row of cos/sin that row r of x reads (broadcast dims step 0)."""
+        off, rem, stride = i64(0), r, i64(1)
+        for i in range(len(lead) - 1, -1, -1):
+            idx = rem % lead[i] if i else rem
+            rem = rem // lead[i]
+            if not bcast[i]:
+                off = off + idx * stride
+                stride = stride * cs[i]
+        return off
+
+    @T.prim_func
+    def func(x: T.handle, c: T.handle, s: T.handle, y: T.handle):
+        X = T.match_buffer(x, xs, dtype)
+        C = T.match_buffer(c, cs, dtype)
+        S = T.match_buffer(s, cs, dtype)
+        Y = T.match_buffer(y, xs, dtype)
+        Xf = T.decl_buffer((rows * d,), dtype, data=X.data)
+        Cf = T.decl_buffer((nc,), dtype, data=C.data)
+        Sf = T.decl_buffer((nc,), dtype, data=S.data)
+        Yf = T.decl_buffer((rows * d,), dtype, data=Y.data)
+        for r in T.parallel(rows):
+            xo: T.let = r * d
+            co: T.let = table_row(r) * dc
+            for j in T.vectorized(h):
+                Yf[xo + j] = Xf[xo + j] * Cf[co + j] - Xf[xo + h + j] * Sf[co + j]
+            for j in T.vectorized(h):
+                Yf[xo + h + j] = Xf[xo + h + j] * Cf[co + h2 + j] + Xf[xo + j] * Sf[co + h2 + j]
+
+    return finish(func, name)
