@@ -28,7 +28,8 @@ _UNARY = {"core.silu", "core.gelu", "core.relu", "core.sigmoid", "core.tanh", "c
 _BINARY = {"core.add", "core.sub", "core.mul", "core.div", "core.maximum", "core.minimum"}
 _NN_OPS = {"core.embedding", "core.arange", "core.cos", "core.sin", "core.permute_dims",
            "core.slice", "core.concat", "core.broadcast_to", "core.attention",
-           "core.cache_write", "core.paged_attention", "core.rope"}  # lower_nn.py
+           "core.cache_write", "core.paged_attention", "core.rope",
+           "core.linear_heads"}  # lower_nn.py
 # last-axis row ops, lowered on CUDA through a [rows, n] view when x has rank > 2
 _ROW_OPS = ("core.softmax", "core.sum", "core.mean", "core.rmsnorm", "core.layernorm")
 _NEEDS_PASS = {"moe.experts": "reorder-dispatch and tile-expert-gemm",

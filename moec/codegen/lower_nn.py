@@ -138,6 +138,13 @@ def lower_nn(lw: Any, n: Node, dt: str) -> None:
     elif op == "core.rope":
         sc = _key(ins[1].shape)
         lw.call(n, (op, s0, sc, dt), lambda: NK.rope(s0, sc, dt))
+    elif op == "core.linear_heads":
+        x, w = ins
+        lead = _key(x.shape[:-2])
+        H, N, K = w.shape
+        wd = lw.weight_dtype(dt, w)
+        lw.call(n, (op, lead, H, N, K, dt, *wd.values()),
+                lambda: NK.linear_heads(lead, H, N, K, dt, **wd))
     elif op == "core.cache_write":
         _cache_write(lw, n, NK)
     elif op == "core.paged_attention":

@@ -111,6 +111,73 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_start: to
     return q.new_empty((1, q.shape[2], q.shape[1], v_cache.shape[4]))
 
 
+@torch.library.custom_op("moec::linear_heads", mutates_args=())
+def linear_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A linear map per head (core.linear_heads): x [..., H, K], w [H, N, K] -> [..., H, N]."""
+    return torch.einsum("...hk,hnk->...hn", x, w.to(x.dtype))
+
+
+@linear_heads.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[1]))
+
+
+# ----------------------------------------------------------------------------- MLA, absorbed
+
+
+def _is_mla(module: nn.Module) -> bool:
+    """A multi-head latent attention module of transformers' shape (DeepSeek-V2/V3 and the
+    families built like them): latents expanded by `expand_kv` through `kv_b_proj`."""
+    kvb = getattr(module, "kv_b_proj", None)
+    return callable(getattr(module, "expand_kv", None)) and isinstance(kvb, nn.Linear) and \
+        kvb.bias is None and all(isinstance(getattr(module, a, None), int) for a in (
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_heads"))
+
+
+def _keep_latents(model: nn.Module) -> list[nn.Module]:
+    """Make MLA modules hand their compressed latents to the attention function unexpanded
+    (an instance attribute shadows `expand_kv`); returns the modules, to undo with
+    `_expand_latents`. The attention then runs absorbed (`_mla_attention`)."""
+    mods = [m for m in model.modules() if _is_mla(m)]
+    for m in mods:
+        m.expand_kv = lambda kv_nope, k_rot: (kv_nope, k_rot)
+    return mods
+
+
+def _expand_latents(mods: list[nn.Module]) -> None:
+    for m in mods:
+        del m.expand_kv
+
+
+def _mla_geometry(module: nn.Module) -> dict[str, int]:
+    r, rope = module.kv_lora_rank, module.qk_rope_head_dim
+    return {"k_dim": r + rope, "v_dim": r, "kv_heads": 1, "heads": module.num_heads}
+
+
+def _mla_attention(module: nn.Module, step: _Step, query: torch.Tensor, latent: torch.Tensor,
+                   k_rot: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """Absorbed multi-head latent attention over the paged cache of the latents.
+
+    With W = kv_b_proj.weight viewed [H, nope + v, R] (W_k its first nope rows, W_v the rest),
+    head h's key is W_k[h] c + rope part and its value W_v[h] c for the latent c of a token, so
+    q_h . k_h = (W_k[h]^T q_nope_h) . c + q_rot_h . k_rot: one kv head of dims R + rope, whose
+    value is c itself. The cache holds [c, k_rot] as keys and c as values (2 R + rope numbers
+    per token instead of H (nope + rope + v)), and the output per head is W_v[h] o_h."""
+    h, nope, r = module.num_heads, module.qk_nope_head_dim, module.kv_lora_rank
+    w = module.kv_b_proj.weight.view(h, nope + module.v_head_dim, r)
+    w_k = w[:, :nope, :].transpose(1, 2)  # [H, R, nope]
+    w_v = w[:, nope:, :]  # [H, v, R]
+    q_pass, q_rot = query[..., :nope], query[..., nope:]
+    q_lat = linear_heads(q_pass.transpose(1, 2), w_k).transpose(1, 2)  # [1, H, T, R]
+    q_abs = torch.cat([q_lat, q_rot], -1)
+    k_abs = torch.cat([latent, k_rot.to(latent.dtype)], -1)  # [1, 1, T, R + rope]
+    step.k = cache_write(step.k, k_abs, step.slots, layer, True)
+    step.v = cache_write(step.v, latent, step.slots, layer, False)
+    out = paged_attention(q_abs, step.k, step.v, step.q_start, step.q_len, step.kv_len,
+                          step.block_table, None, layer, scale, 0, 0)  # [1, T, H, R]
+    return linear_heads(out, w_v)  # [1, T, H, v]
+
+
 # ----------------------------------------------------------------------------- the step module
 
 
@@ -159,6 +226,12 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         chunk = int(getattr(cfg, "attention_chunk_size", 0) or 0)
     sinks = kwargs.get("s_aux")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if _is_mla(module) and "expand_kv" in vars(module):  # latents kept: absorbed MLA
+        if window or chunk or sinks is not None:
+            raise UnsupportedError(f"{where}: latent attention with a window, chunks or sinks")
+        step.layers[layer] = {"window": 0, "chunk": 0, "sinks": False, "mla": True,
+                              **_mla_geometry(module)}
+        return _mla_attention(module, step, query, key, value, layer, scale), None
     step.layers[layer] = {"window": int(window), "chunk": chunk, "sinks": sinks is not None,
                           "k_dim": int(key.shape[-1]), "v_dim": int(value.shape[-1]),
                           "kv_heads": int(key.shape[1]), "heads": int(query.shape[1])}
@@ -217,9 +290,14 @@ def _probe_layers(model: nn.Module) -> dict[int, dict[str, int]]:
         if not isinstance(layer, int):
             raise UnsupportedError(f"{type(module).__name__}: the attention module has no "
                                    f"integer layer_idx, so its KV cache layer is unknown")
-        layers[layer] = {"k_dim": int(key.shape[-1]), "v_dim": int(value.shape[-1]),
-                         "kv_heads": int(key.shape[1]), "heads": int(query.shape[1])}
-        return query.new_zeros((1, query.shape[2], query.shape[1], value.shape[-1])), None
+        if _is_mla(module) and "expand_kv" in vars(module):
+            layers[layer] = _mla_geometry(module)
+            dv = module.v_head_dim
+        else:
+            layers[layer] = {"k_dim": int(key.shape[-1]), "v_dim": int(value.shape[-1]),
+                             "kv_heads": int(key.shape[1]), "heads": int(query.shape[1])}
+            dv = value.shape[-1]
+        return query.new_zeros((1, query.shape[2], query.shape[1], dv)), None
 
     from transformers import AttentionInterface
 
@@ -303,14 +381,23 @@ def step_graph(model: nn.Module, *, max_tokens: int = 2048, block_size: int = 16
 
     max_tokens: the most tokens one step runs (the prefill chunk); block_size: KV cache block
     size (tokens per block). Returns the graph and the generation metadata."""
-    from moec.frontend.aten_translate import translate_exported
-    from moec.frontend.nn_translate import fold_slice_writes
-    from moec.frontend.torch_frontend import MoECall, _swap, _with_notes, find_moe_blocks
-
     if block_size < 1 or block_size & (block_size - 1):
         raise UnsupportedError(f"block_size must be a power of two, got {block_size}")
     _refuse_unsupported(model)
     cfg = _text_config(model)
+    mla = _keep_latents(model)
+    try:
+        return _step_graph(model, cfg, max_tokens, block_size, kv_dtype)
+    finally:
+        _expand_latents(mla)
+
+
+def _step_graph(model: nn.Module, cfg: Any, max_tokens: int, block_size: int,
+                kv_dtype: torch.dtype | None) -> tuple[Graph, dict[str, Any]]:
+    from moec.frontend.aten_translate import translate_exported
+    from moec.frontend.nn_translate import fold_slice_writes
+    from moec.frontend.torch_frontend import MoECall, _swap, _with_notes, find_moe_blocks
+
     layers = _probe_layers(model)
     n_layers = int(cfg.num_hidden_layers)
     if sorted(layers) != list(range(n_layers)):

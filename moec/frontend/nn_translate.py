@@ -165,6 +165,10 @@ def _paged_attention(tr: Any, n: fx.Node) -> Value:
         "chunk": int(a["chunk"]), "sinks": a["sinks"] is not None})
 
 
+def _linear_heads(tr: Any, n: fx.Node) -> Value:
+    return tr.emit("core.linear_heads", [tr.val(n.args[0]), tr.val(n.args[1])])
+
+
 def _index(tr: Any, n: fx.Node) -> Value:
     """x[..., idx, ...] with one integer index tensor (the LM head's `logits_to_keep` rows):
     the rows of x viewed as [outer, n, inner] picked by `core.take`."""
@@ -208,6 +212,7 @@ NN_HANDLERS: dict[str, Callable[[Any, fx.Node], Any]] = {
     "moec.attention": _attention,
     "moec.cache_write": _cache_write,
     "moec.paged_attention": _paged_attention,
+    "moec.linear_heads": _linear_heads,
     "aten.index.Tensor": _index,
 }
 

@@ -248,3 +248,24 @@ register_op(OpDef("core.rope", (3, 3), _infer_rope, lambda xs, a: [rope_ref(*xs)
                   doc="rotary embedding, rotate-half form: x * cos + concat(-x2, x1) * sin with "
                       "x1, x2 the halves of the last axis; cos/sin broadcast over x's leading "
                       "dims, last dim D (or D/2: the table repeated)"))
+
+# --------------------------------------------------------------------------- per-head linear
+
+
+def _infer_linear_heads(ts: list[TensorType], a: A) -> list[TensorType]:
+    x, w = ts
+    if x.rank < 2 or w.rank != 3 or x.dtype not in FLOAT_DTYPES or w.dtype not in FLOAT_DTYPES \
+            or not same_dim(x.shape[-2], w.shape[0]) or not same_dim(x.shape[-1], w.shape[2]):
+        raise IRError(f"core.linear_heads: want x [..., H, K] and w [H, N, K], got {x}, {w}")
+    return [TensorType(x.shape[:-1] + (w.shape[1],), x.dtype)]
+
+
+def linear_heads_ref(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.einsum("...hk,hnk->...hn", _f(x).astype(np.float64),
+                     w.astype(np.float64)).astype(x.dtype)
+
+
+register_op(OpDef("core.linear_heads", (2, 2), _infer_linear_heads,
+                  lambda xs, a: [linear_heads_ref(*xs)],
+                  doc="a linear map per head: x [..., H, K], w [H, N, K] -> [..., H, N] "
+                      "(multi-head latent attention's absorbed projections)"))

@@ -154,3 +154,21 @@ def test_rope_kernel(xs, cs):
         y = tvm.runtime.tensor(np.full(xshape, 7.0, np.float32), tvm.cpu())
         ex[k.name](_t(x), _t(c), _t(s), y)
         np.testing.assert_allclose(y.numpy(), rope_ref(x, c, s), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lead,h,n,k", [((1, "T"), 4, 12, 8), (("T",), 3, 40, 16),
+                                         ((1, "T"), 2, 64, 20)])
+def test_linear_heads_kernel(lead, h, n, k):
+    from moec.codegen.kernels.nn import linear_heads
+    from moec.ir.nn_ops import linear_heads_ref
+
+    kern = linear_heads(lead, h, n, k)
+    ex = _build(kern)
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((h, n, k)).astype(np.float32)
+    for t in (0, 1, 5):
+        sh = tuple(t if d == "T" else d for d in lead)
+        x = rng.standard_normal((*sh, h, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((*sh, h, n), 7.0, np.float32), tvm.cpu())
+        ex[kern.name](_t(x), _t(kern.arg_transforms[1](w)), y)
+        _check(y.numpy(), linear_heads_ref(x, w))

@@ -47,3 +47,20 @@ def test_rope_emulated(tmp_path, dtype):
             want = rope_ref(x.astype(np.float32), c.astype(np.float32), s.astype(np.float32))
             np.testing.assert_allclose(got.astype(np.float32), want, rtol=TOL[dtype],
                                        atol=TOL[dtype])
+
+
+def test_linear_heads_definition_and_emulated(tmp_path):
+    from moec.ir.nn_ops import linear_heads_ref
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 12, 8)).astype(np.float32)
+    k = R.linear_heads((1, "T"), 4, 12, 8)
+    em = emulate([k], tmp_path)
+    for t in (0, 1, 5):
+        x = rng.standard_normal((1, t, 4, 8)).astype(np.float32)
+        (got,) = cpu_run(R.define_linear_heads((1, "T"), 4, 12, 8), [x, w],
+                         [((1, t, 4, 12), "float32")])
+        np.testing.assert_allclose(got, linear_heads_ref(x, w), rtol=2e-5, atol=2e-5)
+        out = np.zeros((1, t, 4, 12), np.float32)
+        em[k.name](x, w, out)
+        np.testing.assert_allclose(out, linear_heads_ref(x, w), rtol=2e-5, atol=2e-5)

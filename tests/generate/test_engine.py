@@ -175,3 +175,16 @@ def test_engine_steps_pick_the_decode_entry_point(lm):
     eng.run_until_done(reqs)
     # one prefill step for the three prompts, then 4 decode steps
     assert eng.stats["steps"] == 5 and eng.stats["decode_steps"] == 4
+
+
+def test_mla_caches_the_latents(tmp_path):
+    """DeepSeek-V3: the cache holds the compressed latent and the rope key (one kv head of
+    kv_lora_rank + rope dims; values kv_lora_rank), not H expanded heads."""
+    from conftest import compile_family
+
+    m, path = compile_family("deepseek_v3", tmp_path)
+    g = moec.load(path).step_model.geometry
+    cfg = m.config
+    assert (g.kv_heads, g.k_dim, g.v_dim) == (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                              cfg.kv_lora_rank)
+    assert "core.linear_heads" in (path / "model.ir").read_text()

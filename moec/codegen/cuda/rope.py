@@ -49,3 +49,63 @@ def rope(x_shape: Sequence[Dim], c_shape: Sequence[Dim], dtype: str = "float32")
     name = f"rope_{dtype}"
     return Kernel(finalize(schedule_injective(define_rope(x_shape, c_shape, dtype)), name),
                   name, {})
+
+
+def define_linear_heads(lead: Sequence[Dim], H: int, N: int, K: int,
+                        dtype: str = "float32") -> tirx.PrimFunc:
+    """Unscheduled te definition of `linear_heads` (float32 accumulation)."""
+    check_dtype(dtype)
+    sh = Shapes()
+    ls = sh.shape(lead)
+    x = te.placeholder((*ls, H, K), dtype, name="x")
+    w = te.placeholder((H, N, K), dtype, name="w")
+    k = te.reduce_axis((0, K), name="k")
+    acc = te.compute((*ls, H, N), lambda *i: te.sum(
+        f32(x(*i[:-1], k)) * f32(w(i[-2], i[-1], k)), axis=k), name="acc")
+    y = te.compute(acc.shape, lambda *i: cast(acc(*i), dtype), name="y")
+    return te.create_prim_func([x, w, y])
+
+
+def linear_heads(lead: Sequence[Dim], H: int, N: int, K: int, dtype: str = "float32",
+                 w_dtype: str | None = None) -> Kernel:
+    """`y[..., h, :] = w[h] @ x[..., h, :]`: one output per thread, K in a loop, float32
+    accumulation (the absorbed MLA projections: small next to the rest of a layer).
+    Args `(x [*lead, H, K], w [H, N, K], y [*lead, H, N])`."""
+    from tvm.script import tirx as T
+
+    from moec.codegen.cuda.elementwise import THREADS
+
+    check_dtype(dtype)
+    if w_dtype not in (None, dtype):
+        raise CodegenError(f"linear_heads: {w_dtype} weights with {dtype} activations")
+    sh = Shapes()
+    ls = sh.shape(lead)
+    rows = 1
+    for d in ls:
+        rows = rows * d
+    total = rows * (H * N)
+    blocks = (total + (THREADS - 1)) // THREADS
+
+    @T.prim_func
+    def func(x: T.handle, w: T.handle, y: T.handle):
+        X = T.match_buffer(x, [*ls, H, K], dtype)
+        W = T.match_buffer(w, (H, N, K), dtype)
+        Y = T.match_buffer(y, [*ls, H, N], dtype)
+        Xf = T.decl_buffer((rows * H * K,), dtype, data=X.data)
+        Yf = T.decl_buffer((total,), dtype, data=Y.data)
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                acc = T.alloc_buffer((1,), "float32", scope="local")
+                i: T.let = bx * THREADS + tx
+                if i < total:
+                    rh: T.let = i // N
+                    h: T.let = rh % H
+                    n: T.let = i % N
+                    acc[0] = T.float32(0)
+                    for k in range(K):
+                        acc[0] = acc[0] + T.Cast("float32", Xf[rh * K + k]) * T.Cast(
+                            "float32", W[h, n, k])
+                    Yf[i] = T.Cast(dtype, acc[0])
+
+    name = f"linear_heads_{dtype}"
+    return Kernel(finalize(func, name), name, {})

@@ -342,3 +342,54 @@ def rope(x_shape: Shape, c_shape: Shape, dtype: str = "float32") -> Kernel:
                 Yf[xo + h + j] = Xf[xo + h + j] * Cf[co + h2 + j] + Xf[xo + j] * Sf[co + h2 + j]
 
     return finish(func, name)
+
+
+def linear_heads(lead: Shape, H: int, N: int, K: int, dtype: str = "float32",
+                 w_dtype: str | None = None) -> Kernel:
+    """`y[..., h, :] = w[h] @ x[..., h, :]` (core.linear_heads). Kernel args: `(x [*lead, H, K],
+    w_packed [H, NP, K, C], y [*lead, H, N])`; `arg_transforms[1]` packs w [H, N, K] into
+    panels of C = 4 SIMD vectors of columns (zero-padded). A task is (row, head, panel): C
+    accumulators in registers over K, the panel one contiguous stream (memory-bound at
+    decode)."""
+    from moec.codegen.kernels.base import check_weight_dtype
+    from moec.codegen.kernels.linear import pack_nk
+
+    check_dtype("linear_heads", dtype)
+    w_dtype = check_weight_dtype("linear_heads", dtype, w_dtype)
+    c = 4 * vector_lanes(dtype)
+    npan = -(-N // c)
+    full = N // c  # panels with all C columns inside N
+    dims = Dims()
+    ls = dims.shape(lead)
+    rows = prod(ls)
+    name = kernel_name("linear_heads", dtype, *lead, H, N, K,
+                       f"w{w_dtype}" if w_dtype != dtype else "")
+
+    def wide(v):
+        return v if w_dtype == dtype else T.Cast(dtype, v)
+
+    @T.prim_func
+    def func(x: T.handle, w: T.handle, y: T.handle):
+        X = T.match_buffer(x, [*ls, H, K], dtype)
+        W = T.match_buffer(w, (H, npan, K, c), w_dtype)
+        Y = T.match_buffer(y, [*ls, H, N], dtype)
+        Xf = T.decl_buffer((rows * H * K,), dtype, data=X.data)
+        Yf = T.decl_buffer((rows * H * N,), dtype, data=Y.data)
+        for task in T.parallel(rows * H * npan):
+            p: T.let = task % npan
+            rh: T.let = task // npan
+            h: T.let = rh % H
+            acc = T.alloc_buffer((c,), "float32")
+            for n in T.vectorized(c):
+                acc[n] = T.float32(0)
+            for k in range(K):
+                for n in T.vectorized(c):
+                    acc[n] = acc[n] + Xf[rh * K + k] * wide(W[h, p, k, n])
+            if p < full:
+                for n in T.vectorized(c):
+                    Yf[rh * N + p * c + n] = acc[n]
+            else:
+                for n in range(N - full * c):
+                    Yf[rh * N + p * c + n] = acc[n]
+
+    return finish(func, name, arg_transforms={1: lambda w: pack_nk(w, c)})
