@@ -281,6 +281,8 @@ class Engine:
             self.caches, ids=np.concatenate(ids), positions=np.concatenate(pos),
             q_start=q_start, q_len=q_len, kv_len=kv_len, block_table=table,
             slots=np.concatenate(slots), logits_rows=rows or [0], decode=decode)
+        if logits.dtype != np.float32:  # half models: sample from float32
+            logits = logits.astype(np.float32)
         self.stats["steps"] += 1
         self.stats["decode_steps"] += decode
         for req, n in plan:

@@ -113,7 +113,7 @@ class StepModel(CompiledModel):
              block_table: np.ndarray, slots: np.ndarray, logits_rows: np.ndarray,
              decode: bool | None = None) -> np.ndarray:
         """Run one generation step (moec/ir/kv_ops.py) and return the logits of
-        `logits_rows` as float32 `[R, vocab]`. The caches are updated in place.
+        `logits_rows`, `[R, vocab]` in the model's dtype. The caches are updated in place.
 
         `decode=None` picks the decode entry point when every sequence has one new token."""
         g = self.geometry
@@ -140,9 +140,7 @@ class StepModel(CompiledModel):
                 out = fn(*args, *self._weights)
             except Exception as e:  # TVM raises ValueError, RuntimeError, tvm.error.*
                 raise _call_error(self._path, e) from None
-        logits = out[0].numpy()
-        if logits.dtype != np.float32:
-            logits = logits.astype(np.float32)
+        logits = out[0].numpy()  # the model's dtype (bfloat16 through ml_dtypes)
         if logits.shape != (len(rows), g.vocab_size):
             raise ExecutionError(f"the step returned logits {logits.shape}, expected "
                                  f"{(len(rows), g.vocab_size)}")
@@ -200,7 +198,9 @@ class StepModel(CompiledModel):
                              f"{ids.shape}")
         g = self.geometry
         t = len(ids)
-        logits = np.zeros((t, g.vocab_size), np.float32)
+        from moec.runtime.inputs import numpy_dtype  # noqa: PLC0415
+
+        logits = np.zeros((t, g.vocab_size), numpy_dtype(self.signature.outputs[0].dtype))
         if t:
             # one sequence on a temporary cache, in steps of at most max_step_tokens tokens
             nblk = -(-t // g.block_size)

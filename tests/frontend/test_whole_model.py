@@ -88,11 +88,27 @@ def test_logits_match_transformers(compiled, n):
 
 
 def test_artifact_ir_has_fused_attention(compiled):
+    """A checkpoint folder compiles to the generation step: paged attention per layer."""
     _, model, path = compiled
     ir = (path / "model.ir").read_text()
     layers = model.config.num_hidden_layers
-    assert ir.count("core.attention(") == layers
+    assert ir.count("core.paged_attention(") == layers
     assert "core.embedding(" in ir
+
+
+def test_no_generate_compiles_the_plain_forward(tmp_path):
+    """generate=False: ids [T] -> logits [T, vocab] without a cache, one core.attention per
+    layer, and the same logits."""
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_config("qwen3_moe")), 0)
+    model.save_pretrained(tmp_path / "ckpt")
+    art = moec.compile(str(tmp_path / "ckpt"), max_tokens=MAX_TOKENS, generate=False)
+    assert art.ir_text.count("core.attention(") == model.config.num_hidden_layers
+    assert "generation" not in art.meta
+    ids = np.random.default_rng(3).integers(0, V, 9).astype(np.int64)
+    got = art.load_model()(ids)
+    want = _logits(model, ids)
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
 
 
 def test_run_tokens_prints_top(compiled, capsys):
