@@ -44,7 +44,9 @@ def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
 
 def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
          weights: str = "copy", kv_cache: str | int | None = None,
-         max_batch: int | None = None, max_seq_len: int | None = None) -> Any:
+         max_batch: int | None = None, max_seq_len: int | None = None,
+         expert_budget: str | int | None = None, expert_policy: str = "lru",
+         prefetch: bool = True) -> Any:
     """Load a saved artifact; returns a callable CompiledModel, or for a generation artifact
     (a causal LM compiled from a checkpoint folder) a `moec.engine.LanguageModel`, which also
     generates: `model.generate(prompts, max_new_tokens=..., temperature=...)`, `model.stream`,
@@ -58,10 +60,16 @@ def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
     moec.runtime.load).
     kv_cache, max_batch, max_seq_len (generation artifacts): the KV cache size ("2GB", or
     bytes), the most sequences generated at once, and the longest sequence; chosen here, not
-    when compiling (see moec.engine.Engine for the defaults)."""
+    when compiling (see moec.engine.Engine for the defaults).
+    expert_budget, expert_policy, prefetch (generation artifacts, CPU): run with at most
+    `expert_budget` bytes of routed experts in memory ("3GB"), the rest read from the artifact
+    as layers route to them (moec.runtime.expert_cache: "lru" or "lfu", prefetch by
+    pre-gating); the tokens are bitwise those of the fully resident model."""
     from moec.runtime import load as _load
 
-    model = _load(path, device=device, ep_group=ep_group, weights=weights)
+    extra = {} if expert_budget is None else {
+        "expert_budget": expert_budget, "expert_policy": expert_policy, "prefetch": prefetch}
+    model = _load(path, device=device, ep_group=ep_group, weights=weights, **extra)
     from moec.runtime.step import StepModel
 
     if isinstance(model, StepModel):

@@ -125,6 +125,10 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
 
         bits, group_size = parse_mode(quantize)
         pass_list.append(QuantizeExperts(bits=bits, group_size=group_size))
+    if gen_meta is not None:
+        from moec.passes.offload_experts import OffloadExperts
+
+        pass_list.append(OffloadExperts())  # the expert cache's hook (identity when resident)
     if tgt.get("kind") == "llvm" and not any(isinstance(p, WidenActivations) for p in pass_list) \
             and has_half_compute(graph):
         # the CPU kernels compute in float32 and widen half GEMM weights as they read them
@@ -149,8 +153,15 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
 
         built, ep_plan = build_ep(graph, tgt)
     else:
-        functions = (("main", False), ("decode", True)) if gen_meta else (("main", False),)
+        functions = (("main", False), ("decode", True), ("main_offload", False, True),
+                     ("decode_offload", True, True)) if gen_meta else (("main", False),)
         built = build(graph, tgt, tiles=tiles, functions=functions)
+        if gen_meta is not None and built.experts:
+            from moec.codegen.offload import offload_meta, router_file
+            from moec.runtime.expert_cache import ROUTERS
+
+            gen_meta = {**gen_meta, "offload": offload_meta(built.experts, graph)}
+            extra_files = {**extra_files, ROUTERS: router_file(graph)}
     art = Artifact(
         executable=built.executable,
         weights=built.weights,

@@ -25,6 +25,7 @@ class Built:
     signature: dict[str, Any]
     target_info: dict[str, Any]
     kernels: list[str]
+    experts: dict[int, dict[str, Any]] | None = None  # Lowered.experts
 
 
 def signature(graph: Graph) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def signature(graph: Graph) -> dict[str, Any]:
 
 def build(graph: Graph, target: dict[str, Any],
           tiles: dict[tuple, tuple[int, int]] | None = None,
-          functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Built:
+          functions: tuple[tuple, ...] = (("main", False),)) -> Built:
     """`tiles`: tuned grouped-GEMM micro-kernel tiles (CPU; moec.codegen.tune). `functions`:
     the Relax functions to make from the graph (moec.codegen.lower.lower); a generation step
     has `main` and `decode`."""
@@ -59,11 +60,11 @@ def build(graph: Graph, target: dict[str, Any],
     # the CPU features the code needs are derived from mcpu when the Artifact is made
     info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic"))}
     return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
-                 info, lowered.kernels)
+                 info, lowered.kernels, lowered.experts)
 
 
 def _build_cuda(graph: Graph, arch: str,
-                functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Built:
+                functions: tuple[tuple, ...] = (("main", False),)) -> Built:
     """CUDA kernels from moec.codegen.cuda, compiled by the local nvcc into a fatbin embedded in
     the library (no GPU and no compiler needed at load)."""
     from moec.codegen import cuda
@@ -78,4 +79,4 @@ def _build_cuda(graph: Graph, arch: str,
         raise CodegenError(f"TVM/nvcc failed to build the CUDA kernels for {arch}: "
                            f"{str(e).splitlines()[0]}") from e
     return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
-                 {"kind": "cuda", "arch": arch}, lowered.kernels)
+                 {"kind": "cuda", "arch": arch}, lowered.kernels, lowered.experts)

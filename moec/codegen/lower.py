@@ -45,6 +45,8 @@ class Lowered:
     param_names: list[str]
     params: dict[str, np.ndarray | None]
     kernels: list[str] = field(default_factory=list)
+    # layer -> {"num_experts", "k", "params": weights holding that layer's routed experts}
+    experts: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def _shape_key(shape: tuple[DimLike, ...]) -> tuple[int | str, ...]:
@@ -78,6 +80,9 @@ class _Lowerer:
         # the function being lowered is the decode entry point of a generation step (every
         # sequence has one query token): core.paged_attention takes its decode kernel
         self.decode = False
+        # ... or an offload entry point: moe.expert_fetch calls the runtime's expert cache
+        self.offload = False
+        self.experts: dict[int, dict[str, Any]] = {}  # layer -> its routed experts' weights
 
     # ---------------------------------------------------------------- helpers
     def dim(self, d: DimLike) -> tirx.PrimExpr | int:
@@ -154,7 +159,7 @@ class _Lowerer:
             return self.weight(v.name, self.g.param_data.get(v.name), v)
         return self.vals[v]
 
-    def call(self, node: Node, key: tuple, build: Callable[[], K.Kernel]) -> None:
+    def call(self, node: Node, key: tuple, build: Callable[[], K.Kernel]) -> K.Kernel:
         kern, gv = self.kernel(key, build)
         outs = [self.sinfo(r) for r in node.results]
         res = self.bb.emit(relax.call_tir(gv, self.args(node, kern),
@@ -164,6 +169,37 @@ class _Lowerer:
         else:
             for i, r in enumerate(node.results):
                 self.vals[r] = self.bb.emit(relax.TupleGetItem(res, i))
+        return kern
+
+    def lower_fetch(self, n: Node) -> None:
+        """moe.expert_fetch: nothing in a fully resident function; in an offload function a
+        call of the runtime's expert cache (moec.runtime.expert_cache), which returns the ids
+        once the experts they name are resident."""
+        ids, x = n.operands
+        if not self.offload:
+            self.vals[n.result] = self.value(ids)
+            return
+        self.vals[n.result] = self.bb.emit(relax.call_pure_packed(
+            "moec.expert_fetch", relax.prim_value(tirx.IntImm("int64", n.attrs["layer"])),
+            self.value(ids), self.value(x), ty_args=self.sinfo(n.result)))
+
+    def note_experts(self, n: Node, kern: K.Kernel) -> None:
+        """Record the weights of an expert GEMM whose experts a moe.expert_fetch names (the
+        expert cache loads them expert by expert: leading dim = the layer's experts)."""
+        align = next((v.producer for v in n.operands if v.producer is not None
+                      and v.producer.op == "moe.align"), None)
+        fetch = align.operands[0].producer if align is not None else None
+        if fetch is None or fetch.op != "moe.expert_fetch":
+            return
+        e = fetch.attrs["num_experts"]
+        entry = self.experts.setdefault(fetch.attrs["layer"], {
+            "num_experts": e, "k": fetch.operands[0].shape[1], "params": []})
+        for i, v in enumerate(n.operands):
+            if v.kind != "param" or v.type.rank < 2 or v.type.shape[0] != e:
+                continue
+            name = f"{v.name}@{kern.name}.{i}" if i in kern.arg_transforms else v.name
+            if name not in entry["params"]:
+                entry["params"].append(name)
 
     # ---------------------------------------------------------------- per op
     def lower_node(self, n: Node) -> None:
@@ -245,12 +281,16 @@ class _Lowerer:
                 (e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"]))
             extra = {"tiles": tiles} if tiles else {}
             extra.update(self.weight_dtype(dt, w))
-            self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                          a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
-                          extra.get("w_dtype")),
-                      lambda: self.K.grouped_matmul(
-                          e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
-                          dt, bias=a["bias"], alpha=a["alpha"], limit=a["limit"], **extra))
+            kern = self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
+                                 a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
+                                 extra.get("w_dtype")),
+                             lambda: self.K.grouped_matmul(
+                                 e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
+                                 a["activation"], dt, bias=a["bias"], alpha=a["alpha"],
+                                 limit=a["limit"], **extra))
+            self.note_experts(n, kern)
+        elif op == "moe.expert_fetch":
+            self.lower_fetch(n)
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
             self.call(n, (op, dt, h, k), lambda: self.K.combine(h, k, dt))
@@ -282,10 +322,11 @@ class _Lowerer:
         e, nn = ins[1].shape[0], ins[1].shape[1]
         kk2 = ins[0].shape[1]
         key = tuple(sorted(a.items()))
-        self.call(n, (n.op, dt, e, nn, kk2, key), lambda: self.K.grouped_matmul_quant(
+        kern = self.call(n, (n.op, dt, e, nn, kk2, key), lambda: self.K.grouped_matmul_quant(
             e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
             bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
             alpha=a["alpha"], limit=a["limit"]))
+        self.note_experts(n, kern)
 
     def lower_linear(self, n: Node, dt: str) -> None:
         x, w = n.operands[0].type, n.operands[1].type
@@ -309,10 +350,10 @@ class _Lowerer:
         return {} if wdt == dt else {"w_dtype": wdt}
 
     # ---------------------------------------------------------------- whole graph
-    def function(self, fname: str, decode: bool = False) -> list[str]:
+    def function(self, fname: str, decode: bool = False, offload: bool = False) -> list[str]:
         """Lower the graph into the Relax function `fname` (inputs, then weights); returns the
         weight names in parameter order."""
-        self.decode = decode
+        self.decode, self.offload = decode, offload
         self.vals, self.weight_vars = {}, {}
         self.syms = {name: tirx.Var(name, "int64") for name in self.g.dims}
         inputs = [relax.Var(v.name, self.sinfo(v)) for v in self.g.inputs]
@@ -331,10 +372,10 @@ class _Lowerer:
             self.bb.emit_func_output(outs, params=params)
         return list(self.weight_vars)
 
-    def run(self, functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Lowered:
+    def run(self, functions: tuple[tuple, ...] = (("main", False),)) -> Lowered:
         names: list[str] | None = None
-        for fname, decode in functions:
-            got = self.function(fname, decode)
+        for fname, *flags in functions:
+            got = self.function(fname, *flags)
             if names is not None and got != names:
                 raise CodegenError(f"internal: function {fname} takes other weights than "
                                    f"{functions[0][0]}")
@@ -342,15 +383,17 @@ class _Lowerer:
         mod = self.bb.get()
         assert names is not None
         return Lowered(mod, names, {n: self.weights[n] for n in names},
-                       [gv.name_hint for _, gv in self.kernel_cache.values()])
+                       [gv.name_hint for _, gv in self.kernel_cache.values()],
+                       dict(sorted(self.experts.items())))
 
 
 def lower(graph: Graph, library: Any = None,
           tiles: Mapping[tuple, tuple[int, int]] | None = None,
-          functions: tuple[tuple[str, bool], ...] = (("main", False),)) -> Lowered:
+          functions: tuple[tuple, ...] = (("main", False),)) -> Lowered:
     """Lower a graph whose ops all have kernels (run the pipeline first) to a Relax module.
     `tiles`: tuned micro-kernel tiles of CPU grouped GEMMs (moec.codegen.tune).
-    `functions`: (name, decode) of each Relax function to make from the graph, all taking the
-    same inputs and weights; `decode` lowers core.paged_attention with its decode kernel (a
-    generation step where every sequence has one new token)."""
+    `functions`: (name, decode[, offload]) of each Relax function to make from the graph, all
+    taking the same inputs and weights; `decode` lowers core.paged_attention with its decode
+    kernel (a generation step where every sequence has one new token), `offload` lowers
+    moe.expert_fetch to a call of the runtime's expert cache."""
     return _Lowerer(graph, library, tiles).run(functions)

@@ -108,6 +108,13 @@ class Engine:
             raise InputError(f"kv_cache={kv_cache!r} is smaller than one KV block "
                              f"({per_block} bytes: {g.layers} layers, {g.block_size} tokens)")
         self.model, self.geometry, self.tokenizer = model, g, tokenizer
+        # with experts under a budget, a step carries no more tokens than the cache can hold
+        # the experts of (moec.runtime.expert_cache.ExpertCache.max_step_tokens)
+        cache = getattr(model, "expert_cache", None)
+        cap = cache.max_step_tokens() if cache is not None else None
+        self.step_tokens = g.max_step_tokens if cap is None else min(g.max_step_tokens, cap)
+        if cap is not None:
+            max_batch = min(max_batch, cap)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.pool = KVPool(int(num_blocks), g.block_size)
         self.caches = model.new_caches(int(num_blocks))
@@ -193,7 +200,7 @@ class Engine:
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """(request, tokens to feed) of this step, in row order."""
-        budget = self.geometry.max_step_tokens
+        budget = self.step_tokens
         plan: list[tuple[Request, int]] = []
         # 1. decode rows (and partly prefilled prompts continue below)
         for req in list(self.running):

@@ -485,3 +485,24 @@ register_op(OpDef("moe.combine", (3, 3), _infer_combine, _ref_combine,
 
 
 from moec.ir import quant_ops  # noqa: E402, F401  (moe.grouped_matmul_q, built on the above)
+
+
+# --------------------------------------------------------------------------- expert offload
+
+
+def _infer_fetch(ts: list[TensorType], a: A) -> list[TensorType]:
+    ids, x = ts
+    _check(ids.rank == 2 and ids.dtype == "i32" and x.rank == 2 and
+           same_dim(ids.shape[0], x.shape[0]),
+           f"moe.expert_fetch: want ids i32[T, k] and x [T, H], got {ids}, {x}")
+    _check(a["layer"] >= 0 and a["num_experts"] >= 1,
+           "moe.expert_fetch: layer >= 0 and num_experts >= 1")
+    return [ids]
+
+
+register_op(OpDef(
+    "moe.expert_fetch", (2, 2), _infer_fetch, lambda xs, a: [xs[0].copy()],
+    attrs={"layer": REQUIRED, "num_experts": REQUIRED},
+    doc="the routed ids, unchanged, once the experts they name are resident: a hook where a "
+        "runtime with an expert cache (moec.runtime.expert_cache) loads missing experts and "
+        "predicts the next layer's from x; the identity everywhere else"))

@@ -5,6 +5,7 @@ from moec.passes import (  # noqa: F401
     fuse_combine,
     fuse_gating,
     fuse_rope,
+    offload_experts,
     prune_experts,
     quantize_experts,
     reorder_dispatch,

@@ -174,6 +174,9 @@ def load(
     check_hashes: bool = True,
     ep_group: Any = None,
     weights: str = "copy",
+    expert_budget: str | int | None = None,
+    expert_policy: str = "lru",
+    prefetch: bool = True,
 ) -> CompiledModel:
     """Load an artifact folder (`NAME.moec/`) and return a callable `CompiledModel`.
 
@@ -199,6 +202,11 @@ def load(
     always copied to the device; with `ep_group` they are always mapped (ranks on one host
     share the file's pages).
 
+    `expert_budget` (generation artifacts, CPU): keep the routed experts in the weights file
+    and at most this many bytes of them in memory ("3GB", or bytes), loaded as layers route to
+    them (moec.runtime.expert_cache; `expert_policy` "lru" or "lfu", `prefetch` by
+    pre-gating). The outputs are bitwise those of the fully resident model.
+
     Raises ArtifactError for a damaged or foreign artifact, InputError for a bad `device` or
     `weights`."""
     if weights not in WEIGHT_MODES:
@@ -209,8 +217,15 @@ def load(
         return load_ep(path, ep_group, device, check_hashes=check_hashes)
     root = as_path(path)
     kind, index = _parse_device(device)
+    offload = None
+    if expert_budget is not None:
+        from moec.engine.kv_pool import parse_bytes  # noqa: PLC0415
+
+        if kind != "cpu":
+            raise InputError("expert_budget (expert offload) runs on CPUs only for now")
+        offload = (parse_bytes(expert_budget), expert_policy, bool(prefetch))
     if archive.is_archive(root):
-        return _load_archive(root, device, check_hashes, weights)
+        return _load_archive(root, device, check_hashes, weights, offload)
     manifest = verify(root, check_host=False, check_hashes=check_hashes)
     for spec in (*manifest.signature.inputs, *manifest.signature.outputs):
         if not _known_dtype(spec.dtype):
@@ -233,6 +248,12 @@ def load(
     dev = tvm.cpu(index) if kind == "cpu" else tvm.cuda(index)
     if not dev.exist:
         raise ArtifactError(f"the artifact needs device {kind}:{index}, which this host lacks")
+    gen = manifest.meta.get("generation")
+    if isinstance(gen, dict) and gen.get("offload"):
+        # the offload entry points call it; the VM resolves it when it is made
+        from moec.runtime.expert_cache import register_fetch  # noqa: PLC0415
+
+        register_fetch()
     try:
         lib = tvm.runtime.load_module(str(root / KERNELS))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
@@ -247,15 +268,26 @@ def load(
             f"{len(manifest.signature.inputs)} input(s) and {len(manifest.params)} weight(s); "
             f"the manifest and the kernels disagree: the artifact was edited or damaged"
         )
+    cache = None
     try:
-        params = _load_weights(root / WEIGHTS, manifest, dev, copy=weights == "copy")
+        if offload is not None:
+            from moec.runtime.expert_cache import load_offloaded  # noqa: PLC0415
+
+            params, cache = load_offloaded(root / WEIGHTS, manifest, dev, *offload)
+        else:
+            params = _load_weights(root / WEIGHTS, manifest, dev, copy=weights == "copy")
+    except (InputError, ArtifactError):
+        raise
     except Exception as e:  # safetensors' SafetensorError, OSError, TVM allocation errors
         raise ArtifactError(f"{WEIGHTS} in {root} could not be loaded: {e}") from None
+    if offload is not None and not isinstance(manifest.meta.get("generation"), dict):
+        raise InputError("expert_budget applies to generation artifacts (causal LMs compiled "
+                         "from a checkpoint folder)")
     if isinstance(manifest.meta.get("generation"), dict):  # a causal LM: main + decode
         from moec.runtime.step import StepModel  # noqa: PLC0415
 
         try:
-            return StepModel(root, manifest, vm, params, dev)
+            return StepModel(root, manifest, vm, params, dev, expert_cache=cache)
         except (KeyError, AttributeError, RuntimeError) as e:
             raise ArtifactError(f"{KERNELS} in {root}: the generation entry points could not "
                                 f"be loaded ({e}); recompile the model") from None
@@ -273,11 +305,14 @@ def _known_dtype(name: str) -> bool:
     return plain and dt.name == name
 
 
-def _load_archive(path: Path, device: Any, check_hashes: bool, weights: str) -> CompiledModel:
+def _load_archive(path: Path, device: Any, check_hashes: bool, weights: str,
+                  offload: tuple | None = None) -> CompiledModel:
     tmp = tempfile.mkdtemp(prefix="moec-")
     try:
+        extra = {} if offload is None else dict(zip(
+            ("expert_budget", "expert_policy", "prefetch"), offload, strict=True))
         model = load(archive.unpack(path, tmp), device, check_hashes=check_hashes,
-                     weights=weights)
+                     weights=weights, **extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

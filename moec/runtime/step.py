@@ -18,6 +18,7 @@ pool or a slot past a sequence's blocks would make the kernels read or write out
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +79,15 @@ class KVCaches:
 class StepModel(CompiledModel):
     """A generation artifact, loaded (see the module doc). Construct with `moec.runtime.load`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, expert_cache: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._decode = self._vm["decode"]
+        self.expert_cache = expert_cache
+        if expert_cache is not None:  # experts under a budget: the offload entry points
+            self._main = self._vm["main_offload"]
+            self._decode = self._vm["decode_offload"]
+            weakref.finalize(self, expert_cache.close)
+        else:
+            self._decode = self._vm["decode"]
         sig = self._manifest.signature
         self.geometry = Geometry.from_meta(self._manifest.meta["generation"],
                                            sig.inputs[2].dtype)
@@ -135,11 +142,21 @@ class StepModel(CompiledModel):
         args += [caches.k, caches.v]
         args += [tvm.runtime.tensor(a, dev) for a in (q_start, q_len, kv_len, table, slots, rows)]
         fn = self._decode if decode else self._main
+        from moec.runtime.expert_cache import current  # noqa: PLC0415
+
         with self._lock:
+            current.cache = self.expert_cache
+            current.error = None
             try:
                 out = fn(*args, *self._weights)
             except Exception as e:  # TVM raises ValueError, RuntimeError, tvm.error.*
+                if current.error is not None:  # the expert cache's own error, not the VM's
+                    raise current.error from None
                 raise _call_error(self._path, e) from None
+            finally:
+                current.cache = None
+                if self.expert_cache is not None:
+                    self.expert_cache.release()
         logits = out[0].numpy()  # the model's dtype (bfloat16 through ml_dtypes)
         if logits.shape != (len(rows), g.vocab_size):
             raise ExecutionError(f"the step returned logits {logits.shape}, expected "
@@ -206,8 +223,10 @@ class StepModel(CompiledModel):
             nblk = -(-t // g.block_size)
             caches = self.new_caches(nblk)
             table = np.arange(nblk)[None]
-            for lo in range(0, t, g.max_step_tokens):
-                hi = min(t, lo + g.max_step_tokens)
+            cap = self.expert_cache.max_step_tokens() if self.expert_cache is not None else None
+            size = g.max_step_tokens if cap is None else min(cap, g.max_step_tokens)
+            for lo in range(0, t, size):
+                hi = min(t, lo + size)
                 pos = np.arange(lo, hi)
                 logits[lo:hi] = self.step(
                     caches, ids=ids[lo:hi], positions=pos, q_start=[0], q_len=[hi - lo],

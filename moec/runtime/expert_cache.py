@@ -1,0 +1,445 @@
+"""Expert offload: run a generation artifact whose routed experts do not all fit in memory.
+
+    model = moec.load("m.moec", expert_budget="3GB")   # everything else stays resident
+
+How. The expert weights stay in the artifact's weights file; the kernels see them as views of a
+private (copy-on-write) mapping of it that nothing reads until an expert is *loaded*: its bytes
+are read with pread into its place in the mapping (the pages become the process's own) and the
+file's page-cache copy is dropped (posix_fadvise DONTNEED), so the memory the experts take is
+what the cache says it is, not hidden in the page cache. *Evicting* an expert discards its pages
+(madvise DONTNEED). The kernels are exactly the fully resident ones, reading the same bytes at
+the same addresses, so the outputs are bitwise equal whatever the budget.
+
+When. The generation step's offload entry points (`main_offload`, `decode_offload`) call back
+into `ExpertCache.fetch(layer, ids, x)` between each MoE layer's routing and its expert GEMMs
+(moe.expert_fetch, inserted by the offload-experts pass): the experts the layer's tokens chose
+are loaded if missing (a miss waits for its read), pinned while the layer runs, and the policy
+(LRU, or LFU with exponential aging) picks what to evict to stay under the budget.
+
+Prefetch by pre-gating (Pre-gated MoE, MoE-Infinity): at layer L's fetch, layer L+1's router is
+applied to layer L's input and the experts it predicts are read on a background thread while
+layer L computes; experts the previous tokens used stay cached by the policy. Stats: hits,
+misses, prefetch accuracy (predicted experts that the next layer used), bytes read, the time
+the model waited for reads and the time spent reading (their difference is the overlap).
+
+The budget must hold, for every layer, the experts one step can route to (at least top-k: one
+token); `max_step_tokens()` tells the engine how many tokens a step may carry so that it does.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.errors import ArtifactError, ExecutionError, InputError
+
+ROUTERS = "routers.safetensors"  # the artifact's raw routers (moec.codegen.offload)
+POLICIES = ("lru", "lfu")
+PAGE = mmap.PAGESIZE
+LFU_HALF_LIFE = 256.0  # layer fetches after which an expert's use count has halved
+
+
+@dataclass
+class _Expert:
+    layer: int
+    index: int
+    ranges: list[tuple[int, int]]  # (file offset, bytes) of each of its weight slices
+    nbytes: int
+    state: str = "out"  # out | loading | in
+    pinned: bool = False
+    last: float = 0.0  # LRU clock of the last use
+    freq: float = 0.0  # LFU: decayed use count at `freq_t`
+    freq_t: float = 0.0
+    prefetched: bool = False  # loaded by the prefetcher, not used yet
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0  # needed experts that the prefetcher had brought in
+    predicted: int = 0
+    predicted_used: int = 0
+    bytes_read: int = 0
+    loads: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class CacheStats:
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+    wait_s: float = 0.0  # the model waiting for experts to arrive
+    read_s: float = 0.0  # time spent reading experts (foreground and background)
+    evictions: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        tot = LayerStats()
+        for s in self.layers.values():
+            for f in tot.__dataclass_fields__:
+                setattr(tot, f, getattr(tot, f) + getattr(s, f))
+        need = tot.hits + tot.misses
+        return {
+            "hit_rate": tot.hits / need if need else None,
+            "prefetch_accuracy": tot.predicted_used / tot.predicted if tot.predicted else None,
+            "bytes_read": tot.bytes_read, "loads": tot.loads, "evictions": self.evictions,
+            "wait_s": self.wait_s, "read_s": self.read_s,
+            "overlap": 1 - self.wait_s / self.read_s if self.read_s else None,
+            "per_layer": {layer: {"hit_rate": s.hits / (s.hits + s.misses)
+                                  if s.hits + s.misses else None,
+                                  "prefetch_accuracy": s.predicted_used / s.predicted
+                                  if s.predicted else None,
+                                  "bytes_read": s.bytes_read,
+                                  "bytes_per_token": s.bytes_read / s.tokens if s.tokens
+                                  else None}
+                          for layer, s in sorted(self.layers.items())},
+        }
+
+
+class ExpertCache:
+    """The routed experts of one loaded generation artifact under a memory budget (module
+    doc). `views[name]` are the expert weights as views of the private mapping: hand them to
+    the kernels in place of the weights."""
+
+    def __init__(self, weights_path: Path, header: dict[str, Any], data_start: int,
+                 offload: dict[str, Any], budget: int, *, policy: str = "lru",
+                 prefetch: bool = True, routers: dict[str, np.ndarray] | None = None) -> None:
+        if policy not in POLICIES:
+            raise InputError(f"expert cache policy {policy!r}: want one of {POLICIES}")
+        self.path = Path(weights_path)
+        self.policy, self.budget = policy, int(budget)
+        self.layers: dict[int, dict[str, Any]] = {int(e["layer"]): e for e in offload["layers"]}
+        self.experts: dict[tuple[int, int], _Expert] = {}
+        self.expert_params: set[str] = set()
+        for layer, info in self.layers.items():
+            e_n = int(info["num_experts"])
+            slices = []
+            for name in info["params"]:
+                entry = header.get(name)
+                if entry is None:
+                    raise ArtifactError(f"{self.path.name}: no weight {name!r} for the experts "
+                                        f"of layer {layer}")
+                lo, hi = (data_start + int(o) for o in entry["data_offsets"])
+                if (hi - lo) % e_n:
+                    raise ArtifactError(f"{self.path.name}: weight {name!r} ({hi - lo} bytes) "
+                                        f"is not {e_n} equal experts")
+                slices.append((lo, (hi - lo) // e_n))
+                self.expert_params.add(name)
+            for e in range(e_n):
+                ranges = [(lo + e * n, n) for lo, n in slices]
+                self.experts[(layer, e)] = _Expert(layer, e, ranges, sum(n for _, n in ranges))
+        need = {layer: min(int(info["k"]), int(info["num_experts"])) * max(
+            self.experts[(layer, e)].nbytes for e in range(int(info["num_experts"])))
+            for layer, info in self.layers.items()}
+        self.min_budget = max(need.values(), default=0)
+        if self.budget < self.min_budget:
+            raise InputError(
+                f"expert_budget of {_fmt(self.budget)} cannot hold one layer's top-k experts "
+                f"({_fmt(self.min_budget)}); give at least that")
+        self.used = 0  # bytes of experts in or loading
+        self.clock = 0.0
+        self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
+        self._cv = threading.Condition()
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._buf = np.frombuffer(self._map, dtype=np.uint8)
+        self.routers = routers or {}
+        self._predicted: dict[int, set[int]] = {}
+        self._queue: deque[_Expert] = deque()
+        self._closed = False
+        self._thread = None
+        if prefetch:
+            self._thread = threading.Thread(target=self._prefetcher, daemon=True,
+                                            name="moec-expert-prefetch")
+            self._thread.start()
+
+    # ------------------------------------------------------------------ setup
+    def view(self, name: str, header: dict[str, Any], data_start: int) -> np.ndarray:
+        """The bytes of weight `name` in the private mapping (nothing is read)."""
+        lo, hi = (data_start + int(o) for o in header[name]["data_offsets"])
+        return self._buf[lo:hi]
+
+    def max_step_tokens(self) -> int | None:
+        """The most tokens a step may carry so that every layer's experts fit (None: any)."""
+        cap = None
+        for layer, info in self.layers.items():
+            size = max(self.experts[(layer, e)].nbytes for e in range(int(info["num_experts"])))
+            fit = self.budget // size
+            if fit >= int(info["num_experts"]):
+                continue
+            t = max(1, fit // int(info["k"]))
+            cap = t if cap is None else min(cap, t)
+        return cap
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ the hook
+    def fetch(self, layer: int, ids: np.ndarray, x: np.ndarray | None) -> None:
+        """Make the experts `ids` of `layer` resident and pinned (the previous layer's pins
+        are released); then queue the prediction for the next layer."""
+        needed = sorted({int(i) for i in np.unique(ids)})
+        st = self.stats.layers[layer]
+        st.tokens += int(ids.shape[0])
+        predicted = self._predicted.pop(layer, None)
+        if predicted:
+            st.predicted += len(predicted)
+            st.predicted_used += len(predicted & set(needed))
+        t0 = time.perf_counter()
+        with self._cv:
+            for ex in self.experts.values():
+                ex.pinned = False
+            self.clock += 1
+            missing = []
+            for e in needed:
+                ex = self.experts[(layer, e)]
+                ex.pinned = True
+                self._touch(ex)
+                if ex.state == "in":
+                    st.hits += 1
+                    if ex.prefetched:
+                        st.prefetch_hits += 1
+                else:
+                    st.misses += 1
+                    missing.append(ex)
+                ex.prefetched = False
+            to_read = []
+            for ex in missing:
+                if ex in self._queue:
+                    self._queue.remove(ex)
+                if ex.state == "out":
+                    # room may be held by reads in flight: wait for them to land, then evict
+                    while not self._room(ex.nbytes) and any(
+                            o.state == "loading" for o in self.experts.values()):
+                        self._cv.wait()
+                    self._make_room(ex.nbytes)
+                    ex.state = "loading"
+                    self.used += ex.nbytes
+                    to_read.append(ex)
+        for ex in to_read:  # the foreground reads, outside the lock
+            self._read(ex)
+        with self._cv:
+            while any(ex.state != "in" for ex in missing):  # ... and the prefetcher's
+                self._cv.wait()
+        if missing:
+            self.stats.wait_s += time.perf_counter() - t0
+        if x is not None and self._thread is not None:
+            self._prefetch_next(layer, x)
+
+    def release(self) -> None:
+        """Unpin everything (the end of a step)."""
+        with self._cv:
+            for ex in self.experts.values():
+                ex.pinned = False
+
+    # ------------------------------------------------------------------ policy
+    def _touch(self, ex: _Expert) -> None:
+        ex.last = self.clock
+        ex.freq = self._decayed(ex) + 1.0
+        ex.freq_t = self.clock
+
+    def _decayed(self, ex: _Expert) -> float:
+        return ex.freq * 0.5 ** ((self.clock - ex.freq_t) / LFU_HALF_LIFE)
+
+    def _score(self, ex: _Expert) -> float:
+        return ex.last if self.policy == "lru" else self._decayed(ex)
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether evicting resident, unpinned experts can make `nbytes` fit."""
+        free = self.budget - self.used + sum(ex.nbytes for ex in self.experts.values()
+                                             if ex.state == "in" and not ex.pinned)
+        return nbytes <= free
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict resident, unpinned experts (lowest score first) until `nbytes` fit."""
+        if self.used + nbytes <= self.budget:
+            return
+        victims = sorted((ex for ex in self.experts.values() if ex.state == "in"
+                          and not ex.pinned), key=self._score)
+        for ex in victims:
+            if self.used + nbytes <= self.budget:
+                break
+            self._evict(ex)
+        if self.used + nbytes > self.budget:
+            raise InputError(
+                f"the expert cache ({_fmt(self.budget)}) cannot hold the experts "
+                f"this step routes to at once; load with a larger expert_budget or run fewer "
+                f"tokens per step")
+
+    def _evict(self, ex: _Expert) -> None:
+        for off, n in ex.ranges:
+            lo = -(-off // PAGE) * PAGE  # only pages entirely inside the expert's bytes
+            hi = (off + n) // PAGE * PAGE
+            if hi > lo:
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        ex.state = "out"
+        ex.prefetched = False
+        self.used -= ex.nbytes
+        self.stats.evictions += 1
+
+    # ------------------------------------------------------------------ I/O
+    def _read(self, ex: _Expert) -> None:
+        t = time.perf_counter()
+        for off, n in ex.ranges:
+            dst = memoryview(self._map)[off:off + n]
+            got = 0
+            while got < n:
+                k = os.preadv(self._fd, [dst[got:]], off + got)
+                if k <= 0:
+                    raise ArtifactError(f"{self.path.name}: short read of expert {ex.index} "
+                                        f"of layer {ex.layer}")
+                got += k
+            try:  # the page cache's copy is not ours to keep: the budget is what we hold
+                os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+        dt = time.perf_counter() - t
+        with self._cv:
+            ex.state = "in"
+            st = self.stats.layers[ex.layer]
+            st.bytes_read += ex.nbytes
+            st.loads += 1
+            self.stats.read_s += dt
+            self._cv.notify_all()
+
+    def _prefetch_next(self, layer: int, x: np.ndarray) -> None:
+        nxt = layer + 1
+        w = self.routers.get(f"{nxt}.weight")
+        if nxt not in self.layers or w is None or not x.size:
+            return
+        logits = x.astype(np.float32, copy=False) @ w.T
+        if f"{nxt}.logit_bias" in self.routers:
+            logits = logits + self.routers[f"{nxt}.logit_bias"]
+        if f"{nxt}.select_bias" in self.routers:
+            logits = logits + self.routers[f"{nxt}.select_bias"]
+        k = int(self.layers[nxt]["k"])
+        top = np.argpartition(-logits, min(k, logits.shape[1]) - 1, axis=1)[:, :k]
+        want = {int(e) for e in np.unique(top)}
+        self._predicted[nxt] = want
+        with self._cv:
+            for e in want:
+                ex = self.experts[(nxt, e)]
+                if ex.state == "out" and ex not in self._queue:
+                    self._queue.append(ex)
+            self._cv.notify_all()
+
+    def _prefetcher(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                ex = self._queue.popleft()
+                if ex.state != "out":
+                    continue
+                try:
+                    self._make_room(ex.nbytes)
+                except InputError:
+                    continue  # no unpinned room now: a miss will load it if it is needed
+                ex.state = "loading"
+                ex.prefetched = True
+                self.used += ex.nbytes
+            self._read(ex)
+
+
+current = threading.local()  # the expert cache of the step running in this thread
+_registered = False
+_reg_lock = threading.Lock()
+
+
+def register_fetch() -> None:
+    """The global function the offload entry points call at each MoE layer (moe.expert_fetch):
+    it forwards to the expert cache of the step running in the calling thread (the VM runs
+    synchronously in the thread that called it)."""
+    global _registered
+    with _reg_lock:
+        if _registered:
+            return
+        import tvm_ffi  # noqa: PLC0415  (installed with TVM)
+
+        def fetch(layer: int, ids: Any, x: Any) -> Any:
+            cache = getattr(current, "cache", None)
+            ids_np = ids.numpy()
+            try:
+                if cache is None:
+                    raise ExecutionError("an offload entry point ran without an expert cache "
+                                         "(load the artifact with expert_budget=)")
+                cache.fetch(int(layer), ids_np, x.numpy())
+            except Exception as e:  # handed back to StepModel.step through the VM's error
+                current.error = e if isinstance(e, (ExecutionError, InputError)) else \
+                    ExecutionError(f"the expert cache failed at layer {layer}: "
+                                   f"{type(e).__name__}: {e}")
+                raise
+            from moec.runtime import _tvm  # noqa: PLC0415
+
+            return _tvm.tvm().runtime.tensor(ids_np)
+
+        tvm_ffi.register_global_func("moec.expert_fetch", fetch, override=True)
+        _registered = True
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def load_routers(folder: Path) -> dict[str, np.ndarray]:
+    p = Path(folder) / ROUTERS
+    if not p.is_file():
+        return {}
+    from safetensors.numpy import load_file
+
+    return dict(load_file(str(p)))
+
+
+__all__ = ["POLICIES", "ROUTERS", "CacheStats", "ExpertCache", "current", "load_routers",
+           "register_fetch"]
+
+
+def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str,
+                   prefetch: bool) -> tuple[list[Any], ExpertCache]:
+    """The weights of a generation artifact for offloaded running: every weight but the
+    routed experts copied into memory, the experts as views of the cache's private mapping
+    (read only when loaded). Returns the weights in `params` order and the cache."""
+    from moec.runtime.weights import _header, _np_dtype, _DTYPES, drop_cached, mapped_arrays, to_tvm
+
+    gen = manifest.meta.get("generation") or {}
+    offload = gen.get("offload")
+    if not offload:
+        raise InputError(f"{path.parent} has no expert offload information (an MoE generation "
+                         f"artifact compiled by this moec has it): expert_budget needs it")
+    header, start, _ = _header(path)
+    cache = ExpertCache(path, header, start, offload, budget, policy=policy, prefetch=prefetch,
+                        routers=load_routers(path.parent))
+    arrays = mapped_arrays(path)
+    out = []
+    for name in manifest.params:
+        if name in cache.expert_params:
+            entry = header[name]
+            dt = _np_dtype(_DTYPES[entry["dtype"]])
+            view = cache.view(name, header, start).view(dt).reshape(
+                tuple(int(d) for d in entry["shape"]))
+            out.append(to_tvm(view, dev, copy=False))
+        else:
+            if name not in arrays:
+                raise ArtifactError(f"{path.name} has no weight {name!r}")
+            out.append(to_tvm(arrays[name], dev, copy=True))
+    del arrays
+    drop_cached(path)
+    return out, cache

@@ -1,0 +1,102 @@
+"""Expert offload (moec/runtime/expert_cache.py): a generation artifact run with its routed
+experts under a memory budget gives bitwise the tokens and logits of the fully resident model
+at every budget from one layer's top-k experts up, with either policy, with and without
+prefetch; the budget is checked at load and held in memory (the mapping's resident pages);
+the statistics add up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moec
+from moec.errors import InputError
+
+from conftest import compile_family  # noqa: I001
+from families import V
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return compile_family("qwen3_moe", tmp_path_factory.mktemp("offload"))
+
+
+def _expert_bytes(path) -> int:
+    lm = moec.load(path, expert_budget=1 << 40)
+    cache = lm.step_model.expert_cache
+    return max(ex.nbytes for ex in cache.experts.values())
+
+
+def _prompts():
+    return [[int(t) for t in np.random.default_rng(i).integers(3, V, n)]
+            for i, n in enumerate((1, 9, 40, 100))]
+
+
+@pytest.fixture(scope="module")
+def resident(qwen):
+    lm = moec.load(qwen[1])
+    toks = [o.token_ids for o in lm.generate(_prompts(), max_new_tokens=NEW, ignore_eos=True)]
+    ids = np.array(_prompts()[3])
+    return toks, ids, lm(ids)
+
+
+@pytest.mark.parametrize("experts,policy,prefetch", [
+    (2, "lru", True),     # one layer's top-2: one token per step, every layer a miss
+    (3, "lfu", True), (5, "lru", False), (7, "lfu", False), (16, "lru", True)])
+def test_bitwise_equal_to_resident(qwen, resident, experts, policy, prefetch):
+    toks, ids, logits = resident
+    lm = moec.load(qwen[1], expert_budget=experts * _expert_bytes(qwen[1]),
+                   expert_policy=policy, prefetch=prefetch)
+    outs = lm.generate(_prompts(), max_new_tokens=NEW, ignore_eos=True)
+    assert [o.token_ids for o in outs] == toks
+    got = lm(ids)
+    assert np.array_equal(got, logits)  # bitwise: the same kernels on the same bytes
+    s = lm.step_model.expert_cache.stats.summary()
+    assert s["bytes_read"] > 0 and 0 <= s["hit_rate"] <= 1
+    if experts >= 16:  # every expert fits: each is read once
+        assert s["loads"] == 16 and lm.step_model.expert_cache.stats.evictions == 0
+
+
+def test_budget_below_one_layers_top_k_is_refused(qwen):
+    size = _expert_bytes(qwen[1])
+    with pytest.raises(InputError, match="cannot hold one layer's top-k"):
+        moec.load(qwen[1], expert_budget=2 * size - 1)
+    with pytest.raises(InputError, match="policy"):
+        moec.load(qwen[1], expert_budget=4 * size, expert_policy="fifo")
+
+
+def test_step_size_follows_the_budget(qwen):
+    size = _expert_bytes(qwen[1])
+    assert moec.load(qwen[1], expert_budget=2 * size).engine.step_tokens == 1
+    assert moec.load(qwen[1], expert_budget=7 * size).engine.step_tokens == 3
+    assert moec.load(qwen[1], expert_budget=8 * size).engine.step_tokens == 64  # all fit
+
+
+def _mapping_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_the_budget_is_what_memory_holds(qwen):
+    size = _expert_bytes(qwen[1])
+    budget = 3 * size
+    lm = moec.load(qwen[1], expert_budget=budget)
+    lm.generate(_prompts(), max_new_tokens=NEW, ignore_eos=True)
+    cache = lm.step_model.expert_cache
+    assert cache.used <= budget
+    weights = (Path(qwen[1]) / "weights.safetensors").resolve()
+    # resident pages of the expert mapping: the experts held, plus at most the two partial
+    # pages at the ends of each weight slice of each expert (never evicted, see _evict)
+    slack = sum(2 * len(ex.ranges) * 4096 for ex in cache.experts.values())
+    assert _mapping_rss(weights) <= budget + slack
