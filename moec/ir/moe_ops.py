@@ -486,7 +486,6 @@ register_op(OpDef("moe.combine", (3, 3), _infer_combine, _ref_combine,
 
 from moec.ir import quant_ops  # noqa: E402, F401  (moe.grouped_matmul_q, built on the above)
 
-
 # --------------------------------------------------------------------------- expert offload
 
 

@@ -417,7 +417,7 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
     """The weights of a generation artifact for offloaded running: every weight but the
     routed experts copied into memory, the experts as views of the cache's private mapping
     (read only when loaded). Returns the weights in `params` order and the cache."""
-    from moec.runtime.weights import _header, _np_dtype, _DTYPES, drop_cached, mapped_arrays, to_tvm
+    from moec.runtime.weights import _DTYPES, _header, _np_dtype, drop_cached, mapped_arrays, to_tvm
 
     gen = manifest.meta.get("generation") or {}
     offload = gen.get("offload")

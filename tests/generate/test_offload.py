@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compile_family  # noqa: I001
+from families import V
 
 import moec
 from moec.errors import InputError
-
-from conftest import compile_family  # noqa: I001
-from families import V
 
 NEW = 12
 
