@@ -254,6 +254,14 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from moec.profile import profile
 
     is_artifact = (Path(a.model) / "model.ir").is_file()
+    if is_artifact:
+        from moec.engine.cli import _is_lm, profile_generation
+
+        if _is_lm(a.model):  # a causal LM: generate, and report the expert cache per layer
+            a.artifact = a.model
+            profile_generation(a)
+            print(f"wrote {a.output}")
+            return 0
     model, example = (a.model, ()) if is_artifact else _load_factory(a.model)
     sample = _read_inputs(a.input) if a.input else list(example)
     if not sample:
@@ -443,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="profile.json")
     s.add_argument("--png", default=None, help="also write a layer x expert heat map")
     s.add_argument("--max-tokens", type=int, default=4096)
+    s.add_argument("--tokens", type=int, default=64, help="generation artifact: length of the "
+                   "random prompt (without --prompt-ids)")
+    s.add_argument("--prompt-ids", default=None, help="generation artifact: the prompt")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    from moec.engine.cli import add_offload_arguments
+
+    add_offload_arguments(s)
     s.set_defaults(fn=cmd_profile)
 
     s = sub.add_parser("opt", help="run passes on text IR and print the result")

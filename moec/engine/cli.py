@@ -35,6 +35,16 @@ def add_sampling_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-cache", default=None, help="KV cache size, e.g. 2GB (default: see "
                    "moec.engine.Engine)")
     s.add_argument("--max-seq-len", type=int, default=None)
+    add_offload_arguments(s)
+
+
+def add_offload_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--expert-budget", default=None, help="keep at most this much of the routed "
+                   "experts in memory, e.g. 3GB (the rest is read from the artifact as layers "
+                   "route to it; moec.runtime.expert_cache)")
+    s.add_argument("--expert-policy", default="lru", choices=("lru", "lfu"))
+    s.add_argument("--no-prefetch", action="store_true", help="with --expert-budget: no "
+                   "pre-gated prefetch")
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
@@ -49,8 +59,11 @@ def _load(a: argparse.Namespace, max_batch: int = 1) -> Any:
     import moec
     from moec.engine import LanguageModel
 
+    off = {} if getattr(a, "expert_budget", None) is None else {
+        "expert_budget": a.expert_budget, "expert_policy": a.expert_policy,
+        "prefetch": not a.no_prefetch}
     model = moec.load(a.artifact, kv_cache=a.kv_cache, max_batch=max_batch,
-                      max_seq_len=a.max_seq_len) if _is_lm(a.artifact) else None
+                      max_seq_len=a.max_seq_len, **off) if _is_lm(a.artifact) else None
     if not isinstance(model, LanguageModel):
         raise InputError(f"{a.artifact} is not a generation artifact: compile a Hugging Face "
                          f"checkpoint folder (moec compile CKPT_DIR -o m.moec) to generate")
@@ -105,7 +118,69 @@ def cmd_generate(a: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     err.write(f"[{n} tokens, finish: {reason}] time to first token {ttft * 1e3:.1f} ms, "
               f"prefill {len(ids) / ttft:.1f} tok/s ({len(ids)} prompt tokens), "
               f"decode {dec:.1f} tok/s\n")
+    cache = model.step_model.expert_cache
+    if cache is not None:
+        s = cache.stats.summary()
+        err.write(f"[experts] hit rate {_pct(s['hit_rate'])}, prefetch accuracy "
+                  f"{_pct(s['prefetch_accuracy'])}, read {s['bytes_read'] / 2**20:.1f} MiB, "
+                  f"waited {s['wait_s'] * 1e3:.0f} ms of {s['read_s'] * 1e3:.0f} ms reading\n")
     return 0
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def profile_generation(a: argparse.Namespace, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """`moec profile ARTIFACT` for a generation artifact: generate from a prompt (random token
+    ids unless --prompt-ids) and report, per MoE layer, the expert cache's hit rate, prefetch
+    accuracy and bytes read per token (with --expert-budget), and the routing load."""
+    import json
+
+    import numpy as np
+
+    a.kv_cache, a.max_seq_len = None, None
+    model = _load(a)
+    g = model.step_model.geometry
+    if a.prompt_ids:
+        ids = [int(t) for t in a.prompt_ids.replace(",", " ").split()]
+    else:
+        ids = [int(t) for t in np.random.default_rng(0).integers(0, g.vocab_size, a.tokens)]
+    counts: dict[int, np.ndarray] = {}
+    cache = model.step_model.expert_cache
+    if cache is not None:  # count the routing at the cache's hook
+        inner = cache.fetch
+
+        def fetch(layer: int, lids: Any, x: Any) -> None:
+            e = int(cache.layers[layer]["num_experts"])
+            counts.setdefault(layer, np.zeros(e, np.int64))
+            np.add.at(counts[layer], lids.ravel(), 1)
+            inner(layer, lids, x)
+
+        cache.fetch = fetch  # type: ignore[method-assign]
+    res = model.generate(ids, max_new_tokens=a.max_new_tokens, ignore_eos=True)
+    data: dict[str, Any] = {"prompt_tokens": len(ids), "generated": len(res.token_ids)}
+    if cache is not None:
+        s = cache.stats.summary()
+        data["experts"] = {**s, "budget": cache.budget, "policy": cache.policy}
+        for layer, la in s["per_layer"].items():
+            c = counts.get(layer)
+            la["load"] = (c / c.sum()).tolist() if c is not None and c.sum() else None
+            out.write(f"layer {layer}: hit rate {_pct(la['hit_rate'])}, prefetch accuracy "
+                      f"{_pct(la['prefetch_accuracy'])}, {la['bytes_per_token'] or 0:.0f} "
+                      f"bytes read per token\n")
+        out.write(f"all layers: hit rate {_pct(s['hit_rate'])}, prefetch accuracy "
+                  f"{_pct(s['prefetch_accuracy'])}, overlap {_pct(s['overlap'])}\n")
+    else:
+        out.write("(no --expert-budget: every expert is resident; nothing to report about "
+                  "the expert cache)\n")
+    tmp = f"{a.output}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    import os
+
+    os.replace(tmp, a.output)
+    return data
 
 
 def cmd_chat(a: argparse.Namespace, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:

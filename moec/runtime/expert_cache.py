@@ -76,8 +76,9 @@ class LayerStats:
 @dataclass
 class CacheStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
-    wait_s: float = 0.0  # the model waiting for experts to arrive
+    wait_s: float = 0.0  # the model blocked on reads of experts it needed
     read_s: float = 0.0  # time spent reading experts (foreground and background)
+    fetch_s: float = 0.0  # all of the model's time in the cache's hook
     evictions: int = 0
 
     def summary(self) -> dict[str, Any]:
@@ -90,8 +91,9 @@ class CacheStats:
             "hit_rate": tot.hits / need if need else None,
             "prefetch_accuracy": tot.predicted_used / tot.predicted if tot.predicted else None,
             "bytes_read": tot.bytes_read, "loads": tot.loads, "evictions": self.evictions,
-            "wait_s": self.wait_s, "read_s": self.read_s,
-            "overlap": 1 - self.wait_s / self.read_s if self.read_s else None,
+            "wait_s": self.wait_s, "read_s": self.read_s, "fetch_s": self.fetch_s,
+            # the share of read time the model did not wait for (reads behind compute)
+            "overlap": max(0.0, 1 - self.wait_s / self.read_s) if self.read_s else None,
             "per_layer": {layer: {"hit_rate": s.hits / (s.hits + s.misses)
                                   if s.hits + s.misses else None,
                                   "prefetch_accuracy": s.predicted_used / s.predicted
@@ -229,13 +231,15 @@ class ExpertCache:
                     ex.state = "loading"
                     self.used += ex.nbytes
                     to_read.append(ex)
+        t1 = time.perf_counter()
         for ex in to_read:  # the foreground reads, outside the lock
             self._read(ex)
         with self._cv:
             while any(ex.state != "in" for ex in missing):  # ... and the prefetcher's
                 self._cv.wait()
-        if missing:
-            self.stats.wait_s += time.perf_counter() - t0
+        if missing:  # blocked on reads (not on the bookkeeping before them)
+            self.stats.wait_s += time.perf_counter() - t1
+        self.stats.fetch_s += time.perf_counter() - t0
         if x is not None and self._thread is not None:
             self._prefetch_next(layer, x)
 
