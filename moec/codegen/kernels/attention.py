@@ -32,6 +32,7 @@ from moec.codegen.kernels.base import (
     finish,
     i64,
     kernel_name,
+    par_min,
 )
 from moec.errors import CodegenError
 
@@ -78,7 +79,7 @@ def cache_write(L: int, H: int, BS: int, D: int, layer: int, transposed: bool,
                     for d in T.vectorized(D):
                         C[layer, blk, h, off, d] = cast(X[0, h, tok, d])
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(D))
 
 
 def _check(Hq: int, Hkv: int, BS: int) -> int:

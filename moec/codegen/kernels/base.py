@@ -191,19 +191,68 @@ def kernel_name(*parts: object) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", text)
 
 
+PARALLEL_MIN_ELEMS = 16384  # a parallel loop moving fewer elements runs on the calling thread
+
+
+def par_min(elems_per_iter: int | float) -> int:
+    """`min_parallel` for `finish` when each iteration of a kernel's parallel loop touches about
+    `elems_per_iter` elements: below PARALLEL_MIN_ELEMS in all, waking the thread pool costs
+    more than the work (decode runs hundreds of such kernels per token)."""
+    return max(2, int(PARALLEL_MIN_ELEMS // max(1.0, float(elems_per_iter))))
+
+
+def _serial_when_small(func: tirx.PrimFunc, min_parallel: int) -> tirx.PrimFunc:
+    """Every parallel loop of extent < min_parallel runs serially instead (a runtime branch:
+    the loop body twice, definitions renamed by ConvertSSA): TVM's parallel launch wakes and
+    joins every pool thread even for one iteration, which dominates a tiny kernel's time and
+    stalls when the machine is busy."""
+    import tvm
+    import tvm_ffi
+
+    def visit(node: tirx.For) -> tirx.Stmt:
+        if node.kind != tirx.ForKind.PARALLEL:
+            return node
+        ext = node.extent
+        if isinstance(ext, tirx.IntImm) and int(ext) >= min_parallel:
+            return node
+        serial = tirx.For(node.loop_var, node.min, ext, tirx.ForKind.SERIAL, node.body, None,
+                          node.annotations)
+        if isinstance(ext, tirx.IntImm):
+            return serial
+        # The branch reads its condition back from a one-element buffer: from `ext < 2` the
+        # simplifier would conclude that a factor of ext is 0 in the serial copy and fold the
+        # body's divisions by it into an error, although that copy then runs no iteration.
+        flag = tirx.decl_buffer((1,), "bool", name="few_tasks")
+        zero = tirx.const(0, "int32")
+        return tirx.SeqStmt([
+            tirx.AllocBuffer(flag),
+            tirx.BufferStore(flag, ext < tirx.const(min_parallel, ext.ty), [zero]),
+            tirx.IfThenElse(tirx.BufferLoad(flag, [zero]), serial, node)])
+
+    func = tvm_ffi.structural_map(func, [(tirx.For, visit)])
+    mod = tirx.transform.ConvertSSA()(tvm.IRModule({"f": func}))
+    return mod["f"]
+
+
 def finish(
     func: tirx.PrimFunc,
     name: str,
     drop: Sequence[str] = (),
     arg_transforms: Mapping[int, ArgTransform] | None = None,
+    min_parallel: int = 1,
 ) -> Kernel:
     """Name the function, mark its buffers non-aliasing (lets LLVM keep accumulators in registers)
     and opaque to Relax fusion, and remove the parameters in `drop` (placeholders of optional
-    operands the body never uses, since a TVMScript signature cannot vary)."""
+    operands the body never uses, since a TVMScript signature cannot vary). Parallel loops of
+    fewer than `min_parallel` iterations run on the calling thread (`par_min` picks it from the
+    work per iteration; the default 1 leaves every loop parallel: GEMMs, whose iterations are
+    real work, keep it)."""
     if drop:
         # TVM 0.27 params are the buffers themselves (named as in the body), no buffer_map.
         params = [p for p in func.params if p.name not in drop]
         func = tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+    if min_parallel > 1:
+        func = _serial_when_small(func, min_parallel)
     func = func.with_attr("global_symbol", name).with_attr("tirx.noalias", True)
     # Opaque to Relax, so that hand-scheduled kernels are never fused into generated ones; and
     # wrapped in an (empty) root block, because Relax's RewriteDataflowReshape aborts on a

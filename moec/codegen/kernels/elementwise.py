@@ -24,6 +24,7 @@ from moec.codegen.kernels.base import (
     finish,
     i64,
     kernel_name,
+    par_min,
     prod,
     static,
     vector_lanes,
@@ -269,4 +270,4 @@ def _pointwise(
                         Yf[oy + j0 + jn // vl * vl + t] = value([Af, Bf], [oa, ob],
                                                                 j0 + jn // vl * vl + t)
 
-    return finish(func, name, drop=() if two else ("B",))
+    return finish(func, name, drop=() if two else ("B",), min_parallel=par_min(chunk))

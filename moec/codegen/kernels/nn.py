@@ -23,6 +23,7 @@ from moec.codegen.kernels.base import (
     finish,
     i64,
     kernel_name,
+    par_min,
     prod,
     static,
     vector_lanes,
@@ -101,7 +102,7 @@ def _strided_copy(name: str, in_shape: Shape, out_shape: Shape, dtype: str,
                 for j in range(inner):
                     Yf[r * inner + j] = Xf[base(r) + j * last]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(inner_s or 1))
 
 
 def _contiguous_strides(sh: Sequence[tirx.Expr]) -> list[tirx.Expr]:
@@ -162,7 +163,7 @@ def concat2(shape_a: Shape, shape_b: Shape, axis: int, dtype: str = "float32") -
             for j in range(rb):
                 Yf[r * (ra + rb) + ra + j] = Bf[r * rb + j]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min((static(ra) or 1) + (static(rb) or 1)))
 
 
 def embedding(V: int | str, H: int, ids_shape: Shape, dtype: str = "float32",
@@ -197,7 +198,7 @@ def embedding(V: int | str, H: int, ids_shape: Shape, dtype: str = "float32",
             for t in range(tail_n):
                 Yf[r * H + nv * vl + t] = Wf[base + nv * vl + t]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(H))
 
 
 def arange(like_shape: Shape, axis: int, dtype: str = "int64",
@@ -341,7 +342,7 @@ def rope(x_shape: Shape, c_shape: Shape, dtype: str = "float32") -> Kernel:
             for j in T.vectorized(h):
                 Yf[xo + h + j] = Xf[xo + h + j] * Cf[co + h2 + j] + Xf[xo + j] * Sf[co + h2 + j]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(d))
 
 
 def linear_heads(lead: Shape, H: int, N: int, K: int, dtype: str = "float32",
@@ -392,4 +393,5 @@ def linear_heads(lead: Shape, H: int, N: int, K: int, dtype: str = "float32",
                 for n in range(N - full * c):
                     Yf[rh * N + p * c + n] = acc[n]
 
-    return finish(func, name, arg_transforms={1: lambda w: pack_nk(w, c)})
+    return finish(func, name, arg_transforms={1: lambda w: pack_nk(w, c)},
+                  min_parallel=par_min(K * c))

@@ -24,6 +24,7 @@ from moec.codegen.kernels.base import (
     i64,
     kernel_name,
     normalize_axis,
+    par_min,
     prod,
     static,
     vector_lanes,
@@ -94,7 +95,7 @@ def softmax(shape: Shape, axis: int = -1, dtype: str = "float32") -> Kernel:
             for t in range(n % vl):
                 Yf[tail + t] = Yf[tail + t] * red[0]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(static(n) or 1))
 
 
 def _softmax_columns(sh, numel, outer, n, inner, dtype) -> tirx.PrimFunc:
@@ -174,7 +175,7 @@ def reduce(
                     red[0] = red[0] + acc[lane]
                 Yf[r] = finish_value(red[0])
 
-        return finish(func, name)
+        return finish(func, name, min_parallel=par_min(static(n) or 1))
 
     nch = ceildiv(inner, CHUNK)
 
@@ -284,4 +285,4 @@ def _norm(kind: str, shape: Shape, eps: float, dtype: str) -> Kernel:
                 Yf[base + tail + t] = affine((Xf[base + tail + t] - red[0]) * red[1], W, B,
                                              tail + t)
 
-    return finish(func, name, drop=() if ln else ("B",))
+    return finish(func, name, drop=() if ln else ("B",), min_parallel=par_min(static(n) or 1))

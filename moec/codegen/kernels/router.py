@@ -250,4 +250,4 @@ def router(
                         IDS[tb * TB + i, j] = ids[j]
 
     drop = [n for n, used in (("LB", logit_bias), ("BIAS", has_bias)) if not used]
-    return finish(func, name, drop=drop)
+    return finish(func, name, drop=drop, min_parallel=2)  # one token tile: no pool wake-up

@@ -24,6 +24,7 @@ from moec.codegen.kernels.base import (
     finish,
     i64,
     kernel_name,
+    par_min,
     vector_lanes,
 )
 from moec.errors import CodegenError
@@ -119,7 +120,7 @@ def permute(H: int, k: int, dtype: str = "float32") -> Kernel:
                 for j in range(H % vl):
                     XS[r, H // vl * vl + j] = X[T.Cast("int64", SI[r]) // k, H // vl * vl + j]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(H))
 
 
 def capacity(E: int, k: int, cap: int) -> Kernel:
@@ -177,7 +178,7 @@ def unpermute(H: int, k: int, dtype: str = "float32") -> Kernel:
                 for lane in range(H % vl):
                     O[tok, j, H // vl * vl + lane] = Y[src, H // vl * vl + lane]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(H * k))
 
 
 def combine(H: int, k: int, dtype: str = "float32") -> Kernel:
@@ -219,4 +220,4 @@ def combine(H: int, k: int, dtype: str = "float32") -> Kernel:
             for j in range(H % vl):
                 O[tok, H // vl * vl + j] = wsum(Y, W, SR, tok, H // vl * vl + j)
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(H * k))

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from moec.codegen.kernels.base import Dims, Kernel, Shape, check_dtype, finish, kernel_name, prod
+from moec.codegen.kernels.base import (
+    Dims,
+    Kernel,
+    Shape,
+    check_dtype,
+    finish,
+    kernel_name,
+    par_min,
+    prod,
+    static,
+)
 from moec.errors import CodegenError
 
 INT32_MAX = 2**31 - 1
@@ -84,4 +94,4 @@ def topk(shape: Shape, k: int, dtype: str = "float32") -> Kernel:
                 IDf[r * k + j] = ids[j]
                 Vf[r * k + j] = Xf[r * n + T.Cast("int64", ids[j])]
 
-    return finish(func, name)
+    return finish(func, name, min_parallel=par_min(static(n) or 1))
