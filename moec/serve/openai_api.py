@@ -159,7 +159,7 @@ class Generation:
                 remaining = job.arrival + timeout - time.perf_counter()
                 try:
                     batch = await asyncio.wait_for(job.queue.get(), max(remaining, 0))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError since 3.11; 3.10 differs
                     raise _Timeout from None
             else:
                 batch = await job.queue.get()
