@@ -4,14 +4,14 @@
 
 SIGTERM (or Ctrl-C) drains: the listening socket closes, requests that arrive on open
 connections get 503, the requests in flight run to their end for at most --drain-timeout
-seconds (then they are cancelled), the engine thread stops and the process exits 0.
+seconds (then they are cancelled), the engine thread stops and the process exits (0 after a
+SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from typing import Any
@@ -52,6 +52,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError:
         raise InputError("moec serve needs uvicorn and starlette: pip install 'moec[serve]'"
                          ) from None
+    from moec import env
     from moec.engine.cli import _load
     from moec.serve.app import create_app
 
@@ -61,20 +62,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise InputError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
     # SIGTERM before the server runs (while loading) exits; after a drain, uvicorn re-raises
     # the signal it caught, and this handler turns it into a clean exit
-    signal.signal(signal.SIGTERM, _exit_0)
-    model = _load(a, max_batch=a.max_batch)
-    key = a.api_key if a.api_key is not None else os.environ.get("MOEC_API_KEY") or None
-    app = create_app(model, model_name=a.model_name, api_key=key, max_queue=a.max_queue,
-                     request_timeout=a.request_timeout or None)
-    logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s: %(message)s")
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
-                            timeout_graceful_shutdown=a.drain_timeout, lifespan="on")
-    sock = config.bind_socket()
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    ready = (f"moec serve: {app.state.moec.model_name} on http://{shown}:{port}/v1"
-             f"{' (API key required)' if key else ''}")
-    draining_server(config, app.state.moec, ready).run(sockets=[sock])
+    previous = signal.signal(signal.SIGTERM, _exit_0)
+    try:
+        model = _load(a, max_batch=a.max_batch)
+        key = a.api_key if a.api_key is not None else env.api_key()
+        app = create_app(model, model_name=a.model_name, api_key=key, max_queue=a.max_queue,
+                         request_timeout=a.request_timeout or None)
+        logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s: %(message)s")
+        config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                                timeout_graceful_shutdown=a.drain_timeout, lifespan="on")
+        sock = config.bind_socket()
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        ready = (f"moec serve: {app.state.moec.model_name} on http://{shown}:{port}/v1"
+                 f"{' (API key required)' if key else ''}")
+        draining_server(config, app.state.moec, ready).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from moec.errors import InputError
 from moec.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
-from moec.serve.runner import Event, Job, QueueFull
+from moec.serve.runner import EngineStopped, Event, Job, QueueFull
 from moec.serve.sse import EventStream
 
 
@@ -59,18 +59,23 @@ class Generation:
 
     async def _handle(self, request: Request, chat: bool) -> Response:
         s = self.s
+        arrival = time.perf_counter()
         if s.draining:
             raise ApiError(503, "the server is shutting down", type="server_error",
                            code="shutting_down")
         try:
-            body = parse(ChatCompletionRequest if chat else CompletionRequest,
-                         await request.body())
+            raw = await request.body()
+        except ClientDisconnect:  # left while sending the body: nothing to answer
+            return Response(status_code=499)
+        try:
+            body = parse(ChatCompletionRequest if chat else CompletionRequest, raw)
             self._check_model(body.model)
             prompts = self._chat_prompt(body) if chat else self._prompts(body)
             job = self._job(body, prompts, chat)
         except ApiError:
             s.metrics.outcome("invalid")
             raise
+        job.arrival = arrival  # time to first token and the timeout count from here
         try:
             await s.runner.submit(job)
         except QueueFull:
@@ -78,6 +83,10 @@ class Generation:
             raise ApiError(503, "the server is at capacity (its request queue is full); "
                            "retry later", type="server_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except EngineStopped:
+            s.metrics.outcome("error")
+            raise ApiError(503, "the engine is not running (the server is stopping)",
+                           type="server_error", code="engine_stopped") from None
         except InputError as e:
             s.metrics.outcome("invalid")
             raise ApiError(400, str(e), param="messages" if chat else "prompt",

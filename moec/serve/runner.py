@@ -40,6 +40,10 @@ class QueueFull(Exception):
     """The server has `max_batch + max_queue` sequences outstanding (HTTP 503)."""
 
 
+class EngineStopped(Exception):
+    """The engine thread is not running (the server is stopping; HTTP 503)."""
+
+
 @dataclass
 class Event:
     """A token of choice `index` (token -1: a finish without a token), the text it released,
@@ -118,7 +122,10 @@ class EngineRunner:
 
     async def submit(self, job: Job) -> None:
         """Queue `job` with the engine; returns once it is admitted. Raises QueueFull, or the
-        engine's InputError for a prompt that can never run (too long for the context)."""
+        engine's InputError for a prompt that can never run (too long for the context), or
+        EngineStopped."""
+        if not self.alive:
+            raise EngineStopped()
         job.admitted = job.loop.create_future()
         self._inbox.append(("add", job))
         self._wake.set()

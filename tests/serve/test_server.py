@@ -351,3 +351,31 @@ def test_full_kv_cache_makes_requests_wait_not_fail(artifact, server):
         assert m["moec_requests_total{outcome=success}"] == 4
     finally:
         s.stop()
+
+
+def test_zero_max_tokens_and_no_tokenizer(server):
+    code, _, out = request(server, "POST", "/v1/completions",
+                           {"prompt": "The fox", "max_tokens": 0, "stream": False})
+    assert code == 200 and out["choices"][0]["text"] == ""
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 0
+    conn, r = open_stream(server, {"prompt": "The fox", "max_tokens": 0})
+    body = r.read().decode()
+    assert '"finish_reason":"length"' in body and body.endswith("data: [DONE]\n\n")
+    conn.close()
+    # an artifact without a tokenizer takes token ids only, and names tokens by id
+    tok, server.state.tokenizer = server.state.tokenizer, None
+    try:
+        code, _, out = request(server, "POST", "/v1/completions", {"prompt": "The fox"})
+        assert code == 400 and "no tokenizer" in out["error"]["message"]
+        code, _, out = request(server, "POST", "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}]})
+        assert code == 400 and "no chat template" in out["error"]["message"]
+        code, _, out = request(server, "POST", "/v1/completions", {
+            "prompt": [1, 5, 9], "max_tokens": 3, "logprobs": 0, "return_token_ids": True,
+            "ignore_eos": True})
+        assert code == 200
+        c = out["choices"][0]
+        assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in c["token_ids"]]
+    finally:
+        server.state.tokenizer = tok
