@@ -52,13 +52,15 @@ def artifact(tmp_path_factory) -> Path:
 class Server:
     """A moec server on 127.0.0.1:<free port>, run by uvicorn in a thread."""
 
-    def __init__(self, path: Path, *, max_batch: int = 16, kv_cache=None, **app_kw) -> None:
+    def __init__(self, path: Path, *, max_batch: int = 16, kv_cache=None, load_kw=None,
+                 **app_kw) -> None:
         import uvicorn
 
         import moec
         from moec.serve import create_app
 
-        self.model = moec.load(str(path), max_batch=max_batch, kv_cache=kv_cache)
+        self.model = moec.load(str(path), max_batch=max_batch, kv_cache=kv_cache,
+                               **(load_kw or {}))
         self.app = create_app(self.model, **app_kw)
         self.state = self.app.state.moec
         self.engine = self.model.engine

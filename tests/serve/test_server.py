@@ -379,3 +379,32 @@ def test_zero_max_tokens_and_no_tokenizer(server):
         assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in c["token_ids"]]
     finally:
         server.state.tokenizer = tok
+
+
+def test_expert_offload_serves_the_same_tokens(artifact, server):
+    """--expert-budget: routed experts under a memory budget (moec.runtime.expert_cache),
+    driven from the engine thread; 4 concurrent greedy requests get the resident tokens."""
+    import moec
+
+    size = max(ex.nbytes for ex in moec.load(str(artifact), expert_budget=1 << 40)
+               .step_model.expert_cache.experts.values())
+    s = Server(artifact, max_batch=4, load_kw={"expert_budget": 3 * size})
+    try:
+        bodies = [{"prompt": p, "max_tokens": 16, "ignore_eos": True, "return_token_ids": True}
+                  for p in PROMPTS[:4]]
+        want = [request(server, "POST", "/v1/completions", b)[2]["choices"][0]["token_ids"]
+                for b in bodies]
+
+        async def together():
+            aclient = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+            rs = await asyncio.gather(*[aclient.completions.create(
+                model="tiny", prompt=b["prompt"], max_tokens=16,
+                extra_body={"ignore_eos": True, "return_token_ids": True}) for b in bodies])
+            await aclient.close()
+            return [r.choices[0].token_ids for r in rs]
+
+        assert asyncio.run(together()) == want
+        stats = s.model.step_model.expert_cache.stats.summary()
+        assert stats["bytes_read"] > 0  # experts really came from the artifact
+    finally:
+        s.stop()
