@@ -1,5 +1,5 @@
-"""The `moec` command line: demo, compile, run, generate, chat, bench, inspect, verify, pack,
-passes, opt, profile, tune.
+"""The `moec` command line: demo, compile, run, generate, chat, serve, bench, inspect, verify,
+pack, passes, opt, profile, tune.
 
 Errors print one line (`moec: error: ...`) and exit 1; `--debug` shows the traceback.
 """
@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moec.engine.cli import add_commands as add_generation_commands
 
     add_generation_commands(sub)
+    from moec.serve.cli import add_commands as add_serve_commands
+
+    add_serve_commands(sub)
 
     s = sub.add_parser("bench", help="without ARTIFACT: the MoE layer benchmark (transformers, "
                        "torch.compile, ONNX Runtime and moec against the roofline; moec.bench); "

@@ -5,6 +5,7 @@
 | MOEC_DEBUG | 0 quiet; 1 pass timings; 2 + IR after each changed pass; 3 + TVM script |
 | MOEC_CACHE_DIR | per-user cache (tuning database); default ~/.cache/moec |
 | MOEC_NUM_THREADS | kernel threads (sets TVM_NUM_THREADS when unset); default: all cores |
+| MOEC_API_KEY | `moec serve`'s API key when --api-key is not given (off the command line) |
 """
 
 from __future__ import annotations
@@ -27,3 +28,7 @@ def cache_dir() -> Path:
 def num_threads() -> int | None:
     v = os.environ.get("MOEC_NUM_THREADS")
     return int(v) if v and v.isdigit() else None
+
+
+def api_key() -> str | None:
+    return os.environ.get("MOEC_API_KEY") or None
