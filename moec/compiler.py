@@ -94,7 +94,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     and `moec generate`), with the tokenizer files of the folder; False compiles the plain
     forward of one sequence (ids [T] -> logits [T, vocab]). max_tokens is then the most
     tokens one step runs (longer prompts are prefilled in chunks). block_size: tokens per KV
-    cache block.
+    cache block. With ep=True the default is the plain forward (generation is not expert-
+    parallel yet).
     """
     from moec.codegen.build import build
     from moec.passes.widen_activations import WidenActivations, has_half_compute
@@ -110,10 +111,13 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     step = _progress(progress)
     step("tracing")
     gen_meta, extra_files = None, {}
+    if ep and generate is None:
+        generate = False  # expert-parallel artifacts are the plain forward (no EP generation)
     if _generates(model, example_inputs, generate):
         if ep:
             raise InputError("generation artifacts cannot be built expert-parallel yet "
-                             "(ep=True); compile with generate=False for the plain forward")
+                             "(ep=True with generate=True); leave generate out for the plain "
+                             "forward")
         graph, gen_meta, extra_files = _step_graph(model, max_tokens, block_size, tgt)
     else:
         graph = to_graph(model, example_inputs, max_tokens)

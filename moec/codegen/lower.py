@@ -82,7 +82,7 @@ class _Lowerer:
         self.decode = False
         # ... or an offload entry point: moe.expert_fetch calls the runtime's expert cache
         self.offload = False
-        self.experts: dict[int, dict[str, Any]] = {}  # layer -> its routed experts' weights
+        self.expert_weights: dict[int, dict[str, Any]] = {}  # layer -> its routed experts
 
     # ---------------------------------------------------------------- helpers
     def dim(self, d: DimLike) -> tirx.PrimExpr | int:
@@ -192,7 +192,7 @@ class _Lowerer:
         if fetch is None or fetch.op != "moe.expert_fetch":
             return
         e = fetch.attrs["num_experts"]
-        entry = self.experts.setdefault(fetch.attrs["layer"], {
+        entry = self.expert_weights.setdefault(fetch.attrs["layer"], {
             "num_experts": e, "k": fetch.operands[0].shape[1], "params": []})
         for i, v in enumerate(n.operands):
             if v.kind != "param" or v.type.rank < 2 or v.type.shape[0] != e:
@@ -384,7 +384,7 @@ class _Lowerer:
         assert names is not None
         return Lowered(mod, names, {n: self.weights[n] for n in names},
                        [gv.name_hint for _, gv in self.kernel_cache.values()],
-                       dict(sorted(self.experts.items())))
+                       dict(sorted(self.expert_weights.items())))
 
 
 def lower(graph: Graph, library: Any = None,

@@ -106,8 +106,9 @@ def translate_complex(tr: Any, n: fx.Node) -> Any | None:
         return _both(tr, n)
     if name == "aten._assert_tensor_metadata.default":
         return None
-    raise tr.unsupported(f"{name} on complex tensors (moec translates complex values for "
-                         f"rotary embeddings: polar, view_as_complex/real, products, reshapes)")
+    raise tr.unsupported(f"no moec translation for op {name} on complex tensors (moec "
+                         f"translates complex values for rotary embeddings: polar, "
+                         f"view_as_complex/real, products, reshapes)")
 
 
 def _both(tr: Any, n: fx.Node) -> Complex:
