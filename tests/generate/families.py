@@ -16,8 +16,23 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe"
 GENERATING = tuple(f for f in FAMILIES if f != "jetmoe")  # JetMoE: MoA attention, refused
 
 
+ROPE_VARIANTS = {  # rope_parameters of the rotary variants the families' configs use
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+}
+
+
 def config(family: str) -> transformers.PretrainedConfig:
+    """`family`, or `qwen3_moe:<rope variant>` (ROPE_VARIANTS) for a rotary variant."""
     t = transformers
+    if ":" in family:
+        base, rope = family.split(":")
+        cfg = config(base)
+        cfg.rope_parameters = {**ROPE_VARIANTS[rope], "rope_theta": 10000.0}
+        return cfg
     if family == "mixtral":
         return t.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                                **COMMON)

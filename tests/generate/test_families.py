@@ -105,3 +105,26 @@ def test_forward_matches_transformers(compiled):
 def test_jetmoe_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedError, match="JetMoeMoA"):
         compile_family("jetmoe", tmp_path)
+
+
+@pytest.mark.parametrize("rope", [pytest.param("linear", marks=pytest.mark.slow), "dynamic",
+                                  "yarn", pytest.param("llama3", marks=pytest.mark.slow)])
+def test_rotary_variants_generate_like_transformers(rope, tmp_path):
+    """The rotary scalings of the families' configs (Qwen3-MoE with each): greedy tokens equal
+    to transformers' for a batch, and the plain forward within 1e-4 of its logits. Dynamic NTK
+    is exact within max_position_embeddings, where it equals the default rotary; the artifact
+    refuses positions beyond it (its max_position)."""
+    fam = f"qwen3_moe:{rope}"
+    m, path = compile_family(fam, tmp_path)
+    lm = moec.load(path)
+    prompts = _prompts(fam)[:3]
+    outs = lm.generate(prompts, max_new_tokens=16)
+    for p, o in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            ref = m.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)
+        assert o.token_ids == ref[0, len(p):].tolist(), f"{rope}, prompt of {len(p)}"
+    ids = np.array(_prompts(fam)[3])
+    with torch.no_grad():
+        want = m(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(lm(ids) - want).max() / np.abs(want).max() <= REL
+    assert lm.step_model.geometry.max_position == m.config.max_position_embeddings
