@@ -20,6 +20,9 @@ the GPU machine's Python 3.12). On the GPU machine:
     tar -xJf .gpu/tvm_runtime.tar.xz -C /tmp/site
     PYTHONPATH=/tmp/site:$PWD TVM_USE_RUNTIME_LIB=1 python3 benchmarks/gpu_check.py run
 
+Generation with a paged KV cache (its kernels at real shapes, whole tiny models stepped through
+prefill and decode against the CPU) is benchmarks/gpu_paged.py, called from both phases.
+
 `run` checks every compiled layer at 0, 1, 37 and 300 tokens with uniform and Zipf-skewed
 routing against a float32 PyTorch reference on the GPU (routing ids exact except at near-ties,
 outputs max|err| / max|ref| <= 1e-2), checks the artifacts, then times each layer in bfloat16 at
@@ -342,8 +345,8 @@ def build_lm_artifacts(out: Path) -> list[str]:
         tag = f"lm_qwen3_moe_{str(dtype).split('.')[-1]}"
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            try:
-                art = moec.compile(tmp, target="cuda", max_tokens=512)
+            try:  # the plain forward (ids -> logits); generation: gpu_paged.py
+                art = moec.compile(tmp, target="cuda", max_tokens=512, generate=False)
             except moec.MoecError as e:
                 print(f"  {tag}: not built ({str(e)[:200]})")
                 continue
@@ -403,6 +406,7 @@ def prepare(args) -> None:
                   f"({time.perf_counter() - t0:.0f} s)")
     if not args.tiny:
         print("  artifacts:", build_artifacts(out) + build_lm_artifacts(out))
+        print("  generation (paged KV cache):", _paged().prepare(out))
         runtime_bundle(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"bundle {out}: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
@@ -629,20 +633,32 @@ def run(args) -> int:
     for d in sorted(p for p in bundle.iterdir() if (p / "meta.json").exists()):
         check_layer(d, dev, device, checks)
     check_artifacts(bundle, checks)
+    _paged().check(bundle, checks)
     limits = hardware_limits(device)
     print(f"limits: {limits}")
     timing: list = []
+    paged_timing: list = []
     if not args.no_timing:
         time_layers(bundle, dev, device, limits, timing, t0 + args.budget_s,
                     not args.no_compile)
         print_table(timing)
+        _paged().time_all(bundle, paged_timing)
     failed = [c for c in checks if not c["ok"]]
     result = {"limits": limits, "checks": checks, "timing": timing,
-              "failed": len(failed), "seconds": time.monotonic() - t0}
+              "paged_timing": paged_timing, "failed": len(failed),
+              "seconds": time.monotonic() - t0}
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     print(f"{len(checks) - len(failed)}/{len(checks)} checks ok in {result['seconds']:.0f} s")
     return 1 if failed else 0
+
+
+def _paged():
+    """benchmarks/gpu_paged.py: the paged KV-cache kernels and generation steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_paged
+
+    return gpu_paged
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,12 @@
 | attention | causal GQA flash attention (flash_attention.py): block per 64 query rows of a |
 | | head, K/V tiles in shared memory, online float32 softmax; WMMA tensor |
 | | cores for fp16/bf16 head dims in 16s (S and P.V), SIMT otherwise |
+| cache_write | paged KV cache write in place (paged_attention.py, exported by nn.py like |
+| | the other whole-model builders): thread per element |
+| paged_attention | attention over the paged cache (paged_attention.py), SIMT, float32 |
+| | online softmax: general step kernel (block per query tile x kv head, K / V |
+| | tiles in shared memory) and decode kernel (block per sequence x kv head x |
+| | split of the context, warps on alternate key tiles, log-sum-exp merge) |
 
 `define_*` functions return the unscheduled te definitions, which also build for the CPU: the
 tests check them against the reference (the CUDA schedules are semantics-preserving

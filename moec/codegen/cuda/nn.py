@@ -1,6 +1,8 @@
 """CUDA kernels for whole transformer models (moec/ir/nn_ops.py): embedding gather, positions,
 cos/sin, data movement (permute, slice, concat, broadcast) and fused causal attention with
-grouped-query heads. Same builders, signatures and `Kernel` results as moec.codegen.kernels.nn.
+grouped-query heads. Same builders, signatures and `Kernel` results as moec.codegen.kernels.nn
+(and, for generation with a paged KV cache, as moec.codegen.kernels.attention:
+`cache_write`, `paged_attention`, `MAX_SPLITS`; paged_attention.py).
 
 The gather, position and copy kernels are te definitions (`define_*`, which also build for the
 CPU) under the injective schedule of elementwise.py: one element per thread, 256 threads per
@@ -16,10 +18,11 @@ from tvm import te, tirx
 from moec.codegen.cuda.base import FLOATS, Dim, Kernel, Shapes, cast, check_dtype, f32, finalize
 from moec.codegen.cuda.elementwise import _bcast_index, schedule_injective
 from moec.codegen.cuda.flash_attention import attention
+from moec.codegen.cuda.paged_attention import MAX_SPLITS, cache_write, paged_attention
 from moec.errors import CodegenError
 
-__all__ = ["arange", "attention", "broadcast_to", "concat2", "embedding", "permute_dims",
-           "slice_axis", "unary_trig"]
+__all__ = ["MAX_SPLITS", "arange", "attention", "broadcast_to", "cache_write", "concat2",
+           "embedding", "paged_attention", "permute_dims", "slice_axis", "unary_trig"]
 
 COPY_DTYPES = (*FLOATS, "int32", "int64")
 
@@ -152,19 +155,19 @@ def concat2(shape_a: Sequence[Dim], shape_b: Sequence[Dim], axis: int,
     return _injective(define_concat2(shape_a, shape_b, axis, dtype), f"concat_{dtype}")
 
 
-def define_embedding(V: int, H: int, ids_shape: Sequence[Dim], dtype: str = "float32",
+def define_embedding(V: Dim, H: int, ids_shape: Sequence[Dim], dtype: str = "float32",
                      id_dtype: str = "int64") -> tirx.PrimFunc:
     """Unscheduled te definition of `embedding`."""
     check_dtype(dtype, COPY_DTYPES)
     check_dtype(id_dtype, ("int32", "int64"))
-    if V < 1 or H < 1:
+    if (isinstance(V, int) and V < 1) or H < 1:
         raise CodegenError(f"embedding: table [{V}, {H}] is empty")
     sh = Shapes()
     w = te.placeholder((sh.dim(V), sh.dim(H)), dtype, name="w")
     ids = te.placeholder(sh.shape(ids_shape), id_dtype, name="ids")
 
     def body(*i):
-        r = tirx.max(tirx.min(cast(ids(*i[:-1]), "int64"), tirx.const(V - 1, "int64")),
+        r = tirx.max(tirx.min(cast(ids(*i[:-1]), "int64"), w.shape[0] - 1),
                      tirx.const(0, "int64"))
         return w[r, i[-1]]
 
@@ -172,10 +175,11 @@ def define_embedding(V: int, H: int, ids_shape: Sequence[Dim], dtype: str = "flo
     return te.create_prim_func([w, ids, y])
 
 
-def embedding(V: int, H: int, ids_shape: Sequence[Dim], dtype: str = "float32",
+def embedding(V: Dim, H: int, ids_shape: Sequence[Dim], dtype: str = "float32",
               id_dtype: str = "int64") -> Kernel:
     """`y[..., :] = w[ids[...], :]`. Kernel args: `(w [V, H], ids, y [..., H])`. Ids outside
-    [0, V) are clamped (never an out-of-bounds read)."""
+    [0, V) are clamped (never an out-of-bounds read). V may be symbolic (rows of an activation:
+    the hidden states of the rows whose logits a generation step returns)."""
     return _injective(define_embedding(V, H, ids_shape, dtype, id_dtype),
                       f"embedding_{dtype}_{id_dtype}")
 
