@@ -345,8 +345,10 @@ def test_cuda_lowering_uses_the_cuda_nn_builders():
         assert names, (kind, sorted(funcs))
         for n in names:  # scheduled for the GPU: bound to blockIdx
             assert _block_extents(funcs[n]), n
-    assert _library(type("Lw", (), {"cuda": True})()) is N
-    assert _library(type("Lw", (), {"cuda": False})()) is cpu_nn
+    gpu, cpu = (_library(type("Lw", (), {"cuda": c})()) for c in (True, False))
+    for name in ("embedding", "attention", "concat2", "paged_attention", "cache_write"):
+        assert getattr(gpu, name) is getattr(N, name), name  # the CUDA builders
+    assert cpu.embedding is cpu_nn.embedding and cpu.attention is cpu_nn.attention
     assert isinstance(lowered.mod, tvm.IRModule)
 
 
