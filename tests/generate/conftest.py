@@ -10,20 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from families import model as family_model  # noqa: E402
-
-MAX_TOKENS = 64  # prompts longer than this are prefilled in chunks
-
-
-def compile_family(family: str, tmp: Path, **kw):
-    """(transformers model, artifact path) of a family's tiny checkpoint."""
-    import moec
-
-    m = family_model(family)
-    m.save_pretrained(tmp / "ckpt")
-    out = tmp / "model.moec"
-    moec.compile(str(tmp / "ckpt"), max_tokens=kw.pop("max_tokens", MAX_TOKENS), **kw).save(out)
-    return m, out
+from families import compile_family  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ benchmarks/hf_generate_report.py: `config(family)` and `model(family, seed)`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -110,3 +112,17 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return randomize(transformers.AutoModelForCausalLM.from_config(config(family)), seed)
+
+
+MAX_TOKENS = 64  # prompts longer than this are prefilled in chunks
+
+
+def compile_family(family: str, tmp: Path, **kw):
+    """(transformers model, artifact path) of a family's tiny checkpoint."""
+    import moec
+
+    m = model(family)
+    m.save_pretrained(tmp / "ckpt")
+    out = tmp / "model.moec"
+    moec.compile(str(tmp / "ckpt"), max_tokens=kw.pop("max_tokens", MAX_TOKENS), **kw).save(out)
+    return m, out

@@ -180,7 +180,7 @@ def test_engine_steps_pick_the_decode_entry_point(lm):
 def test_mla_caches_the_latents(tmp_path):
     """DeepSeek-V3: the cache holds the compressed latent and the rope key (one kv head of
     kv_lora_rank + rope dims; values kv_lora_rank), not H expanded heads."""
-    from conftest import compile_family
+    from families import compile_family
 
     m, path = compile_family("deepseek_v3", tmp_path)
     g = moec.load(path).step_model.geometry

@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import compile_family  # noqa: I001
-from families import GENERATING, V
+from families import GENERATING, V, compile_family
 from families import model as family_model
 
 import moec

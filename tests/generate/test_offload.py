@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compile_family  # noqa: I001
-from families import V
+from families import V, compile_family
 
 import moec
 from moec.errors import InputError

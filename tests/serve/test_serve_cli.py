@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONTEXT
+from serving import CONTEXT
 
 import moec
 from moec.cli import main

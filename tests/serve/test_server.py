@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from conftest import CONTEXT, Server
+from serving import CONTEXT, Server
 
 openai = pytest.importorskip("openai")
 
