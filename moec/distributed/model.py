@@ -26,6 +26,7 @@ from moec.errors import ArtifactError, InputError, MoecError
 from moec.runtime import _tvm
 from moec.runtime.cpu import check_elf_machine
 from moec.runtime.inputs import ALIGNMENT, check_inputs, is_torch_tensor, to_tvm
+from moec.runtime.kernels import open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.model import _NUMPY_DLPACK_DTYPES, _parse_device
 from moec.runtime.verify import KERNELS, MANIFEST, WEIGHTS, check_target, verify
@@ -314,8 +315,8 @@ def load_ep(path: str | Path, group: Any, device: Any = "cpu", *, check_hashes: 
     lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
 
     def open_vm_and_weights() -> tuple[Any, list[list[Any]], list[list[list[Any]]], dict]:
+        lib = open_kernels(root / KERNELS, manifest.files[KERNELS], check_hash=check_hashes)
         try:
-            lib = tvm.runtime.load_module(str(root / KERNELS))
             vm = tvm.runtime.vm.VirtualMachine(lib, dev)
             for name in {s.fn for s in plan.segments} | {r.fn for r in plan.regions}:
                 vm[name]

@@ -26,6 +26,7 @@ from moec.runtime.inputs import (
     to_tvm,
     torch_module,
 )
+from moec.runtime.kernels import open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.verify import KERNELS, WEIGHTS, as_path, check_target, verify
 
@@ -254,8 +255,9 @@ def load(
         from moec.runtime.expert_cache import register_fetch  # noqa: PLC0415
 
         register_fetch()
+    # A private copy of the verified code, unloaded with the model (moec/runtime/kernels.py).
+    lib = open_kernels(root / KERNELS, manifest.files[KERNELS], check_hash=check_hashes)
     try:
-        lib = tvm.runtime.load_module(str(root / KERNELS))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
         vm["main"]  # fail here, not at the first call, if there is no `main`
         arity = vm._get_function_arity("main")
