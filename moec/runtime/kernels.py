@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 
 from moec.errors import ArtifactError
 from moec.runtime.cpu import check_elf_machine
-from moec.runtime.manifest import FileEntry
+from moec.runtime.manifest import FileEntry, Manifest
 
 _CHUNK = 1 << 20
 
@@ -93,3 +94,53 @@ def _copy_checked(src: Path, dst: Path, entry: FileEntry, check_hash: bool) -> N
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+# The VM executable's constant pool holds, for every parameter of every function, the error
+# context of its type check: `ErrorContext(fn=main, loc=param[2], param=NAME,
+# annotation=R.Tensor((4, 64, 16), dtype="float32"))` (TVM 0.27, `Executable.stats()`).
+_PARAM = re.compile(r'ErrorContext\(fn=main, loc=param\[(\d+)\], param=(.*?), '
+                    r'annotation=R\.Tensor\(\((.*?)\), dtype="(\w+)"\)\)')
+_INT64 = re.compile(r"^T\.int64\((\d+)\)$")
+
+
+def kernel_params(lib: Any) -> dict[int, tuple[str, tuple[str, ...], str]]:
+    """`main`'s parameters as the compiled module records them: index -> (name, dims as
+    text, dtype); an int dim reads "64", a symbolic one its TVM name ("T_1")."""
+    out = {}
+    for m in _PARAM.finditer(lib["stats"]()):
+        dims = tuple(_INT64.sub(r"\1", d.strip()) for d in m.group(3).split(",") if d.strip())
+        out[int(m.group(1))] = (m.group(2), dims, m.group(4))
+    return out
+
+
+def check_kernel_params(lib: Any, root: Path, manifest: Manifest) -> None:
+    """Raise ArtifactError unless `main` of the loaded kernels takes, in order, the
+    signature's inputs and the manifest's params by name, with their dtypes and static dims
+    (the weights' as weights.safetensors stores them): a manifest edited to contradict the
+    kernels (weights reordered, an input's dtype or shape changed) is refused here, at load."""
+    from moec.runtime.verify import KERNELS, stored_weight_types  # noqa: PLC0415
+
+    stored = stored_weight_types(root, manifest)
+    where = f"{KERNELS} in {root}"
+    found = kernel_params(lib)
+    expected = [("input", s.name, s.shape, s.dtype) for s in manifest.signature.inputs]
+    expected += [("weight", p, stored[p].shape, stored[p].dtype) for p in manifest.params]
+    for i, (kind, name, shape, dtype) in enumerate(expected):
+        if i not in found:
+            raise ArtifactError(f"{where}: the type of main's parameter {i} cannot be read from "
+                                f"the library (built by another TVM?); recompile the model")
+        kname, kdims, kdtype = found[i]
+        if kname != name:
+            raise ArtifactError(
+                f"{where}: main's parameter {i} is {kname!r}, but the manifest has {kind} "
+                f"{name!r} there: the manifest and the kernels disagree (reordered or renamed; "
+                f"the artifact was edited or damaged), recompile the model")
+        ok = kdtype == dtype and len(kdims) == len(shape) and all(
+            not k.isdigit() or str(d) == k for k, d in zip(kdims, shape, strict=True))
+        if not ok:
+            raise ArtifactError(
+                f"{where}: main takes {name!r} as {kdtype}[{', '.join(kdims)}], but the "
+                f"{'signature' if kind == 'input' else 'weights file'} has "
+                f"{dtype}[{', '.join(str(d) for d in shape)}]: the manifest and the kernels "
+                f"disagree (the artifact was edited or damaged), recompile the model")

@@ -26,7 +26,7 @@ from moec.runtime.inputs import (
     to_tvm,
     torch_module,
 )
-from moec.runtime.kernels import open_kernels
+from moec.runtime.kernels import check_kernel_params, open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.verify import KERNELS, WEIGHTS, as_path, check_target, verify
 
@@ -270,6 +270,7 @@ def load(
             f"{len(manifest.signature.inputs)} input(s) and {len(manifest.params)} weight(s); "
             f"the manifest and the kernels disagree: the artifact was edited or damaged"
         )
+    check_kernel_params(lib, root, manifest)
     cache = None
     try:
         if offload is not None:

@@ -30,11 +30,12 @@ from moec.errors import ArtifactError
 ALIGN = 64  # TVM's DLPack import wants 64-byte aligned data
 PAD_PREFIX = "__pad__."
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
-           "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_CODES = {v: k for k, v in _DTYPES.items()}
+DTYPE_NAMES = {  # safetensors dtype code -> numpy/TVM dtype name
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
+    "U16": "uint16", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2"}
+_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -90,10 +91,25 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
             raise ArtifactError(f"{path.name}: header length {n} exceeds the file")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ArtifactError(f"{path.name}: the safetensors header is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # incl. UnicodeDecodeError, huge ints
+            raise ArtifactError(f"{path.name}: the safetensors header is not JSON "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise ArtifactError(f"{path.name}: the safetensors header is not an object of tensor "
+                            f"entries")
     header.pop("__metadata__", None)
     return header, 8 + n, size
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The tensor entries of the safetensors file `path` (no `__metadata__`) and the size of its
+    data section, in bytes; ArtifactError when the header cannot be read."""
+    path = Path(path)
+    try:
+        header, start, size = _header(path)
+    except OSError as e:
+        raise ArtifactError(f"{path.name} cannot be read ({e})") from None
+    return header, size - start
 
 
 def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -107,7 +123,7 @@ def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
         if name.startswith(PAD_PREFIX):
             continue
         try:
-            dt = _np_dtype(_DTYPES[entry["dtype"]])
+            dt = _np_dtype(DTYPE_NAMES[entry["dtype"]])
             shape = tuple(int(d) for d in entry["shape"])
             lo, hi = (start + int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):

@@ -136,6 +136,20 @@ def reference(x: np.ndarray, s: np.ndarray, w: dict[str, np.ndarray], offset: fl
     return y, y @ w["w2"]
 
 
+_IR_DTYPE = {"float32": "f32", "int32": "i32"}
+
+
+def ir_header(weights: dict[str, np.ndarray], signature: dict[str, Any]) -> str:
+    """The `dim`, `input` and `param` lines of an IR text for a tiny model (what load checks
+    against the signature and the stored weights)."""
+    lines = [f"dim {n}: {d['min']}..{d['max']}" for n, d in signature["dims"].items()]
+    lines += [f"input %{s['name']}: {_IR_DTYPE[s['dtype']]}[{', '.join(map(str, s['shape']))}]"
+              for s in signature["inputs"]]
+    lines += [f"param @{n}: {_IR_DTYPE[a.dtype.name]}[{', '.join(map(str, a.shape))}]"
+              for n, a in weights.items()]
+    return "\n".join(lines) + "\n"
+
+
 def make_artifact(builder: Any = build_scale_model, **overrides: Any) -> Any:
     from moec.runtime import Artifact
 
@@ -143,7 +157,8 @@ def make_artifact(builder: Any = build_scale_model, **overrides: Any) -> Any:
     kwargs: dict[str, Any] = {
         "signature": signature,
         "target": {"kind": "llvm", "mcpu": _mcpu()},
-        "ir_text": "%y: f32[T, 64] = test.scale(%x, %s, @w)\n%z: f32[T, 32] = core.matmul(%y, @w2)",
+        "ir_text": ir_header(weights, signature) + "%y: f32[T, 64] = test.scale(%x, %s, @w)\n"
+                   "%z: f32[T, 32] = core.matmul(%y, @w2)",
         "pipeline": ["canonicalize", "plan-memory"],
         "meta": {"model": "runtime-test"},
     }
