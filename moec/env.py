@@ -6,6 +6,7 @@
 | MOEC_CACHE_DIR | per-user cache (tuning database); default ~/.cache/moec |
 | MOEC_NUM_THREADS | kernel threads (sets TVM_NUM_THREADS when unset); default: all cores |
 | MOEC_API_KEY | `moec serve`'s API key when --api-key is not given (off the command line) |
+| MOEC_DEBUG_DIR | IR before a failing pass, kept if MOEC_DEBUG >= 1; default CACHE_DIR/debug |
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def debug_level() -> int:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MOEC_CACHE_DIR", Path.home() / ".cache" / "moec"))
+
+
+def debug_dir() -> Path:
+    """The one folder where moec keeps debugging files it was asked for (MOEC_DEBUG >= 1)."""
+    v = os.environ.get("MOEC_DEBUG_DIR")
+    return Path(v) if v else cache_dir() / "debug"
 
 
 def num_threads() -> int | None:

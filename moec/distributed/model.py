@@ -25,7 +25,7 @@ from moec.distributed.plan import Plan, Region, parse_plan, shard_bounds
 from moec.errors import ArtifactError, InputError, MoecError
 from moec.runtime import _tvm
 from moec.runtime.cpu import check_elf_machine
-from moec.runtime.inputs import ALIGNMENT, check_inputs, is_torch_tensor, to_tvm
+from moec.runtime.inputs import ALIGNMENT, bind_inputs, check_inputs, is_torch_tensor, to_tvm
 from moec.runtime.kernels import open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.model import _NUMPY_DLPACK_DTYPES, _parse_device
@@ -94,8 +94,9 @@ class EPModel:
                 f"{e.start}..{e.stop - 1}, {self.signature})")
 
     # ----------------------------------------------------------------- running
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
         sig = self._manifest.signature
+        inputs = bind_inputs(sig, inputs, named)
         check_inputs(sig, inputs)
         args = [to_tvm(spec, x, self._tvm, self._device)
                 for spec, x in zip(sig.inputs, inputs, strict=True)]

@@ -49,8 +49,18 @@ _CHUNK = 1 << 20
 
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a file (not a folder): the form single-file artifacts take."""
-    return Path(path).is_file()
+    """Whether `path` is a file (not a folder): the form single-file artifacts take.
+    ArtifactError when the path cannot even be looked at (a name too long, a loop of links)."""
+    try:
+        return Path(path).is_file()
+    except OSError as e:
+        raise ArtifactError(f"cannot access the artifact path {_short(path)}: {e.strerror}") \
+            from None
+
+
+def _short(path: str | os.PathLike[str]) -> str:
+    text = str(path)
+    return repr(text if len(text) <= 120 else text[:60] + "..." + text[-40:])
 
 
 def pack(folder: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

@@ -296,16 +296,25 @@ def check_destination(path: str | os.PathLike[str]) -> None:
     long compile can fail before it starts)."""
     dest = as_path(path).absolute()
     if dest.suffix == ".tar":
-        if dest.is_symlink() or (dest.exists() and not (dest.is_file()
-                                                        and tarfile.is_tarfile(dest))):
+        try:
+            bad = dest.is_symlink() or (dest.exists() and not (dest.is_file()
+                                                               and tarfile.is_tarfile(dest)))
+        except OSError as e:
+            raise ArtifactError(f"cannot write an archive to {str(dest)[:200]}: {e.strerror}") \
+                from None
+        if bad:
             raise ArtifactError(f"refusing to replace {dest}: it exists and is not a tar archive")
     else:
         _check_replaceable(dest)
 
 
 def _check_replaceable(dest: Path) -> None:
-    if not dest.exists() and not dest.is_symlink():
-        return
+    try:
+        if not dest.exists() and not dest.is_symlink():
+            return
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise ArtifactError(f"cannot write an artifact to {str(dest)[:200]}: {e.strerror}") \
+            from None
     if dest.is_symlink() or not dest.is_dir():
         raise ArtifactError(f"refusing to write an artifact to {dest}: it is not a folder")
     if any(dest.iterdir()) and not (dest / MANIFEST).is_file():

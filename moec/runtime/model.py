@@ -19,6 +19,7 @@ from moec.runtime import _tvm, archive
 from moec.runtime.cpu import check_elf_machine
 from moec.runtime.cuda_graph import stream_context
 from moec.runtime.inputs import (
+    bind_inputs,
     check_inputs,
     is_torch_tensor,
     numpy_dtype,
@@ -104,9 +105,11 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"CompiledModel({str(self._path)!r}, device={self.device!r}, {self.signature})"
 
-    def __call__(self, *inputs: Any) -> Any:
-        """Run the model; see the class docstring for what inputs and outputs can be."""
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
+        """Run the model; see the class docstring for what inputs and outputs can be. Inputs
+        may also be given by name, `model(x=a)`."""
         sig = self._manifest.signature
+        inputs = bind_inputs(sig, inputs, named)
         check_inputs(sig, inputs)
         args = [
             to_tvm(spec, x, self._tvm, self._device)
