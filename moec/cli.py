@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what this command was given (`moec bench` records it), not sys.argv
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ sends the results back for the weighted combine. See docs/expert-parallel.md.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -60,6 +61,9 @@ class EPModel:
         self.memory = memory
         self.timer: Timer | None = None
         self._layer_of_segment = self._attribute_segments()
+        # One call at a time, as CompiledModel: a call is a sequence of collectives, and two
+        # threads interleaving theirs would pair one call's exchange with another's.
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -95,6 +99,11 @@ class EPModel:
 
     # ----------------------------------------------------------------- running
     def __call__(self, *inputs: Any, **named: Any) -> Any:
+        """Run this rank's tokens; threads calling one model are served one call at a time."""
+        with self._lock:
+            return self._call(*inputs, **named)
+
+    def _call(self, *inputs: Any, **named: Any) -> Any:
         sig = self._manifest.signature
         inputs = bind_inputs(sig, inputs, named)
         check_inputs(sig, inputs)
