@@ -63,7 +63,7 @@ class CompiledModel:
     runs themselves are serialised by a per-model lock: a Relax VM keeps per-call state (its
     register file) and is not safe to enter from two threads. Input conversion and output
     wrapping happen outside the lock. The kernels are multi-threaded already (TVM's thread
-    pool, MOEC_NUM_THREADS), so once a model is large enough to keep those threads busy,
+    pool, TVM_NUM_THREADS), so once a model is large enough to keep those threads busy,
     serialising costs little; to run calls truly in parallel, load the artifact once per
     thread (each load has its own VM and weights). Measurements: docs/security.md.
 

@@ -113,6 +113,10 @@ def test_tiny_layer_with_torch_compile(tmp_path: Path, keep_env: None) -> None:
     res = _run(tmp_path, ("hf", "torch.compile", "ort", "moec"), shapes=("tiny",), tokens=(4,))
     _check_all_matched(res, {"hf-eager", "torch.compile", "moec"})
     assert res["shapes"]["tiny"]["compile_s"]["torch.compile"] > 0
+    import torch._inductor.config as inductor_config
+
+    # the bench turns inductor's caches off for its own compiles only, not for the process
+    assert inductor_config.force_disable_caches is False
 
 
 class _Zeros(System):

@@ -229,3 +229,15 @@ def test_weights_file_missing_a_planned_weight_is_an_artifact_error(two_layer, t
                  tmp_path / "w.safetensors")
     with pytest.raises(ArtifactError, match=f"no weight '{dropped}'"):
         _load_weights(tmp_path / "w.safetensors", plan, 0, 2, tvm.cpu())
+
+
+def test_ep_build_for_cuda_is_refused_at_compile_time():
+    """docs/expert-parallel.md: `--ep` builds CPU artifacts only."""
+    import torch
+
+    from moec.errors import CodegenError
+    from moec.models.reference import demo_model
+
+    model, (x,) = demo_model(hidden=64, intermediate=64, experts=4)
+    with pytest.raises(CodegenError, match="expert parallelism builds CPU artifacts only"):
+        moec.compile(model, (x.to(torch.float16),), target="cuda", ep=True, max_tokens=32)
