@@ -46,6 +46,9 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # anything with a path separator or a NUL in it.
 _TOP_NAME = re.compile(r"^(?!\.\.?$)[^/\\\x00]+$")
 _CHUNK = 1 << 20
+# What Python's tarfile raises, besides TarError, on malformed PAX records: int() of a
+# GNU.sparse.size / .map / .realsize value that is not a number (found by fuzzing).
+_HEADER_ERRORS = (ValueError, OverflowError, EOFError)
 
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
@@ -125,8 +128,8 @@ def _members(tar: tarfile.TarFile, where: Path) -> tuple[str, list[tarfile.TarIn
             members.append(m)
             if len(members) > MAX_MEMBERS:
                 raise ArtifactError(f"{where}: more than {MAX_MEMBERS} members; not an artifact")
-    except tarfile.TarError as e:
-        raise ArtifactError(f"{where}: damaged archive ({e})") from None
+    except (tarfile.TarError, *_HEADER_ERRORS) as e:
+        raise ArtifactError(f"{where}: damaged archive ({type(e).__name__}: {e})") from None
     tops: set[str] = set()
     files: list[tarfile.TarInfo] = []
     seen: set[str] = set()
@@ -189,6 +192,8 @@ def unpack(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Pat
     except (tarfile.TarError, OSError) as e:
         raise ArtifactError(f"{src} is not an artifact folder nor an uncompressed "
                             f"NAME.moec.tar archive ({e})") from None
+    except _HEADER_ERRORS as e:  # the first member's header is malformed
+        raise ArtifactError(f"{src}: damaged archive ({type(e).__name__}: {e})") from None
     with tar:
         top, files = _members(tar, src)
         _check_declared(tar, files, src)

@@ -298,7 +298,7 @@ def check_destination(path: str | os.PathLike[str]) -> None:
     if dest.suffix == ".tar":
         try:
             bad = dest.is_symlink() or (dest.exists() and not (dest.is_file()
-                                                               and tarfile.is_tarfile(dest)))
+                                                               and _is_tarfile(dest)))
         except OSError as e:
             raise ArtifactError(f"cannot write an archive to {str(dest)[:200]}: {e.strerror}") \
                 from None
@@ -306,6 +306,13 @@ def check_destination(path: str | os.PathLike[str]) -> None:
             raise ArtifactError(f"refusing to replace {dest}: it exists and is not a tar archive")
     else:
         _check_replaceable(dest)
+
+
+def _is_tarfile(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (ValueError, OverflowError, EOFError):  # a malformed header: not a tar we replace
+        return False
 
 
 def _check_replaceable(dest: Path) -> None:

@@ -218,11 +218,14 @@ def verify(
 ) -> Manifest:
     """Check an artifact without loading its native code, and return its manifest.
 
-    Checks: the manifest exists, parses and has a supported format_version; every file it
-    lists (and at least kernels.so, weights.safetensors, model.ir) is present with the
-    recorded size and sha256; every weight in `params` is in weights.safetensors. With
-    `check_host` (the default) also that this host can run it: known target kind, CPU
-    features present in /proc/cpuinfo, kernels.so built for this CPU architecture.
+    Checks: the manifest exists, matches its digest (manifest.sha256), parses and has a
+    supported format_version; every file it lists (and at least kernels.so,
+    weights.safetensors, model.ir) is a regular file (no symbolic link, never followed) with
+    the recorded size and sha256; weights.safetensors holds exactly `params`, in the canonical
+    layout; model.ir declares the signature's inputs and every stored weight
+    (moec.runtime.consistency). With `check_host` (the default) also that this host can run
+    it: known target kind, CPU features present in /proc/cpuinfo, kernels.so built for this
+    CPU architecture. (`load` adds the kernels' own parameter types, once they are loaded.)
 
     `path` is an artifact folder or a single-file `NAME.moec.tar` archive (`moec.runtime.archive`:
     extracted safely into a temporary folder, checked there, and deleted).

@@ -71,6 +71,24 @@ def test_sparse_member_is_refused_before_anything_is_written(tmp_path: Path, fmt
         verify(tar)
 
 
+@pytest.mark.parametrize("headers", [
+    {"GNU.sparse.size": "3x"},  # tarfile: int("3x") -> ValueError (found by atheris)
+    {"GNU.sparse.size": "3", "GNU.sparse.map": "0,x"},
+    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "?"},
+])
+def test_malformed_sparse_headers_are_artifact_errors(tmp_path: Path, headers: dict) -> None:
+    tar = tmp_path / "bad.moec.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("m.moec/model.ir")
+        info.pax_headers, info.size = headers, 1
+        t.addfile(info, io.BytesIO(b"x"))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ArtifactError, match="damaged archive|sparse file"):
+        archive.unpack(tar, dest)
+    assert list(dest.iterdir()) == []
+
+
 def _members_of(demo: Demo) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in demo.path.iterdir()}
 
