@@ -35,6 +35,7 @@ DTYPE_NAMES = {  # safetensors dtype code -> numpy/TVM dtype name
     "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
     "U16": "uint16", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2"}
+_DTYPES = DTYPE_NAMES  # the name other runtime modules import
 _CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
