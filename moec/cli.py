@@ -109,17 +109,40 @@ def _read_inputs(paths: list[str]) -> list[Any]:
 
     arrays: list[Any] = []
     for p in paths:
-        if not Path(p).is_file():
+        try:
+            exists = Path(p).is_file()
+        except OSError as e:  # a name too long, a loop of links
+            raise InputError(f"cannot access input file {p[:200]}: {e.strerror}") from None
+        if not exists:
             raise InputError(f"input file {p} does not exist")
         try:
             data = np.load(p, allow_pickle=False)
-        except Exception as e:
-            raise InputError(f"cannot read {p} as .npy/.npz: {e}") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            arrays.extend(data[k] for k in data.files)
-        else:
-            arrays.append(data)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:  # members are read (and CRC-checked) here, not lazily later
+                    arrays.extend(data[k] for k in data.files)
+            else:
+                arrays.append(data)
+        except Exception as e:  # numpy and zipfile raise ValueError, BadZipFile, OSError, ...
+            raise InputError(f"cannot read {p} as .npy/.npz: {type(e).__name__}: {e}") from None
     return arrays
+
+
+def _write_atomic(path: str, write: Any) -> None:
+    """`write(file)` into a temporary file next to `path`, renamed to exactly `path` (numpy's
+    own np.save(path) would append .npy to a name without it)."""
+    import os
+    import secrets
+
+    head, tail = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(head, f".{tail[:64]}.tmp-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -155,13 +178,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         if wide:
             print(f"{', '.join(sorted(set(wide)))} output(s) written as float32 (.npy has no "
                   f"such dtype)")
-        if a.output.endswith(".npz"):
-            np.savez(a.output, *outs)
-        elif len(outs) == 1:
-            np.save(a.output, outs[0])
-        else:
+        if not a.output.endswith(".npz") and len(outs) != 1:
             raise InputError(f"the model has {len(outs)} outputs: write them to a .npz file")
-        print(f"wrote {a.output}")
+        _write_atomic(a.output, lambda f: (np.savez(f, *outs) if a.output.endswith(".npz")
+                                           else np.save(f, outs[0])))
+        fmt = "" if a.output.endswith((".npy", ".npz")) else " (in .npy format)"
+        print(f"wrote {a.output}{fmt}")
     elif a.tokens is not None:  # logits [T, vocab]: the top tokens after the last position
         last = np.asarray(outs[0], dtype=np.float64)[-1]
         top = np.argsort(-last, kind="stable")[:a.top]
@@ -207,10 +229,14 @@ def _inspect(path: Path) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from moec.runtime import verify
+    from moec.runtime.archive import opened
+    from moec.runtime.verify import MANIFEST, sha256_file
 
-    verify(a.artifact)
+    with opened(a.artifact) as path:
+        verify(path)
+        digest = sha256_file(path / MANIFEST)
     print(f"{a.artifact}: ok (manifest, hashes, format version and target checked; no code "
-          f"loaded)")
+          f"loaded)\nsha256 of {MANIFEST}: {digest} (pins every file of the artifact)")
     return 0
 
 
@@ -472,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what this command was given (`moec bench` records it), not sys.argv
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -151,21 +151,16 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     step("passes")
     PassManager(pass_list, ins).run(graph)
     step("kernels")
-    ep_plan = None
-    if ep:
-        from moec.codegen.ep import build_ep
+    functions = (("main", False), ("decode", True), ("main_offload", False, True),
+                 ("decode_offload", True, True)) if gen_meta else (("main", False),)
+    built = build(graph, tgt, tiles=tiles, functions=functions, ep=ep)
+    ep_plan = built.ep_plan
+    if gen_meta is not None and built.experts:
+        from moec.codegen.offload import offload_meta, router_file
+        from moec.runtime.expert_cache import ROUTERS
 
-        built, ep_plan = build_ep(graph, tgt)
-    else:
-        functions = (("main", False), ("decode", True), ("main_offload", False, True),
-                     ("decode_offload", True, True)) if gen_meta else (("main", False),)
-        built = build(graph, tgt, tiles=tiles, functions=functions)
-        if gen_meta is not None and built.experts:
-            from moec.codegen.offload import offload_meta, router_file
-            from moec.runtime.expert_cache import ROUTERS
-
-            gen_meta = {**gen_meta, "offload": offload_meta(built.experts, graph)}
-            extra_files = {**extra_files, ROUTERS: router_file(graph)}
+        gen_meta = {**gen_meta, "offload": offload_meta(built.experts, graph)}
+        extra_files = {**extra_files, ROUTERS: router_file(graph)}
     art = Artifact(
         executable=built.executable,
         weights=built.weights,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from moec.errors import InputError
@@ -74,6 +73,6 @@ def run_from_args(a: argparse.Namespace) -> int:
                    (DEFAULT_JSON if a.dtype == "float32" else BF16_JSON), plot=not a.no_plot,
                    limits_reps=3 if a.quick else 10, settle_s=settle,
                    touch=not a.no_touch, dtype=a.dtype,
-                   command=" ".join(["moec", *map(shlex.quote, sys.argv[1:])]))
+                   command=" ".join(["moec", *map(shlex.quote, a.argv)]))
     run(opts)
     return 0

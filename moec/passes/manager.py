@@ -132,9 +132,19 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _dump(text: str, name: str) -> str:
-    f = tempfile.NamedTemporaryFile("w", suffix=f"_before_{name}.ir", delete=False)
-    f.write(text)
-    f.close()
+    """Where the IR before a failing pass was kept, for its error message. Only with MOEC_DEBUG
+    >= 1, in env.debug_dir(): a failing pass used to leave a file in the temporary folder every
+    time (hundreds after a fuzzing run)."""
+    if env.debug_level() < 1:
+        return "set MOEC_DEBUG=1 to keep it in a file"
+    folder = env.debug_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=time.strftime("%Y%m%d-%H%M%S-"),
+                                         suffix=f"_before_{name}.ir", delete=False) as f:
+            f.write(text)
+    except OSError as e:
+        return f"not kept: {folder} is not writable ({e.strerror}); set MOEC_DEBUG_DIR"
     return f.name
 
 
@@ -156,7 +166,8 @@ class PassManager:
         if self.ctx.verify:
             verify(graph)
         for i, p in enumerate(self.passes):
-            before = print_graph(graph) if self.ctx.verify else ""
+            keep = self.ctx.verify or env.debug_level() >= 1
+            before = print_graph(graph) if keep else "(not printed: verification is off)"
             for ins in self.instruments:
                 ins.before_pass(p, graph, i)
             try:

@@ -17,6 +17,9 @@ profile was measured on the same model. Ensures: the pruned layers have E' < E e
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -31,13 +34,46 @@ _EXPERT_OPS = {"moe.experts", "moe.expert_ffn", "moe.grouped_matmul", "moe.group
 _IDS_OPS = {"moe.align", "moe.experts", "moe.combine", "moe.unpermute"}  # read expert ids
 
 
+MAX_PROFILE_BYTES = 64 << 20
+"""A profile is a few kB per MoE layer; anything bigger is not one (and is never read whole)."""
+
+
 def load_profile(path: str | Path) -> dict[str, dict]:
-    """The profile's layers by router weight name."""
+    """The profile's layers by router weight name. PassError for a file that is missing, not a
+    regular file (`/dev/zero`, a FIFO: never read), larger than MAX_PROFILE_BYTES, not JSON, or
+    not shaped like `moec profile`'s output."""
+    where = f"prune-experts: profile {path}"
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise PassError(f"prune-experts: cannot read profile {path}: {e}") from e
-    return {layer["router"]: layer for layer in data.get("layers", [])}
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PassError(f"{where} is not a regular file; give the JSON file that "
+                                f"`moec profile` wrote")
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as e:
+        raise PassError(f"{where} cannot be read: {e.strerror or e}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise PassError(f"{where} is larger than {MAX_PROFILE_BYTES >> 20} MiB; not a profile")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise PassError(f"{where} is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list):
+        raise PassError(f"{where} has no \"layers\" list; it is not a `moec profile` JSON")
+    out: dict[str, dict] = {}
+    for i, layer in enumerate(layers):
+        ok = (isinstance(layer, dict) and isinstance(layer.get("router"), str)
+              and isinstance(layer.get("load"), list) and layer["load"]
+              and all(type(v) in (int, float) and math.isfinite(v) and v >= 0
+                      for v in layer["load"]))
+        if not ok:
+            raise PassError(f"{where}: layers[{i}] is not a layer of `moec profile` (wants "
+                            f"\"router\": a weight name and \"load\": a list of non-negative "
+                            f"numbers, one per expert), got {str(layer)[:200]}")
+        out[layer["router"]] = layer
+    return out
 
 
 def kept_experts(layer: dict, threshold: float, top_k: int) -> list[int]:

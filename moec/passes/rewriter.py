@@ -32,6 +32,9 @@ class Rewriter:
         self.graph = graph
         self.changes = 0
         self.insertion_point: Node | None = None  # new nodes go before this node (None: end)
+        # While a batch is open (apply_patterns' sweeps), erased nodes are detached at once but
+        # taken out of graph.nodes together by flush(): one by one it is O(n) per node.
+        self._pending: list[Node] | None = None
 
     def create(self, op: str, operands: Sequence[Value], attrs: Mapping[str, Any] | None = None,
                loc: str | None = None, before: Node | None = None,
@@ -59,8 +62,28 @@ class Rewriter:
         self.erase(node)
 
     def erase(self, node: Node) -> None:
-        self.graph.remove_node(node)
+        if self._pending is None:
+            self.graph.remove_node(node)
+        else:
+            for r in node.results:
+                if r.uses or r in self.graph.outputs:
+                    raise IRError(f"cannot erase {node.op}: result {r.ref} still has uses")
+            node.drop_operands()
+            node.graph = None  # sweeps skip it; flush() takes it out of graph.nodes
+            self._pending.append(node)
         self.changes += 1
+
+    def begin_batch(self) -> None:
+        """Defer taking erased nodes out of `graph.nodes` until `flush()`."""
+        if self._pending is None:
+            self._pending = []
+
+    def flush(self) -> None:
+        """Take the nodes erased since `begin_batch` out of `graph.nodes`, in one pass."""
+        if self._pending:
+            gone = set(self._pending)
+            self.graph.nodes[:] = [n for n in self.graph.nodes if n not in gone]
+        self._pending = None
 
     def add_param(self, name: str, data: np.ndarray) -> Value:
         """Add a new parameter (a constant weight) with a name not yet used."""
@@ -87,17 +110,22 @@ class RewritePattern:
 
 
 def eliminate_dead_code(graph: Graph, rw: Rewriter | None = None) -> int:
-    """Erase nodes none of whose results is used (every op is pure). Returns how many."""
+    """Erase nodes none of whose results reaches a graph output (every op is pure). Returns
+    how many. Linear in the graph: one backward sweep, then one bulk removal."""
     rw = rw or Rewriter(graph)
-    live = set(graph.outputs)
-    erased = 0
-    for node in reversed(list(graph.nodes)):
-        if any(r in live or r.uses for r in node.results):
-            live.update(node.operands)
+    outputs = set(graph.outputs)
+    live: set[Node] = set()
+    dead: list[Node] = []
+    for node in reversed(graph.nodes):
+        if node.graph is not graph:
+            continue
+        if any(r in outputs or any(u in live for u, _ in r.uses) for r in node.results):
+            live.add(node)
         else:
-            rw.erase(node)
-            erased += 1
-    return erased
+            dead.append(node)
+    graph.remove_nodes(dead)
+    rw.changes += len(dead)
+    return len(dead)
 
 
 def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern],
@@ -107,6 +135,7 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern],
     rw = Rewriter(graph)
     for _ in range(max_iterations):
         changed = False
+        rw.begin_batch()
         for node in list(graph.nodes):
             if node.graph is not graph:
                 continue  # erased by an earlier rewrite in this sweep
@@ -116,6 +145,7 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern],
                     changed = True
                     break
         rw.insertion_point = None
+        rw.flush()
         eliminate_dead_code(graph, rw)  # so that a rewritten root cannot match again
         if not changed:
             break

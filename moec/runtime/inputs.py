@@ -88,6 +88,30 @@ def _limit_hint(name: str) -> str:
     )
 
 
+def bind_inputs(signature: Signature, inputs: Sequence[Any], named: dict[str, Any]
+                ) -> tuple[Any, ...]:
+    """The inputs of `model(*inputs, **named)` in signature order: keywords are matched to
+    input names (`model(x=a)`), after the positional ones. InputError for an unknown name, a
+    name given twice, or a gap."""
+    if not named:
+        return tuple(inputs)
+    names = [s.name for s in signature.inputs]
+    for n in named:
+        if n not in names:
+            raise InputError(f"the model has no input {n!r}; its inputs are "
+                             f"{', '.join(names) or 'none'}")
+        if names.index(n) < len(inputs):
+            raise InputError(f"input {n!r} is given twice (by position and by name)")
+    out = list(inputs)
+    for n in names[len(inputs):]:
+        if n not in named:
+            missing = [m for m in names[len(inputs):] if m not in named]
+            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}: the model "
+                             f"takes {', '.join(names)}")
+        out.append(named[n])
+    return tuple(out)
+
+
 def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
     """Validate inputs against the signature and return the symbolic dim values they bind.
 
@@ -105,6 +129,13 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
         if not isinstance(x, np.ndarray) and not is_torch_tensor(x):
             raise InputError(
                 f"input {spec.name!r} is {describe(x)}; pass a numpy array or a torch tensor "
+                f"({spec.type_str()})"
+            )
+        if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+            # the kernels would read the values under the mask as if they were not masked
+            raise InputError(
+                f"input {spec.name!r} is a masked numpy array with masked elements, and the "
+                f"model cannot honour a mask; pass np.ma.filled(x, fill_value) or x.data "
                 f"({spec.type_str()})"
             )
         if is_torch_tensor(x) and (x.is_nested or str(x.layout) != "torch.strided"):

@@ -227,6 +227,8 @@ class Manifest(Mapping[str, Any]):
             data = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise _fail(f"not valid JSON ({e})") from None
+        except ValueError as e:  # an integer of more than 4300 digits (sys.int_max_str_digits)
+            raise _fail(f"not valid JSON ({str(e)[:120]})") from None
         except RecursionError:
             raise _fail("not a manifest: JSON nested too deeply") from None
         return cls.from_dict(data)

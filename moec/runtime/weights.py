@@ -17,6 +17,7 @@ smaller bench layers measured the same either way).
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,11 +30,13 @@ from moec.errors import ArtifactError
 ALIGN = 64  # TVM's DLPack import wants 64-byte aligned data
 PAD_PREFIX = "__pad__."
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
-           "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_CODES = {v: k for k, v in _DTYPES.items()}
+DTYPE_NAMES = {  # safetensors dtype code -> numpy/TVM dtype name
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
+    "U16": "uint16", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2"}
+_DTYPES = DTYPE_NAMES  # the name other runtime modules import
+_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -89,10 +92,25 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
             raise ArtifactError(f"{path.name}: header length {n} exceeds the file")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ArtifactError(f"{path.name}: the safetensors header is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # incl. UnicodeDecodeError, huge ints
+            raise ArtifactError(f"{path.name}: the safetensors header is not JSON "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise ArtifactError(f"{path.name}: the safetensors header is not an object of tensor "
+                            f"entries")
     header.pop("__metadata__", None)
     return header, 8 + n, size
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The tensor entries of the safetensors file `path` (no `__metadata__`) and the size of its
+    data section, in bytes; ArtifactError when the header cannot be read."""
+    path = Path(path)
+    try:
+        header, start, size = _header(path)
+    except OSError as e:
+        raise ArtifactError(f"{path.name} cannot be read ({e})") from None
+    return header, size - start
 
 
 def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -106,7 +124,7 @@ def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
         if name.startswith(PAD_PREFIX):
             continue
         try:
-            dt = _np_dtype(_DTYPES[entry["dtype"]])
+            dt = _np_dtype(DTYPE_NAMES[entry["dtype"]])
             shape = tuple(int(d) for d in entry["shape"])
             lo, hi = (start + int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -143,14 +161,43 @@ def load_mapped(path: str | Path, names: Sequence[str], dev: Any, copy: bool = F
     aligned ones are views of a copy-on-write mapping of the file (no copy) unless `copy`,
     others are copied once; on a GPU each is copied once from the mapping to the device."""
     arrays = mapped_arrays(path)
-    out = []
     for name in names:
         if name not in arrays:
             raise ArtifactError(f"{Path(path).name} has no weight {name!r}")
-        out.append(to_tvm(arrays[name], dev, copy))
-    if copy or int(dev.dlpack_device_type()) != 1:
+    on_cpu = int(dev.dlpack_device_type()) == 1
+    if copy and on_cpu:
+        out = [to_tvm(a, dev) for a in anonymous_copies([arrays[n] for n in names])]
+    else:
+        out = [to_tvm(arrays[name], dev, copy) for name in names]
+    if copy or not on_cpu:
         del arrays  # nothing maps the file any more: drop its pages from the page cache, so
         drop_cached(path)  # the weights are in memory once, not twice
+    return out
+
+
+def anonymous_copies(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Copies of `arrays` in one anonymous memory mapping, each 64-byte aligned.
+
+    Why not `np.array(a)` or `tvm.runtime.tensor(a)`: those allocate with malloc, and glibc
+    keeps freed blocks of a few MB in its heap (its mmap threshold grows to 32 MB once a large
+    block is freed), so a process that loads and unloads models grew by about the weights'
+    size per cycle (docs/security.md, "Memory over time"). A mapping of our own is returned to
+    the system as soon as the last tensor viewing it is freed."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // ALIGN) * ALIGN
+    if total == 0:
+        return [np.array(a) for a in arrays]
+    buf = np.frombuffer(mmap.mmap(-1, total), dtype=np.uint8)  # page-aligned, zero-filled
+    out = []
+    for a, off in zip(arrays, offsets, strict=True):
+        if a.nbytes == 0:
+            out.append(np.empty(a.shape, a.dtype))
+            continue
+        dst = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+        np.copyto(dst, a, casting="no")
+        out.append(dst)
     return out
 
 
@@ -158,10 +205,10 @@ def drop_cached(path: str | Path) -> None:
     """Ask the kernel to drop `path`'s clean, unmapped pages from the page cache (a hint; pages
     that other processes map stay). Without it a copied model holds its weights twice until
     the kernel reclaims the cache (a Qwen3-30B-A3B layer: 2.4 GB more)."""
-    import gc
     import os
 
-    gc.collect()  # the numpy views of the mapping
+    # No gc.collect() here: the caller dropped its views of the mapping (plain references,
+    # no cycles), and a full collection cost 40-200 ms per load in a large process.
     if not hasattr(os, "posix_fadvise"):
         return
     try:

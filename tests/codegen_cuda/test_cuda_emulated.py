@@ -28,9 +28,19 @@ def ref(op: str, xs: list[np.ndarray], **attrs) -> list[np.ndarray]:
     return d.reference(xs, d.check_attrs(attrs))
 
 
-def close(got: np.ndarray, want: np.ndarray, tol: float = 1e-2) -> None:
-    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol,
-                               atol=tol)
+# Per output dtype: float32 results are float32 arithmetic (no tensor cores), the half ones
+# are rounded to 11 (float16) or 8 (bfloat16) significant bits, with half-precision inputs.
+TOL = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def close(got: np.ndarray, want: np.ndarray, tol: float | None = None) -> None:
+    """`got` within `tol` (default: TOL of got's dtype) of `want`, relative to each value and,
+    for values near zero, to the output's largest magnitude: a fixed atol of 1e-2 accepted
+    anything for outputs of size 0.01 (softmax over many columns)."""
+    tol = TOL[np.dtype(got.dtype).name] if tol is None else tol
+    w = want.astype(np.float64)
+    scale = float(np.abs(w).max()) if w.size else 0.0
+    np.testing.assert_allclose(got.astype(np.float64), w, rtol=tol, atol=tol * scale)
 
 
 def named(kernel: Kernel, name: str) -> Kernel:
