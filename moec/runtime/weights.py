@@ -113,12 +113,12 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
     return header, size - start
 
 
-def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Every weight of the safetensors file `path` (padding left out) as a numpy view of one
-    copy-on-write mapping of the file, in file order."""
+def tensor_entries(path: str | Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]],
+                                              int]:
+    """name -> (dtype, shape, file offset) of every weight of the safetensors file `path`
+    (padding left out), in file order, and the file's size; ArtifactError on a bad entry."""
     path = Path(path)
     header, start, size = _header(path)
-    mapped = np.memmap(path, dtype=np.uint8, mode="c") if size > start else np.zeros(0, np.uint8)
     out = {}
     for name, entry in header.items():
         if name.startswith(PAD_PREFIX):
@@ -133,7 +133,75 @@ def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
         if hi - lo != nbytes or lo < start or hi > size:
             raise ArtifactError(f"{path.name}: weight {name!r} spans bytes {lo}..{hi} of "
                                 f"{size}, but {entry['dtype']}{list(shape)} needs {nbytes}")
-        out[name] = (mapped[lo:hi] if nbytes else np.zeros(0, np.uint8)).view(dt).reshape(shape)
+        out[name] = (dt, shape, lo)
+    return out, size
+
+
+def mapped_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every weight of the safetensors file `path` (padding left out) as a numpy view of one
+    copy-on-write mapping of the file, in file order."""
+    entries, size = tensor_entries(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+    out = {}
+    for name, (dt, shape, lo) in entries.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        out[name] = (mapped[lo:lo + nbytes] if nbytes else np.zeros(0, np.uint8)
+                     ).view(dt).reshape(shape)
+    return out
+
+
+def read_copies(path: str | Path, names: Sequence[str]) -> list[np.ndarray]:
+    """The weights `names` of the safetensors file `path`, read (pread) into one anonymous
+    mapping, each 64-byte aligned.
+
+    Why not `np.array(a)` or `tvm.runtime.tensor(a)`: those allocate with malloc, and glibc
+    keeps freed blocks of a few MB in its heap (its mmap threshold grows to 32 MB once a large
+    block is freed), so a process that loads and unloads models grew by about the weights'
+    size per cycle (docs/security.md, "Memory over time"). A mapping of our own is returned to
+    the system as soon as the last tensor viewing it is freed.
+
+    Reading instead of copying from a mapping of the file keeps the file's pages out of the
+    process's resident set: a copied model peaked at twice its weights while the whole file
+    was mapped. The pages read are dropped from the page cache as each tensor is done, so the
+    weights are in memory once, not twice."""
+    import os  # noqa: PLC0415
+
+    path = Path(path)
+    entries, _ = tensor_entries(path)
+    for name in names:
+        if name not in entries:
+            raise ArtifactError(f"{path.name} has no weight {name!r}")
+    sel = [entries[n] for n in names]
+    sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for dt, shape, _ in sel]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // ALIGN) * ALIGN
+    buf = np.frombuffer(mmap.mmap(-1, total), dtype=np.uint8) if total else None
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ArtifactError(f"{path.name} cannot be read ({e})") from None
+    try:
+        for (dt, shape, lo), n, off in zip(sel, sizes, offsets, strict=True):
+            if n == 0:
+                out.append(np.empty(shape, dt))
+                continue
+            dst = buf[off:off + n]
+            view, done = memoryview(dst), 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], lo + done)
+                if got <= 0:
+                    raise ArtifactError(f"{path.name} ends inside weight at byte {lo + done}")
+                done += got
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, lo, n, os.POSIX_FADV_DONTNEED)
+            out.append(dst.view(dt).reshape(shape))
+    except OSError as e:
+        raise ArtifactError(f"{path.name} cannot be read ({e})") from None
+    finally:
+        os.close(fd)
     return out
 
 
@@ -160,44 +228,17 @@ def load_mapped(path: str | Path, names: Sequence[str], dev: Any, copy: bool = F
     """The tensors `names` of the safetensors file `path` as TVM tensors on `dev`: on a CPU,
     aligned ones are views of a copy-on-write mapping of the file (no copy) unless `copy`,
     others are copied once; on a GPU each is copied once from the mapping to the device."""
+    on_cpu = int(dev.dlpack_device_type()) == 1
+    if copy and on_cpu:
+        return [to_tvm(a, dev) for a in read_copies(path, names)]
     arrays = mapped_arrays(path)
     for name in names:
         if name not in arrays:
             raise ArtifactError(f"{Path(path).name} has no weight {name!r}")
-    on_cpu = int(dev.dlpack_device_type()) == 1
-    if copy and on_cpu:
-        out = [to_tvm(a, dev) for a in anonymous_copies([arrays[n] for n in names])]
-    else:
-        out = [to_tvm(arrays[name], dev, copy) for name in names]
-    if copy or not on_cpu:
+    out = [to_tvm(arrays[name], dev, copy) for name in names]
+    if not on_cpu:
         del arrays  # nothing maps the file any more: drop its pages from the page cache, so
         drop_cached(path)  # the weights are in memory once, not twice
-    return out
-
-
-def anonymous_copies(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Copies of `arrays` in one anonymous memory mapping, each 64-byte aligned.
-
-    Why not `np.array(a)` or `tvm.runtime.tensor(a)`: those allocate with malloc, and glibc
-    keeps freed blocks of a few MB in its heap (its mmap threshold grows to 32 MB once a large
-    block is freed), so a process that loads and unloads models grew by about the weights'
-    size per cycle (docs/security.md, "Memory over time"). A mapping of our own is returned to
-    the system as soon as the last tensor viewing it is freed."""
-    offsets, total = [], 0
-    for a in arrays:
-        offsets.append(total)
-        total += -(-a.nbytes // ALIGN) * ALIGN
-    if total == 0:
-        return [np.array(a) for a in arrays]
-    buf = np.frombuffer(mmap.mmap(-1, total), dtype=np.uint8)  # page-aligned, zero-filled
-    out = []
-    for a, off in zip(arrays, offsets, strict=True):
-        if a.nbytes == 0:
-            out.append(np.empty(a.shape, a.dtype))
-            continue
-        dst = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-        np.copyto(dst, a, casting="no")
-        out.append(dst)
     return out
 
 
