@@ -251,26 +251,66 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
-    from moec.passes import PIPELINES, registered_passes
+    import textwrap
 
+    from moec.passes import PIPELINES, get_pass, pass_origin, plugin_problems, registered_passes
+
+    if a.name:  # one pass in full: docstring, options, origin
+        if a.name in PIPELINES and a.name not in registered_passes():
+            print(f"pipeline {a.name}: {PIPELINES[a.name]}")
+            return 0
+        cls = get_pass(a.name)
+        print(f"{cls.name}  ({pass_origin(cls.name)}: {cls.__module__}.{cls.__qualname__})\n")
+        print(textwrap.dedent("    " + (cls.__doc__ or "(no docstring)").strip()))
+        module_doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        if module_doc and module_doc != (cls.__doc__ or "").strip():
+            print("\n" + module_doc)  # one pass per file: the file's docstring says the rest
+        table = cls.option_table()
+        print("\noptions:" if table else "\noptions: none")
+        for n, t, d in table:
+            print(f"  {n:<16} {t:<14} default {_option_text(d)}")
+        opts = ",".join(f"{n}={_option_text(d)}" for n, _, d in table)
+        print(f"\nin a pass list: {cls.name}" + (f"{{{opts}}}" if opts else "")
+              + "  (place it with @after:OTHER or @before:OTHER)")
+        return 0
     for name, cls in registered_passes().items():
-        print(f"{name:<22} {cls.doc_line()}")
+        origin = pass_origin(name)
+        tag = "" if origin == "built-in" else f"  [{origin}]"
+        print(f"{name:<22} {cls.doc_line()}{tag}")
+        if a.verbose:
+            for n, t, d in cls.option_table():
+                print(f"{'':<24}{n}: {t} = {_option_text(d)}")
     print("\npipelines:")
     for name, spec in PIPELINES.items():
         print(f"  {name:<20} {spec}")
+    problems = plugin_problems()
+    if problems:
+        print("\nplugins that failed to load:")
+        for line in problems:
+            print(f"  {line}")
+    if not a.verbose:
+        print("\n`moec passes -v` shows the options, `moec passes NAME` one pass in full; place a "
+              "pass with NAME@after:OTHER in --passes")
     return 0
+
+
+def _option_text(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, str) \
+        else str(v)
 
 
 def cmd_opt(a: argparse.Namespace) -> int:
     from moec.ir import parse, print_graph
-    from moec.passes import PassManager, PassTiming, parse_pipeline
+    from moec.passes import PassManager, PassTiming, PrintStats, parse_pipeline
 
     try:
         text = sys.stdin.read() if a.input == "-" else Path(a.input).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{a.input} is not a text IR file (not UTF-8: {e.reason})") from None
     g = parse(text)
-    ins = [PassTiming(stream=sys.stderr)] if a.time_passes else []
+    ins: list[Any] = [PassTiming(stream=sys.stderr)] if a.time_passes else []
+    if a.stats and not a.time_passes:  # the timing table already ends with the statistics
+        ins.append(PrintStats(sys.stderr))
     PassManager(parse_pipeline(a.passes), ins).run(g)
     sys.stdout.write(print_graph(g))
     return 0
@@ -389,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=16, help="checkpoint folder: tokens per "
                    "KV cache block")
     s.add_argument("--pipeline", default="default")
-    s.add_argument("--passes", default=None, help="pass list, e.g. default,+my-pass{opt=1}")
+    s.add_argument("--passes", default=None, help="pass list, e.g. default,+my-pass{opt=1} or "
+                   "default,cap-topk{k=1}@after:fuse-gating")
     s.add_argument("--dump-ir", default=None, metavar="DIR")
     s.add_argument("--time-passes", action="store_true")
     s.add_argument("--ep", action="store_true", help="also build the expert-parallel entry "
@@ -470,7 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=None, help="default: ARTIFACT.tar")
     s.set_defaults(fn=cmd_pack)
 
-    s = sub.add_parser("passes", help="list registered passes and pipelines")
+    s = sub.add_parser("passes", help="list registered passes (their origin, options) and "
+                       "pipelines; NAME shows one pass in full")
+    s.add_argument("name", nargs="?", default=None, help="a pass (or pipeline) to describe")
+    s.add_argument("-v", "--verbose", action="store_true", help="also list every pass's options "
+                   "with their types and defaults")
     s.set_defaults(fn=cmd_passes)
 
     s = sub.add_parser("profile", help="expert load per layer on sample inputs: JSON + heat map")
@@ -491,8 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("opt", help="run passes on text IR and print the result")
     s.add_argument("input", help="IR file, or - for stdin")
-    s.add_argument("-p", "--passes", required=True)
-    s.add_argument("--time-passes", action="store_true")
+    s.add_argument("-p", "--passes", required=True, help="pass list, e.g. "
+                   "default,cap-topk{k=1}@after:fuse-gating")
+    s.add_argument("--time-passes", action="store_true", help="pass timings (and statistics) "
+                   "on stderr")
+    s.add_argument("--stats", action="store_true", help="the statistics passes recorded, on "
+                   "stderr")
     s.set_defaults(fn=cmd_opt)
     return p
 

@@ -16,10 +16,18 @@ from typing import Any
 
 from moec import env
 from moec.errors import CodegenError, InputError
-from moec.ir.graph import Graph
+from moec.ir.graph import Graph, Node
 from moec.ir.printer import print_graph
 from moec.passes.base import Pass
-from moec.passes.manager import DumpIR, Instrument, PassManager, PassTiming, parse_pipeline
+from moec.passes.manager import (
+    DumpIR,
+    Instrument,
+    PassManager,
+    PassTiming,
+    parse_pipeline,
+    stats_json,
+)
+from moec.passes.reorder_dispatch import ReorderDispatch
 
 
 def parse_target(target: str) -> dict[str, Any]:
@@ -122,8 +130,8 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     else:
         graph = to_graph(model, example_inputs, max_tokens)
     pass_list = parse_pipeline(passes if passes is not None else pipeline)
-    tiles, tuned = ({}, {}) if tgt.get("kind") != "llvm" or tuning is False else \
-        _apply_tuning(graph, pass_list, None if tuning is True else Path(tuning))
+    tuning_db = None if tgt.get("kind") != "llvm" or tuning is False else \
+        _tuning_entries(pass_list, None if tuning is True else Path(tuning))
     if quantize is not None:
         from moec.passes.quantize_experts import QuantizeExperts, parse_mode
 
@@ -149,7 +157,9 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
                          f"an artifact holds every weight's values; set graph.param_data[name] "
                          f"for each parameter first")
     step("passes")
-    PassManager(pass_list, ins).run(graph)
+    pm = PassManager(pass_list, ins)
+    pm.run(graph)
+    tiles, tuned = _apply_tuning(graph, tuning_db) if tuning_db else ({}, {})
     step("kernels")
     functions = (("main", False), ("decode", True), ("main_offload", False, True),
                  ("decode_offload", True, True)) if gen_meta else (("main", False),)
@@ -170,6 +180,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         pipeline=[p.spec() for p in pass_list],
         meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {}),
               **({"tuning": tuned} if tuned else {}),
+              **({"pass_stats": stats_json(pm.ctx.stats)} if pm.ctx.stats else {}),
               **({"generation": gen_meta} if gen_meta else {})},
         extra_files=extra_files,
     )
@@ -219,43 +230,87 @@ def _step_graph(model: Any, max_tokens: int, block_size: int, tgt: dict[str, Any
     return graph, gen, files
 
 
-def _apply_tuning(graph: Graph, pass_list: list, db: Path | None
-                  ) -> tuple[dict[tuple, tuple[int, int]], dict[str, Any]]:
-    """Tuned choices for the graph's MoE layers: reorder-dispatch's block_m (replaced in
-    `pass_list` when it has the default value and every tuned layer agrees on one) and the
-    grouped GEMM tiles for the lowering. Returns (tiles, what was applied, for the manifest)."""
-    import dataclasses
-
+def _tuning_entries(pass_list: list, db: Path | None) -> dict[str, Any]:
+    """The tuning database's entries for this CPU. When there are any, a reorder-dispatch at its
+    default block_m in `pass_list` is replaced by one that takes block_m from them."""
     from moec.codegen import tune
     from moec.passes.reorder_dispatch import ReorderDispatch
 
-    entries = tune.load_db(db)
-    choices = {}
-    for shape in tune.layers_of(graph):
-        c = tune.choose(shape, entries)
-        if c.source == "tuned":
-            choices[shape.key] = (shape, c)
-    if not choices:
-        return {}, {}
-    block_ms = {c.block_m for _, c in choices.values()}
-    idx = [i for i, p in enumerate(pass_list) if isinstance(p, ReorderDispatch)]
-    bm = tune.DEFAULT_BLOCK_M
-    if len(block_ms) == 1 and idx and pass_list[idx[0]].block_m == tune.DEFAULT_BLOCK_M:
-        bm = block_ms.pop()
-        for i in idx:
-            pass_list[i] = dataclasses.replace(pass_list[i], block_m=bm)
-    elif idx:
-        bm = pass_list[idx[0]].block_m
+    cpu = tune.cpu_name()
+    entries = {k: v for k, v in tune.load_db(db).items() if k.split("|", 1)[0] == cpu}
+    if entries:
+        for i, p in enumerate(pass_list):
+            if type(p) is ReorderDispatch and p.block_m == tune.DEFAULT_BLOCK_M:
+                pass_list[i] = _TunedDispatch(entries=entries, chosen=[])
+    return entries
+
+
+class _TunedDispatch(ReorderDispatch):
+    """reorder-dispatch whose block_m is chosen from the tuning database when it runs, on the MoE
+    layers as they reach it (a pass before it may have changed their top-k or expert count):
+    the tuned block_m when every tuned layer agrees on one, else the default."""
+
+    def __init__(self, entries: dict[str, Any], chosen: list[int]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_entries", entries)
+        object.__setattr__(self, "_chosen", chosen)
+
+    def run(self, graph: Graph, ctx: Any) -> bool:
+        from moec.codegen import tune
+
+        tuned = {c.block_m for c in (tune.choose(s, self._entries) for s in tune.layers_of(graph))
+                 if c.source == "tuned"}
+        self._chosen[:] = [tuned.pop() if len(tuned) == 1 else self.block_m]
+        return ReorderDispatch(block_m=self._chosen[0]).run(graph, ctx)
+
+    def spec(self) -> str:
+        return ReorderDispatch(block_m=self._chosen[0] if self._chosen else self.block_m).spec()
+
+
+def _lowered_layers(graph: Graph) -> list[tuple[Any, Node, Node]]:
+    """(LayerShape, first GEMM, second GEMM) of every MoE layer as the pipeline left it: the
+    shape read off its two grouped GEMMs (the second reads the first's output)."""
+    from moec.codegen import tune
+    from moec.ir.types import tvm_dtype
+
+    out = []
+    for g2 in graph.find("moe.grouped_matmul"):
+        g1 = g2.operands[0].producer
+        if g1 is None or g1.op != "moe.grouped_matmul" or g2.attrs["activation"] != "none":
+            continue
+        x, w = g1.operands[0], g1.operands[1]
+        e, inter, hidden = w.shape
+        half = w.dtype in ("f16", "bf16")  # widened half layers keep half weights, as tuned
+        shape = tune.LayerShape(experts=e, hidden=hidden, intermediate=inter,
+                                top_k=g1.attrs["top_k"], activation=g1.attrs["activation"],
+                                bias=bool(g1.attrs["bias"]),
+                                dtype=tvm_dtype(w.dtype if half else x.dtype))
+        out.append((shape, g1, g2))
+    return out
+
+
+def _apply_tuning(graph: Graph, entries: dict[str, Any]
+                  ) -> tuple[dict[tuple, tuple[int, int]], dict[str, Any]]:
+    """Tuned grouped-GEMM tiles for the lowering, looked up after the pipeline, per MoE layer as
+    lowered (its shape after every pass). A layer's entry applies when its block_m is the one
+    the layer was dispatched with. Returns (tiles, what was applied, for the manifest)."""
+    from moec.codegen import tune
+
     tiles: dict[tuple, tuple[int, int]] = {}
     applied = {}
-    for key, (shape, c) in choices.items():
-        if c.block_m != bm:
-            continue  # its tiles were measured with another block_m
-        for (n, k, gather, act), t in zip(shape.gemms(), c.tiles, strict=True):
-            if t:
-                tiles[(shape.experts, n, k, bm, shape.top_k, gather, act)] = tuple(t)
-        applied[key] = {"cpu": tune.cpu_name(), "block_m": bm,
-                        "tiles": [list(t) if t else None for t in c.tiles]}
+    for shape, g1, g2 in _lowered_layers(graph):
+        c = tune.choose(shape, entries)
+        bm = g1.attrs["block_m"]
+        if c.source != "tuned" or c.block_m != bm:
+            continue  # no entry, or its tiles were measured with another block_m
+        for gemm, want, t in zip((g1, g2), shape.gemms(), c.tiles, strict=True):
+            n, k = gemm.operands[1].shape[1:]
+            a = gemm.attrs
+            if t and (n, k, a["gather"], a["activation"]) == want:
+                tiles[(shape.experts, n, k, bm, a["top_k"], a["gather"], a["activation"])] = \
+                    tuple(t)
+        applied[shape.key] = {"cpu": tune.cpu_name(), "block_m": bm,
+                              "tiles": [list(t) if t else None for t in c.tiles]}
     return tiles, applied
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.errors import IRError
+from moec.errors import IRError, PassError
 from moec.ir.builder import make_node
 from moec.ir.graph import Graph, Node, Value
 from moec.ir.types import TensorType, dtype_of_numpy
@@ -39,7 +39,14 @@ class Rewriter:
     def create(self, op: str, operands: Sequence[Value], attrs: Mapping[str, Any] | None = None,
                loc: str | None = None, before: Node | None = None,
                names: Sequence[str | None] = ()) -> Node:
-        """Insert a new, type-checked node before `before` (default: the insertion point)."""
+        """Insert a new, type-checked node before `before` (default: the insertion point).
+
+        Inside `apply_patterns` the insertion point is the node being matched, so new nodes go
+        right before the root (after all of its operands). A Rewriter made by hand has no
+        insertion point: new nodes are appended at the end of the graph, after the nodes that
+        will use them, unless `before=` (or `rw.insertion_point`) says where. Attributes are
+        checked against the op (unknown keys, wrong value types) and the result types are
+        inferred: a mistake is an IRError naming the op."""
         anchor = before if before is not None else self.insertion_point
         index = self.graph.nodes.index(anchor) if anchor is not None else None
         self.changes += 1
@@ -172,11 +179,26 @@ class Pat:
 
 
 class P:
-    """Pattern constructors: P.op("core.topk", P.any("x"), attrs={"k": 2}, name="t")."""
+    """Pattern constructors: P.op("core.topk", P.any("x"), attrs={"k": 2}, name="t").
+
+    `P.op(op, *operands, attrs=None, name=None, result=None, single_use=False)`:
+      op          an op name, or a tuple of names (any of them matches); checked against the op
+                  registry when the pattern is built (a typo is an error with a "did you mean")
+      operands    one pattern per operand, in order (none given: operands are not looked at);
+                  `P.rest()` last matches any further operands
+      attrs       attribute values that must be equal (keys checked against the op's attributes)
+      name        capture: `m[name]` is the matched Value, `m[name + ".node"]` its producer node
+      result      which result of a multi-result op the operand must be (0, 1, ...)
+      single_use  the value has exactly one use: one operand of one node, and it is not a graph
+                  output (so that rewriting its user leaves nobody else seeing the old value)
+    `P.any(name)` matches any value, `P.param(name)` a parameter (a weight), `P.rest()` the
+    remaining operands. `match(pattern, node)` returns the captures, with the root node as
+    `"root"`, or None."""
 
     @staticmethod
     def op(op: str | tuple[str, ...], *operands: Pat, attrs: Mapping[str, Any] | None = None,
            name: str | None = None, result: int | None = None, single_use: bool = False) -> Pat:
+        _check_op_pattern(op, operands, attrs or {})
         return Pat("op", op, tuple(operands) if operands else None, attrs or {}, name, result,
                    single_use)
 
@@ -194,6 +216,39 @@ class P:
         return Pat("rest")
 
 
+def _check_op_pattern(op: Any, operands: Sequence[Any], attrs: Mapping[str, Any]) -> None:
+    """Unknown op names and attribute keys would make a pattern that never matches: refuse them
+    when the pattern is built."""
+    import difflib
+
+    from moec.ir.registry import all_ops
+
+    ops = (op,) if isinstance(op, str) else tuple(op) if isinstance(op, (tuple, list)) else None
+    if not ops or not all(isinstance(o, str) for o in ops):
+        raise PassError(f"P.op: the op must be a name or a tuple of names, got {op!r}")
+    known = all_ops()
+    for o in ops:
+        if o not in known:
+            close = difflib.get_close_matches(o, list(known), n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise PassError(f"P.op: unknown op {o!r}; {hint}(register ops of your own dialect "
+                            f"with moec.ir.register_op before building patterns on them; "
+                            f"docs/ops.md lists moec's)")
+        missing = [k for k in attrs if k not in known[o].attrs]
+        if missing:
+            names = sorted(known[o].attrs)
+            close = [c for k in missing for c in difflib.get_close_matches(k, names, n=1)]
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise PassError(f"P.op({o!r}): attribute(s) {', '.join(map(repr, missing))} not "
+                            f"known to {o}; {hint}its attributes: {', '.join(names) or 'none'}")
+    for i, q in enumerate(operands):
+        if not isinstance(q, Pat):
+            raise PassError(f"P.op({ops[0]!r}): operand pattern {i} is {q!r}; use P.op, P.any, "
+                            f"P.param or P.rest")
+        if q.kind == "rest" and i != len(operands) - 1:
+            raise PassError(f"P.op({ops[0]!r}): P.rest() must be the last operand pattern")
+
+
 def _match_value(p: Pat, v: Value, out: dict[str, Any]) -> bool:
     if p.kind == "param":
         if v.kind != "param":
@@ -205,7 +260,8 @@ def _match_value(p: Pat, v: Value, out: dict[str, Any]) -> bool:
             return False
         if p.result is not None and v.index != p.result:
             return False
-        if p.single_use and len(v.uses) != 1:
+        if p.single_use and (len(v.uses) != 1 or n.graph is not None
+                             and any(o is v for o in n.graph.outputs)):
             return False
         if not _match_node_body(p, n, out):
             return False
