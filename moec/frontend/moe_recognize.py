@@ -86,6 +86,7 @@ class MoESpec:
     out_bias_name: str | None = None
     aux_output: str | None = None  # the block also returns "logits" or "weights" (set by moec)
     router_is_param: bool = False  # router_name names a parameter, not a module (set by moec)
+    flat_output: bool = False  # returns [B*S, H] for x [B, S, H], as Llama 4 (set by moec)
 
     @property
     def num_experts(self) -> int:
@@ -206,6 +207,22 @@ def _check_user_spec(block: nn.Module, spec: MoESpec, where: str, name: str) -> 
         raise UnsupportedError(f"{where}: the MoESpec from recogniser {name} does not "
                                "reproduce the block's output")
     spec.aux_output = probe.aux_kind(spec.routing())
+    spec.flat_output = flattens_output(block, spec.router_weight)
+
+
+def flattens_output(block: nn.Module, router_weight: torch.Tensor) -> bool:
+    """Whether the block returns its output flattened to tokens, [B*S, H], for an input
+    [B, S, H] (Llama 4 does; most blocks return [B, S, H])."""
+    h = router_weight.shape[1]
+    x = torch.randn((2, 3, h), generator=torch.Generator().manual_seed(0)).to(
+        dtype=router_weight.dtype, device=router_weight.device)
+    try:
+        with torch.no_grad():
+            out = block(x)
+    except Exception:  # a block that only takes [T, H]: the output keeps the input's shape
+        return False
+    out = out[0] if isinstance(out, tuple) else out
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (6, h)
 
 
 def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
@@ -254,7 +271,8 @@ def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
         jitter_eps=ro.jitter_eps, b_gate=reading.b_gate, b_up=reading.b_up,
         b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, weight_on=weight_on,
         shared_experts=tuple(parts.shared), shared_gate=parts.shared_gate,
-        out_bias_name=parts.out_bias, aux_output=probe.aux_kind(ro), router_is_param=r.is_param)
+        out_bias_name=parts.out_bias, aux_output=probe.aux_kind(ro), router_is_param=r.is_param,
+        flat_output=flattens_output(block, r.weight))
 
 
 def _routing_not_found(where: str, parts: Parts, listed: bool) -> str:

@@ -123,7 +123,13 @@ def sparsemixer_ref(logits: np.ndarray, k: int, eps: float) -> tuple[np.ndarray,
 
 def capacity_mask(ids: np.ndarray, capacity: int) -> np.ndarray:
     """bool [T, k]: whether slot (t, j) is within its expert's capacity, counting slots in slot
-    order t*k + j (Switch Transformers' token dropping)."""
+    order t*k + j (Switch Transformers' token dropping). For ids [..., S, k] (a router on
+    sequences) each sequence counts its own slots."""
+    if ids.ndim > 2:
+        if ids.size == 0:
+            return np.ones(ids.shape, bool)
+        seqs = ids.reshape(-1, *ids.shape[-2:])
+        return np.stack([capacity_mask(q, capacity) for q in seqs]).reshape(ids.shape)
     flat = ids.reshape(-1)
     keep = np.ones(flat.shape, bool)
     for e in np.unique(flat):
@@ -168,8 +174,12 @@ def _check_selection(op: str, e: int, a: A) -> None:
 
 def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
     x, w = ts[0], ts[1]
-    _check(x.rank == 2 and w.rank == 2 and same_dim(x.shape[1], w.shape[1]),
-           f"moe.router: x {x} and router weight {w} do not match (want x[T,H], w[E,H])")
+    _check(x.rank >= 2 and w.rank == 2 and same_dim(x.shape[-1], w.shape[1]),
+           f"moe.router: x {x} and router weight {w} do not match (want x[T,H] or "
+           f"x[B,S,H], w[E,H])")
+    _check(x.rank == 2 or a["capacity"] > 0,
+           f"moe.router: x {x} has rank {x.rank}; only a router with capacity (counted per "
+           f"sequence) takes x[B, S, H], flatten it to [T, H] otherwise")
     e = w.shape[0]
     _check(isinstance(e, int), "moe.router: the expert count must be static")
     _check(a["scoring"] in ("softmax", "sigmoid"), f"moe.router: scoring {a['scoring']!r}")
@@ -184,12 +194,22 @@ def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
                             f"select_bias={a['select_bias']} need {want} operands, got {len(ts)}")
     for b in ts[2:]:
         _check(b.rank == 1 and same_dim(b.shape[0], e), f"moe.router: bias {b} is not [{e}]")
-    return [TensorType((x.shape[0], a["k"]), "f32"), TensorType((x.shape[0], a["k"]), "i32")]
+    lead = x.shape[:-1]
+    return [TensorType((*lead, a["k"]), "f32"), TensorType((*lead, a["k"]), "i32")]
 
 
 def _ref_router(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     x, w, lb, sb = router_operands(xs, a)
-    return list(router_ref(x, w, sb, a, logit_bias=lb))
+    if x.ndim == 2:
+        return list(router_ref(x, w, sb, a, logit_bias=lb))
+    # x [B, S, H]: route the tokens, then drop over capacity per sequence
+    weights, ids = router_ref(x.reshape(-1, x.shape[-1]), w, sb, {**a, "capacity": 0},
+                              logit_bias=lb)
+    shape = (*x.shape[:-1], a["k"])
+    weights, ids = weights.reshape(shape), ids.reshape(shape)
+    if a["capacity"] > 0:
+        weights = np.where(capacity_mask(ids, a["capacity"]), weights, np.float32(0))
+    return [weights, ids]
 
 
 _SELECT_ATTRS = {"k": REQUIRED, "n_groups": 1, "topk_groups": 1, "group_score": "max",

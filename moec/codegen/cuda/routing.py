@@ -413,10 +413,12 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
 CAPACITY_SMEM = 40 * 1024  # bytes of shared memory the capacity kernel may use
 
 
-def capacity(E: int, k: int, cap: int) -> Kernel:
+def capacity(E: int, k: int, cap: int, batched: bool = False) -> Kernel:
     """Token dropping after moe.router (`capacity`, Switch Transformers; docs/ops.md): each
     expert keeps its first `cap` slots in slot order s = t*k + j, the others get weight 0.
-    Kernel args `(weights f32[T, k], ids i32[T, k], out f32[T, k])`; ids are clamped into
+    Kernel args `(weights f32[T, k], ids i32[T, k], out f32[T, k])`, or with `batched`
+    `[B, T, k]` each, every sequence counting its own slots (a router on [B, S, H]: one thread
+    block per sequence, max(B, 1) blocks, the spare one idle for B = 0); ids are clamped into
     [0, E) as the CPU kernel does.
 
     Design: a slot's fate depends on every earlier slot, so one thread block (up to 16 warps)
@@ -439,18 +441,19 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
     nt = nw * 32
     sh = Shapes()
     tok = sh.dim("T")
-    n = tok * k  # slots, int64
-    rounds = (n + (nt - 1)) // nt
+    nb = sh.dim("B") if batched else sh.dim(1)
+    shape = (nb, tok, k) if batched else (tok, k)
+    n = tok * k  # slots of a sequence, int64
 
     @T.prim_func
     def kernel(w_h: T.handle, ids_h: T.handle, o_h: T.handle):
-        W = T.match_buffer(w_h, (tok, k), "float32")
-        IDS = T.match_buffer(ids_h, (tok, k), "int32")
-        O = T.match_buffer(o_h, (tok, k), "float32")
-        wf = T.decl_buffer((n,), "float32", data=W.data)
-        idf = T.decl_buffer((n,), "int32", data=IDS.data)
-        of = T.decl_buffer((n,), "float32", data=O.data)
-        _bx = T.launch_thread("blockIdx.x", 1)
+        W = T.match_buffer(w_h, shape, "float32")
+        IDS = T.match_buffer(ids_h, shape, "int32")
+        O = T.match_buffer(o_h, shape, "float32")
+        wf = T.decl_buffer((nb * n,), "float32", data=W.data)
+        idf = T.decl_buffer((nb * n,), "int32", data=IDS.data)
+        of = T.decl_buffer((nb * n,), "float32", data=O.data)
+        bx = T.launch_thread("blockIdx.x", T.max(nb, T.int64(1)))
         tid = T.launch_thread("threadIdx.x", nt)
         run = T.alloc_buffer((E,), "int32", scope="shared")  # slots of earlier rounds
         wcnt = T.alloc_buffer((nw, E), "int32", scope="shared")  # this round, per warp
@@ -462,21 +465,23 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
         total = T.alloc_buffer((1,), "int32", scope="local")
         lane = tid % 32
         warp = tid // 32
+        base: T.let = T.Cast("int64", bx) * n  # this block's sequence
+        seq_slots: T.let = T.Select(T.Cast("int64", bx) < nb, n, T.int64(0))
         for i in range((E + nt - 1) // nt):
             if i * nt + tid < E:
                 run[i * nt + tid] = 0
                 for w in range(nw):
                     wcnt[w, i * nt + tid] = 0
         T.tvm_storage_sync("shared")
-        for i in range(rounds):
+        for i in range((seq_slots + (nt - 1)) // nt):
             s = i * nt + tid
             ex[0] = -1  # past the last slot: -1, never an expert
-            if s < n:
-                ex[0] = T.max(T.min(idf[s], E - 1), 0)
+            if s < seq_slots:
+                ex[0] = T.max(T.min(idf[base + s], E - 1), 0)
             warp_expert_counts(ex, peers, lead, wcnt, before, after, total, lane, warp, nw)
             if ex[0] >= 0:
-                of[s] = T.Select(run[ex[0]] + before[0] + lower_peers(peers, lane) < cap, wf[s],
-                                 T.float32(0))
+                of[base + s] = T.Select(run[ex[0]] + before[0] + lower_peers(peers, lane) < cap,
+                                        wf[base + s], T.float32(0))
             T.tvm_storage_sync("shared")
             # Each (warp, expert) leader clears its own count, and the leader of the last warp
             # holding the expert advances the running count (saturated at cap: only "below
@@ -487,7 +492,7 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
                     run[ex[0]] = T.min(run[ex[0]] + total[0], cap)
             T.tvm_storage_sync("shared")
 
-    name = "capacity"
+    name = "capacity_seq" if batched else "capacity"
     return Kernel(finalize(kernel, name), name, {})
 
 
