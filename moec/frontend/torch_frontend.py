@@ -258,6 +258,11 @@ def _export_inputs(examples: Sequence[object], axes: list[dict[int, str]],
     return tuple(args), tuple(shapes)
 
 
+def _dims_text(axes: list[dict[int, str]]) -> str:
+    return ", ".join(f"input {i} axis {ax} = {name}" for i, dims in enumerate(axes)
+                     for ax, name in dims.items()) or "none"
+
+
 def _swap(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path)
@@ -307,6 +312,10 @@ def from_torch(module: nn.Module, example_inputs: Sequence[object] | torch.Tenso
             raise _with_notes(e, notes) from e
         except Exception as e:  # torch's message is long; its first lines say what failed
             head = "\n".join(str(e).strip().splitlines()[:6])
+            if "Constraints violated" in str(e):  # a dim moec took for dynamic is not
+                head += (f"\n(moec made these dims dynamic: {_dims_text(axes)}; state the "
+                         f"dynamic ones with dynamic_dims= (moec compile --dynamic-dims), "
+                         f"e.g. {{0: {{0: 'B'}}}} to keep the other dims of input 0 static)")
             raise _with_notes(UnsupportedError(
                 f"torch.export could not trace {type(module).__name__}: "
                 f"{type(e).__name__}: {head}"), notes, anywhere=True) from e

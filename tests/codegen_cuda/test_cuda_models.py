@@ -22,14 +22,14 @@ def _demo():
     return m, ex[0]
 
 
-def _hf(family):
+def _hf(family, lead=(8,)):
     def make():
         transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
         del transformers
         import hf_families
 
         block = hf_families.build(family)
-        return block, torch.randn(8, block.gate.weight.shape[1] if hasattr(block, "gate")
+        return block, torch.randn(*lead, block.gate.weight.shape[1] if hasattr(block, "gate")
                                   else 32)
     return make
 
@@ -38,7 +38,9 @@ MODELS = {"demo": _demo, "mixtral": _hf("mixtral"), "qwen3_moe": _hf("qwen3_moe"
           # sparsemixer routing; expert capacity with a float32 router weight beside half x
           "phimoe": _hf("phimoe"), "switch_transformers": _hf("switch_transformers"),
           # grouped sigmoid routing whose correction bias is cast in the graph (not a weight)
-          "deepseek_v3": _hf("deepseek_v3")}
+          "deepseek_v3": _hf("deepseek_v3"),
+          # [B, S, H]: capacity counted per sequence (the batched capacity kernel)
+          "switch_bsh": _hf("switch_transformers", (2, 8))}
 
 
 # every model with float experts; the demo with int8 / int4 experts too

@@ -107,3 +107,36 @@ def test_canonical_form_evaluates_like_the_expression(e, t, b, s):
     value = got if isinstance(got, int) else got.evaluate(env)
     assert value == want, (e, str(got))
     assert canonical(got) == got  # the operators already return the canonical form
+
+
+RESHAPE_IR = """
+dim B: 0..8
+dim S: 0..16
+input %x: f32[B, S, 4]
+input %y: f32[S*B, 4]
+%f: f32[B*S, 4] = core.reshape(%x) {shape=[-1, 4]}
+%s: f32[B*S, 4] = core.add(%f, %y)
+%r: f32[B, S, 4] = core.reshape(%s) {shape=["B", "S", 4]}
+output %r
+"""
+
+
+def test_reshape_to_several_symbolic_dims_names_them():
+    """-1 stands for one dim only; [B*S, 4] -> [B, S, 4] names B and S; the interpreter binds
+    them from the inputs."""
+    import numpy as np
+
+    from moec.ir import interpret, verify
+
+    g = parse(RESHAPE_IR)
+    verify(g)
+    assert str(g.inputs[1].type) == "f32[B*S, 4]"
+    text = print_graph(g)
+    assert print_graph(parse(text)) == text
+    x, y = np.random.rand(3, 5, 4).astype("float32"), np.random.rand(15, 4).astype("float32")
+    (got,) = interpret(g, [x, y])
+    np.testing.assert_array_equal(got, x + y.reshape(3, 5, 4))
+    with pytest.raises(ParseError, match="cannot reshape"):
+        parse(RESHAPE_IR.replace('["B", "S", 4]', '["B", "S", 2]'))
+    with pytest.raises(ParseError, match="dim names with -1"):
+        parse(RESHAPE_IR.replace('["B", "S", 4]', '["B", -1, 4]'))
