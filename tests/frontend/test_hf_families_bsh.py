@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e .[test]")
 
-from hf_families import FAMILIES, H, build, skewed_tokens  # noqa: E402
+from hf_families import FAMILIES, H, build, reference_bsh, skewed_tokens  # noqa: E402
 
 from moec.frontend import from_torch  # noqa: E402
 from moec.ir import interpret, parse, print_graph, verify  # noqa: E402
@@ -31,20 +31,7 @@ def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def reference(block: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """transformers' output for x [B, S, H] (the first output of a tuple). Some blocks fail on
-    an empty batch (DBRX: `view(0, -1, H)`); their output for it is the empty array of the
-    shape they return for one sequence, with the batch taken away."""
-    with torch.no_grad():
-        try:
-            out = block(x)
-        except RuntimeError:
-            if x.numel():
-                raise
-            one = block(torch.zeros(1, *x.shape[1:]))
-            one = one[0] if isinstance(one, tuple) else one
-            return np.zeros((0, *one.shape[1:]) if one.dim() == 3 else (0, one.shape[-1]),
-                            np.float32)
-    return (out[0] if isinstance(out, tuple) else out).numpy()
+    return reference_bsh(block, x).numpy()
 
 
 def _inputs() -> list[tuple[str, torch.Tensor]]:
