@@ -14,7 +14,7 @@ import numpy as np
 from moec.errors import IRError
 from moec.ir.core_ops import _f, _gelu, _sigmoid, topk_ref
 from moec.ir.registry import REQUIRED, OpDef, register_op
-from moec.ir.types import DimLike, TensorType, same_dim
+from moec.ir.types import DimLike, TensorType, same_dim, same_shape, same_type
 
 A = Mapping[str, Any]
 ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
@@ -283,7 +283,7 @@ def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> i
            and same_dim(down.shape[2], inter) and same_dim(down.shape[0], e),
            f"{name}: up {up} / down {down} do not match hidden {hidden}")
     if a["gated"]:
-        _check(str(ws[0]) == str(up), f"{name}: gate {ws[0]} and up {up} differ")
+        _check(same_type(ws[0], up), f"{name}: gate {ws[0]} and up {up} differ")
     for w, b in zip(ws, bs, strict=False):
         _check(b.rank == 2 and same_dim(b.shape[0], e) and same_dim(b.shape[1], w.shape[1]),
                f"{name}: bias {b} does not match weight {w} (want [E, N] for [E, N, K])")
@@ -293,7 +293,7 @@ def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> i
 def _infer_experts(ts: list[TensorType], a: A) -> list[TensorType]:
     x, w, ids = ts[:3]
     _check(x.rank == 2 and w.rank == 2 and ids.rank == 2 and ids.dtype == "i32"
-           and same_dim(w.shape[0], x.shape[0]) and str(w.shape) == str(ids.shape),
+           and same_dim(w.shape[0], x.shape[0]) and same_shape(w.shape, ids.shape),
            f"moe.experts: x {x}, weights {w}, ids {ids} do not match (x[T,H], [T,k], i32[T,k])")
     _check(a["weight_on"] in ("output", "input"), f"moe.experts: weight_on {a['weight_on']!r}")
     _expert_weights("moe.experts", ts[3:], a, x.shape[1])
@@ -430,7 +430,7 @@ def _infer_gmm(ts: list[TensorType], a: A) -> list[TensorType]:
     _check(w.rank == 3 and x.rank == 2 and same_dim(x.shape[1], w.shape[2]),
            f"moe.grouped_matmul: x {x} and w {w} do not match (want [., K], [E, N, K])")
     if nw == 2:
-        _check(str(ws[1]) == str(w), f"moe.grouped_matmul: second weight {ws[1]} != {w}")
+        _check(same_type(ws[1], w), f"moe.grouped_matmul: second weight {ws[1]} != {w}")
     for b in bs:
         _check(b.rank == 2 and same_dim(b.shape[0], w.shape[0])
                and same_dim(b.shape[1], w.shape[1]),
@@ -487,7 +487,7 @@ register_op(OpDef("moe.unpermute", (2, 2), _infer_unpermute,
 
 def _infer_combine(ts: list[TensorType], a: A) -> list[TensorType]:
     y, w, sr = ts
-    _check(y.rank == 2 and w.rank == 2 and str(w.shape) == str(sr.shape) and sr.dtype == "i32",
+    _check(y.rank == 2 and w.rank == 2 and same_shape(w.shape, sr.shape) and sr.dtype == "i32",
            f"moe.combine: want y[S,H], weights[T,k], slot_row i32[T,k]; got {y}, {w}, {sr}")
     return [TensorType((w.shape[0], y.shape[1]), y.dtype)]
 
