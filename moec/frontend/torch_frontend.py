@@ -45,6 +45,7 @@ block's output on random inputs:
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -125,6 +126,8 @@ class MoECall(nn.Module):
                 shared = shared + self.get_submodule(name)(h)
             if s.shared_gate:
                 shared = torch.sigmoid(self.get_submodule(s.shared_gate)(h)) * shared
+            if s.shared_scale != 1.0:
+                shared = shared * float(s.shared_scale)
             y = y + shared
         if s.out_bias_name:
             y = y + self.get_parameter(s.out_bias_name)
@@ -334,6 +337,10 @@ def from_torch(module: nn.Module, example_inputs: Sequence[object] | torch.Tenso
                                    dims=bounds)
     except UnsupportedError as e:
         raise _with_notes(e, notes) from e
+    for path, why in notes.items():  # traced as plain ops: say so, never silently
+        warnings.warn(f"moec: module '{path or '<root>'}' has experts and a router but is not "
+                      f"compiled as an MoE block ({why}); it was traced as plain ops",
+                      UserWarning, stacklevel=2)
     used = {s for v in graph.inputs for d in v.shape if not isinstance(d, int)
             for s in d.free_syms()}
     for name in list(graph.dims):
