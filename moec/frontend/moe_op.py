@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu")
+UNGATED_ONLY = ("relu2",)
 GROUP_SCORES = ("max", "top2_sum")
 
 
@@ -30,6 +31,8 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(h)
     if activation == "relu":
         return F.relu(h)
+    if activation == "relu2":
+        return F.relu(h).square()
     if activation == "gelu_tanh":
         return F.gelu(h, approximate="tanh")
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")

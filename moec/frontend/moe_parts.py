@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moec.frontend.moe_op import ACTIVATIONS, activate
+from moec.frontend.moe_op import ACTIVATIONS, UNGATED_ONLY, activate
 
 _ROUTER_WORDS = ("router", "gate", "gating", "classifier", "wg")
 _ROLE_KEYS = {"gate": ("gate", "w1", "wi_0"), "up": ("up", "w3", "fc1", "wi_1", "c_fc", "wi",
@@ -261,7 +261,8 @@ def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
             return torch.stack([t.detach() for t in ts])
 
         for act in acts:
-            if act == "clamped_swiglu" and "gate" not in assign:
+            if act == "clamped_swiglu" and "gate" not in assign or (
+                    act in UNGATED_ONLY and "gate" in assign):
                 continue
             yield Reading(stack("gate"), stack("up"), stack("down"), act, stack("gate", "bias"),
                           stack("up", "bias"), stack("down", "bias"), **consts)
@@ -349,7 +350,8 @@ def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
                 ub = next((b.detach() for _, b in biases if b.shape[1] == i), None)
                 combos += [(None, u, None, ub) for u in _orient(rest[0][1], i, h)]
             for (g, u, bg, bu), act in itertools.product(combos, acts):
-                if g is None and act == "clamped_swiglu":
+                if g is None and act == "clamped_swiglu" or (
+                        g is not None and act in UNGATED_ONLY):
                     continue
                 yield Reading(g, u, w_down, act, bg, bu, b_down, **consts)
 

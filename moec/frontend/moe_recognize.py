@@ -132,6 +132,8 @@ class MoESpec:
                                        f"{', '.join(allowed)}")
         if self.activation == "clamped_swiglu" and self.w_gate is None:
             raise UnsupportedError(f"{where}: activation clamped_swiglu needs gated experts")
+        if self.activation == "relu2" and self.w_gate is not None:
+            raise UnsupportedError(f"{where}: activation relu2 is for non-gated experts")
         if self.select_bias is not None and not self.select_bias_name:
             raise UnsupportedError(f"{where}: select_bias needs select_bias_name (its path)")
 

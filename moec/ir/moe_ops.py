@@ -17,8 +17,9 @@ from moec.ir.registry import REQUIRED, OpDef, register_op
 from moec.ir.types import DimLike, TensorType, same_dim, same_shape, same_type
 
 A = Mapping[str, Any]
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu")
 GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themselves
+UNGATED_ONLY = ("relu2",)  # squared ReLU: non-gated experts, down(relu(up(x))^2)
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
 ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
 
@@ -46,6 +47,8 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
         return _gelu(x, "tanh")
     if name == "relu":
         return np.maximum(x, 0)
+    if name == "relu2":
+        return np.square(np.maximum(x, 0))
     if name == "none":
         return x
     raise IRError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
@@ -275,6 +278,8 @@ def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> i
     _check(a["activation"] in ACTIVATIONS, f"{name}: activation {a['activation']!r}")
     _check(a["gated"] or a["activation"] not in GATED_ONLY,
            f"{name}: activation {a['activation']} needs gated experts")
+    _check(not a["gated"] or a["activation"] not in UNGATED_ONLY,
+           f"{name}: activation {a['activation']} is for non-gated experts")
     ws, bs = ts[:n], ts[n:]
     up, down = ws[-2], ws[-1]
     _check(up.rank == 3 and down.rank == 3, f"{name}: expert weights must be [E, ., .]")
@@ -407,7 +412,7 @@ register_op(OpDef("moe.expert_ffn", (4, 8), _infer_expert_ffn, _ref_expert_ffn,
                   attrs={"block_m": REQUIRED, **_FFN_ATTRS},
                   doc="each used tile of the sorted layout through its expert's MLP"))
 
-GMM_ACTIVATIONS = ("none", "silu", "gelu", "relu", "gelu_tanh", "silu_mul", "gelu_mul",
+GMM_ACTIVATIONS = ("none", "silu", "gelu", "relu", "gelu_tanh", "relu2", "silu_mul", "gelu_mul",
                    "gelu_tanh_mul", "relu_mul", "clamped_swiglu_mul")
 
 

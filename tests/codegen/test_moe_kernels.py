@@ -68,7 +68,7 @@ def _gelu(x):
 
 
 ACT_REF = {"none": lambda v: v, "silu": lambda v: v * _sigmoid(v), "gelu": _gelu,
-           "relu": lambda v: np.maximum(v, 0),
+           "relu": lambda v: np.maximum(v, 0), "relu2": lambda v: np.maximum(v, 0) ** 2,
            "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))}
 
 
@@ -107,6 +107,7 @@ GMM_CASES = [
     # 10 panels in blocks of 4 (gated) or 8: the last panel block is partial (decode path clamps)
     (6, 80, 70, 8, 2, True, "silu_mul", True),
     (6, 150, 70, 8, 2, False, "none", True),
+    (5, 40, 24, 8, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
 ]
 COMBINE_CASES = [(40, 2), (64, 3)]  # (H, k)
 ROUTER_CASES = [

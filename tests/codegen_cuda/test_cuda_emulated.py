@@ -84,6 +84,7 @@ GMMS = {  # name: (E, N, K, block_m, top_k, gather, activation, bias)
     "swiglu": (8, 64, 64, 16, 2, True, "clamped_swiglu_mul", True),
     # Switch-like top-1, N = 48: no 4-warp tensor-core block divides it, one warp per tile
     "narrow": (8, 48, 32, 16, 1, True, "relu", False),
+    "relu2": (8, 64, 32, 16, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
 }
 
 

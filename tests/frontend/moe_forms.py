@@ -162,3 +162,42 @@ class DenseMaskedMoE(nn.Module):
         for e in range(1, E):
             y = y + probs[:, e:e + 1] * self.experts[e](x)
         return y * mask
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+class PlainMLP(nn.Module):
+    """A non-gated expert: down(act(up(x))), with or without biases."""
+
+    def __init__(self, act: nn.Module, bias: bool) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.act = act
+        self.down_proj = nn.Linear(I, H, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class NonGatedMoE(nn.Module):
+    """Softmax top-k, renormalised, over non-gated experts with activation relu2
+    (`down(relu(up(x))^2)`), relu or gelu, with or without biases."""
+
+    def __init__(self, act: str = "relu2", bias: bool = False, seed: int = 3) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        make = {"relu2": ReLUSquared, "relu": nn.ReLU, "gelu": nn.GELU}[act]
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(PlainMLP(make(), bias) for _ in range(E))
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5
+                        if q.dim() == 2 else torch.randn(q.shape, generator=gen) * 0.1)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
+        return _loop(self.experts, x, w / w.sum(-1, keepdim=True), ids)

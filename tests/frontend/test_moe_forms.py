@@ -15,6 +15,7 @@ from moe_forms import (
     DropoutListMoE,
     DropoutScaledMoE,
     H,
+    NonGatedMoE,
     SigmoidBiasMoE,
     ZeroExpertsMoE,
 )
@@ -43,6 +44,11 @@ FORMS = {
                        dict(scoring="softmax", norm_topk=False, scale=0.9, select_bias=None)),
     # an experts ModuleList holding a Dropout beside the expert MLPs
     "dropout_in_experts": (DropoutListMoE, dict(k=2, scale=1.0)),
+    # non-gated experts: squared ReLU, and ReLU / GELU with biases
+    "relu2": (lambda: NonGatedMoE("relu2"), dict(activation="relu2", w_gate=None, b_up=None)),
+    "relu2_bias": (lambda: NonGatedMoE("relu2", bias=True), dict(activation="relu2")),
+    "relu_bias": (lambda: NonGatedMoE("relu", bias=True), dict(activation="relu")),
+    "gelu_bias": (lambda: NonGatedMoE("gelu", bias=True), dict(activation="gelu")),
 }
 
 
@@ -83,6 +89,23 @@ def test_fitted_forms_compile_and_match():
         assert got.shape == want.shape
         if want.size:
             assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_relu2_experts_compile_and_match(bias):
+    """Squared-ReLU experts through the pipeline: grouped GEMM with the relu2 epilogue."""
+    import moec
+
+    block = NonGatedMoE("relu2", bias=bias)
+    art = moec.compile(block, (torch.randn(8, H),), max_tokens=64)
+    assert "activation=relu2" in art.ir_text
+    model = art.load_model()
+    for t in (1, 37):
+        x = torch.randn(t, H, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            want = block(x).numpy()
+        got = model(x).numpy()
+        assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
 
 
 def test_a_weight_whose_expert_count_differs_is_named():

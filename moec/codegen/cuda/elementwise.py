@@ -31,7 +31,8 @@ def _gelu(x: tirx.PrimExpr, approximate: str) -> tirx.PrimExpr:
 
 
 def activation(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The moe activations (`silu`, `gelu`, `gelu_tanh`, `relu`, `none`) on a float32 value."""
+    """The moe activations (`silu`, `gelu`, `gelu_tanh`, `relu`, `relu2`, `none`) on a float32
+    value."""
     if name == "silu":
         return x * _sigmoid(x)
     if name == "gelu":
@@ -40,6 +41,9 @@ def activation(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
         return _gelu(x, "tanh")
     if name == "relu":
         return tirx.max(x, tirx.const(0.0, "float32"))
+    if name == "relu2":
+        r = tirx.max(x, tirx.const(0.0, "float32"))
+        return r * r
     if name == "none":
         return x
     raise CodegenError(f"unknown activation {name!r}")

@@ -173,6 +173,7 @@ ACTIVATIONS: dict[str, Callable[[PrimExpr], PrimExpr]] = {
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
     "relu": relu,
+    "relu2": lambda v: let(relu(v), lambda r: r * r),
     "sigmoid": sigmoid,
     "tanh": tanh,
 }
