@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
 ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu")
 UNGATED_ONLY = ("relu2",)
@@ -46,6 +46,10 @@ def glu(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float = 1.702,
         g = g.clamp(max=limit)
         return (u.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
     return activate(g, activation) * u
+
+
+SCORE_FNS = {"softmax": lambda v: torch.softmax(v, dim=-1), "sigmoid": torch.sigmoid,
+             "sqrt_softplus": lambda v: torch.sqrt(F.softplus(v))}  # DeepSeek-V4's scores
 
 
 def _sparsemixer(logits: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,14 +87,14 @@ def route(logits: torch.Tensor, k: int, scoring: str, order: str, norm_topk: boo
     """Routing weights (f32 [T, k]) and expert ids (int64 [T, k]) from router logits [T, E],
     as moe.router in docs/ops.md."""
     logits = logits.float()
-    score = (lambda v: torch.softmax(v, dim=-1)) if scoring == "softmax" else torch.sigmoid
+    score = SCORE_FNS[scoring]
     if order == "score_topk":
         scores = score(logits)
         ids = _select(scores, select_bias, k, n_groups, topk_groups, group_score)
         weights = scores.gather(-1, ids)
         if norm_topk:
             denom = weights.sum(dim=-1, keepdim=True)
-            weights = weights / (denom + 1e-20 if scoring == "sigmoid" else denom)
+            weights = weights / (denom if scoring == "softmax" else denom + 1e-20)
     elif order == "topk_score":
         vals, ids = torch.topk(logits, k, dim=-1)
         weights = score(vals)

@@ -34,6 +34,7 @@ _TOPK_GROUP_ATTRS = ("topk_group", "topk_groups", "num_topk_groups")
 _SCALE_ATTRS = ("routed_scaling_factor", "routing_scale", "scaling_factor")
 _EPS_ATTRS = ("router_jitter_noise", "jitter_eps", "moe_jitter_eps")
 CAPACITY_ATTRS = ("expert_capacity", "capacity")
+_SCORING_ALIASES = {"sqrtsoftplus": "sqrt_softplus", "sqrt_softplus": "sqrt_softplus"}
 
 
 class NotCallableError(UnsupportedError):
@@ -80,8 +81,11 @@ def routings(sources: list[object], e: int, has_select_bias: bool,
                               ("score_topk", ("softmax_topk", "score_topk", "sigmoid_topk")))
               if v in keys]
     orders = list(dict.fromkeys(hinted + list(ORDERS)))
-    scorings = list(dict.fromkeys([v for v in hint_values(sources, ("scoring_func",), str)
-                                   if v in SCORINGS] + list(SCORINGS)))
+    hinted_scoring = [_SCORING_ALIASES.get(v, v) for v in hint_values(
+        sources, ("scoring_func", "score_func", "scoring"), str)]
+    # sqrt-softplus (rare) only when hinted or when every candidate is wanted
+    scorings = list(dict.fromkeys([v for v in hinted_scoring if v in SCORINGS] + [
+        s for s in SCORINGS if s != "sqrt_softplus" or not hinted_k]))
     norm_hint = [bool(v) if isinstance(v, bool) else v == 1
                  for v in hint_values(sources, _NORM_ATTRS, (bool, int, float))]
     norms = list(dict.fromkeys(norm_hint + [False, True]))

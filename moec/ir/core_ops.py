@@ -132,6 +132,7 @@ _UNARY = {
     "exp": (lambda x, a: np.exp(x), {}),
     "neg": (lambda x, a: -x, {}),
     "sqrt": (lambda x, a: np.sqrt(x), {}),
+    "softplus": (lambda x, a: np.logaddexp(0.0, x), {}),  # log(1 + e^x), without overflow
     "rsqrt": (lambda x, a: 1.0 / np.sqrt(x), {}),
     "scale": (lambda x, a: x * a["value"], {"value": REQUIRED}),
     "clamp": (lambda x, a: np.clip(x, -np.inf if a["min"] is None else a["min"],

@@ -21,6 +21,7 @@ ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu")
 GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themselves
 UNGATED_ONLY = ("relu2",)  # squared ReLU: non-gated experts, down(relu(up(x))^2)
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
+SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
 ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
 
 
@@ -52,6 +53,15 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
     if name == "none":
         return x
     raise IRError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def sqrt_softplus(x: np.ndarray) -> np.ndarray:
+    """sqrt(softplus(x)) = sqrt(log(1 + e^x)): DeepSeek-V4's router scores (positive)."""
+    return np.sqrt(np.logaddexp(0.0, x))
+
+
+SCORE_FNS = {"softmax": lambda v: _softmax(v), "sigmoid": lambda v: _sigmoid(v),
+             "sqrt_softplus": sqrt_softplus}
 
 
 def tile_counts(tokens: DimLike, k: int, num_experts: int, block_m: int) -> tuple[DimLike, DimLike]:
@@ -147,7 +157,7 @@ def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
     if logit_bias is not None:
         logits = logits + _f(logit_bias)
     k, order = a["k"], a["order"]
-    score = _sigmoid if a["scoring"] == "sigmoid" else _softmax
+    score = SCORE_FNS[a["scoring"]]
     if order == "topk_score":
         vals, ids = topk_ref(logits, k)
         weights = score(vals)
@@ -157,7 +167,7 @@ def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
         weights, ids = select_ref(score(logits), bias, a)
         if a["norm_topk"]:
             denom = weights.sum(-1, keepdims=True)
-            weights = weights / (denom + (1e-20 if a["scoring"] == "sigmoid" else 0.0))
+            weights = weights / (denom + (0.0 if a["scoring"] == "softmax" else 1e-20))
     weights = weights * a["scale"]
     if a.get("capacity", 0) > 0:
         weights = np.where(capacity_mask(ids, a["capacity"]), weights, 0)
@@ -185,7 +195,8 @@ def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
            f"sequence) takes x[B, S, H], flatten it to [T, H] otherwise")
     e = w.shape[0]
     _check(isinstance(e, int), "moe.router: the expert count must be static")
-    _check(a["scoring"] in ("softmax", "sigmoid"), f"moe.router: scoring {a['scoring']!r}")
+    _check(a["scoring"] in SCORINGS, f"moe.router: scoring {a['scoring']!r} not in "
+                                     f"{', '.join(SCORINGS)}")
     _check(a["order"] in ORDERS, f"moe.router: order {a['order']!r} not in {', '.join(ORDERS)}")
     _check_selection("moe.router", e, a)
     if a["order"] != "score_topk":

@@ -118,6 +118,9 @@ ROUTER_CASES = [
          topk_groups=2, group_score="top2_sum"),
     dict(E=12, k=3, norm_topk=True, n_groups=3, topk_groups=2, logit_bias=True),
     dict(E=7, k=3, scale=0.5, norm_topk=True),
+    # DeepSeek-V4: sqrt(softplus) scores, selection on score + bias, renormalised, scaled
+    dict(E=16, k=4, scoring="sqrt_softplus", norm_topk=True, scale=1.5, has_bias=True),
+    dict(E=8, k=2, scoring="sqrt_softplus", order="topk_score"),
 ]
 ROUTER_H = [64, 37]
 SPARSEMIXER_EPS = [0.01, 0.3]  # PhiMoE's default, and one wide enough to keep many experts
@@ -340,6 +343,8 @@ def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk
     def score(v):
         if scoring == "sigmoid":
             return _sigmoid(v)
+        if scoring == "sqrt_softplus":  # log1p(exp(v)) in float64; v down to -40 below
+            return np.sqrt(np.log1p(np.exp(v)))
         ex = np.exp(v - v.max(-1, keepdims=True))
         return ex / ex.sum(-1, keepdims=True)
 
@@ -367,7 +372,7 @@ def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     wts = np.take_along_axis(scores, ids, -1)
     if norm_topk:
-        wts = wts / (wts.sum(-1, keepdims=True) + (1e-20 if scoring == "sigmoid" else 0))
+        wts = wts / (wts.sum(-1, keepdims=True) + (0 if scoring == "softmax" else 1e-20))
     return wts * scale, ids, clear
 
 

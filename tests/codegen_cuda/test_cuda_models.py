@@ -94,3 +94,20 @@ def test_causal_lm_builds_for_sm90(tmp_path):
         assert kernels, (prefix, sorted(report))
         assert all(any(has_mma(c.ptx, k) for c in comps if k in c.report) for k in kernels)
     assert art.signature.inputs[0].dtype in ("int64", "int32")
+
+
+@pytest.mark.parametrize("form", ["sqrt_softplus", "relu2"])
+def test_issue17_forms_build_for_sm90(form):
+    """The router scoring and expert activation added for newer families (sqrt(softplus)
+    scores, squared-ReLU experts) build into sm_90 kernels with nvcc, without spills."""
+    import moe_forms
+
+    block = (moe_forms.SqrtSoftplusMoE() if form == "sqrt_softplus"
+             else moe_forms.NonGatedMoE("relu2", bias=True)).half()
+    with collect_compilations() as comps:
+        art = moec.compile(block, (torch.randn(2, 8, moe_forms.H).half(),), target="cuda",
+                           max_tokens=64)
+    want = "router_sqrt_softplus" if form == "sqrt_softplus" else "grouped_matmul_relu2"
+    assert any(k.startswith(want) for k in art.meta["kernels"]), art.meta["kernels"]
+    report = {k: v for c in comps for k, v in c.report.items()}
+    assert report and all(r["spill_stores"] == 0 for r in report.values())

@@ -201,3 +201,38 @@ class NonGatedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
         return _loop(self.experts, x, w / w.sum(-1, keepdim=True), ids)
+
+
+class SqrtSoftplusRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(E, H))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sqrt(F.softplus(F.linear(x, self.weight)))
+        ids = torch.topk(scores + self.e_score_correction_bias, K, dim=-1).indices
+        w = scores.gather(-1, ids)
+        return w / (w.sum(-1, keepdim=True) + 1e-20), ids
+
+
+class SqrtSoftplusMoE(nn.Module):
+    """sqrt(softplus(logits)) scores, top-k on score + bias, renormalised, scaled by a constant
+    (DeepSeek-V4's router), over SwiGLU experts."""
+
+    def __init__(self, seed: int = 4) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gate = SqrtSoftplusRouter()
+        self.experts = nn.ModuleList(MLP() for _ in range(E))
+        self.routed_scaling_factor = 1.5
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5)
+            self.gate.e_score_correction_bias.copy_(torch.randn(E, generator=gen) * 0.3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, H)
+        w, ids = self.gate(h)
+        return _loop(self.experts, h, w * self.routed_scaling_factor, ids).reshape(x.shape)

@@ -17,6 +17,7 @@ from moe_forms import (
     H,
     NonGatedMoE,
     SigmoidBiasMoE,
+    SqrtSoftplusMoE,
     ZeroExpertsMoE,
 )
 
@@ -49,6 +50,9 @@ FORMS = {
     "relu2_bias": (lambda: NonGatedMoE("relu2", bias=True), dict(activation="relu2")),
     "relu_bias": (lambda: NonGatedMoE("relu", bias=True), dict(activation="relu")),
     "gelu_bias": (lambda: NonGatedMoE("gelu", bias=True), dict(activation="gelu")),
+    # sqrt(softplus) scores + correction bias, renormalised, scaled (DeepSeek-V4)
+    "sqrt_softplus": (SqrtSoftplusMoE, dict(scoring="sqrt_softplus", norm_topk=True, scale=1.5,
+                                             select_bias_name="gate.e_score_correction_bias")),
 }
 
 
@@ -102,6 +106,23 @@ def test_relu2_experts_compile_and_match(bias):
     model = art.load_model()
     for t in (1, 37):
         x = torch.randn(t, H, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            want = block(x).numpy()
+        got = model(x).numpy()
+        assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
+
+
+def test_sqrt_softplus_router_compiles_and_matches():
+    """fuse-gating folds sqrt(softplus(linear)) -> select -> renorm -> scale into one
+    moe.router {scoring=sqrt_softplus}, whose kernel reproduces the block."""
+    import moec
+
+    block = SqrtSoftplusMoE()
+    art = moec.compile(block, (torch.randn(2, 8, H),), max_tokens=64)
+    assert "scoring=sqrt_softplus" in art.ir_text and "core.softplus" not in art.ir_text
+    model = art.load_model()
+    for shape in ((1, 1), (3, 5)):
+        x = torch.randn(*shape, H, generator=torch.Generator().manual_seed(shape[1]))
         with torch.no_grad():
             want = block(x).numpy()
         got = model(x).numpy()

@@ -48,7 +48,7 @@ def test_relu2_is_for_non_gated_experts():
         """)
 
 
-def _numeric_pipeline(text: str, tokens=(0, 1, 9)) -> None:
+def _numeric_pipeline(text: str, tokens=(0, 1, 9)):
     """The default pipeline under NumericCheck (each pass keeps the interpreter's numbers),
     and the final graph equal to the first on a few token counts."""
     rng = np.random.default_rng(0)
@@ -61,13 +61,88 @@ def _numeric_pipeline(text: str, tokens=(0, 1, 9)) -> None:
     np.testing.assert_allclose(interpret(g, inputs)[0], before, rtol=1e-5, atol=1e-6)
     for t in tokens:
         interpret(g, [rng.standard_normal((t, 16)).astype(np.float32)])
+    return g
 
 
 def test_default_pipeline_keeps_relu2_experts_numbers():
-    _numeric_pipeline(HEAD + """
+    g = _numeric_pipeline(HEAD + """
       %l: f32[T, 4] = core.linear(%x, @r)
       %p: f32[T, 4] = core.softmax(%l) {axis=-1}
       %v: f32[T, 2], %i: i32[T, 2] = core.topk(%p) {k=2}
       %y: f32[T, 16] = moe.experts(%x, %v, %i, @wu, @wd) {activation=relu2, gated=false}
       output %y
     """)
+    assert [n.attrs["activation"] for n in g.find("moe.grouped_matmul")] == ["relu2", "none"]
+
+
+ROUTER_HEAD = """
+dim T: 0..4096
+input %x: f32[T, 16]
+param @r: f32[4, 16]
+param @b: f32[4]
+"""
+
+
+def test_fuse_gating_sqrt_softplus_with_bias_renorm_scale():
+    from moec.passes.fuse_gating import FuseGating
+
+    before = parse(ROUTER_HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %sp: f32[T, 4] = core.softplus(%l)
+      %p: f32[T, 4] = core.sqrt(%sp)
+      %v: f32[T, 2], %i: i32[T, 2] = moe.select(%p, @b) {k=2, select_bias=true}
+      %s: f32[T, 1] = core.sum(%v) {axis=-1, keepdim=true}
+      %n: f32[T, 2] = core.div(%v, %s)
+      %w: f32[T, 2] = core.scale(%n) {value=1.5}
+      output %w, %i
+    """)
+    assert_ir_equal(run_pass(FuseGating(), before), ROUTER_HEAD + """
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r, @b) {k=2, scoring=sqrt_softplus, norm_topk=true, scale=1.5, select_bias=true}
+      output %w, %i
+    """)
+
+
+def test_fuse_gating_topk_then_sqrt_softplus():
+    from moec.passes.fuse_gating import FuseGating
+
+    before = parse(ROUTER_HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%l) {k=2}
+      %sp: f32[T, 2] = core.softplus(%v)
+      %w: f32[T, 2] = core.sqrt(%sp)
+      output %w, %i
+    """)
+    assert_ir_equal(run_pass(FuseGating(), before), ROUTER_HEAD + """
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2, scoring=sqrt_softplus, order=topk_score}
+      output %w, %i
+    """)
+
+
+def test_sqrt_alone_is_no_scoring():
+    """sqrt of the logits (no softplus) is not a router scoring: left as it is."""
+    from moec.passes.fuse_gating import FuseGating
+
+    text = ROUTER_HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %p: f32[T, 4] = core.sqrt(%l)
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%p) {k=2}
+      output %v, %i
+    """
+    assert_ir_equal(run_pass(FuseGating(), parse(text)), text)
+
+
+def test_default_pipeline_keeps_sqrt_softplus_router_numbers():
+    g = _numeric_pipeline(HEAD + """
+      param @b: f32[4]
+      param @wg: f32[4, 8, 16]
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %sp: f32[T, 4] = core.softplus(%l)
+      %p: f32[T, 4] = core.sqrt(%sp)
+      %v: f32[T, 2], %i: i32[T, 2] = moe.select(%p, @b) {k=2, select_bias=true}
+      %s: f32[T, 1] = core.sum(%v) {axis=-1, keepdim=true}
+      %n: f32[T, 2] = core.div(%v, %s)
+      %y: f32[T, 16] = moe.experts(%x, %n, %i, @wg, @wu, @wd)
+      output %y
+    """)
+    (router,) = g.find("moe.router")
+    assert router.attrs["scoring"] == "sqrt_softplus" and router.attrs["select_bias"]

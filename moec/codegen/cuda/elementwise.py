@@ -64,6 +64,8 @@ def _unary(op: str, attrs: dict[str, Any]) -> Callable[[tirx.PrimExpr], tirx.Pri
         "neg": lambda x: -x,
         "sqrt": tirx.sqrt,
         "rsqrt": tirx.rsqrt,
+        # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow, accurate where it is tiny
+        "softplus": lambda x: tirx.max(x, _fconst(0.0)) + tirx.log1p(tirx.exp(-tirx.abs(x))),
     }
     if op in table:
         return table[op]

@@ -169,8 +169,8 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
     the reference's 0/0 = NaN, which is never far); b is marked taken."""
     check_dtype(dtype, FLOATS)
     wdt = check_dtype(w_dtype or dtype, FLOATS)
-    if scoring not in ("softmax", "sigmoid") or order not in ("score_topk", "topk_score",
-                                                              "sparsemixer"):
+    if scoring not in ("softmax", "sigmoid", "sqrt_softplus") or order not in (
+            "score_topk", "topk_score", "sparsemixer"):
         raise CodegenError(f"router: scoring={scoring!r}, order={order!r}")
     if order == "sparsemixer" and (scoring != "softmax" or has_bias or n_groups > 1):
         raise CodegenError("router: order=sparsemixer takes softmax scoring, no selection bias "
@@ -188,6 +188,7 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
     hsteps = (H + 32 * vec - 1) // (32 * vec)
     grouped = order == "score_topk" and n_groups > 1
     sig = scoring == "sigmoid"
+    ssp = scoring == "sqrt_softplus"
     sparse = order == "sparsemixer"
     renorm = norm_topk and order == "score_topk"
     two_eps = float(np.float32(2.0 * jitter_eps))  # the reference compares in float32
@@ -269,6 +270,10 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
                 if sig:
                     for i in T.unroll(epl):
                         sc[i] = T.float32(1) / (T.float32(1) + T.exp(-lg[i]))
+                elif ssp:  # sqrt(log(1 + e^l)), without overflow; 0 past E (l = -inf)
+                    for i in T.unroll(epl):
+                        sc[i] = T.sqrt(T.max(lg[i], T.float32(0)) + T.log1p(T.exp(
+                            -T.fabs(lg[i]))))
                 else:
                     red[0] = T.float32(NEG_INF)
                     for i in T.unroll(epl):
@@ -380,6 +385,10 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
                 if sig:
                     for p in T.unroll(k):
                         wk[p] = T.float32(1) / (T.float32(1) + T.exp(-wk[p]))
+                elif ssp:
+                    for p in T.unroll(k):
+                        wk[p] = T.sqrt(T.max(wk[p], T.float32(0)) + T.log1p(T.exp(
+                            -T.fabs(wk[p]))))
                 else:  # values come out descending: wk[0] is the max
                     ov[0] = wk[0]
                     red[0] = T.float32(0)
@@ -389,7 +398,7 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
                     for p in T.unroll(k):
                         wk[p] = wk[p] / red[0]
             elif renorm:
-                red[0] = T.float32(1e-20) if sig else T.float32(0)
+                red[0] = T.float32(1e-20) if sig or ssp else T.float32(0)
                 for p in T.unroll(k):
                     red[0] = red[0] + wk[p]
                 for p in T.unroll(k):
