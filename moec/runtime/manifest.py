@@ -159,10 +159,6 @@ class Signature:
         if len(set(names)) != len(names):
             raise _fail(f"signature.inputs has duplicate names: {names}")
 
-    def dynamic_axes(self, spec: TensorSpec) -> dict[int, str]:
-        """{axis: dim name} of an input's dynamic dims (the plain names in its shape)."""
-        return {i: d for i, d in enumerate(spec.shape) if isinstance(d, str) and d in self.dims}
-
     def __str__(self) -> str:
         ins = ", ".join(str(s) for s in self.inputs)
         outs = ", ".join(str(s) for s in self.outputs)
