@@ -357,15 +357,6 @@ class _Translator:
         return self.emit("core.gelu", [self.val(n.args[0])],
                          {"approximate": n.kwargs.get("approximate", "none")})
 
-    def _softplus(self, n: fx.Node) -> Value:
-        beta, threshold = self.arg(1, "beta", 1), self.arg(2, "threshold", 20)
-        # torch returns x itself where beta*x > threshold; log(1 + e^x) differs from x there by
-        # less than e^-threshold, below float32 precision for the default threshold 20
-        if beta != 1 or threshold < 16:
-            raise self.unsupported(f"softplus with beta={beta}, threshold={threshold} (moec "
-                                   "has core.softplus = log(1 + e^x), beta 1)")
-        return self.emit("core.softplus", [self.val(n.args[0])])
-
     def _softmax(self, n: fx.Node) -> Value:
         dtype = self.meta(n)[1]
         x = self.val(n.args[0], dtype)
@@ -590,7 +581,6 @@ _HANDLERS: dict[str, Callable[[_Translator, fx.Node], Any]] = {
     "aten.pow.Tensor_Scalar": _Translator._pow,
     "aten.gelu": _Translator._gelu,
     "aten.softmax": _Translator._softmax,
-    "aten.softplus": _Translator._softplus,
     "aten._softmax": _Translator._softmax,
     "aten.mean.dim": _Translator._reduce,
     "aten.sum.dim_IntList": _Translator._reduce,

@@ -197,8 +197,19 @@ def _index(tr: Any, n: fx.Node) -> Value:
     return out
 
 
+def _softplus(tr: Any, n: fx.Node) -> Value:
+    beta, threshold = tr.arg(1, "beta", 1), tr.arg(2, "threshold", 20)
+    # torch returns x itself where beta*x > threshold; log(1 + e^x) differs from x there by
+    # less than e^-threshold, below float32 precision for the default threshold 20
+    if beta != 1 or threshold < 16:
+        raise tr.unsupported(f"softplus with beta={beta}, threshold={threshold} (moec has "
+                             "core.softplus = log(1 + e^x), beta 1)")
+    return tr.emit("core.softplus", [tr.val(n.args[0])])
+
+
 NN_HANDLERS: dict[str, Callable[[Any, fx.Node], Any]] = {
     "aten.embedding": _embedding,
+    "aten.softplus": _softplus,
     "aten.arange": _arange,
     "aten.cos": _unary("core.cos"),
     "aten.sin": _unary("core.sin"),
