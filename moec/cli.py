@@ -61,10 +61,28 @@ def cmd_compile(a: argparse.Namespace) -> int:
     art = moec.compile(model, example, target=a.target, pipeline=a.pipeline, passes=a.passes,
                        max_tokens=a.max_tokens, dump_ir=a.dump_ir, time_passes=a.time_passes,
                        progress=True, ep=a.ep, quantize=a.quantize, tuning=tuning,
-                       generate=False if a.no_generate else None, block_size=a.block_size)
+                       generate=False if a.no_generate else None, block_size=a.block_size,
+                       dynamic_dims=_dynamic_dims(a.dynamic_dims))
     art.save(a.output)
     print(f"wrote {a.output}")
     return 0
+
+
+def _dynamic_dims(text: str | None) -> dict | None:
+    """--dynamic-dims JSON -> moec.compile's dynamic_dims (JSON keys are strings: digits
+    become input positions and axes)."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        data = json.loads(text)
+        return {int(k) if k.isdigit() else k: None if v is None else {
+            int(ax): d if isinstance(d, str) else tuple(d) for ax, d in v.items()}
+            for k, v in data.items()}
+    except (ValueError, AttributeError, TypeError) as e:
+        raise InputError(f"--dynamic-dims {text!r}: want JSON like "
+                         f'{{"0": {{"0": "B", "1": "S"}}}} ({e})') from None
 
 
 def _model_of(spec: str) -> tuple[Any, tuple]:
@@ -443,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also read this tuning database (besides moec's and the user cache)")
     s.add_argument("--no-tuning", action="store_true",
                    help="ignore tuning databases: built-in block_m and tiles")
+    s.add_argument("--dynamic-dims", default=None, metavar="JSON",
+                   help="which dims of the example inputs are dynamic, replacing the guess "
+                        "(every leading dim of a float input), by input position or name: "
+                        "'{\"0\": {\"0\": \"B\", \"1\": \"S\"}}', "
+                        "'{\"x\": {\"1\": [\"S\", 1, 512]}}'")
     s.set_defaults(fn=cmd_compile)
 
     s = sub.add_parser("tune", help="measure the expert GEMMs' block_m and tiles for a model's "

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from moec import env
 from moec.errors import CodegenError, InputError
 from moec.ir.graph import Graph, Node
 from moec.ir.printer import print_graph
+from moec.ir.types import FLOAT_DTYPES, Sym
 from moec.passes.base import Pass
 from moec.passes.manager import (
     DumpIR,
@@ -43,7 +45,11 @@ def parse_target(target: str) -> dict[str, Any]:
                        f"'cuda:sm_90'")
 
 
-def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Graph:
+def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int,
+             dynamic_dims: Mapping[int | str, Any] | None = None) -> Graph:
+    if dynamic_dims is not None and (isinstance(model, (Graph, str, Path)) or model is None):
+        raise InputError("dynamic_dims applies to torch modules (their example inputs); an IR "
+                         "graph, ONNX file or checkpoint folder declares its dims itself")
     if isinstance(model, Graph):
         return model
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):  # an ONNX model file
@@ -66,7 +72,21 @@ def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Grap
         examples = (example_inputs,)  # a single tensor
     from moec.frontend import from_torch
 
-    return from_torch(model, examples, max_tokens=max_tokens)
+    return from_torch(model, examples, max_tokens=max_tokens, dynamic_dims=dynamic_dims)
+
+
+def token_limits(graph: Graph, max_tokens: int) -> list[dict[str, Any]]:
+    """`max_tokens` bounds the token count of each floating-point input with several dynamic
+    leading dims: `B*S <= max_tokens` for `[B, S, H]` (each of B and S alone is bounded by its
+    dim range)."""
+    out: list[dict[str, Any]] = []
+    for v in graph.inputs:
+        syms = [d for d in v.shape[:-1] if isinstance(d, Sym)]
+        if v.dtype in FLOAT_DTYPES and len(syms) > 1:
+            expr = str(math.prod(syms))
+            if all(lim["expr"] != expr for lim in out):
+                out.append({"expr": expr, "max": max_tokens})
+    return out
 
 
 def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cpu",
@@ -76,15 +96,22 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             progress: bool = False, ep: bool = False,
             quantize: str | None = None,
             tuning: bool | str | Path = True,
-            generate: bool | None = None, block_size: int = 16) -> Artifact:  # noqa: F821
+            generate: bool | None = None, block_size: int = 16,
+            dynamic_dims: Mapping[int | str, Any] | None = None) -> Artifact:  # noqa: F821
     """Compile an MoE model to an Artifact.
 
     model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
     moe.* ops), a Hugging Face checkpoint folder (config.json + safetensors; the whole causal LM,
     token ids [T] -> logits [T, vocab], no example inputs needed), a path ending in .onnx
     (moec.frontend.onnx_frontend.from_onnx) or an already-built IR Graph.
-    example_inputs: one example per model input;
-    dim 0 of each float input is the token dimension, dynamic in 0..max_tokens.
+    example_inputs: one example per model input. Every leading dim of a floating-point input
+    is dynamic (all but the last): `[T, H]` gives T, `[B, S, H]` B and S, each in
+    0..max_tokens, and max_tokens also bounds the token count B*S (in the signature's limits).
+    The artifact takes inputs of the example's rank; one whose signature is `[B, S, H]` also
+    takes `[S, H]`, as one sequence (B=1, dropped from the outputs again).
+    dynamic_dims: replaces that guess for the inputs it names, by position or argument name,
+    as {axis: dim name} or {axis: (name, min, max)}: `{0: {0: "B", 1: "S"}}`,
+    `{"x": {1: ("S", 1, 512)}}`, `{"table": None}` (all static); same name, same dim.
     pipeline: a named pipeline ("default"); passes: a pass list that replaces it, as a string
     ("default,+my-pass{opt=1}") or a list of names and Pass objects.
     dump_ir: folder for the IR before and after each pass; time_passes: print pass timings.
@@ -119,6 +146,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     step = _progress(progress)
     step("tracing")
     gen_meta, extra_files = None, {}
+    limits: list[dict[str, Any]] = []
     if ep and generate is None:
         generate = False  # expert-parallel artifacts are the plain forward (no EP generation)
     if _generates(model, example_inputs, generate):
@@ -126,9 +154,14 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             raise InputError("generation artifacts cannot be built expert-parallel yet "
                              "(ep=True with generate=True); leave generate out for the plain "
                              "forward")
+        if dynamic_dims is not None:
+            raise InputError("dynamic_dims applies to a torch module's forward, not to a "
+                             "generation artifact (compile with generate=False)")
         graph, gen_meta, extra_files = _step_graph(model, max_tokens, block_size, tgt)
     else:
-        graph = to_graph(model, example_inputs, max_tokens)
+        graph = to_graph(model, example_inputs, max_tokens, dynamic_dims)
+        if not isinstance(model, (Graph, str, Path)):
+            limits = token_limits(graph, max_tokens)
     pass_list = parse_pipeline(passes if passes is not None else pipeline)
     tuning_db = None if tgt.get("kind") != "llvm" or tuning is False else \
         _tuning_entries(pass_list, None if tuning is True else Path(tuning))
@@ -176,7 +209,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         weights=built.weights,
         ir_text=print_graph(graph),
         target=built.target_info,
-        signature=built.signature,
+        signature={**built.signature, **({"limits": limits} if limits else {})},
         pipeline=[p.spec() for p in pass_list],
         meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {}),
               **({"tuning": tuned} if tuned else {}),

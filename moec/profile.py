@@ -40,6 +40,7 @@ class _Layer:
         self.coact = np.zeros((e, e), np.int64)
 
     def add(self, weights: np.ndarray, ids: np.ndarray) -> None:
+        ids = ids.reshape(-1, ids.shape[-1])  # a capacity router on [B, S, H] gives [B, S, k]
         self.tokens += ids.shape[0]
         np.add.at(self.counts, ids.ravel(), 1)
         np.add.at(self.mass, ids.ravel(), weights.ravel().astype(np.float64))

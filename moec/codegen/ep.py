@@ -171,7 +171,8 @@ class _EpLowerer(_Lowerer):
     def _plain_dims(self, v: Value) -> None:
         if any(not isinstance(d, (int, Sym)) for d in v.shape):
             raise CodegenError(f"expert parallelism: value %{v.name}: {v.type} crosses a cut "
-                               f"between EP functions, and only plain symbolic dims can")
+                               f"between EP functions, and only plain symbolic dims can; "
+                               f"compile from a [T, H] example (tokens flattened) for --ep")
 
     def segment(self, fn: str, nodes: list[Node], inputs: list[Value], outputs: list[Value],
                 fresh_rows: set[Value]) -> EpSegment:

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from moec.errors import PassError
 from moec.ir.graph import Graph, Node, Value
+from moec.ir.types import same_type
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import Rewriter, eliminate_dead_code
 
@@ -118,12 +119,12 @@ class _Pruner:
                                 f"to rebuild it for pruned experts")
             m = rw.create(n.op, ops, attrs, loc=n.loc, before=n)
             for old, nv in zip(n.results, m.results, strict=True):
-                if n.op in ("moe.align",) or str(old.type) != str(nv.type):
+                if n.op in ("moe.align",) or not same_type(old.type, nv.type):
                     live[old] = nv
                 else:
                     rw.replace_all_uses(old, nv)
         for old, nv in live.items():
-            if old in self.g.outputs and str(old.type) == str(nv.type):
+            if old in self.g.outputs and same_type(old.type, nv.type):
                 rw.replace_all_uses(old, nv)
 
 

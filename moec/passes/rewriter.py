@@ -22,7 +22,7 @@ import numpy as np
 from moec.errors import IRError, PassError
 from moec.ir.builder import make_node
 from moec.ir.graph import Graph, Node, Value
-from moec.ir.types import TensorType, dtype_of_numpy
+from moec.ir.types import TensorType, dtype_of_numpy, same_type
 
 
 class Rewriter:
@@ -53,7 +53,7 @@ class Rewriter:
         return make_node(self.graph, op, operands, attrs, loc, index, names)
 
     def replace_all_uses(self, old: Value, new: Value) -> None:
-        if str(old.type) != str(new.type):
+        if not same_type(old.type, new.type):
             raise IRError(f"cannot replace {old!r} with {new!r}: types differ")
         self.graph.replace_all_uses(old, new)
         self.changes += 1

@@ -19,8 +19,11 @@ Layout: a folder `NAME.moec/` holding
                   "avx512f", ...); load refuses a host that lacks one (no SIGILL crash)
   signature       {"inputs":  [{"name": str, "shape": [int | str, ...], "dtype": str}, ...],
                    "outputs": [same form; str dims may be expressions such as "T*2"],
-                   "dims":    {"T": {"min": 0, "max": 4096}, ...}}
-                  every str dim of an input must be declared in dims; max may be null
+                   "dims":    {"T": {"min": 0, "max": 4096}, ...},
+                   "limits":  [{"expr": "B*S", "max": 4096}, ...]  (optional)}
+                  a str dim of an input is a dynamic dim declared in dims, or an expression of
+                  them ("B*S", checked against the call); max may be null; limits bound
+                  expressions of the dims (the token count of a [B, S, H] input)
   params          [str, ...]: weight names, in the order main takes them after the inputs
   pipeline        [str, ...]: the passes that ran, in order
   files           {"kernels.so": {"sha256": hex, "size": bytes}, ...} for every file but the

@@ -19,6 +19,8 @@ from moec.runtime import _tvm, archive
 from moec.runtime.cpu import check_elf_machine
 from moec.runtime.cuda_graph import stream_context
 from moec.runtime.inputs import (
+    add_batch,
+    batch_left_out,
     bind_inputs,
     check_inputs,
     is_torch_tensor,
@@ -26,6 +28,7 @@ from moec.runtime.inputs import (
     on_cpu,
     to_tvm,
     torch_module,
+    unbatch_outputs,
 )
 from moec.runtime.kernels import check_kernel_params, open_kernels
 from moec.runtime.manifest import Manifest, Signature
@@ -110,6 +113,12 @@ class CompiledModel:
         may also be given by name, `model(x=a)`."""
         sig = self._manifest.signature
         inputs = bind_inputs(sig, inputs, named)
+        lead = batch_left_out(sig, inputs)
+        if lead is not None:  # [S, H] for [B, S, H]: one sequence
+            inputs = tuple(
+                add_batch(x) if spec.shape[0] == lead else x
+                for spec, x in zip(sig.inputs, inputs, strict=True)
+            )
         check_inputs(sig, inputs)
         args = [
             to_tvm(spec, x, self._tvm, self._device)
@@ -129,6 +138,8 @@ class CompiledModel:
             self._wrap(o, copy=o.data_ptr() in shared and o.numel() > 0, as_torch=as_torch)
             for o in outs
         )
+        if lead is not None:
+            converted = tuple(unbatch_outputs(sig, lead, converted))
         return converted[0] if len(converted) == 1 else converted
 
     def cuda_graph(self, *example_inputs: Any) -> Any:

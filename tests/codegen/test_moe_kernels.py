@@ -68,7 +68,7 @@ def _gelu(x):
 
 
 ACT_REF = {"none": lambda v: v, "silu": lambda v: v * _sigmoid(v), "gelu": _gelu,
-           "relu": lambda v: np.maximum(v, 0),
+           "relu": lambda v: np.maximum(v, 0), "relu2": lambda v: np.maximum(v, 0) ** 2,
            "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))}
 
 
@@ -107,6 +107,7 @@ GMM_CASES = [
     # 10 panels in blocks of 4 (gated) or 8: the last panel block is partial (decode path clamps)
     (6, 80, 70, 8, 2, True, "silu_mul", True),
     (6, 150, 70, 8, 2, False, "none", True),
+    (5, 40, 24, 8, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
 ]
 COMBINE_CASES = [(40, 2), (64, 3)]  # (H, k)
 ROUTER_CASES = [
@@ -117,6 +118,9 @@ ROUTER_CASES = [
          topk_groups=2, group_score="top2_sum"),
     dict(E=12, k=3, norm_topk=True, n_groups=3, topk_groups=2, logit_bias=True),
     dict(E=7, k=3, scale=0.5, norm_topk=True),
+    # DeepSeek-V4: sqrt(softplus) scores, selection on score + bias, renormalised, scaled
+    dict(E=16, k=4, scoring="sqrt_softplus", norm_topk=True, scale=1.5, has_bias=True),
+    dict(E=8, k=2, scoring="sqrt_softplus", order="topk_score"),
 ]
 ROUTER_H = [64, 37]
 SPARSEMIXER_EPS = [0.01, 0.3]  # PhiMoE's default, and one wide enough to keep many experts
@@ -373,6 +377,8 @@ def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk
     def score(v):
         if scoring == "sigmoid":
             return _sigmoid(v)
+        if scoring == "sqrt_softplus":  # log1p(exp(v)) in float64; v down to -40 below
+            return np.sqrt(np.log1p(np.exp(v)))
         ex = np.exp(v - v.max(-1, keepdims=True))
         return ex / ex.sum(-1, keepdims=True)
 
@@ -400,7 +406,7 @@ def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     wts = np.take_along_axis(scores, ids, -1)
     if norm_topk:
-        wts = wts / (wts.sum(-1, keepdims=True) + (1e-20 if scoring == "sigmoid" else 0))
+        wts = wts / (wts.sum(-1, keepdims=True) + (0 if scoring == "softmax" else 1e-20))
     return wts * scale, ids, clear
 
 

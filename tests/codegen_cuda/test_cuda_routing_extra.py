@@ -58,8 +58,9 @@ def _router(cfg: str, dtype: str) -> Kernel:
     return _named(kern, f"smx_{cfg}_{dtype}")
 
 
-def _capacity(cfg: str) -> Kernel:
-    return _named(C.capacity(*CAPS[cfg]), f"cap_{cfg}")
+def _capacity(cfg: str, batched: bool = False) -> Kernel:
+    return _named(C.capacity(*CAPS[cfg], batched=batched),
+                  f"capseq_{cfg}" if batched else f"cap_{cfg}")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def emu(tmp_path_factory):
                 ks.append(_named(C.router(H, 8, 1, "softmax", "score_topk", False, 1.0, False, 1,
                                           1, "max", "float16", w_dtype="float32"), "switch_f16"))
                 ks += [_capacity(cfg) for cfg in CAPS]
+                ks += [_capacity(cfg, batched=True) for cfg in SEQ_CAPS]
             cache[group] = emulate(ks, workdir)
         return cache[group]
 
@@ -241,6 +243,31 @@ def test_capacity_clamps_expert_ids(emu):
     got = np.zeros_like(wts)
     emu("float32")["cap_e8c1"](wts, ids, got)
     np.testing.assert_array_equal(got, np.where(capacity_mask(np.clip(ids, 0, 7), cap), 1, 0))
+
+
+SEQ_CAPS = ("e8", "switch")
+
+
+@pytest.mark.parametrize("cfg", SEQ_CAPS)
+@pytest.mark.parametrize("batch,seq", [(3, 37), (2, 700), (0, 4), (2, 0), (1, 5)])
+def test_capacity_per_sequence(emu, cfg, batch, seq):
+    """The batched kernel ([B, S, k], a router on [B, S, H]): one block per sequence, each
+    counting its own slots; B = 0 launches one idle block. Every sequence leans on expert 0,
+    so with long sequences each of them drops some slots."""
+    e, k, cap = CAPS[cfg]
+    rng = np.random.default_rng(batch * 1000 + seq)
+    ids = np.stack([_ids(seq, e, k, True, rng) for _ in range(batch)]) if batch * seq else \
+        np.zeros((batch, seq, k), np.int32)
+    wts = rng.random(ids.shape).astype(np.float32) + 0.5
+    want = np.where(capacity_mask(ids, cap), wts, np.float32(0))
+    got = np.full_like(wts, np.nan)
+    emu("float32")[f"capseq_{cfg}"](wts, ids, got)
+    np.testing.assert_array_equal(got, want)
+    if seq == 700:
+        assert all((want[b] == 0).any() for b in range(batch))
+        # counting over all sequences at once would drop more: the count is per sequence
+        assert (want != 0).sum() > (np.where(capacity_mask(ids.reshape(-1, k), cap), 1, 0)
+                                    ).sum()
 
 
 @pytest.mark.parametrize("order", [1, -1])

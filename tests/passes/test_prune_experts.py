@@ -21,8 +21,8 @@ input %x: f32[T, 16]
 param @r: f32[4, 16]
 param @wd: f32[4, 8, 16]
 %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2}
-%s: i32[(T*2//8+4)*8], %te: i32[T*2//8+4], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=4}
-%y: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul(%x, @wd, %s, %te) {block_m=8, top_k=2, gather=true}
+%s: i32[(T//4+4)*8], %te: i32[T//4+4], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=4}
+%y: f32[(T//4+4)*8, 8] = moe.grouped_matmul(%x, @wd, %s, %te) {block_m=8, top_k=2, gather=true}
 %o: f32[T, 8] = moe.combine(%y, %w, %sr)
 output %o
 """
@@ -52,8 +52,8 @@ def test_prune_experts_ir(tmp_path):
       param @r.pruned: f32[3, 16]
       param @wd.pruned: f32[3, 8, 16]
       %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r.pruned) {k=2}
-      %s: i32[(T*2//8+3)*8], %te: i32[T*2//8+3], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=3}
-      %y: f32[(T*2//8+3)*8, 8] = moe.grouped_matmul(%x, @wd.pruned, %s, %te) {block_m=8, top_k=2, gather=true}
+      %s: i32[(T//4+3)*8], %te: i32[T//4+3], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=3}
+      %y: f32[(T//4+3)*8, 8] = moe.grouped_matmul(%x, @wd.pruned, %s, %te) {block_m=8, top_k=2, gather=true}
       %o: f32[T, 8] = moe.combine(%y, %w, %sr)
       output %o
     """)
