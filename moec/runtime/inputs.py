@@ -160,6 +160,42 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
     return {name: v[0] for name, v in bound.items()}
 
 
+def check_ranges(signature: Signature, inputs: Sequence[Any], ranges: Any) -> None:
+    """Refuse integer inputs outside the values the model takes: `ranges` (the manifest's
+    `meta.input_ranges`, recorded at compile time) maps an input name to `[lo, hi)`. Token ids
+    index an embedding table whose kernel would clamp an id outside it silently (the logits of
+    the last row for 600 in a vocabulary of 512), so they are refused here, as transformers
+    refuses them."""
+    if not ranges:
+        return
+    if not isinstance(ranges, dict):
+        raise InputError(f"the manifest's meta.input_ranges is {type(ranges).__name__}, not a "
+                         f"mapping: the artifact was edited or damaged, recompile the model")
+    for spec, x in zip(signature.inputs, inputs, strict=True):
+        r = ranges.get(spec.name)
+        if r is None or _category(spec.dtype) != "int":
+            continue
+        if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)):
+            raise InputError(f"the manifest's meta.input_ranges[{spec.name!r}] is {r!r}, not "
+                             f"[lo, hi): the artifact was edited or damaged, recompile it")
+        if is_torch_tensor(x):
+            if not x.numel():
+                continue
+            lo, hi = int(x.min()), int(x.max())
+        else:
+            x = np.asarray(x)
+            if not x.size:
+                continue
+            lo, hi = int(x.min()), int(x.max())
+        if lo < r[0] or hi >= r[1]:
+            bad = lo if lo < r[0] else hi
+            raise InputError(
+                f"input {spec.name!r} holds {bad}, outside [{r[0]}, {r[1]}): its values index "
+                f"a table of {r[1] - r[0]} rows (for token ids: the vocabulary), and ids "
+                f"outside it are refused, not clamped ({spec.type_str()})"
+            )
+
+
 def _check_int_range(spec: TensorSpec, lo: int, hi: int, target: np.dtype) -> None:
     info = np.iinfo(target)
     if lo < info.min or hi > info.max:

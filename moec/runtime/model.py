@@ -20,6 +20,7 @@ from moec.runtime.cpu import check_elf_machine
 from moec.runtime.cuda_graph import stream_context
 from moec.runtime.inputs import (
     check_inputs,
+    check_ranges,
     is_torch_tensor,
     numpy_dtype,
     on_cpu,
@@ -107,6 +108,7 @@ class CompiledModel:
         """Run the model; see the class docstring for what inputs and outputs can be."""
         sig = self._manifest.signature
         check_inputs(sig, inputs)
+        check_ranges(sig, inputs, self._manifest.meta.get("input_ranges"))
         args = [
             to_tvm(spec, x, self._tvm, self._device)
             for spec, x in zip(sig.inputs, inputs, strict=True)
