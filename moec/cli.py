@@ -131,7 +131,7 @@ def _check_numpy_file(path: str) -> None:
     else for pickled data and say so, in words about allow_pickle)."""
     with open(path, "rb") as f:
         head = f.read(6)
-    if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
+    if head != b"\x93NUMPY" and head[:2] != b"PK":  # .npz: a zip file
         raise InputError(f"input file {path} is not a .npy or .npz array file (it does not "
                          f"start with their header); write inputs with numpy.save or "
                          f"numpy.savez, e.g. np.save('x.npy', x)")
