@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from moec.errors import InputError
+from moec.errors import ArtifactError, InputError
 from moec.runtime.manifest import Signature, TensorSpec
 
 ALIGNMENT = 64
@@ -168,16 +168,16 @@ def check_ranges(signature: Signature, inputs: Sequence[Any], ranges: Any) -> No
     refuses them."""
     if not ranges:
         return
-    if not isinstance(ranges, dict):
-        raise InputError(f"the manifest's meta.input_ranges is {type(ranges).__name__}, not a "
-                         f"mapping: the artifact was edited or damaged, recompile the model")
+    if not isinstance(ranges, Mapping):
+        raise ArtifactError(f"the manifest's meta.input_ranges is {type(ranges).__name__}, not "
+                            f"a mapping: the artifact was edited or damaged, recompile the model")
     for spec, x in zip(signature.inputs, inputs, strict=True):
         r = ranges.get(spec.name)
         if r is None or _category(spec.dtype) != "int":
             continue
         if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)):
-            raise InputError(f"the manifest's meta.input_ranges[{spec.name!r}] is {r!r}, not "
-                             f"[lo, hi): the artifact was edited or damaged, recompile it")
+            raise ArtifactError(f"the manifest's meta.input_ranges[{spec.name!r}] is {r!r}, "
+                                f"not [lo, hi): the artifact was edited or damaged, recompile it")
         if is_torch_tensor(x):
             if not x.numel():
                 continue

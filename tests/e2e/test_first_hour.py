@@ -288,3 +288,22 @@ def test_a_tuning_entry_this_cpu_cannot_use_falls_back_to_the_defaults(tmp_path)
         want = module(example[0]).numpy()
     got = moec.load(art.save(tmp_path / "t.moec"))(x)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_check_ranges_refuses_ids_outside_the_table():
+    """The runtime's check (moec/runtime/inputs.py; the end-to-end case with a compiled
+    checkpoint is tests/frontend/test_whole_model.py): values in [lo, hi) pass, others and a
+    damaged manifest entry are refused by name."""
+    from moec.errors import InputError
+    from moec.runtime.inputs import check_ranges
+    from moec.runtime.manifest import DimSpec, Signature, TensorSpec
+
+    sig = Signature((TensorSpec("ids", ("T",), "int64"),), (TensorSpec("y", ("T", 8), "float32"),),
+                    {"T": DimSpec(0, 64)})
+    check_ranges(sig, [np.array([0, 511])], {"ids": [0, 512]})
+    check_ranges(sig, [np.array([], np.int64)], {"ids": [0, 512]})
+    for bad in (512, 10**9, -1):
+        with pytest.raises(InputError, match=f"input 'ids' holds {bad}, outside"):
+            check_ranges(sig, [np.array([3, bad])], {"ids": [0, 512]})
+    with pytest.raises(ArtifactError, match="input_ranges"):
+        check_ranges(sig, [np.array([3])], {"ids": "512"})
