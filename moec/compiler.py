@@ -142,6 +142,13 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     if max_tokens < 1:
         raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
     tgt = parse_target(target)
+    # the options are checked before tracing, which can take minutes
+    pass_list = parse_pipeline(passes if passes is not None else pipeline)
+    if quantize is not None:
+        from moec.passes.quantize_experts import QuantizeExperts, parse_mode
+
+        bits, group_size = parse_mode(quantize)
+        quantize_pass = QuantizeExperts(bits=bits, group_size=group_size)
     t0 = time.perf_counter()
     step = _progress(progress)
     step("tracing")
@@ -162,14 +169,10 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         graph = to_graph(model, example_inputs, max_tokens, dynamic_dims)
         if not isinstance(model, (Graph, str, Path)):
             limits = token_limits(graph, max_tokens)
-    pass_list = parse_pipeline(passes if passes is not None else pipeline)
     tuning_db = None if tgt.get("kind") != "llvm" or tuning is False else \
         _tuning_entries(pass_list, None if tuning is True else Path(tuning))
     if quantize is not None:
-        from moec.passes.quantize_experts import QuantizeExperts, parse_mode
-
-        bits, group_size = parse_mode(quantize)
-        pass_list.append(QuantizeExperts(bits=bits, group_size=group_size))
+        pass_list.append(quantize_pass)
     if gen_meta is not None:
         from moec.passes.offload_experts import OffloadExperts
 
@@ -184,6 +187,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         ins.append(timing)
     if dump_ir:
         ins.append(DumpIR(dump_ir))
+    ranges = {} if gen_meta is not None else index_ranges(graph)  # (steps check their ids)
     missing = [n for n in graph.params if graph.param_data.get(n) is None]
     if missing:  # text IR parses to shape-only parameters
         raise InputError(f"parameter(s) {', '.join('@' + n for n in missing[:5])} have no data: "
@@ -214,12 +218,34 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {}),
               **({"tuning": tuned} if tuned else {}),
               **({"pass_stats": stats_json(pm.ctx.stats)} if pm.ctx.stats else {}),
+              **({"input_ranges": ranges} if ranges else {}),
               **({"generation": gen_meta} if gen_meta else {})},
         extra_files=extra_files,
     )
     if env.debug_level() >= 1:
         print(f"moec: compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return art
+
+
+def index_ranges(graph: Graph) -> dict[str, list[int]]:
+    """Integer graph inputs that index a table (token ids into an embedding) -> `[0, rows)`,
+    the values the runtime accepts for them (moec.runtime.inputs.check_ranges)."""
+    out: dict[str, list[int]] = {}
+    for ids in graph.inputs:
+        seen, todo = set(), [ids]
+        while todo:  # the input and its reshapes (the values, rearranged)
+            v = todo.pop()
+            for node, slot in v.uses:
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op == "core.reshape":
+                    todo.append(node.results[0])
+                elif node.op == "core.embedding" and slot == 1 and isinstance(
+                        node.operands[0].shape[0], int):
+                    rows = int(node.operands[0].shape[0])
+                    out[ids.name] = [0, min(rows, out.get(ids.name, [0, rows])[1])]
+    return out
 
 
 def _generates(model: Any, example_inputs: Any, generate: bool | None) -> bool:

@@ -37,7 +37,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    f"at most 3 timed rounds, limits from 3 repetitions instead of 10")
     g.add_argument("--zipf", type=float, default=1.0, metavar="S",
                    help="Zipf exponent of the skewed routing (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs and "
+                   "routing (default: %(default)s)")
     g.add_argument("--tol", type=float, default=1e-4, help="max relative error against "
                    "hf-eager for a system to be timed (default: %(default)s)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -26,7 +26,14 @@ from moec.distributed.plan import Plan, Region, parse_plan, shard_bounds
 from moec.errors import ArtifactError, InputError, MoecError
 from moec.runtime import _tvm
 from moec.runtime.cpu import check_elf_machine
-from moec.runtime.inputs import ALIGNMENT, bind_inputs, check_inputs, is_torch_tensor, to_tvm
+from moec.runtime.inputs import (
+    ALIGNMENT,
+    bind_inputs,
+    check_inputs,
+    check_ranges,
+    is_torch_tensor,
+    to_tvm,
+)
 from moec.runtime.kernels import open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.model import _NUMPY_DLPACK_DTYPES, _parse_device
@@ -107,6 +114,7 @@ class EPModel:
         sig = self._manifest.signature
         inputs = bind_inputs(sig, inputs, named)
         check_inputs(sig, inputs)
+        check_ranges(sig, inputs, self._manifest.meta.get("input_ranges"))
         args = [to_tvm(spec, x, self._tvm, self._device)
                 for spec, x in zip(sig.inputs, inputs, strict=True)]
         env: dict[str, Any] = dict(zip(self._plan.inputs, args, strict=True))

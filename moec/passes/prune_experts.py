@@ -8,6 +8,7 @@ see only the kept experts: the routing weights renormalise over the rest. Downst
 that indexes experts (moe.align's `num_experts`, and the expert weights, biases and quantised
 scales of moe.experts / moe.expert_ffn / moe.grouped_matmul(_q)) is rebuilt on the kept experts;
 expert ids are renumbered 0..E'-1 in kept order. At least `top_k` experts are always kept.
+The pass says on stderr which experts it removed from each layer, or why it removed none.
 
 Run anywhere after fuse-gating (before or after the default pipeline; before quantize-experts is
 cheapest). Requires: routers with parameter weights and plain (ungrouped) selection; the
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -146,6 +148,7 @@ class PruneExperts(Pass):
         layers = load_profile(self.profile)
         rw = Rewriter(graph)
         pruned: dict[str, list[int]] = {}
+        seen: dict[str, float] = {}  # profiled routers of this graph -> their lowest load
         for router in graph.find("moe.router"):
             w = router.operands[1]
             layer = layers.get(w.name) if w.kind == "param" else None
@@ -155,12 +158,43 @@ class PruneExperts(Pass):
             if len(layer["load"]) != e:
                 raise PassError(f"prune-experts: profile layer {w.name} has {len(layer['load'])} "
                                 f"experts, the model {e}")
+            seen[w.name] = min(layer["load"])
             keep = kept_experts(layer, self.threshold, router.attrs["k"])
             if len(keep) == e:
                 continue
             _Pruner(graph, rw, keep, e).run(router)
             pruned[w.name] = keep
+            gone = [i for i in range(e) if i not in keep]
+            _report(f"{w.name}: removed {len(gone)} of {e} experts ({_ids(gone)}: load under "
+                    f"{self.threshold}), kept {len(keep)}")
         eliminate_dead_code(graph, rw)
         rw.remove_unused_params()
         ctx.stats["prune-experts.kept"] = pruned
+        if not pruned:
+            _report(self._why_nothing(graph, layers, seen))
         return rw.changes > 0
+
+    def _why_nothing(self, graph: Graph, layers: dict[str, dict], seen: dict[str, float]) -> str:
+        if seen:
+            name = min(seen, key=seen.__getitem__)
+            return (f"removed no expert: every expert of the {len(seen)} profiled layer(s) has "
+                    f"a load of at least {self.threshold} (the lowest: {seen[name]:.4f}, in "
+                    f"{name}); raise threshold= to prune")
+        routers = [r.operands[1].name for r in graph.find("moe.router")]
+        return (f"removed no expert: no router of this model ({_names(routers)}) is in the "
+                f"profile {self.profile} ({_names(list(layers))}, grouped routers excepted); "
+                f"was it measured on this model?")
+
+
+def _report(message: str) -> None:
+    """What the pass did, on stderr: pruning is lossy, so it never happens silently."""
+    print(f"prune-experts: {message}", file=sys.stderr, flush=True)
+
+
+def _ids(ids: list[int], most: int = 16) -> str:
+    return ", ".join(map(str, ids[:most])) + (", ..." if len(ids) > most else "")
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    return (", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
+                                       else "")) or "none"

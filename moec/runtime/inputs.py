@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from moec.errors import InputError
+from moec.errors import ArtifactError, InputError
 from moec.runtime.dimexpr import parse_dim_expr
 from moec.runtime.manifest import Signature, TensorSpec
 
@@ -263,6 +263,42 @@ def unbatch_outputs(signature: Signature, lead: str, outs: Sequence[Any]) -> lis
     """Drop the left-out batch dim (size 1) from the outputs whose shape starts with it."""
     return [o[0] if spec.shape and spec.shape[0] == lead else o
             for spec, o in zip(signature.outputs, outs, strict=True)]
+
+
+def check_ranges(signature: Signature, inputs: Sequence[Any], ranges: Any) -> None:
+    """Refuse integer inputs outside the values the model takes: `ranges` (the manifest's
+    `meta.input_ranges`, recorded at compile time) maps an input name to `[lo, hi)`. Token ids
+    index an embedding table whose kernel would clamp an id outside it silently (the logits of
+    the last row for 600 in a vocabulary of 512), so they are refused here, as transformers
+    refuses them."""
+    if not ranges:
+        return
+    if not isinstance(ranges, Mapping):
+        raise ArtifactError(f"the manifest's meta.input_ranges is {type(ranges).__name__}, not "
+                            f"a mapping: the artifact was edited or damaged, recompile the model")
+    for spec, x in zip(signature.inputs, inputs, strict=True):
+        r = ranges.get(spec.name)
+        if r is None or _category(spec.dtype) != "int":
+            continue
+        if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)):
+            raise ArtifactError(f"the manifest's meta.input_ranges[{spec.name!r}] is {r!r}, "
+                                f"not [lo, hi): the artifact was edited or damaged, recompile it")
+        if is_torch_tensor(x):
+            if not x.numel():
+                continue
+            lo, hi = int(x.min()), int(x.max())
+        else:
+            x = np.asarray(x)
+            if not x.size:
+                continue
+            lo, hi = int(x.min()), int(x.max())
+        if lo < r[0] or hi >= r[1]:
+            bad = lo if lo < r[0] else hi
+            raise InputError(
+                f"input {spec.name!r} holds {bad}, outside [{r[0]}, {r[1]}): its values index "
+                f"a table of {r[1] - r[0]} rows (for token ids: the vocabulary), and ids "
+                f"outside it are refused, not clamped ({spec.type_str()})"
+            )
 
 
 def _check_int_range(spec: TensorSpec, lo: int, hi: int, target: np.dtype) -> None:

@@ -23,6 +23,7 @@ from moec.runtime.inputs import (
     batch_left_out,
     bind_inputs,
     check_inputs,
+    check_ranges,
     is_torch_tensor,
     numpy_dtype,
     on_cpu,
@@ -120,6 +121,7 @@ class CompiledModel:
                 for spec, x in zip(sig.inputs, inputs, strict=True)
             )
         check_inputs(sig, inputs)
+        check_ranges(sig, inputs, self._manifest.meta.get("input_ranges"))
         args = [
             to_tvm(spec, x, self._tvm, self._device)
             for spec, x in zip(sig.inputs, inputs, strict=True)
