@@ -14,7 +14,13 @@ The `MoE` op (ONNX Runtime's contrib schema: `input [T, H]`, `router_probs [T, E
 `swiglu_limit`, `use_sparse_mixer`) becomes the unfused moe form: `core.softmax -> core.topk
 [-> core.sum, core.div] -> moe.experts`, with fused gate/up weights split (interleaved or halves)
 into moec's `w_gate`/`w_up [E, I, H]`. Sparse-mixer routing becomes `moe.router` with
-`order=sparsemixer` over the given logits (an identity router weight).
+`order=sparsemixer` over the given logits (an identity router weight). A 3-D `[B, S, H]` input is
+flattened around the experts. `QMoE` (integer 8/4/2-bit experts, symmetric or with zero points,
+per-row or block-wise scales) is dequantised at compile time exactly as ONNX Runtime defines it,
+`(q - zero_point) * scale`, into fp32 expert weights: moec's quantised kernels keep their own
+formats, so nothing is approximated. MoE attributes and inputs moec does not implement (e.g.
+`num_shared_experts`, `router_weights`) are refused by name, never ignored. The full table is
+docs/frontend.md.
 
 Every node whose op moec cannot translate is collected first; one `UnsupportedError` lists them
 all (op type and node names), so a model needs one run to see everything that is missing.
@@ -166,6 +172,10 @@ class _Translator:
                 continue
             if key not in _HANDLERS:
                 missing.setdefault(key, []).append(_where(n))
+            elif n.domain == _MOE_DOMAIN and n.op_type in ("MoE", "QMoE"):
+                inputs = {i.name for i in self.g.input}
+                for problem in _moe_form_problems(n, set(self.consts), inputs):
+                    missing.setdefault(f"{key} ({problem})", []).append(_where(n))
         if missing:
             raise UnsupportedError(_missing_message(missing))
 
@@ -343,7 +353,31 @@ class _Translator:
 
     # ------------------------------------------------------------------ com.microsoft MoE
     def _moe(self, n: Any) -> Value:
+        fc1, b1, fc2, b2, fc3, b3 = (self.const_input(i, _MOE_INPUTS[i]) for i in range(2, 8))
+        return self._moe_experts(n, _attrs(n), fc1, b1, fc2, b2, fc3, b3)
+
+    def _qmoe(self, n: Any) -> Value:
+        """QMoE: the integer-quantised experts are dequantised here, exactly as ONNX Runtime
+        defines it (`(q - zero_point) * scale`), into fp32 expert weights; see `_dequantize`."""
         at = _attrs(n)
+        bits = int(at.get("expert_weight_bits", 4))
+        block = int(at.get("block_size", 0) or 0)
+        const = {i: self.const_input(i, _QMOE_INPUTS[i]) for i in range(2, 14)}
+        ws = []
+        for fc, (wi, si, zi) in (("fc1", (2, 3, 11)), ("fc2", (5, 6, 12)), ("fc3", (8, 9, 13))):
+            q = const[wi]
+            if q is None:
+                ws.append(None)
+                continue
+            if const[si] is None:
+                raise _Skip(f"{_QMOE_INPUTS[si]} missing")
+            ws.append(_dequantize(q, const[si], const[zi], int(at.get(f"{fc}_expert_weight_bits",
+                                                                        bits)), block, fc))
+        return self._moe_experts(n, at, ws[0], const[4], ws[1], const[7], ws[2], const[10])
+
+    def _moe_experts(self, n: Any, at: dict[str, Any], fc1: np.ndarray, b1: np.ndarray | None,
+                     fc2: np.ndarray, b2: np.ndarray | None, fc3: np.ndarray | None,
+                     b3: np.ndarray | None) -> Value:
         act = at.get("activation_type", b"relu")
         act = act.decode() if isinstance(act, bytes) else act
         k = int(at.get("k", 1))
@@ -352,15 +386,11 @@ class _Translator:
         beta = float(at.get("activation_beta", 0.0))
         limit = at.get("swiglu_limit")
         x, logits = self.val(n.input[0]), self.val(n.input[1])
-        if x.type.rank != 2:
-            raise _Skip("3-D input (pass tokens packed as [T, H])")
-        fc1 = self.const_input(2, "fc1_experts_weights")
-        b1 = self.const_input(3, "fc1_experts_bias")
-        fc2 = self.const_input(4, "fc2_experts_weights")
-        b2 = self.const_input(5, "fc2_experts_bias")
-        fc3 = self.const_input(6, "fc3_experts_weights")
-        b3 = self.const_input(7, "fc3_experts_bias")
-        E, H = fc2.shape[0], fc2.shape[1]
+        H, E = x.shape[-1], logits.shape[-1]
+        if x.type.rank not in (2, 3) or logits.type.rank not in (2, 3):
+            raise _Skip(f"input {x.type} / router_probs {logits.type}: want [T, H] or "
+                        "[B, S, H] and [T, E]")
+        _check_layout(n, fc1, fc2, fc3, b1, b2, b3, H, E, act == "swiglu" and fusion in (1, 2))
         attrs: dict[str, Any] = {}
         if act == "swiglu":
             if fusion == 0:
@@ -378,28 +408,44 @@ class _Translator:
                 raise _Skip(f"swiglu_fusion={fusion}")
             if limit is None and alpha == 1.0 and beta == 0.0:
                 attrs["activation"] = "silu"
-            elif limit is not None and beta == 1.0:
-                attrs.update(activation="clamped_swiglu", alpha=alpha, limit=float(limit))
+            elif limit is None or beta == 1.0:
+                # g * sigmoid(alpha g) * (u + beta) is clamped_swiglu (u + 1) with the up bias
+                # shifted by beta - 1; no limit is a limit no float32 reaches past
+                if beta != 1.0:
+                    bu = (np.zeros(wu.shape[:2], wu.dtype) if bu is None else bu) + np.asarray(
+                        beta - 1.0, wu.dtype)
+                lim = float(np.finfo(np.float32).max) if limit is None else float(limit)
+                attrs.update(activation="clamped_swiglu", alpha=alpha, limit=lim)
             else:
-                raise _Skip(f"swiglu with activation_alpha={alpha}, activation_beta={beta}, "
-                            f"swiglu_limit={limit} (moec has silu(g)*u and GPT-OSS's clamped "
-                            "form: a limit with beta=1)")
+                raise _Skip(f"swiglu with swiglu_limit={limit} and activation_beta={beta} (moec "
+                            "clamps the up projection, then adds 1: a limit needs beta=1)")
             gated = True
-        elif act in ("relu", "gelu", "silu"):
-            if fc3 is not None:
-                raise _Skip(f"fc3_experts_weights with activation_type={act}")
-            wg, wu, bg, bu, gated = None, fc1, None, b1, False
-            # ONNX Runtime's CPU MoE computes gelu with the tanh approximation
-            attrs["activation"] = "gelu_tanh" if act == "gelu" else act
+        elif act in ("relu", "gelu", "silu", "identity"):
+            # ONNX Runtime's CPU MoE computes gelu with the tanh approximation; activation_alpha
+            # and activation_beta only affect swiglu
+            attrs["activation"] = {"gelu": "gelu_tanh", "identity": "none"}.get(act, act)
+            if fc3 is None:
+                wg, wu, bg, bu, gated = None, fc1, None, b1, False
+            elif act == "identity":
+                raise _Skip("fc3_experts_weights with activation_type=identity")
+            else:  # Mixtral / Phi layout: act(fc1 x) * (fc3 x)
+                wg, wu, bg, bu, gated = fc1, fc3, b1, b3, True
         else:
             raise _Skip(f"activation_type={act}")
         inter = wu.shape[1]
         bias = any(b is not None for b in (bg, bu, b2))
+        x2 = x if x.type.rank == 2 else self.emit("core.reshape", [x], {"shape": [-1, H]})
+        if logits.type.rank == 3:
+            logits = self.emit("core.reshape", [logits], {"shape": [-1, E]})
+        if str(x2.shape[0]) != str(logits.shape[0]):
+            raise _Skip(f"router_probs has {logits.shape[0]} rows for {x2.shape[0]} tokens (a "
+                        "3-D input wants router_probs computed from it in the graph: moec takes "
+                        "dim 0 of every graph input as the same token count)")
         weights, ids = self._moe_routing(logits, E, k, at)
         ws = [wg, wu, fc2] if gated else [wu, fc2]
         names = ["w_gate", "w_up", "w_down"] if gated else ["w_up", "w_down"]
         if bias:
-            dt = fc1.dtype
+            dt = fc2.dtype
             zero_i = np.zeros((E, inter), dt)
             ws += ([zero_i if bg is None else bg] if gated else [])
             ws += [zero_i if bu is None else bu, np.zeros((E, H), dt) if b2 is None else b2]
@@ -407,7 +453,10 @@ class _Translator:
         operands = [self.new_param(nm, np.ascontiguousarray(w)) for nm, w in zip(names, ws,
                                                                                strict=True)]
         attrs.update(gated=gated, bias=bias)
-        return self.emit("moe.experts", [x, weights, ids, *operands], attrs)
+        y = self.emit("moe.experts", [x2, weights, ids, *operands], attrs)
+        if x.type.rank == 3:
+            y = self.emit("core.reshape", [y], {"shape": [-1, x.shape[1], H]})
+        return y
 
     def _dense_moe(self, m: Any) -> Value:
         """moe.experts for a dense-combine MoE (moec/frontend/onnx_dense_moe.py)."""
@@ -434,6 +483,138 @@ class _Translator:
             den = self.emit("core.sum", [weights], {"axis": -1, "keepdim": True})
             weights = self.emit("core.div", [weights, den])
         return weights, ids
+
+
+_MOE_INPUTS = ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias",
+               "fc2_experts_weights", "fc2_experts_bias", "fc3_experts_weights", "fc3_experts_bias")
+_QMOE_INPUTS = ("input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc1_experts_bias",
+                "fc2_experts_weights", "fc2_scales", "fc2_experts_bias", "fc3_experts_weights",
+                "fc3_scales", "fc3_experts_bias", "fc1_zero_points", "fc2_zero_points",
+                "fc3_zero_points", "router_weights", "fc1_global_scale", "fc2_global_scale",
+                "fc1_act_scale", "fc2_act_scale", "fc1_act_block_scale", "fc2_act_block_scale")
+# attribute -> the values moec implements (None: any value); anything else is refused by name
+_MOE_ATTRS: dict[str, tuple | None] = {
+    "k": None, "activation_type": None, "normalize_routing_weights": None,
+    "swiglu_fusion": None, "activation_alpha": None, "activation_beta": None,
+    "swiglu_limit": None, "use_sparse_mixer": None, "swiglu_limit_after_activation": (0,)}
+_QMOE_ATTRS: dict[str, tuple | None] = {
+    **_MOE_ATTRS, "expert_weight_bits": (2, 4, 8), "fc1_expert_weight_bits": (2, 4, 8),
+    "fc2_expert_weight_bits": (2, 4, 8), "fc3_expert_weight_bits": (2, 4, 8),
+    "block_size": None, "quant_type": (b"int", "int"), "weights_prepacked": (-1, 0),
+    # ORT's accuracy knob (int8 activations at level 4): moec computes the exact dequantised
+    # product at every level
+    "accuracy_level": None}
+
+
+def _moe_form_problems(n: Any, consts: set[str], graph_inputs: set[str]) -> list[str]:
+    """What moec cannot translate about a MoE / QMoE node's form, found before translating:
+    attributes it does not implement (never ignored), inputs it does not read, expert weights
+    that are not constants."""
+    q = n.op_type == "QMoE"
+    known, names = (_QMOE_ATTRS, _QMOE_INPUTS) if q else (_MOE_ATTRS, _MOE_INPUTS)
+    out = []
+    for name, value in _attrs(n).items():
+        if name not in known:
+            out.append(f"attribute {name} is not implemented ({n.op_type} attributes moec "
+                       f"reads: {', '.join(known)})")
+        elif known[name] is not None and value not in known[name]:
+            shown = value.decode() if isinstance(value, bytes) else value
+            out.append(f"attribute {name}={shown} (moec implements "
+                       f"{', '.join(str(v) for v in known[name] if not isinstance(v, bytes))})")
+    for i, name in enumerate(n.input):
+        if not name:
+            continue
+        if i >= len(names) or (q and i >= 14):
+            what = names[i] if i < len(names) else f"input {i}"
+            out.append(f"{what} '{name}' is not implemented")
+        elif i >= 2 and name in graph_inputs and name not in consts:
+            out.append(f"{names[i]} '{name}' is a graph input: moec compiles expert weights as "
+                       "constants; make it an initializer")
+    return out
+
+
+def _check_layout(n: Any, fc1: np.ndarray, fc2: np.ndarray, fc3: np.ndarray | None,
+                  b1: np.ndarray | None, b2: np.ndarray | None, b3: np.ndarray | None,
+                  H: Any, E: Any, fused: bool) -> None:
+    """The expert tensors' shapes against ORT's layout: fc1 [E, f*I, H], fc2 [E, H, I], fc3
+    [E, I, H], biases [E, rows]. A declared shape that is not that layout (ORT's older CUDA
+    tests declare fc1 [E, H, I] over [E, I, H] data) is refused here, naming the node."""
+    names = _QMOE_INPUTS if n.op_type == "QMoE" else _MOE_INPUTS
+    f = 2 if fused else 1
+    inter = None  # I, from whichever of fc2 / fc1 has H where the layout wants it
+    if fc2.ndim == 3 and fc2.shape[1] == H:
+        inter = fc2.shape[2]
+    elif fc1.ndim == 3 and fc1.shape[2] == H and fc1.shape[1] % f == 0:
+        inter = fc1.shape[1] // f
+    want = {"fc2_experts_weights": (fc2, (E, H, inter)),
+            "fc1_experts_weights": (fc1, (E, None if inter is None else f * inter, H))}
+    if fc3 is not None:
+        if fused:
+            raise _Skip("fc3_experts_weights with fused swiglu (swiglu_fusion=1|2)")
+        want["fc3_experts_weights"] = (fc3, (E, inter, H))
+    for name, b, rows in (("fc1_experts_bias", b1, want["fc1_experts_weights"][1][1]),
+                          ("fc2_experts_bias", b2, H), ("fc3_experts_bias", b3, inter)):
+        if b is not None:
+            want[name] = (b, (E, rows))
+    for name, (a, shape) in want.items():
+        if a.shape != shape:
+            arg = f"'{n.input[names.index(name)]}' " if n.input[names.index(name)] else ""
+            deq = " (dequantised)" if n.op_type == "QMoE" and "weights" in name else ""
+            raise _Skip(f"{name} {arg}is {list(a.shape)}{deq}, want "
+                        f"[{', '.join('I' if d is None else str(d) for d in shape)}] for input "
+                        f"hidden size "
+                        f"{H}, {E} experts, fc2 [E, H, I]: ORT's layout is fc1 [E, f*I, H], "
+                        "fc2 [E, H, I], fc3 [E, I, H]; fix a declared shape that differs from "
+                        "the data layout in the model")
+
+
+def _unpack(a: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """uint8 [..., B] holding 8/bits values per byte, least significant first -> [..., count]."""
+    a = np.asarray(a, np.uint8)
+    per = 8 // bits
+    vals = np.stack([(a >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], axis=-1)
+    return vals.reshape(*a.shape[:-1], -1)[..., :count]
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int,
+                block: int, fc: str) -> np.ndarray:
+    """One QMoE expert weight as float32 [E, N, K], as ONNX Runtime defines it:
+    `(q - zero_point) * scale`, q unsigned `bits`-bit values packed least significant first
+    along K, scale [E, N] (per row) or [E, N, K/block_size], zero points packed the same way
+    along N (per row) or along the blocks, default 2^(bits-1) (symmetric)."""
+    if bits not in (2, 4, 8):
+        raise _Skip(f"{fc}: {bits}-bit weights (moec reads 2, 4 and 8)")
+    if q.dtype != np.uint8 or q.ndim != 3:
+        raise _Skip(f"{fc}_experts_weights must be uint8 [E, N, K*bits/8], got {q.dtype} "
+                    f"{list(q.shape)}")
+    e, n, kb = q.shape
+    k = kb * 8 // bits
+    vals = _unpack(q, bits, k).astype(np.float32)
+    scale = np.asarray(scale, np.float32)
+    if block:
+        if k % block:
+            raise _Skip(f"{fc}: K={k} is not a multiple of block_size={block}")
+        g, want = k // block, (e, n, k // block)
+    else:
+        g, want = 1, (e, n)
+    if scale.shape != want:
+        raise _Skip(f"{fc}_scales is {list(scale.shape)}, want {list(want)}")
+    scale = scale.reshape(e, n, g)
+    if zero is None:
+        z = np.full((e, n, g), 1 << (bits - 1), np.float32)
+    elif block:
+        zb = -(-g * bits // 8)
+        if zero.shape != (e, n, zb):
+            raise _Skip(f"{fc}_zero_points is {list(zero.shape)}, want {[e, n, zb]}")
+        z = _unpack(zero, bits, g).astype(np.float32)
+    else:
+        zb = -(-n * bits // 8)
+        if zero.shape != (e, zb):
+            raise _Skip(f"{fc}_zero_points is {list(zero.shape)}, want {[e, zb]}")
+        z = _unpack(zero, bits, n).astype(np.float32)[..., None]
+    per = k // g
+    return ((vals - np.repeat(z, per, axis=-1)) * np.repeat(scale, per, axis=-1)).astype(
+        np.float32)
 
 
 def _np(dtype: str) -> np.dtype:
@@ -469,6 +650,7 @@ _HANDLERS: dict[str, Callable[[_Translator, Any], Any]] = {
     "SimplifiedLayerNormalization": _Translator._norm,
     "RMSNormalization": _Translator._norm,
     f"{_MOE_DOMAIN}::MoE": _Translator._moe,
+    f"{_MOE_DOMAIN}::QMoE": _Translator._qmoe,
 }
 SUPPORTED_OPS = tuple(_HANDLERS)
 

@@ -17,9 +17,9 @@ from moec.ir.registry import REQUIRED, OpDef, register_op
 from moec.ir.types import DimLike, TensorType, same_dim, same_shape, same_type
 
 A = Mapping[str, Any]
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu", "none")
 GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themselves
-UNGATED_ONLY = ("relu2",)  # squared ReLU: non-gated experts, down(relu(up(x))^2)
+UNGATED_ONLY = ("relu2", "none")  # squared ReLU: down(relu(up(x))^2); none: down(up(x))
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
 SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
 ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
