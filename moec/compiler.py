@@ -173,6 +173,10 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         _tuning_entries(pass_list, None if tuning is True else Path(tuning))
     if quantize is not None:
         pass_list.append(quantize_pass)
+    elif graph.quant_forms:  # weights read quantised (ONNX QMoE): their own exact parts
+        from moec.passes.quantize_experts import QuantizeExperts
+
+        pass_list.append(QuantizeExperts(only_exact=True))
     if gen_meta is not None:
         from moec.passes.offload_experts import OffloadExperts
 

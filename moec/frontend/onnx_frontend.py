@@ -17,10 +17,12 @@ into moec's `w_gate`/`w_up [E, I, H]`. Sparse-mixer routing becomes `moe.router`
 `order=sparsemixer` over the given logits (an identity router weight). A 3-D `[B, S, H]` input is
 flattened around the experts. `QMoE` (integer 8/4/2-bit experts, symmetric or with zero points,
 per-row or block-wise scales) is dequantised at compile time exactly as ONNX Runtime defines it,
-`(q - zero_point) * scale`, into fp32 expert weights: moec's quantised kernels keep their own
-formats, so nothing is approximated. MoE attributes and inputs moec does not implement (e.g.
-`num_shared_experts`, `router_weights`) are refused by name, never ignored. The full table is
-docs/frontend.md.
+`(q - zero_point) * scale`, into fp32 expert weights, and where moec's quantised kernels read
+the same values (8-bit symmetric, 4-bit) their exact parts go to `Graph.quant_forms`, which
+quantize-experts (appended by `moec.compile`) puts on `moe.grouped_matmul_q`; 2-bit and 8-bit
+with zero points stay fp32 experts. Nothing is approximated. MoE attributes and inputs moec
+does not implement (e.g. `num_shared_experts`, `router_weights`) are refused by name, never
+ignored. The full table is docs/frontend.md (the form checks: moec/frontend/onnx_moe.py).
 
 Every node whose op moec cannot translate is collected first; one `UnsupportedError` lists them
 all (op type and node names), so a model needs one run to see everything that is missing.
@@ -37,6 +39,13 @@ import numpy as np
 
 from moec.errors import UnsupportedError
 from moec.frontend.onnx_dense_moe import find_dense_moe, node_key
+from moec.frontend.onnx_moe import MOE_INPUTS as _MOE_INPUTS
+from moec.frontend.onnx_moe import QMOE_INPUTS as _QMOE_INPUTS
+from moec.frontend.onnx_moe import Skip as _Skip
+from moec.frontend.onnx_moe import check_layout as _check_layout
+from moec.frontend.onnx_moe import dequantize as _dequantize
+from moec.frontend.onnx_moe import exact_form as _exact_form
+from moec.frontend.onnx_moe import moe_form_problems as _moe_form_problems
 from moec.ir import Graph
 from moec.ir.builder import IRBuilder
 from moec.ir.graph import Value
@@ -52,10 +61,6 @@ _UNARY = {"Relu": "core.relu", "Sigmoid": "core.sigmoid", "Tanh": "core.tanh", "
 _BINARY = {"Add": "core.add", "Sub": "core.sub", "Mul": "core.mul", "Div": "core.div",
            "Max": "core.maximum", "Min": "core.minimum"}
 _MOE_DOMAIN = "com.microsoft"
-
-
-class _Skip(Exception):
-    """A node's form (not its op type) that moec cannot translate; collected like op types."""
 
 
 def _load(model: Any) -> Any:
@@ -363,7 +368,7 @@ class _Translator:
         bits = int(at.get("expert_weight_bits", 4))
         block = int(at.get("block_size", 0) or 0)
         const = {i: self.const_input(i, _QMOE_INPUTS[i]) for i in range(2, 14)}
-        ws = []
+        ws, forms = [], {}
         for fc, (wi, si, zi) in (("fc1", (2, 3, 11)), ("fc2", (5, 6, 12)), ("fc3", (8, 9, 13))):
             q = const[wi]
             if q is None:
@@ -371,13 +376,17 @@ class _Translator:
                 continue
             if const[si] is None:
                 raise _Skip(f"{_QMOE_INPUTS[si]} missing")
-            ws.append(_dequantize(q, const[si], const[zi], int(at.get(f"{fc}_expert_weight_bits",
-                                                                        bits)), block, fc))
-        return self._moe_experts(n, at, ws[0], const[4], ws[1], const[7], ws[2], const[10])
+            fc_bits = int(at.get(f"{fc}_expert_weight_bits", bits))
+            ws.append(_dequantize(q, const[si], const[zi], fc_bits, block, fc))
+            forms[fc] = _exact_form(q, const[si], const[zi], fc_bits, block)
+        return self._moe_experts(n, at, ws[0], const[4], ws[1], const[7], ws[2], const[10],
+                                 forms)
 
     def _moe_experts(self, n: Any, at: dict[str, Any], fc1: np.ndarray, b1: np.ndarray | None,
                      fc2: np.ndarray, b2: np.ndarray | None, fc3: np.ndarray | None,
-                     b3: np.ndarray | None) -> Value:
+                     b3: np.ndarray | None, forms: dict[str, Any] | None = None) -> Value:
+        """moe.experts for ORT's MoE form; `forms`: fc name -> its exact quantised form (or
+        None), recorded in `graph.quant_forms` for the expert weights split from it."""
         act = at.get("activation_type", b"relu")
         act = act.decode() if isinstance(act, bytes) else act
         k = int(at.get("k", 1))
@@ -397,13 +406,16 @@ class _Translator:
                 if fc3 is None:
                     raise _Skip("swiglu_fusion=0 without fc3_experts_weights")
                 wg, wu, bg, bu = fc1, fc3, b1, b3
+                src = {"w_gate": ("fc1", slice(None)), "w_up": ("fc3", slice(None))}
             elif fusion == 1:  # rows [g0, u0, g1, u1, ...]
                 wg, wu = fc1[:, 0::2], fc1[:, 1::2]
                 bg, bu = (None, None) if b1 is None else (b1[:, 0::2], b1[:, 1::2])
+                src = {"w_gate": ("fc1", slice(0, None, 2)), "w_up": ("fc1", slice(1, None, 2))}
             elif fusion == 2:  # rows [g | u]
                 half = fc1.shape[1] // 2
                 wg, wu = fc1[:, :half], fc1[:, half:]
                 bg, bu = (None, None) if b1 is None else (b1[:, :half], b1[:, half:])
+                src = {"w_gate": ("fc1", slice(None, half)), "w_up": ("fc1", slice(half, None))}
             else:
                 raise _Skip(f"swiglu_fusion={fusion}")
             if limit is None and alpha == 1.0 and beta == 0.0:
@@ -424,8 +436,10 @@ class _Translator:
             # ONNX Runtime's CPU MoE computes gelu with the tanh approximation; activation_alpha
             # and activation_beta only affect swiglu
             attrs["activation"] = {"gelu": "gelu_tanh", "identity": "none"}.get(act, act)
+            src = {"w_gate": ("fc1", slice(None)), "w_up": ("fc3", slice(None))}
             if fc3 is None:
                 wg, wu, bg, bu, gated = None, fc1, None, b1, False
+                src = {"w_up": ("fc1", slice(None))}
             elif act == "identity":
                 raise _Skip("fc3_experts_weights with activation_type=identity")
             else:  # Mixtral / Phi layout: act(fc1 x) * (fc3 x)
@@ -452,6 +466,14 @@ class _Translator:
             names += (["b_gate"] if gated else []) + ["b_up", "b_down"]
         operands = [self.new_param(nm, np.ascontiguousarray(w)) for nm, w in zip(names, ws,
                                                                                strict=True)]
+        src["w_down"] = ("fc2", slice(None))
+        for v, nm in zip(operands, names, strict=False):
+            fc, rows = src.get(nm, (None, None))
+            form = (forms or {}).get(fc)
+            if form is not None:  # the rows of the quantised tensor this weight holds
+                bits, group, parts = form
+                self.b.graph.quant_forms[v.name] = (bits, group, tuple(
+                    np.ascontiguousarray(p[:, rows]) for p in parts))
         attrs.update(gated=gated, bias=bias)
         y = self.emit("moe.experts", [x2, weights, ids, *operands], attrs)
         if x.type.rank == 3:
@@ -483,138 +505,6 @@ class _Translator:
             den = self.emit("core.sum", [weights], {"axis": -1, "keepdim": True})
             weights = self.emit("core.div", [weights, den])
         return weights, ids
-
-
-_MOE_INPUTS = ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias",
-               "fc2_experts_weights", "fc2_experts_bias", "fc3_experts_weights", "fc3_experts_bias")
-_QMOE_INPUTS = ("input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc1_experts_bias",
-                "fc2_experts_weights", "fc2_scales", "fc2_experts_bias", "fc3_experts_weights",
-                "fc3_scales", "fc3_experts_bias", "fc1_zero_points", "fc2_zero_points",
-                "fc3_zero_points", "router_weights", "fc1_global_scale", "fc2_global_scale",
-                "fc1_act_scale", "fc2_act_scale", "fc1_act_block_scale", "fc2_act_block_scale")
-# attribute -> the values moec implements (None: any value); anything else is refused by name
-_MOE_ATTRS: dict[str, tuple | None] = {
-    "k": None, "activation_type": None, "normalize_routing_weights": None,
-    "swiglu_fusion": None, "activation_alpha": None, "activation_beta": None,
-    "swiglu_limit": None, "use_sparse_mixer": None, "swiglu_limit_after_activation": (0,)}
-_QMOE_ATTRS: dict[str, tuple | None] = {
-    **_MOE_ATTRS, "expert_weight_bits": (2, 4, 8), "fc1_expert_weight_bits": (2, 4, 8),
-    "fc2_expert_weight_bits": (2, 4, 8), "fc3_expert_weight_bits": (2, 4, 8),
-    "block_size": None, "quant_type": (b"int", "int"), "weights_prepacked": (-1, 0),
-    # ORT's accuracy knob (int8 activations at level 4): moec computes the exact dequantised
-    # product at every level
-    "accuracy_level": None}
-
-
-def _moe_form_problems(n: Any, consts: set[str], graph_inputs: set[str]) -> list[str]:
-    """What moec cannot translate about a MoE / QMoE node's form, found before translating:
-    attributes it does not implement (never ignored), inputs it does not read, expert weights
-    that are not constants."""
-    q = n.op_type == "QMoE"
-    known, names = (_QMOE_ATTRS, _QMOE_INPUTS) if q else (_MOE_ATTRS, _MOE_INPUTS)
-    out = []
-    for name, value in _attrs(n).items():
-        if name not in known:
-            out.append(f"attribute {name} is not implemented ({n.op_type} attributes moec "
-                       f"reads: {', '.join(known)})")
-        elif known[name] is not None and value not in known[name]:
-            shown = value.decode() if isinstance(value, bytes) else value
-            out.append(f"attribute {name}={shown} (moec implements "
-                       f"{', '.join(str(v) for v in known[name] if not isinstance(v, bytes))})")
-    for i, name in enumerate(n.input):
-        if not name:
-            continue
-        if i >= len(names) or (q and i >= 14):
-            what = names[i] if i < len(names) else f"input {i}"
-            out.append(f"{what} '{name}' is not implemented")
-        elif i >= 2 and name in graph_inputs and name not in consts:
-            out.append(f"{names[i]} '{name}' is a graph input: moec compiles expert weights as "
-                       "constants; make it an initializer")
-    return out
-
-
-def _check_layout(n: Any, fc1: np.ndarray, fc2: np.ndarray, fc3: np.ndarray | None,
-                  b1: np.ndarray | None, b2: np.ndarray | None, b3: np.ndarray | None,
-                  H: Any, E: Any, fused: bool) -> None:
-    """The expert tensors' shapes against ORT's layout: fc1 [E, f*I, H], fc2 [E, H, I], fc3
-    [E, I, H], biases [E, rows]. A declared shape that is not that layout (ORT's older CUDA
-    tests declare fc1 [E, H, I] over [E, I, H] data) is refused here, naming the node."""
-    names = _QMOE_INPUTS if n.op_type == "QMoE" else _MOE_INPUTS
-    f = 2 if fused else 1
-    inter = None  # I, from whichever of fc2 / fc1 has H where the layout wants it
-    if fc2.ndim == 3 and fc2.shape[1] == H:
-        inter = fc2.shape[2]
-    elif fc1.ndim == 3 and fc1.shape[2] == H and fc1.shape[1] % f == 0:
-        inter = fc1.shape[1] // f
-    want = {"fc2_experts_weights": (fc2, (E, H, inter)),
-            "fc1_experts_weights": (fc1, (E, None if inter is None else f * inter, H))}
-    if fc3 is not None:
-        if fused:
-            raise _Skip("fc3_experts_weights with fused swiglu (swiglu_fusion=1|2)")
-        want["fc3_experts_weights"] = (fc3, (E, inter, H))
-    for name, b, rows in (("fc1_experts_bias", b1, want["fc1_experts_weights"][1][1]),
-                          ("fc2_experts_bias", b2, H), ("fc3_experts_bias", b3, inter)):
-        if b is not None:
-            want[name] = (b, (E, rows))
-    for name, (a, shape) in want.items():
-        if a.shape != shape:
-            arg = f"'{n.input[names.index(name)]}' " if n.input[names.index(name)] else ""
-            deq = " (dequantised)" if n.op_type == "QMoE" and "weights" in name else ""
-            raise _Skip(f"{name} {arg}is {list(a.shape)}{deq}, want "
-                        f"[{', '.join('I' if d is None else str(d) for d in shape)}] for input "
-                        f"hidden size "
-                        f"{H}, {E} experts, fc2 [E, H, I]: ORT's layout is fc1 [E, f*I, H], "
-                        "fc2 [E, H, I], fc3 [E, I, H]; fix a declared shape that differs from "
-                        "the data layout in the model")
-
-
-def _unpack(a: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 [..., B] holding 8/bits values per byte, least significant first -> [..., count]."""
-    a = np.asarray(a, np.uint8)
-    per = 8 // bits
-    vals = np.stack([(a >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], axis=-1)
-    return vals.reshape(*a.shape[:-1], -1)[..., :count]
-
-
-def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int,
-                block: int, fc: str) -> np.ndarray:
-    """One QMoE expert weight as float32 [E, N, K], as ONNX Runtime defines it:
-    `(q - zero_point) * scale`, q unsigned `bits`-bit values packed least significant first
-    along K, scale [E, N] (per row) or [E, N, K/block_size], zero points packed the same way
-    along N (per row) or along the blocks, default 2^(bits-1) (symmetric)."""
-    if bits not in (2, 4, 8):
-        raise _Skip(f"{fc}: {bits}-bit weights (moec reads 2, 4 and 8)")
-    if q.dtype != np.uint8 or q.ndim != 3:
-        raise _Skip(f"{fc}_experts_weights must be uint8 [E, N, K*bits/8], got {q.dtype} "
-                    f"{list(q.shape)}")
-    e, n, kb = q.shape
-    k = kb * 8 // bits
-    vals = _unpack(q, bits, k).astype(np.float32)
-    scale = np.asarray(scale, np.float32)
-    if block:
-        if k % block:
-            raise _Skip(f"{fc}: K={k} is not a multiple of block_size={block}")
-        g, want = k // block, (e, n, k // block)
-    else:
-        g, want = 1, (e, n)
-    if scale.shape != want:
-        raise _Skip(f"{fc}_scales is {list(scale.shape)}, want {list(want)}")
-    scale = scale.reshape(e, n, g)
-    if zero is None:
-        z = np.full((e, n, g), 1 << (bits - 1), np.float32)
-    elif block:
-        zb = -(-g * bits // 8)
-        if zero.shape != (e, n, zb):
-            raise _Skip(f"{fc}_zero_points is {list(zero.shape)}, want {[e, n, zb]}")
-        z = _unpack(zero, bits, g).astype(np.float32)
-    else:
-        zb = -(-n * bits // 8)
-        if zero.shape != (e, zb):
-            raise _Skip(f"{fc}_zero_points is {list(zero.shape)}, want {[e, zb]}")
-        z = _unpack(zero, bits, n).astype(np.float32)[..., None]
-    per = k // g
-    return ((vals - np.repeat(z, per, axis=-1)) * np.repeat(scale, per, axis=-1)).astype(
-        np.float32)
 
 
 def _np(dtype: str) -> np.dtype:

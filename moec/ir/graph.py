@@ -115,6 +115,10 @@ class Graph:
         self.inputs: list[Value] = []
         self.params: dict[str, Value] = {}
         self.param_data: dict[str, np.ndarray | None] = {}
+        # float parameters with an exact quantised form in moec's formats (moec/ir/quant_ops.py),
+        # as a frontend read them from a quantised model (ONNX QMoE): name -> (bits,
+        # group_size, parts); quantize-experts uses these parts instead of quantising
+        self.quant_forms: dict[str, tuple[int, int, tuple[np.ndarray, ...]]] = {}
         self.nodes: list[Node] = []
         self.outputs: list[Value] = []
         self._names: set[str] = set()
@@ -207,6 +211,7 @@ class Graph:
     def remove_param(self, name: str) -> None:
         v = self.params.pop(name)
         self.param_data.pop(name, None)
+        self.quant_forms.pop(name, None)
         if v.uses:
             raise IRError(f"cannot remove @{name}: it still has uses")
 

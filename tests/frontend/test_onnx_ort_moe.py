@@ -145,12 +145,16 @@ def build(op: str, moe_inputs: list[str], inits: dict[str, np.ndarray], attrs: d
 
 
 def run_all(model: onnx.ModelProto, hidden: int, ref_fn=None, use_ort: bool = True,
-            seq: int | None = None) -> dict[int, dict[str, float]]:
+            seq: int | None = None, ir: list | None = None) -> dict[int, dict[str, float]]:
     """{tokens: {'interp': rel err, 'compiled': rel err vs the reference, ...}}; the reference
-    is onnxruntime on the same model, and `ref_fn(x, logits)` (ORT's definition) if given."""
+    is onnxruntime on the same model, and `ref_fn(x, logits)` (ORT's definition) if given.
+    `ir`: the compiled artifact's final IR text is appended to it."""
     graph = from_onnx(model)
     verify(graph)
-    compiled = moec.compile(graph, max_tokens=256).load_model()
+    art = moec.compile(graph, max_tokens=256)
+    if ir is not None:
+        ir.append(art.ir_text)
+    compiled = art.load_model()
     sess = ort.InferenceSession(model.SerializeToString(),
                                 providers=["CPUExecutionProvider"]) if use_ort else None
     router = numpy_helper.to_array(next(i for i in model.graph.initializer
@@ -329,11 +333,17 @@ def test_qmoe_matches_onnxruntime(bits: int, block: int, asym: bool) -> None:
     that definition to 1e-4 and ORT within ORT's own test tolerance (ORT's CPU kernels run
     block-wise 8-bit experts with int8 activations, so they differ from the exact product)."""
     model, at, d1, d2, _ = qmoe_model(bits, block, asym)
-    errs = run_all(model, QH, lambda x, lg: ort_moe_reference(x, lg, at, d1, d2))
+    ir: list[str] = []
+    errs = run_all(model, QH, lambda x, lg: ort_moe_reference(x, lg, at, d1, d2), ir=ir)
     atol = ORT_QMOE_ATOL[bits] * (1.5 if asym else 1.0)
     for e in errs.values():
         assert e["interp"] <= TOL and e["compiled"] <= TOL, errs
         assert e.get("ort_abs", 0.0) <= atol, errs
+    # 8-bit symmetric and 4-bit run on moec's quantised kernels with the model's own values
+    # (gate+up GEMM and down GEMM); 2-bit and 8-bit with zero points on fp32 experts
+    exact = bits == 4 or (bits == 8 and not asym)
+    assert ir[0].count("moe.grouped_matmul_q(") == (2 if exact else 0), ir[0]
+    assert ir[0].count(f"bits={bits}") == (2 if exact else 0)
 
 
 @pytest.mark.parametrize("bits,act,bias", [(4, "silu", True), (8, "silu", False),
