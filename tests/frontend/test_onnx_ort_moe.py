@@ -393,3 +393,52 @@ def test_qmoe_forms_refused_by_name() -> None:
             a.i = 3
     with pytest.raises(UnsupportedError, match="attribute expert_weight_bits=3"):
         from_onnx(m)
+
+
+def test_moe_fp16() -> None:
+    """fp16 activations and experts (ORT's CUDA-parity tests' dtype, on its CPU provider),
+    at ORT's fp16 tolerance (test_moe_cuda.py: 5e-2 absolute)."""
+    rng = np.random.default_rng(5)
+    w1, w2 = (w.astype(np.float16) for w in _experts(H, I, True))
+    router = rng.standard_normal((H, E)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "router"], ["logits"], name="router"),
+             helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], name="moe",
+                              domain="com.microsoft", k=K, activation_type="swiglu",
+                              swiglu_fusion=1, normalize_routing_weights=1, **GPT_OSS)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT16, ["T", H])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT16, ["T", H])],
+        [_init("router", router), _init("fc1", w1), _init("fc2", w2)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid("com.microsoft", 1)])
+    graph = from_onnx(model)
+    compiled = moec.compile(graph, max_tokens=64).load_model()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for t in TOKENS:
+        x = np.random.default_rng().standard_normal((t, H)).astype(np.float16)
+        ref = sess.run(None, {"x": x})[0].astype(np.float32)
+        for got in (interpret(graph, [x])[0], np.asarray(compiled(x))):
+            assert got.shape == (t, H) and got.dtype == np.float16
+            assert t == 0 or np.abs(got.astype(np.float32) - ref).max() <= 5e-2
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_qmoe_fp16(bits: int) -> None:
+    """fp16 activations, router and scales (ORT's FP16 QMoE tests), at ORT's fp16 tolerances
+    (test_qmoe_cpu.py: 0.02 / 0.05 / 0.12 absolute for 8 / 4 / 2 bits)."""
+    model, *_ = qmoe_model(bits, 0, False)
+    for i in model.graph.initializer:
+        if i.name in ("s1", "s2", "router"):
+            i.CopyFrom(_init(i.name, numpy_helper.to_array(i).astype(np.float16)))
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    graph = from_onnx(model)
+    compiled = moec.compile(graph, max_tokens=64).load_model()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    atol = {8: 0.02, 4: 0.05, 2: 0.12}[bits]
+    for t in TOKENS:
+        x = np.random.default_rng().standard_normal((t, QH)).astype(np.float16)
+        ref = sess.run(None, {"x": x})[0].astype(np.float32)
+        for got in (interpret(graph, [x])[0], np.asarray(compiled(x))):
+            assert got.shape == (t, QH) and got.dtype == np.float16
+            assert t == 0 or np.abs(got.astype(np.float32) - ref).max() <= atol
