@@ -4,8 +4,8 @@ the model's lock), and of N models (one per thread, truly parallel).
     python benchmarks/concurrency.py [--artifact demo.moec] [--threads 8] [--calls 400]
 
 Without --artifact it compiles the small reference model (hidden 64, 8 experts, top-2). Prints
-a table and writes benchmarks/results/concurrency.json. Set TVM_NUM_THREADS (or
-MOEC_NUM_THREADS) to choose the kernels' own thread count; the results depend on it.
+a table and writes benchmarks/results/concurrency.json. Set TVM_NUM_THREADS to choose the
+kernels' own thread count; the results depend on it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""Issue-3 report: every Hugging Face MoE family (tiny configs, random weights) compiled by moec
-under each experts implementation transformers offers, against transformers' own output; and the
-tiny whole causal LMs (checkpoint folder -> logits).
+"""Issue-3/17 report: every Hugging Face MoE family (tiny configs, random weights) compiled by
+moec from a `[batch, seq, hidden]` example, as transformers blocks take it, under each experts
+implementation transformers offers, against transformers' own output; and the tiny whole causal
+LMs (checkpoint folder -> logits).
 
     TVM_NUM_THREADS=2 python benchmarks/hf_families_report.py [--json benchmarks/results/hf.json]
 
-Max relative error = max|moec - transformers| / max|transformers| over T = 1, 5, 64 (random
-tokens) and a skewed batch of 64 (every token leans the same way, so they pick the same
-experts); fp32. The families and their tiny configs are tests/frontend/hf_families.py.
+Each block is compiled once, from a [2, 8, H] example (B and S dynamic), and run at
+[B, S, H] = [1, 1, H], [1, 37, H], [3, 5, H], [0, 4, H] (random tokens) and a skewed batch
+[2, 32, H] (every token leans the same way, so they pick the same experts), and once as one
+sequence [37, H]. Max relative error = max|moec - transformers| / max|transformers| over those
+inputs; fp32. The families and their tiny configs are tests/frontend/hf_families.py.
 """
 
 from __future__ import annotations
@@ -28,14 +31,26 @@ import hf_families as F  # noqa: E402
 
 import moec  # noqa: E402
 
+EXAMPLE = (2, 8)
+SHAPES = ((1, 1), (1, 37), (3, 5), (0, 4))
+
 
 def _inputs(block):
     gen = torch.Generator().manual_seed(7)
-    return [torch.randn(t, F.H, generator=gen) for t in (1, 5, 64)] + [F.skewed_tokens(block, 64)]
+    return [(f"[{b}, {s}, H]", torch.randn(b, s, F.H, generator=gen)) for b, s in SHAPES] + [
+        ("skewed [2, 32, H]", F.skewed_tokens(block, 64).reshape(2, 32, F.H))]
 
 
 def _err(got, ref) -> float:
+    if ref.size == 0:
+        return 0.0 if got.shape == ref.shape else float("inf")
+    if got.shape != ref.shape:
+        return float("inf")
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def _first(out):
+    return np.asarray(out[0] if isinstance(out, (tuple, list)) else out)
 
 
 def families() -> list[dict]:
@@ -43,19 +58,25 @@ def families() -> list[dict]:
     for family, (impls, _) in F.FAMILIES.items():
         block = F.build(family, impls[0])
         t0 = time.perf_counter()
-        model = moec.compile(block, (torch.randn(5, F.H),), max_tokens=256).load_model()
+        model = moec.compile(block, (torch.randn(*EXAMPLE, F.H),), max_tokens=256).load_model()
         secs = time.perf_counter() - t0
+        sig = model.signature
         for impl in impls:
             if F.offers_experts_implementations(block):
                 F.set_experts_implementation(block, impl)
-            errs = []
-            for x in _inputs(block):
-                got = model(x.numpy())
-                got = got[0] if isinstance(got, (tuple, list)) else got
-                errs.append(_err(np.asarray(got), F.reference(block, x).numpy()))
+            errs = {}
+            for name, x in _inputs(block):
+                errs[name] = _err(_first(model(x.numpy())), F.reference_bsh(block, x).numpy())
+            x = _inputs(block)[1][1]  # [1, 37, H] as one sequence [37, H]
+            ref = F.reference_bsh(block, x).numpy()
+            errs["[37, H]"] = _err(_first(model(x[0].numpy())).reshape(ref.shape), ref)
+            worst = max(errs.values())
             rows.append({"family": family, "impl": impl, "compiled": True,
-                         "max_rel_err": max(errs), "compile_s": round(secs, 2)})
-            print(f"{family:<20} {impl:<11} compiled  max rel err {max(errs):.2e}", flush=True)
+                         "input": str(sig.inputs[0].type_str()),
+                         "output": str(sig.outputs[0].type_str()),
+                         "max_rel_err": worst, "errors": errs, "compile_s": round(secs, 2)})
+            print(f"{family:<20} {impl:<11} {sig.inputs[0].type_str():<18} -> "
+                  f"{sig.outputs[0].type_str():<18} max rel err {worst:.2e}", flush=True)
     return rows
 
 

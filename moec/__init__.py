@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from moec.errors import (
     ArtifactError,
     CodegenError,
+    DependencyError,
     ExecutionError,
     InputError,
     IRError,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["compile", "load", "Artifact", "CompiledModel", "Pass", "PassContext", "PassManager",
            "RewritePattern", "Rewriter", "P", "register_pass", "MoecError", "InputError",
            "UnsupportedError", "ArtifactError", "IRError", "PassError", "CodegenError",
-           "ExecutionError"]
+           "ExecutionError", "DependencyError"]
 
 
 def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:

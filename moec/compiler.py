@@ -7,19 +7,29 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from moec import env
 from moec.errors import CodegenError, InputError
-from moec.ir.graph import Graph
+from moec.ir.graph import Graph, Node
 from moec.ir.printer import print_graph
+from moec.ir.types import FLOAT_DTYPES, Sym
 from moec.passes.base import Pass
-from moec.passes.manager import DumpIR, Instrument, PassManager, PassTiming, parse_pipeline
+from moec.passes.manager import (
+    DumpIR,
+    Instrument,
+    PassManager,
+    PassTiming,
+    parse_pipeline,
+    stats_json,
+)
+from moec.passes.reorder_dispatch import ReorderDispatch
 
 
 def parse_target(target: str) -> dict[str, Any]:
@@ -35,7 +45,11 @@ def parse_target(target: str) -> dict[str, Any]:
                        f"'cuda:sm_90'")
 
 
-def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Graph:
+def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int,
+             dynamic_dims: Mapping[int | str, Any] | None = None) -> Graph:
+    if dynamic_dims is not None and (isinstance(model, (Graph, str, Path)) or model is None):
+        raise InputError("dynamic_dims applies to torch modules (their example inputs); an IR "
+                         "graph, ONNX file or checkpoint folder declares its dims itself")
     if isinstance(model, Graph):
         return model
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):  # an ONNX model file
@@ -58,7 +72,21 @@ def to_graph(model: Any, example_inputs: Sequence[Any], max_tokens: int) -> Grap
         examples = (example_inputs,)  # a single tensor
     from moec.frontend import from_torch
 
-    return from_torch(model, examples, max_tokens=max_tokens)
+    return from_torch(model, examples, max_tokens=max_tokens, dynamic_dims=dynamic_dims)
+
+
+def token_limits(graph: Graph, max_tokens: int) -> list[dict[str, Any]]:
+    """`max_tokens` bounds the token count of each floating-point input with several dynamic
+    leading dims: `B*S <= max_tokens` for `[B, S, H]` (each of B and S alone is bounded by its
+    dim range)."""
+    out: list[dict[str, Any]] = []
+    for v in graph.inputs:
+        syms = [d for d in v.shape[:-1] if isinstance(d, Sym)]
+        if v.dtype in FLOAT_DTYPES and len(syms) > 1:
+            expr = str(math.prod(syms))
+            if all(lim["expr"] != expr for lim in out):
+                out.append({"expr": expr, "max": max_tokens})
+    return out
 
 
 def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cpu",
@@ -68,15 +96,22 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             progress: bool = False, ep: bool = False,
             quantize: str | None = None,
             tuning: bool | str | Path = True,
-            generate: bool | None = None, block_size: int = 16) -> Artifact:  # noqa: F821
+            generate: bool | None = None, block_size: int = 16,
+            dynamic_dims: Mapping[int | str, Any] | None = None) -> Artifact:  # noqa: F821
     """Compile an MoE model to an Artifact.
 
     model: a torch.nn.Module (traced with torch.export; MoE blocks recognised and lifted into
     moe.* ops), a Hugging Face checkpoint folder (config.json + safetensors; the whole causal LM,
     token ids [T] -> logits [T, vocab], no example inputs needed), a path ending in .onnx
     (moec.frontend.onnx_frontend.from_onnx) or an already-built IR Graph.
-    example_inputs: one example per model input;
-    dim 0 of each float input is the token dimension, dynamic in 0..max_tokens.
+    example_inputs: one example per model input. Every leading dim of a floating-point input
+    is dynamic (all but the last): `[T, H]` gives T, `[B, S, H]` B and S, each in
+    0..max_tokens, and max_tokens also bounds the token count B*S (in the signature's limits).
+    The artifact takes inputs of the example's rank; one whose signature is `[B, S, H]` also
+    takes `[S, H]`, as one sequence (B=1, dropped from the outputs again).
+    dynamic_dims: replaces that guess for the inputs it names, by position or argument name,
+    as {axis: dim name} or {axis: (name, min, max)}: `{0: {0: "B", 1: "S"}}`,
+    `{"x": {1: ("S", 1, 512)}}`, `{"table": None}` (all static); same name, same dim.
     pipeline: a named pipeline ("default"); passes: a pass list that replaces it, as a string
     ("default,+my-pass{opt=1}") or a list of names and Pass objects.
     dump_ir: folder for the IR before and after each pass; time_passes: print pass timings.
@@ -107,10 +142,18 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     if max_tokens < 1:
         raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
     tgt = parse_target(target)
+    # the options are checked before tracing, which can take minutes
+    pass_list = parse_pipeline(passes if passes is not None else pipeline)
+    if quantize is not None:
+        from moec.passes.quantize_experts import QuantizeExperts, parse_mode
+
+        bits, group_size = parse_mode(quantize)
+        quantize_pass = QuantizeExperts(bits=bits, group_size=group_size)
     t0 = time.perf_counter()
     step = _progress(progress)
     step("tracing")
     gen_meta, extra_files = None, {}
+    limits: list[dict[str, Any]] = []
     if ep and generate is None:
         generate = False  # expert-parallel artifacts are the plain forward (no EP generation)
     if _generates(model, example_inputs, generate):
@@ -118,17 +161,22 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             raise InputError("generation artifacts cannot be built expert-parallel yet "
                              "(ep=True with generate=True); leave generate out for the plain "
                              "forward")
+        if dynamic_dims is not None:
+            raise InputError("dynamic_dims applies to a torch module's forward, not to a "
+                             "generation artifact (compile with generate=False)")
         graph, gen_meta, extra_files = _step_graph(model, max_tokens, block_size, tgt)
     else:
-        graph = to_graph(model, example_inputs, max_tokens)
-    pass_list = parse_pipeline(passes if passes is not None else pipeline)
-    tiles, tuned = ({}, {}) if tgt.get("kind") != "llvm" or tuning is False else \
-        _apply_tuning(graph, pass_list, None if tuning is True else Path(tuning))
+        graph = to_graph(model, example_inputs, max_tokens, dynamic_dims)
+        if not isinstance(model, (Graph, str, Path)):
+            limits = token_limits(graph, max_tokens)
+    tuning_db = None if tgt.get("kind") != "llvm" or tuning is False else \
+        _tuning_entries(pass_list, None if tuning is True else Path(tuning))
     if quantize is not None:
-        from moec.passes.quantize_experts import QuantizeExperts, parse_mode
+        pass_list.append(quantize_pass)
+    elif graph.quant_forms:  # weights read quantised (ONNX QMoE): their own exact parts
+        from moec.passes.quantize_experts import QuantizeExperts
 
-        bits, group_size = parse_mode(quantize)
-        pass_list.append(QuantizeExperts(bits=bits, group_size=group_size))
+        pass_list.append(QuantizeExperts(only_exact=True))
     if gen_meta is not None:
         from moec.passes.offload_experts import OffloadExperts
 
@@ -143,44 +191,65 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
         ins.append(timing)
     if dump_ir:
         ins.append(DumpIR(dump_ir))
+    ranges = {} if gen_meta is not None else index_ranges(graph)  # (steps check their ids)
     missing = [n for n in graph.params if graph.param_data.get(n) is None]
     if missing:  # text IR parses to shape-only parameters
         raise InputError(f"parameter(s) {', '.join('@' + n for n in missing[:5])} have no data: "
                          f"an artifact holds every weight's values; set graph.param_data[name] "
                          f"for each parameter first")
     step("passes")
-    PassManager(pass_list, ins).run(graph)
+    pm = PassManager(pass_list, ins)
+    pm.run(graph)
+    tiles, tuned = _apply_tuning(graph, tuning_db) if tuning_db else ({}, {})
     step("kernels")
-    ep_plan = None
-    if ep:
-        from moec.codegen.ep import build_ep
+    functions = (("main", False), ("decode", True), ("main_offload", False, True),
+                 ("decode_offload", True, True)) if gen_meta else (("main", False),)
+    built = build(graph, tgt, tiles=tiles, functions=functions, ep=ep)
+    ep_plan = built.ep_plan
+    if gen_meta is not None and built.experts:
+        from moec.codegen.offload import offload_meta, router_file
+        from moec.runtime.expert_cache import ROUTERS
 
-        built, ep_plan = build_ep(graph, tgt)
-    else:
-        functions = (("main", False), ("decode", True), ("main_offload", False, True),
-                     ("decode_offload", True, True)) if gen_meta else (("main", False),)
-        built = build(graph, tgt, tiles=tiles, functions=functions)
-        if gen_meta is not None and built.experts:
-            from moec.codegen.offload import offload_meta, router_file
-            from moec.runtime.expert_cache import ROUTERS
-
-            gen_meta = {**gen_meta, "offload": offload_meta(built.experts, graph)}
-            extra_files = {**extra_files, ROUTERS: router_file(graph)}
+        gen_meta = {**gen_meta, "offload": offload_meta(built.experts, graph)}
+        extra_files = {**extra_files, ROUTERS: router_file(graph)}
     art = Artifact(
         executable=built.executable,
         weights=built.weights,
         ir_text=print_graph(graph),
         target=built.target_info,
-        signature=built.signature,
+        signature={**built.signature, **({"limits": limits} if limits else {})},
         pipeline=[p.spec() for p in pass_list],
         meta={"kernels": built.kernels, **({"ep": ep_plan} if ep_plan else {}),
               **({"tuning": tuned} if tuned else {}),
+              **({"pass_stats": stats_json(pm.ctx.stats)} if pm.ctx.stats else {}),
+              **({"input_ranges": ranges} if ranges else {}),
               **({"generation": gen_meta} if gen_meta else {})},
         extra_files=extra_files,
     )
     if env.debug_level() >= 1:
         print(f"moec: compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return art
+
+
+def index_ranges(graph: Graph) -> dict[str, list[int]]:
+    """Integer graph inputs that index a table (token ids into an embedding) -> `[0, rows)`,
+    the values the runtime accepts for them (moec.runtime.inputs.check_ranges)."""
+    out: dict[str, list[int]] = {}
+    for ids in graph.inputs:
+        seen, todo = set(), [ids]
+        while todo:  # the input and its reshapes (the values, rearranged)
+            v = todo.pop()
+            for node, slot in v.uses:
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op == "core.reshape":
+                    todo.append(node.results[0])
+                elif node.op == "core.embedding" and slot == 1 and isinstance(
+                        node.operands[0].shape[0], int):
+                    rows = int(node.operands[0].shape[0])
+                    out[ids.name] = [0, min(rows, out.get(ids.name, [0, rows])[1])]
+    return out
 
 
 def _generates(model: Any, example_inputs: Any, generate: bool | None) -> bool:
@@ -224,43 +293,87 @@ def _step_graph(model: Any, max_tokens: int, block_size: int, tgt: dict[str, Any
     return graph, gen, files
 
 
-def _apply_tuning(graph: Graph, pass_list: list, db: Path | None
-                  ) -> tuple[dict[tuple, tuple[int, int]], dict[str, Any]]:
-    """Tuned choices for the graph's MoE layers: reorder-dispatch's block_m (replaced in
-    `pass_list` when it has the default value and every tuned layer agrees on one) and the
-    grouped GEMM tiles for the lowering. Returns (tiles, what was applied, for the manifest)."""
-    import dataclasses
-
+def _tuning_entries(pass_list: list, db: Path | None) -> dict[str, Any]:
+    """The tuning database's entries for this CPU. When there are any, a reorder-dispatch at its
+    default block_m in `pass_list` is replaced by one that takes block_m from them."""
     from moec.codegen import tune
     from moec.passes.reorder_dispatch import ReorderDispatch
 
-    entries = tune.load_db(db)
-    choices = {}
-    for shape in tune.layers_of(graph):
-        c = tune.choose(shape, entries)
-        if c.source == "tuned":
-            choices[shape.key] = (shape, c)
-    if not choices:
-        return {}, {}
-    block_ms = {c.block_m for _, c in choices.values()}
-    idx = [i for i, p in enumerate(pass_list) if isinstance(p, ReorderDispatch)]
-    bm = tune.DEFAULT_BLOCK_M
-    if len(block_ms) == 1 and idx and pass_list[idx[0]].block_m == tune.DEFAULT_BLOCK_M:
-        bm = block_ms.pop()
-        for i in idx:
-            pass_list[i] = dataclasses.replace(pass_list[i], block_m=bm)
-    elif idx:
-        bm = pass_list[idx[0]].block_m
+    cpu = tune.cpu_name()
+    entries = {k: v for k, v in tune.load_db(db).items() if k.split("|", 1)[0] == cpu}
+    if entries:
+        for i, p in enumerate(pass_list):
+            if type(p) is ReorderDispatch and p.block_m == tune.DEFAULT_BLOCK_M:
+                pass_list[i] = _TunedDispatch(entries=entries, chosen=[])
+    return entries
+
+
+class _TunedDispatch(ReorderDispatch):
+    """reorder-dispatch whose block_m is chosen from the tuning database when it runs, on the MoE
+    layers as they reach it (a pass before it may have changed their top-k or expert count):
+    the tuned block_m when every tuned layer agrees on one, else the default."""
+
+    def __init__(self, entries: dict[str, Any], chosen: list[int]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_entries", entries)
+        object.__setattr__(self, "_chosen", chosen)
+
+    def run(self, graph: Graph, ctx: Any) -> bool:
+        from moec.codegen import tune
+
+        tuned = {c.block_m for c in (tune.choose(s, self._entries) for s in tune.layers_of(graph))
+                 if c.source == "tuned"}
+        self._chosen[:] = [tuned.pop() if len(tuned) == 1 else self.block_m]
+        return ReorderDispatch(block_m=self._chosen[0]).run(graph, ctx)
+
+    def spec(self) -> str:
+        return ReorderDispatch(block_m=self._chosen[0] if self._chosen else self.block_m).spec()
+
+
+def _lowered_layers(graph: Graph) -> list[tuple[Any, Node, Node]]:
+    """(LayerShape, first GEMM, second GEMM) of every MoE layer as the pipeline left it: the
+    shape read off its two grouped GEMMs (the second reads the first's output)."""
+    from moec.codegen import tune
+    from moec.ir.types import tvm_dtype
+
+    out = []
+    for g2 in graph.find("moe.grouped_matmul"):
+        g1 = g2.operands[0].producer
+        if g1 is None or g1.op != "moe.grouped_matmul" or g2.attrs["activation"] != "none":
+            continue
+        x, w = g1.operands[0], g1.operands[1]
+        e, inter, hidden = w.shape
+        half = w.dtype in ("f16", "bf16")  # widened half layers keep half weights, as tuned
+        shape = tune.LayerShape(experts=e, hidden=hidden, intermediate=inter,
+                                top_k=g1.attrs["top_k"], activation=g1.attrs["activation"],
+                                bias=bool(g1.attrs["bias"]),
+                                dtype=tvm_dtype(w.dtype if half else x.dtype))
+        out.append((shape, g1, g2))
+    return out
+
+
+def _apply_tuning(graph: Graph, entries: dict[str, Any]
+                  ) -> tuple[dict[tuple, tuple[int, int]], dict[str, Any]]:
+    """Tuned grouped-GEMM tiles for the lowering, looked up after the pipeline, per MoE layer as
+    lowered (its shape after every pass). A layer's entry applies when its block_m is the one
+    the layer was dispatched with. Returns (tiles, what was applied, for the manifest)."""
+    from moec.codegen import tune
+
     tiles: dict[tuple, tuple[int, int]] = {}
     applied = {}
-    for key, (shape, c) in choices.items():
-        if c.block_m != bm:
-            continue  # its tiles were measured with another block_m
-        for (n, k, gather, act), t in zip(shape.gemms(), c.tiles, strict=True):
-            if t:
-                tiles[(shape.experts, n, k, bm, shape.top_k, gather, act)] = tuple(t)
-        applied[key] = {"cpu": tune.cpu_name(), "block_m": bm,
-                        "tiles": [list(t) if t else None for t in c.tiles]}
+    for shape, g1, g2 in _lowered_layers(graph):
+        c = tune.choose(shape, entries)
+        bm = g1.attrs["block_m"]
+        if c.source != "tuned" or c.block_m != bm:
+            continue  # no entry, or its tiles were measured with another block_m
+        for gemm, want, t in zip((g1, g2), shape.gemms(), c.tiles, strict=True):
+            n, k = gemm.operands[1].shape[1:]
+            a = gemm.attrs
+            if t and (n, k, a["gather"], a["activation"]) == want:
+                tiles[(shape.experts, n, k, bm, a["top_k"], a["gather"], a["activation"])] = \
+                    tuple(t)
+        applied[shape.key] = {"cpu": tune.cpu_name(), "block_m": bm,
+                              "tiles": [list(t) if t else None for t in c.tiles]}
     return tiles, applied
 
 

@@ -42,3 +42,8 @@ class CodegenError(MoecError):
 
 class ExecutionError(MoecError, RuntimeError):
     """Running a loaded model failed inside its kernels (for example, out of memory)."""
+
+
+class DependencyError(MoecError, ImportError):
+    """A package that this use of moec needs is not installed; the message says what to
+    install (e.g. `pip install 'moec[hf]'` for Hugging Face checkpoint folders)."""

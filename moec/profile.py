@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.errors import InputError, MoecError
 from moec.ir.graph import Graph, Node
 from moec.ir.interpreter import interpret
 
@@ -40,6 +40,7 @@ class _Layer:
         self.coact = np.zeros((e, e), np.int64)
 
     def add(self, weights: np.ndarray, ids: np.ndarray) -> None:
+        ids = ids.reshape(-1, ids.shape[-1])  # a capacity router on [B, S, H] gives [B, S, k]
         self.tokens += ids.shape[0]
         np.add.at(self.counts, ids.ravel(), 1)
         np.add.at(self.mass, ids.ravel(), weights.ravel().astype(np.float64))
@@ -144,19 +145,28 @@ def profile(model: Any, samples: Sequence[Sequence[Any]], out: str | Path | None
     return data
 
 
+def matplotlib_figure(what: str) -> Any:
+    """matplotlib's `Figure` class; InputError naming the extra to install when it is absent
+    (matplotlib is optional: `pip install 'moec[plot]'`)."""
+    try:
+        from matplotlib.figure import Figure  # noqa: PLC0415
+    except ImportError:
+        raise InputError(f"{what} draws with matplotlib, which is not installed: "
+                         f"pip install 'moec[plot]' (or matplotlib)") from None
+    return Figure
+
+
 def heat_map(data: dict[str, Any], path: str | Path) -> None:
     """PNG: one row per layer, one column per expert, colour = load (share of routed slots)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Figure = matplotlib_figure("moec profile --png")
     layers = data["layers"]
     e = max((la["num_experts"] for la in layers), default=1)
     grid = np.full((max(1, len(layers)), e), np.nan)
     for i, la in enumerate(layers):
         grid[i, :la["num_experts"]] = la["load"]
-    fig, ax = plt.subplots(figsize=(min(2 + 0.4 * e, 20), 1.5 + 0.4 * len(layers)))
+    # A Figure of its own, not pyplot: no backend switch (matplotlib.use), no global figures.
+    fig = Figure(figsize=(min(2 + 0.4 * e, 20), 1.5 + 0.4 * len(layers)))
+    ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer (router)")
@@ -165,4 +175,3 @@ def heat_map(data: dict[str, Any], path: str | Path) -> None:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

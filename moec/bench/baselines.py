@@ -79,13 +79,10 @@ class TorchCompile(System):
 
     def __init__(self, block: Any, shape: LayerShape, impl: str = "grouped_mm") -> None:
         import torch
-        import torch._inductor.config as inductor_config
 
         super().__init__("torch.compile", f"inductor, default mode, experts_implementation={impl}"
                          f", compile caches off")
         self.block = block
-        # compile time as a first compile costs it, not a cache hit from an earlier run
-        inductor_config.force_disable_caches = True
         torch._dynamo.reset()
         self.compiled = torch.compile(sibling(block, shape, impl))
         self._seen: set[int] = set()
@@ -94,8 +91,13 @@ class TorchCompile(System):
         if x.shape[0] in self._seen:
             return
         self._seen.add(x.shape[0])
+        import torch._inductor.config as inductor_config
+
         t0 = time.perf_counter()
-        self(x)
+        # compile time as a first compile costs it, not a cache hit from an earlier run; the
+        # switch holds for this compile only (it used to stay set for the whole process)
+        with inductor_config.patch(force_disable_caches=True):
+            self(x)
         self.compile_s += time.perf_counter() - t0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

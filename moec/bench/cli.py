@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from moec.errors import InputError
@@ -38,7 +37,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    f"at most 3 timed rounds, limits from 3 repetitions instead of 10")
     g.add_argument("--zipf", type=float, default=1.0, metavar="S",
                    help="Zipf exponent of the skewed routing (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs and "
+                   "routing (default: %(default)s)")
     g.add_argument("--tol", type=float, default=1e-4, help="max relative error against "
                    "hf-eager for a system to be timed (default: %(default)s)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -74,6 +74,6 @@ def run_from_args(a: argparse.Namespace) -> int:
                    (DEFAULT_JSON if a.dtype == "float32" else BF16_JSON), plot=not a.no_plot,
                    limits_reps=3 if a.quick else 10, settle_s=settle,
                    touch=not a.no_touch, dtype=a.dtype,
-                   command=" ".join(["moec", *map(shlex.quote, sys.argv[1:])]))
+                   command=" ".join(["moec", *map(shlex.quote, a.argv)]))
     run(opts)
     return 0

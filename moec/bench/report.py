@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moec.errors import InputError
+
 SHOWN = ("hf", "torch.compile", "ort-moe", "moec")  # table/plot columns; hf = best hf-* impl
 SHORT_IMPL = {"hf-eager": "eager", "hf-grouped_mm": "grouped", "hf-batched_mm": "batched"}
 
@@ -155,15 +157,14 @@ def _clean(v: Any) -> Any:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from moec.profile import matplotlib_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Figure = matplotlib_figure("the bench plot")
+    from matplotlib.ticker import NullLocator
     shapes = list(results["shapes"])
     routings = list(results["options"]["routings"])
-    fig, axes = plt.subplots(len(shapes), len(routings), squeeze=False,
-                             figsize=(5.5 * len(routings), 4.2 * len(shapes)))
+    fig = Figure(figsize=(5.5 * len(routings), 4.2 * len(shapes)))
+    axes = fig.subplots(len(shapes), len(routings), squeeze=False)
     colors = {"hf": "tab:blue", "torch.compile": "tab:orange", "ort-moe": "tab:green",
               "moec": "tab:red"}
     for r, shape in enumerate(shapes):
@@ -192,7 +193,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                         label="roofline")
             ax.set_xscale("log", base=2)
             ax.set_xticks([x["tokens"] for x in cases], [str(x["tokens"]) for x in cases])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_yscale("log")
             ax.set_xlabel("tokens")
             ax.set_ylabel("ms per token")
@@ -207,7 +208,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -230,7 +230,7 @@ def write(results: dict[str, Any], json_path: Path, plot_png: bool = True) -> No
         png = json_path.with_suffix(".png")
         try:
             plot(results, png)
-        except ImportError as e:
-            print(f"no plot: {e.name} is not installed (pip install matplotlib)")
+        except InputError as e:  # matplotlib is optional
+            print(f"no plot: {e}")
             return
         print(f"wrote {png}")

@@ -46,8 +46,10 @@ from moec.bench.layer import (
 )
 
 SYSTEM_KINDS = ("hf", "torch.compile", "ort", "moec")
-DEFAULT_JSON = Path("benchmarks/results/layer_bench.json")
-BF16_JSON = Path("benchmarks/results/layer_bench_bf16.json")
+# Results go to the current directory unless --json names a path: never over the tracked
+# benchmarks/results/*.json by accident (`--json benchmarks/results/layer_bench.json` on purpose)
+DEFAULT_JSON = Path("layer_bench.json")
+BF16_JSON = Path("layer_bench_bf16.json")
 BF16_TOL = 3e-2  # a bf16 run's check: hf-eager rounds every op to bf16 and moec computes in
 # float32 (widen-activations); on the tiny test layer they differ by up to about 1e-2
 SETTLE_S = 20.0  # `moec bench`'s pause after building a shape's systems, before its first case.

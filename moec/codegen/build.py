@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ class Built:
     target_info: dict[str, Any]
     kernels: list[str]
     experts: dict[int, dict[str, Any]] | None = None  # Lowered.experts
+    ep_plan: dict[str, Any] | None = None  # expert-parallel builds: the manifest's meta["ep"]
 
 
 def signature(graph: Graph) -> dict[str, Any]:
@@ -40,19 +40,33 @@ def signature(graph: Graph) -> dict[str, Any]:
 
 def build(graph: Graph, target: dict[str, Any],
           tiles: dict[tuple, tuple[int, int]] | None = None,
-          functions: tuple[tuple, ...] = (("main", False),)) -> Built:
-    """`tiles`: tuned grouped-GEMM micro-kernel tiles (CPU; moec.codegen.tune). `functions`:
-    the Relax functions to make from the graph (moec.codegen.lower.lower); a generation step
-    has `main` and `decode`."""
+          functions: tuple[tuple, ...] = (("main", False),), *, ep: bool = False) -> Built:
+    """Lower and compile `graph` for `target`: the one build path of every artifact.
+
+    `tiles`: tuned grouped-GEMM micro-kernel tiles (CPU; moec.codegen.tune), used by `main`'s
+    kernels and, with `ep`, by the one-expert kernels of the expert-parallel functions as well
+    (moec.codegen.ep), whose plan then comes back in `Built.ep_plan`. `functions`: the Relax
+    functions to make from the graph (moec.codegen.lower.lower); a generation step has `main`
+    and `decode` (not with `ep`)."""
+    if ep and functions != (("main", False),):
+        raise CodegenError("expert parallelism builds the plain forward (`main`) only")
     if target.get("kind") == "cuda":
+        if ep:
+            raise CodegenError("expert parallelism builds CPU artifacts only (target llvm)")
         return _build_cuda(graph, target["arch"], functions)
     if target.get("kind") != "llvm":
         raise CodegenError(f"cannot build for target {target}")
-    lowered = lower(graph, tiles=tiles, functions=functions)
+    plan = None
+    if ep:
+        from moec.codegen.ep import lower_ep  # noqa: PLC0415  (ep imports this module)
+
+        lowered, ep_plan = lower_ep(graph, tiles=tiles)
+        plan = ep_plan.to_json()
+    else:
+        lowered = lower(graph, tiles=tiles, functions=functions)
     tgt = host_target()
     if env.debug_level() >= 3:
         print(lowered.mod.script())
-    os.environ.setdefault("TVM_NUM_THREADS", str(env.num_threads() or os.cpu_count() or 1))
     try:
         ex = tvm.compile(lowered.mod, target=tgt)
     except Exception as e:  # TVM's own errors are long C++ traces; keep the first lines
@@ -60,7 +74,7 @@ def build(graph: Graph, target: dict[str, Any],
     # the CPU features the code needs are derived from mcpu when the Artifact is made
     info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic"))}
     return Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
-                 info, lowered.kernels, lowered.experts)
+                 info, lowered.kernels, lowered.experts, plan)
 
 
 def _build_cuda(graph: Graph, arch: str,

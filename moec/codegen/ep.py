@@ -26,19 +26,15 @@ between them and the weights each takes.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import tvm
 from tvm import relax, tirx
 
-from moec import env
 from moec.codegen import kernels as K
-from moec.codegen.build import Built, signature
 from moec.codegen.lower import Lowered, _Lowerer
-from moec.codegen.target import host_target
 from moec.errors import CodegenError
 from moec.ir.graph import Graph, Node, Value
 from moec.ir.types import Sym, tvm_dtype
@@ -152,8 +148,9 @@ class _EpLowerer(_Lowerer):
     """`_Lowerer` that also records which stored weight each expert GEMM operand became, then
     adds the EP functions to the same BlockBuilder (kernels shared with `main`)."""
 
-    def __init__(self, graph: Graph) -> None:
-        super().__init__(graph)
+    def __init__(self, graph: Graph, tiles: Mapping[tuple, tuple[int, int]] | None = None
+                 ) -> None:
+        super().__init__(graph, tiles=tiles)
         self.gemm_weights: dict[Node, dict[int, str]] = {}
 
     def args(self, node: Node, kern: K.Kernel) -> list[relax.Expr]:
@@ -174,7 +171,8 @@ class _EpLowerer(_Lowerer):
     def _plain_dims(self, v: Value) -> None:
         if any(not isinstance(d, (int, Sym)) for d in v.shape):
             raise CodegenError(f"expert parallelism: value %{v.name}: {v.type} crosses a cut "
-                               f"between EP functions, and only plain symbolic dims can")
+                               f"between EP functions, and only plain symbolic dims can; "
+                               f"compile from a [T, H] example (tokens flattened) for --ep")
 
     def segment(self, fn: str, nodes: list[Node], inputs: list[Value], outputs: list[Value],
                 fresh_rows: set[Value]) -> EpSegment:
@@ -235,11 +233,16 @@ class _EpLowerer(_Lowerer):
                             alpha=a["alpha"], limit=a["limit"])
                     else:
                         wd = self.weight_dtype(dt, g.operands[1].type)  # half weights
+                        # the tiles tuned for this layer's GEMM (keyed as in _Lowerer)
+                        tiles = self.tiles.get((g.operands[1].shape[0], n, kk, bm, a["top_k"],
+                                                a["gather"], a["activation"]))
+                        extra = {**wd, **({"tiles": tiles} if tiles else {})}
                         key = ("ep.grouped_matmul_e1", dt, n, kk, bm, a["gather"],
-                               a["activation"], a["bias"], a["alpha"], a["limit"], *wd.values())
-                        build = lambda a=a, n=n, kk=kk, wd=wd: K.grouped_matmul(  # noqa: E731
+                               a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
+                               *wd.values())
+                        build = lambda a=a, n=n, kk=kk, x=extra: K.grouped_matmul(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"], **wd)
+                            alpha=a["alpha"], limit=a["limit"], **x)
                     kern, gv = self.kernel(key, build)
                     names, args = [], [cur]
                     for i, v in enumerate(g.operands[1:-2], start=1):
@@ -301,13 +304,16 @@ def _assign_levels(graph: Graph, regions: list[_Region]) -> dict[Node, int]:
     return out
 
 
-def lower_ep(graph: Graph) -> tuple[Lowered, EpPlan]:
-    """Lower `graph` to a module with `main` and the EP functions, and describe them."""
+def lower_ep(graph: Graph, tiles: Mapping[tuple, tuple[int, int]] | None = None
+             ) -> tuple[Lowered, EpPlan]:
+    """Lower `graph` to a module with `main` and the EP functions, and describe them. `tiles`:
+    tuned grouped-GEMM tiles (moec.codegen.tune), for `main` and the one-expert kernels alike.
+    Built by `moec.codegen.build.build(..., ep=True)`."""
     regions = find_regions(graph)
     if not regions:
         raise CodegenError("expert parallelism: the model has no MoE layer in kernel form "
                            "(moe.align / moe.grouped_matmul / moe.combine) to shard")
-    low = _EpLowerer(graph)
+    low = _EpLowerer(graph, tiles)
     lowered = low.run()
     levels = _assign_levels(graph, regions)
     plan = EpPlan(inputs=[v.name for v in graph.inputs], outputs=[v.name for v in graph.outputs])
@@ -344,24 +350,6 @@ def lower_ep(graph: Graph) -> tuple[Lowered, EpPlan]:
         raise CodegenError(f"expert parallelism: EP functions use weights main does not: "
                            f"{sorted(missing)}")
     lowered.mod = low.bb.get()
+    # every kernel of the module, the EP functions' one-expert kernels included
+    lowered.kernels = [gv.name_hint for _, gv in low.kernel_cache.values()]
     return lowered, plan
-
-
-def build_ep(graph: Graph, target: dict[str, Any]) -> tuple[Built, dict[str, Any]]:
-    """`moec.codegen.build.build` plus the EP functions; returns the build and the JSON plan
-    for the manifest's `meta["ep"]`."""
-    if target.get("kind") != "llvm":
-        raise CodegenError(f"cannot build for target {target}")
-    lowered, plan = lower_ep(graph)
-    tgt = host_target()
-    if env.debug_level() >= 3:
-        print(lowered.mod.script())
-    os.environ.setdefault("TVM_NUM_THREADS", str(env.num_threads() or os.cpu_count() or 1))
-    try:
-        ex = tvm.compile(lowered.mod, target=tgt)
-    except Exception as e:
-        raise CodegenError(f"TVM failed to build the kernels: {str(e).splitlines()[0]}") from e
-    info = {"kind": "llvm", "mcpu": str(tgt.attrs.get("mcpu", "generic"))}
-    built = Built(ex, {n: lowered.params[n] for n in lowered.param_names}, signature(graph),
-                  info, lowered.kernels)
-    return built, plan.to_json()

@@ -259,15 +259,15 @@ class _Lowerer:
             # while x is half)
             w_dt = {"w_dtype": tvm_dtype(ins[1].dtype)} if self.cuda else {}
             build = lambda: self.K.router(  # noqa: E731
-                H=ins[0].shape[1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
+                H=ins[0].shape[-1], E=ins[1].shape[0], k=a["k"], scoring=a["scoring"],
                 order=a["order"], norm_topk=a["norm_topk"], scale=a["scale"],
                 has_bias=a["select_bias"], logit_bias=a["logit_bias"], n_groups=a["n_groups"],
                 topk_groups=a["topk_groups"], group_score=a["group_score"], dtype=dt,
                 **({"jitter_eps": a["jitter_eps"]} if a["order"] == "sparsemixer" else {}),
                 **w_dt)
-            key = (op, s0, dt, len(ins), tuple(sorted(kk.items())), tuple(w_dt.items()))
-            if a["capacity"] == 0:
-                self.call(n, key, build)
+            key = (op, dt, len(ins), tuple(sorted(kk.items())), tuple(w_dt.items()))
+            if a["capacity"] == 0 and ins[0].rank == 2:
+                self.call(n, (*key, s0), build)
             else:
                 self.lower_router_capacity(n, key, build, ins[1].shape[0])
         elif op == "moe.align":
@@ -305,18 +305,40 @@ class _Lowerer:
 
     def lower_router_capacity(self, n: Node, key: tuple, build: Callable[[], K.Kernel],
                               num_experts: int) -> None:
-        """The router kernel, then the capacity kernel on its weights (token dropping needs a
-        pass over all slots in order, which the token-parallel router cannot make)."""
-        kern, gv = self.kernel(key, build)
-        w_type, ids_type = (self.sinfo(r) for r in n.results)
-        res = self.bb.emit(relax.call_tir(gv, self.args(n, kern), [w_type, ids_type]))
+        """The router kernel on the tokens, then the capacity kernel on its weights (token
+        dropping needs a pass over all slots in order, which the token-parallel router cannot
+        make). A router on sequences, x [B, S, H], routes the B*S tokens and drops per
+        sequence (the batched capacity kernel on a [B, S, k] view)."""
+        x = n.operands[0].type
+        lead = [self.dim(d) for d in x.shape[:-1]]
+        tokens, seqs = lead[0], lead[0]
+        for i, d in enumerate(lead[1:]):
+            tokens = tokens * d
+            seqs = seqs * d if i < len(lead) - 2 else seqs
+        k, cap = n.attrs["k"], n.attrs["capacity"]
+        flat = [relax.TensorType([tokens, k], "float32"), relax.TensorType([tokens, k], "int32")]
+        kern, gv = self.kernel((*key, "tokens"), build)
+        args = self.args(n, kern)
+        if x.rank > 2:
+            args[0] = self.bb.emit(relax.op.reshape(args[0], [tokens, self.dim(x.shape[-1])]))
+        res = self.bb.emit(relax.call_tir(gv, args, flat))
         weights = self.bb.emit(relax.TupleGetItem(res, 0))
         ids = self.bb.emit(relax.TupleGetItem(res, 1))
-        k, cap = n.attrs["k"], n.attrs["capacity"]
-        _, cgv = self.kernel(("moe.capacity", num_experts, k, cap),
-                             lambda: self.K.capacity(num_experts, k, cap))
-        self.vals[n.results[0]] = self.bb.emit(relax.call_tir(cgv, [weights, ids], w_type))
-        self.vals[n.results[1]] = ids
+        if cap > 0:
+            batched = x.rank > 2
+            shape = [seqs, lead[-1], k] if batched else [tokens, k]  # [sequences, S, k]
+            if batched:
+                weights = self.bb.emit(relax.op.reshape(weights, shape))
+                ids = self.bb.emit(relax.op.reshape(ids, shape))
+            _, cgv = self.kernel(("moe.capacity", num_experts, k, cap, batched),
+                                 lambda: self.K.capacity(num_experts, k, cap, batched=batched))
+            weights = self.bb.emit(relax.call_tir(cgv, [weights, ids],
+                                                  relax.TensorType(shape, "float32")))
+        for r, v in zip(n.results, (weights, ids), strict=True):
+            want = self.sinfo(r)
+            if x.rank > 3 or x.rank == 3 and cap == 0:  # the result's shape, [..., S, k]
+                v = self.bb.emit(relax.op.reshape(v, want.shape))
+            self.vals[r] = v
 
     def lower_quant(self, n: Node, a: Any, ins: list, dt: str) -> None:
         e, nn = ins[1].shape[0], ins[1].shape[1]

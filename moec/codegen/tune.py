@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,27 @@ class Choice:
 
 
 def choose(shape: LayerShape, entries: dict[str, Any]) -> Choice:
-    e = entries.get(f"{cpu_name()}|{shape.key}")
+    """The tuned choice for `shape` on this CPU, or the defaults. An entry whose tiles this
+    CPU's vector registers cannot take (tiles measured with AVX2 on a host with AVX-512, whose
+    tiles are twice as wide, e.g. an entry copied from another machine of the same CPU name)
+    gives the defaults with a warning, rather than a compile that fails."""
+    from moec.codegen.kernels.grouped_matmul import check_tiles
+    from moec.errors import CodegenError
+
+    key = f"{cpu_name()}|{shape.key}"
+    e = entries.get(key)
     if e is None:
         return Choice()
     tiles = tuple(tuple(t) if t else None for t in e["tiles"])
+    for t in tiles:
+        try:
+            if t:
+                check_tiles("tuning entry", shape.compute_dtype, t)
+        except CodegenError as err:
+            warnings.warn(f"moec: the tuning entry {key} does not fit this CPU ({err}); using "
+                          f"the default block_m and tiles for this layer. `moec tune` on this "
+                          f"machine measures new ones", RuntimeWarning, stacklevel=2)
+            return Choice()
     return Choice(int(e["block_m"]), tiles, "tuned")  # type: ignore[arg-type]
 
 

@@ -91,18 +91,45 @@ def bench_ep(model: Any, tokens: Sequence[int], warmup: int, repeat: int,
     return out
 
 
+def make_inputs(model: Any, total: int, seed: int = 0) -> list[np.ndarray]:
+    """Random inputs of `total` tokens for any single-process model: every symbolic dim is
+    `total`; float inputs are standard normal; integer inputs are token ids, below the
+    vocabulary (a generation artifact's, or the range the manifest records for the input).
+    A generation artifact takes its plain forward's one input, token ids [T]."""
+    from moec.errors import InputError
+    from moec.runtime.inputs import numpy_dtype
+
+    rng = np.random.default_rng(seed)
+    geometry = getattr(model, "geometry", None)
+    if geometry is not None:  # a generation artifact: model(ids) runs one sequence's prefill
+        return [rng.integers(0, geometry.vocab_size, total).astype(np.int64)]
+    ranges = model.manifest.meta.get("input_ranges") or {}
+    out = []
+    for spec in model.signature.inputs:
+        shape = tuple(total if isinstance(d, str) else int(d) for d in spec.shape)
+        dt = numpy_dtype(spec.dtype)
+        if dt.kind == "f" or dt.kind == "V":  # float32/16, bfloat16 (ml_dtypes)
+            out.append(rng.standard_normal(shape).astype(np.float32).astype(dt))
+        elif dt.kind in "iu" and spec.name in ranges:
+            lo, hi = ranges[spec.name]
+            out.append(rng.integers(lo, hi, shape).astype(dt))
+        else:
+            raise InputError(f"moec bench cannot make up values for input {spec.name!r} "
+                             f"({spec.type_str()}): time the model from Python on real inputs")
+    return out
+
+
 def bench_single(model: Any, tokens: Sequence[int], warmup: int, repeat: int) -> dict[str, Any]:
     """The single-process baseline: median seconds per call of the whole model."""
-    hidden = int(model.signature.inputs[0].shape[1])
     runs = []
     for total in tokens:
-        x = make_input(total, hidden)
+        x = make_inputs(model, total)
         for _ in range(warmup):
-            model(x)
+            model(*x)
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            model(x)
+            model(*x)
             times.append(time.perf_counter() - t0)
         runs.append({"tokens": total, "total": statistics.median(times)})
     return {"rank": 0, "peak_rss_bytes": peak_rss_bytes(), "runs": runs}

@@ -121,6 +121,7 @@ def bench(a: Any) -> int:
     from moec.runtime import _tvm
 
     _tvm.tvm()  # imported before the RSS readings, which must show the weights only
+    what = None
     if a.ep is None:
         from moec.runtime import load
 
@@ -130,6 +131,10 @@ def bench(a: Any) -> int:
         mine = B.bench_single(model, a.tokens, a.warmup, a.repeat)
         results = [{**mine, "rss_before_load_bytes": rss0, "rss_after_load_bytes": rss1}]
         ep = 1
+        if getattr(model, "geometry", None) is not None:
+            what = ("a generation artifact: each call is the plain forward of one sequence of "
+                    "T token ids (a prefill on a fresh KV cache); `moec generate` reports "
+                    "decode tokens/s")
     else:
         import torch.distributed as dist
 
@@ -158,9 +163,9 @@ def bench(a: Any) -> int:
     report = {"artifact": str(Path(a.artifact).resolve()), "ep": ep, "tokens": list(a.tokens),
               "warmup": a.warmup, "repeat": a.repeat, "unit": "seconds (median per call)",
               "tokens_meaning": "global tokens, split evenly over the ranks",
-              "ranks": results}
+              "ranks": results, **({"calls": what} if what else {})}
     print(f"moec bench {a.artifact}: ep={ep}, tokens {list(a.tokens)} (global, split over "
-          f"ranks), median of {a.repeat} calls")
+          f"ranks), median of {a.repeat} calls" + (f"\n({what})" if what else ""))
     print(B.format_table(results))
     mib = 1 << 20
     for r in results:

@@ -10,6 +10,7 @@ sends the results back for the weighted combine. See docs/expert-parallel.md.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -25,7 +26,15 @@ from moec.distributed.plan import Plan, Region, parse_plan, shard_bounds
 from moec.errors import ArtifactError, InputError, MoecError
 from moec.runtime import _tvm
 from moec.runtime.cpu import check_elf_machine
-from moec.runtime.inputs import ALIGNMENT, check_inputs, is_torch_tensor, to_tvm
+from moec.runtime.inputs import (
+    ALIGNMENT,
+    bind_inputs,
+    check_inputs,
+    check_ranges,
+    is_torch_tensor,
+    to_tvm,
+)
+from moec.runtime.kernels import open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.model import _NUMPY_DLPACK_DTYPES, _parse_device
 from moec.runtime.verify import KERNELS, MANIFEST, WEIGHTS, check_target, verify
@@ -59,6 +68,9 @@ class EPModel:
         self.memory = memory
         self.timer: Timer | None = None
         self._layer_of_segment = self._attribute_segments()
+        # One call at a time, as CompiledModel: a call is a sequence of collectives, and two
+        # threads interleaving theirs would pair one call's exchange with another's.
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -93,9 +105,16 @@ class EPModel:
                 f"{e.start}..{e.stop - 1}, {self.signature})")
 
     # ----------------------------------------------------------------- running
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
+        """Run this rank's tokens; threads calling one model are served one call at a time."""
+        with self._lock:
+            return self._call(*inputs, **named)
+
+    def _call(self, *inputs: Any, **named: Any) -> Any:
         sig = self._manifest.signature
+        inputs = bind_inputs(sig, inputs, named)
         check_inputs(sig, inputs)
+        check_ranges(sig, inputs, self._manifest.meta.get("input_ranges"))
         args = [to_tvm(spec, x, self._tvm, self._device)
                 for spec, x in zip(sig.inputs, inputs, strict=True)]
         env: dict[str, Any] = dict(zip(self._plan.inputs, args, strict=True))
@@ -314,8 +333,8 @@ def load_ep(path: str | Path, group: Any, device: Any = "cpu", *, check_hashes: 
     lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
 
     def open_vm_and_weights() -> tuple[Any, list[list[Any]], list[list[list[Any]]], dict]:
+        lib = open_kernels(root / KERNELS, manifest.files[KERNELS], check_hash=check_hashes)
         try:
-            lib = tvm.runtime.load_module(str(root / KERNELS))
             vm = tvm.runtime.vm.VirtualMachine(lib, dev)
             for name in {s.fn for s in plan.segments} | {r.fn for r in plan.regions}:
                 vm[name]

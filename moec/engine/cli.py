@@ -21,20 +21,28 @@ from moec.errors import InputError
 
 
 def add_sampling_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate "
+                   "(default: %(default)s)")
     s.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy (the default unless the checkpoint's generation_config "
                         "says do_sample)")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--min-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest "
+                   "tokens only")
+    s.add_argument("--top-p", type=float, default=None, help="sample from the likeliest tokens "
+                   "whose probabilities add up to p (nucleus sampling)")
+    s.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than "
+                   "min-p times the likeliest")
+    s.add_argument("--repetition-penalty", type=float, default=None, help="penalise tokens "
+                   "already seen: their positive logits divided by it, negative ones multiplied "
+                   "(> 1 discourages repeats)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the sampling: the same "
+                   "seed gives the same tokens")
     s.add_argument("--stop", action="append", default=None, help="a stop string (repeat)")
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     s.add_argument("--kv-cache", default=None, help="KV cache size, e.g. 2GB (default: see "
                    "moec.engine.Engine)")
-    s.add_argument("--max-seq-len", type=int, default=None)
+    s.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + output in "
+                   "tokens (default: the model's context, at most 4096)")
     add_offload_arguments(s)
 
 
@@ -42,7 +50,9 @@ def add_offload_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--expert-budget", default=None, help="keep at most this much of the routed "
                    "experts in memory, e.g. 3GB (the rest is read from the artifact as layers "
                    "route to it; moec.runtime.expert_cache)")
-    s.add_argument("--expert-policy", default="lru", choices=("lru", "lfu"))
+    s.add_argument("--expert-policy", default="lru", choices=("lru", "lfu"), help="with "
+                   "--expert-budget: which experts leave memory first, least recently or least "
+                   "frequently used (default: %(default)s)")
     s.add_argument("--no-prefetch", action="store_true", help="with --expert-budget: no "
                    "pre-gated prefetch")
 
@@ -223,7 +233,7 @@ def cmd_chat(a: argparse.Namespace, inp: TextIO = sys.stdin, out: TextIO = sys.s
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("generate", help="generate text with a causal LM artifact (compiled from "
                        "a checkpoint folder), streamed to stdout")
-    s.add_argument("artifact")
+    s.add_argument("artifact", help="a generation artifact (moec compile CKPT_DIR -o m.moec)")
     s.add_argument("--prompt", default=None, help="the prompt text (needs the tokenizer)")
     s.add_argument("--prompt-ids", default=None, help='the prompt as token ids, e.g. "1 2 3"')
     add_sampling_arguments(s)
@@ -231,7 +241,7 @@ def add_commands(sub: Any) -> None:
 
     s = sub.add_parser("chat", help="an interactive chat with a causal LM artifact, with its "
                        "chat template and the conversation's history")
-    s.add_argument("artifact")
+    s.add_argument("artifact", help="a generation artifact with a chat template")
     s.add_argument("--system", default=None, help="a system message")
     add_sampling_arguments(s)
     s.set_defaults(fn=cmd_chat)

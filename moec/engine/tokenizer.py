@@ -51,10 +51,10 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             return None
-        try:
-            from tokenizers import Tokenizer as _Tok
-        except ImportError as e:  # a dependency of moec; only a broken install lacks it
-            raise ArtifactError(f"reading {path} needs the `tokenizers` package: {e}") from None
+        from moec.deps import require
+
+        # a dependency of moec: only a broken install lacks it
+        _Tok = require("tokenizers", f"reading {path}", "pip install tokenizers").Tokenizer
         try:
             tok = _Tok.from_file(str(path))
         except Exception as e:  # tokenizers raises its own Exception subclass
@@ -116,8 +116,9 @@ class Tokenizer:
         if not isinstance(messages, (list, tuple)) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise InputError("messages must be a list of {'role': str, 'content': ...} dicts")
-        import jinja2
+        from moec.deps import require
 
+        jinja2 = require("jinja2", "a chat template", "pip install jinja2")  # moec depends on it
         if self._template is None:
             self._template = _compile(self.chat_template)
         try:

@@ -36,7 +36,7 @@ from moec.frontend.complex_translate import (
 )
 from moec.frontend.fx_util import CASTS, describe, find_rmsnorms, live_nodes, module_path, op_name
 from moec.ir import Graph, IRBuilder, Value
-from moec.ir.types import DimLike
+from moec.ir.types import DimLike, same_dim, same_shape
 
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
            torch.float64: "f64", torch.int32: "i32", torch.int64: "i64", torch.bool: "bool"}
@@ -121,7 +121,9 @@ class _Translator:
             return int(e)
         if e.is_Symbol:
             if e not in self.syms:
-                raise self.unsupported(f"symbolic size {e} (not the token dim T)")
+                raise self.unsupported(
+                    f"symbolic size {e}, which is no dynamic dim of an input (a size the model "
+                    f"computes from the data cannot be compiled)")
             return self.syms[e]
         parts = [self._sympy(a) for a in e.args]
         if isinstance(e, sympy.Add):
@@ -255,7 +257,7 @@ class _Translator:
             if not isinstance(o, Value) or not isinstance(v, torch.Tensor):
                 continue
             shape, dtype = self.meta_of(v)
-            if o.dtype != dtype or [str(d) for d in o.shape] != [str(d) for d in shape]:
+            if o.dtype != dtype or not same_shape(o.shape, shape):
                 raise self.unsupported(f"internal: {op_name(n)} translated to {o.type}, torch "
                                        f"has {dtype}{list(shape)}")
 
@@ -419,18 +421,18 @@ class _Translator:
     def _reshape(self, n: fx.Node) -> Value:
         x = self.val(n.args[0])
         shape, _ = self.meta(n)
-        if [str(d) for d in shape] == [str(d) for d in x.shape]:
+        if same_shape(shape, x.shape):
             return x
         if op_name(n) == "aten.expand.default":
             if x.type.rank != len(shape):
                 raise self.unsupported("expand that adds dims")
             return self.emit("core.broadcast_to", [x], {"shape": [
-                -1 if str(d) == str(e) else d for d, e in zip(shape, x.shape, strict=True)]})
+                -1 if same_dim(d, e) else d for d, e in zip(shape, x.shape, strict=True)]})
         sym = [i for i, d in enumerate(shape) if not isinstance(d, int)]
-        if len(sym) > 1:
-            raise self.unsupported(f"reshape to {[str(d) for d in shape]}: more than one "
-                                   "symbolic dim")
-        target = [-1 if i in sym else d for i, d in enumerate(shape)]
+        if len(sym) > 1:  # -1 stands for one dim only: name them (["B", "S", 64])
+            target = [d if isinstance(d, int) else str(d) for d in shape]
+        else:
+            target = [-1 if i in sym else d for i, d in enumerate(shape)]
         return self.emit("core.reshape", [x], {"shape": target})
 
     def _clamp(self, n: fx.Node) -> Value:
@@ -534,6 +536,8 @@ class _Translator:
         def score(v: Value) -> Value:
             if scoring == "softmax":
                 return self.emit("core.softmax", [v], {"axis": -1})
+            if scoring == "sqrt_softplus":
+                return self.emit("core.sqrt", [self.emit("core.softplus", [v])])
             return self.emit("core.sigmoid", [v])
 
         if order == "score_topk":

@@ -96,10 +96,10 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained(path)` offline, in eval mode, as saved (dtype)."""
     if not is_checkpoint(path):
         raise InputError(f"{path} is not a checkpoint folder (no config.json)")
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise InputError(f"loading a checkpoint folder needs transformers: {e}") from None
+    from moec.deps import HF, require
+
+    AutoModelForCausalLM = require("transformers", f"reading the checkpoint folder {path}",
+                                   HF).AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                      dtype="auto")

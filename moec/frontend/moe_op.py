@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu")
+UNGATED_ONLY = ("relu2",)
 GROUP_SCORES = ("max", "top2_sum")
 
 
@@ -30,6 +31,8 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(h)
     if activation == "relu":
         return F.relu(h)
+    if activation == "relu2":
+        return F.relu(h).square()
     if activation == "gelu_tanh":
         return F.gelu(h, approximate="tanh")
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -43,6 +46,10 @@ def glu(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float = 1.702,
         g = g.clamp(max=limit)
         return (u.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
     return activate(g, activation) * u
+
+
+SCORE_FNS = {"softmax": lambda v: torch.softmax(v, dim=-1), "sigmoid": torch.sigmoid,
+             "sqrt_softplus": lambda v: torch.sqrt(F.softplus(v))}  # DeepSeek-V4's scores
 
 
 def _sparsemixer(logits: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +87,14 @@ def route(logits: torch.Tensor, k: int, scoring: str, order: str, norm_topk: boo
     """Routing weights (f32 [T, k]) and expert ids (int64 [T, k]) from router logits [T, E],
     as moe.router in docs/ops.md."""
     logits = logits.float()
-    score = (lambda v: torch.softmax(v, dim=-1)) if scoring == "softmax" else torch.sigmoid
+    score = SCORE_FNS[scoring]
     if order == "score_topk":
         scores = score(logits)
         ids = _select(scores, select_bias, k, n_groups, topk_groups, group_score)
         weights = scores.gather(-1, ids)
         if norm_topk:
             denom = weights.sum(dim=-1, keepdim=True)
-            weights = weights / (denom + 1e-20 if scoring == "sigmoid" else denom)
+            weights = weights / (denom if scoring == "softmax" else denom + 1e-20)
     elif order == "topk_score":
         vals, ids = torch.topk(logits, k, dim=-1)
         weights = score(vals)
@@ -96,10 +103,17 @@ def route(logits: torch.Tensor, k: int, scoring: str, order: str, norm_topk: boo
     if scale != 1.0:
         weights = weights * scale
     if capacity > 0:
-        onehot = F.one_hot(ids.reshape(-1), logits.shape[-1])
-        position = (onehot.cumsum(0) * onehot).sum(-1)  # 1-based rank among the expert's slots
-        weights = weights * (position <= capacity).reshape(ids.shape)
+        weights = weights * capacity_keep(ids, logits.shape[-1], capacity)
     return weights, ids
+
+
+def capacity_keep(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """bool like ids ([T, k], or [B, S, k] counted per sequence): whether a slot is among the
+    first `capacity` slots of its expert, in slot order t*k + j."""
+    flat = ids.reshape(*ids.shape[:-2], -1)  # [..., S*k]: the slots of each sequence in order
+    onehot = F.one_hot(flat.long(), num_experts)
+    position = (onehot.cumsum(-2) * onehot).sum(-1)  # 1-based rank among the expert's slots
+    return (position <= capacity).reshape(ids.shape)
 
 
 def expert_ffn(x: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
@@ -141,10 +155,15 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, logit_bias: torch.Tensor |
                select_bias: torch.Tensor | None, k: int, scoring: str, order: str,
                norm_topk: bool, scale: float, n_groups: int, topk_groups: int, group_score: str,
                capacity: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recognised router: x [T, H] -> (weights f32 [T, k], ids i32 [T, k])."""
-    logits = F.linear(x.float(), weight.float(), None if logit_bias is None else logit_bias.float())
+    """One recognised router: x [T, H] -> (weights f32 [T, k], ids i32 [T, k]); a router with
+    capacity also takes x [B, S, H] (-> [B, S, k]) and counts capacity per sequence."""
+    h = x.reshape(-1, x.shape[-1])
+    logits = F.linear(h.float(), weight.float(), None if logit_bias is None else logit_bias.float())
     w, ids = route(logits, k, scoring, order, norm_topk, scale, select_bias, n_groups,
-                   topk_groups, group_score, capacity, jitter_eps)
+                   topk_groups, group_score, 0, jitter_eps)
+    w, ids = w.reshape(*x.shape[:-1], k), ids.reshape(*x.shape[:-1], k)
+    if capacity > 0:
+        w = w * capacity_keep(ids, weight.shape[0], capacity)
     return w, ids.to(torch.int32)
 
 
@@ -152,8 +171,8 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, logit_bias: torch.Tensor |
 def _moe_router_fake(x: torch.Tensor, weight: torch.Tensor, logit_bias: object,
                      select_bias: object, k: int, *args: object
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    return (x.new_empty((x.shape[0], k), dtype=torch.float32),
-            x.new_empty((x.shape[0], k), dtype=torch.int32))
+    return (x.new_empty((*x.shape[:-1], k), dtype=torch.float32),
+            x.new_empty((*x.shape[:-1], k), dtype=torch.int32))
 
 
 @torch.library.custom_op("moec::moe_experts", mutates_args=())

@@ -2,8 +2,10 @@
 
 - **router**: a direct child `nn.Linear(H, E)`, a direct child module owning a 2-D `weight [E, H]`
   (optional `bias [E]`), a direct child wrapping exactly one such linear (`router.classifier`,
-  `router.layer`), or a 2-D parameter of the block itself. 1-D `[E]` tensors on the router other
-  than its bias are selection-bias candidates (DeepSeek-V3's `e_score_correction_bias`).
+  `router.layer`), or a 2-D parameter of the block itself. `[E]` (or `[1, E]`) tensors anywhere
+  in the block other than the router's bias (on the router or its children first, then on the
+  block: a correction bias the block passes into the router) are selection-bias candidates
+  (DeepSeek-V3's `e_score_correction_bias`).
 - **experts**: a direct child `nn.ModuleList`/`nn.ModuleDict` of E identical MLPs (2 or 3
   `nn.Linear` children, with or without biases, plus parameter-free modules), or parameters of the
   block and its direct children (outside linears) that are 3-D with leading dim E
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moec.frontend.moe_op import ACTIVATIONS, activate
+from moec.frontend.moe_op import ACTIVATIONS, UNGATED_ONLY, activate
 
 _ROUTER_WORDS = ("router", "gate", "gating", "classifier", "wg")
 _ROLE_KEYS = {"gate": ("gate", "w1", "wi_0"), "up": ("up", "w3", "fc1", "wi_1", "c_fc", "wi",
@@ -145,6 +147,31 @@ def act_hints(modules: list[nn.Module]) -> tuple[list[str], dict[str, float]]:
 # --------------------------------------------------------------------------- router
 
 
+def is_expert_vector(t: object, e: int) -> bool:
+    """A float `[E]` (or `[1, E]`) tensor: one value per expert, a selection-bias candidate."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) in (
+        (e,), (1, e))
+
+
+_SELECT_WORDS = ("bias", "correction")
+
+
+def block_select_biases(block: nn.Module, router: RouterPart, skip: set[str]
+                        ) -> list[tuple[str, torch.Tensor]]:
+    """`[E]` tensors of the block outside the router, its experts and shared experts (in
+    `skip`), that the block may add to the scores for selection (a correction bias kept on the
+    block and passed into the router): names with bias/correction first."""
+    e = router.shape[0]
+    seen = {id(t) for _, t in router.select_biases} | {id(router.bias), id(router.weight)}
+    out = []
+    for name, t in itertools.chain(block.named_parameters(), block.named_buffers()):
+        if name.split(".")[0] in skip or id(t) in seen or not is_expert_vector(t, e):
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return sorted(out, key=lambda nt: not any(w in nt[0].lower() for w in _SELECT_WORDS))
+
+
 def _is_expert_container(m: nn.Module) -> bool:
     return isinstance(m, (nn.ModuleList, nn.ModuleDict))
 
@@ -174,8 +201,8 @@ def router_candidates(block: nn.Module) -> list[RouterPart]:
         bias = getattr(target, "bias", None)
         bias = bias if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (e,) else None
         sel = [(f"{tname}.{n}", t) for n, t in itertools.chain(
-            target.named_parameters(recurse=False), target.named_buffers(recurse=False))
-            if t.dim() == 1 and t.shape[0] == e and t is not bias and t.is_floating_point()]
+            target.named_parameters(), target.named_buffers())
+            if is_expert_vector(t, e) and t is not bias]
         out.append(RouterPart(tname, target.weight, bias, False, target, sel))
     out.sort(key=lambda r: (not any(w in r.name.lower() for w in _ROUTER_WORDS), r.is_param))
     return out
@@ -184,11 +211,20 @@ def router_candidates(block: nn.Module) -> list[RouterPart]:
 # --------------------------------------------------------------------------- experts
 
 
+def container_members(c: nn.Module) -> list[nn.Module]:
+    """The modules of an experts container that hold parameters (the expert MLPs); a
+    parameter-free extra child (a Dropout beside them, identity at inference) is left out."""
+    mods = list(c.values()) if isinstance(c, nn.ModuleDict) else list(c)
+    return [m for m in mods if any(True for _ in m.parameters())]
+
+
 def _listed(block: nn.Module, e: int, h: int) -> tuple[str, list[nn.Module]] | None:
     for name, child in block.named_children():
-        if not _is_expert_container(child) or len(child) != e:
+        if not _is_expert_container(child):
             continue
-        mods = list(child.values()) if isinstance(child, nn.ModuleDict) else list(child)
+        mods = container_members(child)
+        if len(mods) != e:
+            continue
         if len({type(m) for m in mods}) != 1 or any(mlp_linears(m) is None for m in mods):
             continue
         lins = list(mlp_linears(mods[0]).values())
@@ -225,7 +261,8 @@ def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
             return torch.stack([t.detach() for t in ts])
 
         for act in acts:
-            if act == "clamped_swiglu" and "gate" not in assign:
+            if act == "clamped_swiglu" and "gate" not in assign or (
+                    act in UNGATED_ONLY and "gate" in assign):
                 continue
             yield Reading(stack("gate"), stack("up"), stack("down"), act, stack("gate", "bias"),
                           stack("up", "bias"), stack("down", "bias"), **consts)
@@ -313,7 +350,8 @@ def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
                 ub = next((b.detach() for _, b in biases if b.shape[1] == i), None)
                 combos += [(None, u, None, ub) for u in _orient(rest[0][1], i, h)]
             for (g, u, bg, bu), act in itertools.product(combos, acts):
-                if g is None and act == "clamped_swiglu":
+                if g is None and act == "clamped_swiglu" or (
+                        g is not None and act in UNGATED_ONLY):
                     continue
                 yield Reading(g, u, w_down, act, bg, bu, b_down, **consts)
 
@@ -389,10 +427,12 @@ def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
         for n, p in block.named_parameters(recurse=False):
             if p.dim() == 1 and p.shape[0] == h:
                 out_bias = n if out_bias is None else out_bias
+        skip = used | set(shared) | ({gate} if gate else set())
+        r.select_biases += block_select_biases(block, r, skip)
         return Parts(r, experts, shared, gate, out_bias, unmodelled), ""
-    listed = [(n, len(c)) for n, c in block.named_children() if _is_expert_container(c)
-              and len(c) >= 2 and all(mlp_linears(m) is not None for m in (
-                  c.values() if isinstance(c, nn.ModuleDict) else c))]
+    listed = [(n, len(container_members(c))) for n, c in block.named_children()
+              if _is_expert_container(c) and len(container_members(c)) >= 2
+              and all(mlp_linears(m) is not None for m in container_members(c))]
     stacked = [(n, int(p.shape[0])) for _, n, p in _stacked_params(block, set())
                if p.dim() == 3 and p.shape[0] >= 2]
     named = any("expert" in n.lower() for n, _ in listed + stacked) or "moe" in type(
@@ -401,6 +441,16 @@ def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
         what = listed[0][0] if listed else ", ".join(n for n, _ in stacked)
         num = listed[0][1] if listed else stacked[0][1]
         sizes = sorted({r.shape[0] for r in routers})
+        for r in routers:  # the router fits some expert weights: say which one does not
+            fit = [n for n, c in listed + stacked if c == r.shape[0]]
+            off = [(n, c) for n, c in listed + stacked if c != r.shape[0]]
+            if fit and off:
+                return None, (
+                    f"router '{r.name}' scores {r.shape[0]} experts and "
+                    f"{', '.join(repr(n) for n in fit)} hold {r.shape[0]}, but "
+                    + ", ".join(f"'{n}' holds {c}" for n, c in off)
+                    + ": the expert weights differ in their expert count (identity "
+                    "(zero-computation) experts beside the FFN experts are not supported)")
         return None, (f"found {num} experts ('{what}') but no router: no nn.Linear or [E, H] "
                       f"weight whose E matches the expert count"
                       + (f" (router-like weights have E in {sizes})" if sizes else ""))

@@ -34,6 +34,7 @@ _TOPK_GROUP_ATTRS = ("topk_group", "topk_groups", "num_topk_groups")
 _SCALE_ATTRS = ("routed_scaling_factor", "routing_scale", "scaling_factor")
 _EPS_ATTRS = ("router_jitter_noise", "jitter_eps", "moe_jitter_eps")
 CAPACITY_ATTRS = ("expert_capacity", "capacity")
+_SCORING_ALIASES = {"sqrtsoftplus": "sqrt_softplus", "sqrt_softplus": "sqrt_softplus"}
 
 
 class NotCallableError(UnsupportedError):
@@ -80,8 +81,11 @@ def routings(sources: list[object], e: int, has_select_bias: bool,
                               ("score_topk", ("softmax_topk", "score_topk", "sigmoid_topk")))
               if v in keys]
     orders = list(dict.fromkeys(hinted + list(ORDERS)))
-    scorings = list(dict.fromkeys([v for v in hint_values(sources, ("scoring_func",), str)
-                                   if v in SCORINGS] + list(SCORINGS)))
+    hinted_scoring = [_SCORING_ALIASES.get(v, v) for v in hint_values(
+        sources, ("scoring_func", "score_func", "scoring"), str)]
+    # sqrt-softplus (rare) only when hinted or when every candidate is wanted
+    scorings = list(dict.fromkeys([v for v in hinted_scoring if v in SCORINGS] + [
+        s for s in SCORINGS if s != "sqrt_softplus" or not hinted_k]))
     norm_hint = [bool(v) if isinstance(v, bool) else v == 1
                  for v in hint_values(sources, _NORM_ATTRS, (bool, int, float))]
     norms = list(dict.fromkeys(norm_hint + [False, True]))
@@ -121,7 +125,8 @@ class _Scenario:
     select_bias: torch.Tensor | None
     out: torch.Tensor | None = None  # the block's output, [T, H] f32
     aux: torch.Tensor | None = None  # its second output, if any
-    shared: torch.Tensor | None = None  # shared experts + output bias, [T, H] f32
+    shared: torch.Tensor | None = None  # shared experts, [T, H] f32
+    out_bias: torch.Tensor | None = None  # the block's output bias, [H] f32
 
 
 class Probe:
@@ -139,7 +144,9 @@ class Probe:
 
         self.tol = 2e-3 if dt == torch.float32 else 5e-2
         self.tuple_out = False
-        sel = parts.router.select_biases[0][1] if parts.router.select_biases else None
+        self.shared_scale = 1.0  # the shared experts' coefficient (fitted by search_fitted)
+        sel = parts.router.select_biases[0][1].reshape(-1) if parts.router.select_biases \
+            else None
         x = rnd(PROBE_TOKENS if dt == torch.float32 else PROBE_TOKENS_HALF, h)
         own = _Scenario(x, r.weight.detach().clone(),
                         None if r.bias is None else r.bias.detach().clone(),
@@ -166,7 +173,8 @@ class Probe:
             if r.bias is not None:
                 r.bias.copy_(s.bias)
             if r.select_biases:
-                r.select_biases[0][1].copy_(s.select_bias)
+                t = r.select_biases[0][1]
+                t.copy_(s.select_bias.reshape(t.shape))
 
     def _run(self, s: _Scenario) -> None:
         self._set_router(s)
@@ -177,11 +185,12 @@ class Probe:
                 except Exception as first:  # most blocks want [batch, seq, H]
                     try:
                         out = self.block(s.x[None])
-                    except Exception:
+                    except Exception as second:
                         raise NotCallableError(
                             f"{self.where}: calling the block on a random [{len(s.x)}, H] input "
-                            f"(and [1, {len(s.x)}, H]) failed: {first}") from first
-                shared = self._shared(s.x)
+                            f"failed: {type(first).__name__}: {first}; on [1, {len(s.x)}, H]: "
+                            f"{type(second).__name__}: {second}") from first
+                shared, out_bias = self._shared(s.x)
         finally:
             self._set_router(self.scenarios[0])
         if isinstance(out, tuple):
@@ -189,20 +198,30 @@ class Probe:
             s.aux = out[1] if len(out) == 2 and isinstance(out[1], torch.Tensor) else None
             out = out[0]
         s.out = out.reshape(s.x.shape).float()
-        s.shared = shared
+        s.shared, s.out_bias = shared, out_bias
 
-    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _shared(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the shared experts' output, gated as the block gates it; the output bias)."""
         p, b = self.parts, self.block
-        if not p.shared and p.out_bias is None:
-            return None
+        bias = b.get_parameter(p.out_bias).float() if p.out_bias is not None else None
+        if not p.shared:
+            return None, bias
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for name in p.shared:
             total += b.get_submodule(name)(x).float()
-        if p.shared and p.shared_gate is not None:
+        if p.shared_gate is not None:
             total *= torch.sigmoid(b.get_submodule(p.shared_gate)(x).float())
-        if p.out_bias is not None:
-            total += b.get_parameter(p.out_bias).float()
-        return total
+        return total, bias
+
+    def _rest(self, s: _Scenario, shared_scale: float | torch.Tensor) -> torch.Tensor | float:
+        """What the block adds to the routed experts: shared experts (times their coefficient)
+        and output bias."""
+        rest: torch.Tensor | float = 0.0
+        if s.shared is not None:
+            rest = s.shared * shared_scale
+        if s.out_bias is not None:
+            rest = rest + s.out_bias
+        return rest
 
     # ------------------------------------------------------------------ candidates
     def ffn(self, ri: int, reading: Reading, si: int) -> torch.Tensor:
@@ -225,8 +244,7 @@ class Probe:
     def _err(self, got: torch.Tensor, s: _Scenario, k: int) -> torch.Tensor:
         """max |got - out| / max |out| over the scenario's tokens, leaving out the tokens whose
         top-(k+1) router logits are a tie at the router's precision (see `_tied`)."""
-        if s.shared is not None:
-            got = got + s.shared
+        got = got + self._rest(s, self.shared_scale)
         per_token = (got - s.out).abs().amax(dim=-1)
         per_token = per_token.masked_fill(self._tied(s, k), 0.0)
         return per_token.amax(dim=-1) / s.out.abs().max().clamp_min(1e-12)
@@ -293,6 +311,75 @@ class Probe:
                     return reading, cands[i], "input"
         return None
 
+    def search_fitted(self, readings: list[Reading], cands: list[Routing]
+                      ) -> tuple[Reading, Routing, str] | None:
+        """Like `search` (expert output weighted), with two constants fitted instead of read
+        from attributes: the block's output is taken as `a * routed + b * shared (+ output
+        bias)`, with a and b least-squares over every scenario at once for each candidate (a
+        routing or output scale under any name, an evaluation-time dropout factor 1 - p;
+        `(routed + shared) / 2`). A candidate is taken when the fitted constants reproduce
+        every scenario; a becomes its `scale`, b `self.shared_scale`."""
+        cands = list(dict.fromkeys(replace(ro, scale=1.0) for ro in cands))
+        routed = [[self.route(ro, si) for si in range(len(self.scenarios))] for ro in cands]
+        shared = any(s.shared is not None for s in self.scenarios)
+        for ri, reading in enumerate(readings):
+            wide = _float32(reading)
+            # per candidate: <g,g>, <g,sh>, <sh,sh>, <g,y>, <sh,y> with y = out - output bias
+            stats = torch.zeros(5, len(cands), dtype=torch.float64)
+            for si, s in enumerate(self.scenarios):
+                y = s.out - (s.out_bias if s.out_bias is not None else 0.0)
+                sh = s.shared if s.shared is not None else torch.zeros_like(s.out)
+                for part, got in self._routed_outputs(ri, wide, si, cands, routed):
+                    m = (~self._tied(s, cands[part[0]].k)).float()[:, None]
+                    sel = torch.tensor(part)
+                    stats[0, sel] += (got * got * m).sum(dim=(1, 2)).double()
+                    stats[1, sel] += (got * sh * m).sum(dim=(1, 2)).double()
+                    stats[2, sel] += float((sh * sh * m).sum())
+                    stats[3, sel] += (got * y * m).sum(dim=(1, 2)).double()
+                    stats[4, sel] += float((sh * y * m).sum())
+            gg, gs, ss, gy, sy = stats
+            if shared:
+                det = gg * ss - gs * gs
+                a, b = (gy * ss - gs * sy) / det, (gg * sy - gs * gy) / det
+            else:
+                a, b = gy / gg, torch.ones_like(gy)
+            ok = torch.isfinite(a) & torch.isfinite(b) & (a.abs() > 1e-6)
+            for si, s in enumerate(self.scenarios):
+                for part, got in self._routed_outputs(ri, wide, si, cands, routed):
+                    sel = torch.tensor(part)
+                    errs = self._err_fitted(got, a[sel].float()[:, None, None],
+                                            b[sel].float()[:, None, None], s, cands[part[0]].k)
+                    ok[sel] &= errs <= self.tol
+            if ok.any():
+                i = int(ok.nonzero()[0])
+                self.shared_scale = _snap(float(b[i])) if shared else 1.0
+                return reading, replace(cands[i], scale=_snap(float(a[i]))), "output"
+        return None
+
+    def _routed_outputs(self, ri: int, wide: Reading, si: int, cands: list[Routing],
+                        routed: list) -> list[tuple[list[int], torch.Tensor]]:
+        """(candidate indices, their routed outputs [R, T, H]) in chunks of equal k."""
+        y = self.ffn(ri, wide, si)
+        rows = torch.arange(len(self.scenarios[si].x))[:, None]
+        by_k: dict[int, list[int]] = {}
+        for i, ro in enumerate(cands):
+            by_k.setdefault(ro.k, []).append(i)
+        out = []
+        for k, idx in by_k.items():
+            chunk = max(1, (1 << 22) // max(1, y[0].numel() * k))
+            for c in range(0, len(idx), chunk):
+                part = idx[c:c + chunk]
+                w = torch.stack([routed[i][si][0] for i in part])
+                ids = torch.stack([routed[i][si][1] for i in part])
+                out.append((part, (w[..., None] * y[ids, rows]).sum(dim=2)))
+        return out
+
+    def _err_fitted(self, got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: _Scenario,
+                    k: int) -> torch.Tensor:
+        pred = a * got + self._rest(s, b)
+        per_token = (pred - s.out).abs().amax(dim=-1).masked_fill(self._tied(s, k), 0.0)
+        return per_token.amax(dim=-1) / s.out.abs().max().clamp_min(1e-12)
+
     def check_experts(self, experts: list[nn.Module], reading: Reading) -> bool:
         """Whether `reading` reproduces each expert module called on the probe tokens."""
         x = self.scenarios[0].x
@@ -320,6 +407,16 @@ class Probe:
         raise UnsupportedError(f"{self.where}: the block's second output "
                                f"{tuple(s.aux.shape)} is neither the router logits nor the "
                                "routing weights")
+
+
+def _snap(v: float) -> float:
+    """A fitted constant with the fewest decimals within 2e-6 of it (0.9 for 0.90000004): the
+    constants blocks use are short; a long one is kept as it is."""
+    for digits in range(1, 8):
+        r = round(v, digits)
+        if abs(r - v) <= 2e-6 * abs(v):
+            return r
+    return v
 
 
 def _float32(rd: Reading) -> Reading:

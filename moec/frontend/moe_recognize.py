@@ -53,8 +53,8 @@ class MoESpec:
     selection (DeepSeek-V3). Routing attributes are those of moe.router (docs/ops.md);
     `weight_on="input"` scales each expert's input instead of its output (Llama 4).
     `shared_experts` are paths of submodules whose outputs are added (times
-    `sigmoid(<shared_gate>(x))` when a gate is named); `out_bias_name` names a parameter of the
-    block added to the output."""
+    `sigmoid(<shared_gate>(x))` when a gate is named, and times `shared_scale`);
+    `out_bias_name` names a parameter of the block added to the output."""
 
     router_weight: torch.Tensor
     w_up: torch.Tensor
@@ -83,9 +83,11 @@ class MoESpec:
     weight_on: str = "output"
     shared_experts: tuple[str, ...] = ()
     shared_gate: str | None = None
+    shared_scale: float = 1.0  # coefficient of the shared experts: (routed + shared) / 2 -> 0.5
     out_bias_name: str | None = None
     aux_output: str | None = None  # the block also returns "logits" or "weights" (set by moec)
     router_is_param: bool = False  # router_name names a parameter, not a module (set by moec)
+    flat_output: bool = False  # returns [B*S, H] for x [B, S, H], as Llama 4 (set by moec)
 
     @property
     def num_experts(self) -> int:
@@ -130,6 +132,8 @@ class MoESpec:
                                        f"{', '.join(allowed)}")
         if self.activation == "clamped_swiglu" and self.w_gate is None:
             raise UnsupportedError(f"{where}: activation clamped_swiglu needs gated experts")
+        if self.activation == "relu2" and self.w_gate is not None:
+            raise UnsupportedError(f"{where}: activation relu2 is for non-gated experts")
         if self.select_bias is not None and not self.select_bias_name:
             raise UnsupportedError(f"{where}: select_bias needs select_bias_name (its path)")
 
@@ -201,11 +205,28 @@ def _check_user_spec(block: nn.Module, spec: MoESpec, where: str, name: str) -> 
     parts = Parts(router, ExpertsPart("experts", spec.num_experts, None, [], []),
                   list(spec.shared_experts), spec.shared_gate, spec.out_bias_name, [])
     probe = Probe(block, parts, where, spec.capacity)
+    probe.shared_scale = spec.shared_scale
     found = probe.search([spec.reading()], [spec.routing()])
     if found is None or found[2] != spec.weight_on:
         raise UnsupportedError(f"{where}: the MoESpec from recogniser {name} does not "
                                "reproduce the block's output")
     spec.aux_output = probe.aux_kind(spec.routing())
+    spec.flat_output = flattens_output(block, spec.router_weight)
+
+
+def flattens_output(block: nn.Module, router_weight: torch.Tensor) -> bool:
+    """Whether the block returns its output flattened to tokens, [B*S, H], for an input
+    [B, S, H] (Llama 4 does; most blocks return [B, S, H])."""
+    h = router_weight.shape[1]
+    x = torch.randn((2, 3, h), generator=torch.Generator().manual_seed(0)).to(
+        dtype=router_weight.dtype, device=router_weight.device)
+    try:
+        with torch.no_grad():
+            out = block(x)
+    except Exception:  # a block that only takes [T, H]: the output keeps the input's shape
+        return False
+    out = out[0] if isinstance(out, tuple) else out
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (6, h)
 
 
 def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
@@ -220,7 +241,39 @@ def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
     owners = [r.module] + ([] if r.is_param else [block.get_submodule(r.name.split(".")[0])])
     sources: list[object] = [block, *owners, *(block.get_submodule(o) for o in ex.owners if o)]
     caps = [v for v in hint_values(sources, CAPACITY_ATTRS, int) if v > 0]
-    probe = Probe(block, parts, where, caps[0] if caps else 0)
+    # the first selection-bias candidate is the one the probe varies; when the routing is not
+    # found with it, the next ones (an [E] tensor elsewhere in the block) take its place
+    sels = list(r.select_biases)
+    for first in range(max(1, min(len(sels), 4))):
+        r.select_biases = sels[first:first + 1] + sels[:first] + sels[first + 1:]
+        probe = Probe(block, parts, where, caps[0] if caps else 0)
+        found = _search(probe, block, parts, sources, path)
+        if found is not None:
+            break
+    if found is None:
+        raise UnsupportedError(_routing_not_found(where, parts, bool(ex.listed)))
+    reading, ro, weight_on = found
+    sel_name, sel = r.select_biases[0] if ro.select_bias else (None, None)
+    return MoESpec(
+        router_weight=r.weight, w_up=reading.w_up, w_down=reading.w_down, w_gate=reading.w_gate,
+        k=ro.k, scoring=ro.scoring, order=ro.order, norm_topk=ro.norm_topk,
+        activation=reading.activation, scale=ro.scale, router_bias=r.bias, router_name=r.name,
+        select_bias=None if sel is None else sel.reshape(-1), select_bias_name=sel_name,
+        n_groups=ro.n_groups, topk_groups=ro.topk_groups, group_score=ro.group_score,
+        capacity=ro.capacity, jitter_eps=ro.jitter_eps, b_gate=reading.b_gate, b_up=reading.b_up,
+        b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, weight_on=weight_on,
+        shared_experts=tuple(parts.shared), shared_gate=parts.shared_gate,
+        shared_scale=probe.shared_scale, out_bias_name=parts.out_bias,
+        aux_output=probe.aux_kind(ro), router_is_param=r.is_param,
+        flat_output=flattens_output(block, r.weight))
+
+
+def _search(probe: Probe, block: nn.Module, parts: Parts, sources: list[object], path: str
+            ) -> tuple[Reading, Routing, str] | None:
+    """The expert reading and routing that reproduce the block: the hinted routings, then the
+    others; each as they are, then with the routed and shared coefficients fitted."""
+    r, ex = parts.router, parts.experts
+    where = _where(block, path)
     readings = ex.readings
     if ex.listed is not None:
         readings = [rd for rd in readings if probe.check_experts(ex.listed, rd)][:1]
@@ -236,25 +289,13 @@ def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
                                f"transposed); {HOW_TO_REGISTER}")
     # the hinted top-k first (cheap with many experts), then every k
     hinted = routings(sources, ex.num, bool(r.select_biases), hinted_k=True)
-    found = probe.search(readings, hinted)
+    found = probe.search(readings, hinted) or probe.search_fitted(readings, hinted)
     if found is None:
         seen = set(hinted)
         rest = [c for c in routings(sources, ex.num, bool(r.select_biases)) if c not in seen]
-        found = probe.search(readings, rest) if rest else None
-    if found is None:
-        raise UnsupportedError(_routing_not_found(where, parts, bool(ex.listed)))
-    reading, ro, weight_on = found
-    sel_name, sel = r.select_biases[0] if ro.select_bias else (None, None)
-    return MoESpec(
-        router_weight=r.weight, w_up=reading.w_up, w_down=reading.w_down, w_gate=reading.w_gate,
-        k=ro.k, scoring=ro.scoring, order=ro.order, norm_topk=ro.norm_topk,
-        activation=reading.activation, scale=ro.scale, router_bias=r.bias, router_name=r.name,
-        select_bias=sel, select_bias_name=sel_name, n_groups=ro.n_groups,
-        topk_groups=ro.topk_groups, group_score=ro.group_score, capacity=ro.capacity,
-        jitter_eps=ro.jitter_eps, b_gate=reading.b_gate, b_up=reading.b_up,
-        b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, weight_on=weight_on,
-        shared_experts=tuple(parts.shared), shared_gate=parts.shared_gate,
-        out_bias_name=parts.out_bias, aux_output=probe.aux_kind(ro), router_is_param=r.is_param)
+        if rest:
+            found = probe.search(readings, rest) or probe.search_fitted(readings, rest)
+    return found
 
 
 def _routing_not_found(where: str, parts: Parts, listed: bool) -> str:

@@ -17,6 +17,7 @@ from torch import fx
 
 from moec.frontend.fx_util import op_name
 from moec.ir import Value
+from moec.ir.types import same_dim
 
 BIG = 2 ** 62  # slice ends at or past this mean "to the end" (torch writes sys.maxsize)
 
@@ -46,7 +47,7 @@ def _arange(tr: Any, n: fx.Node) -> Value:
     _, dtype = tr.meta(n)
     for v in tr.b.graph.inputs:  # a graph input that has the length as one of its dims
         for ax, d in enumerate(v.shape):
-            if str(d) == str(end):
+            if same_dim(d, end):
                 return tr.emit("core.arange", [v], {"axis": ax, "dtype": dtype})
     raise tr.unsupported(f"arange of length {end}, which is no dim of a graph input")
 
@@ -88,7 +89,7 @@ def _slice(tr: Any, n: fx.Node) -> Value:
     end = tr.arg(3, "end", None)
     if isinstance(end, fx.Node):  # x[:, :T] with T the whole dim: nothing to cut
         d = tr.env.get(end)
-        if str(d) == str(x.shape[axis % x.type.rank]):
+        if same_dim(d, x.shape[axis % x.type.rank]):
             end = None
         else:
             raise tr.unsupported(f"slice ending at the symbolic size {d}")
@@ -196,8 +197,19 @@ def _index(tr: Any, n: fx.Node) -> Value:
     return out
 
 
+def _softplus(tr: Any, n: fx.Node) -> Value:
+    beta, threshold = tr.arg(1, "beta", 1), tr.arg(2, "threshold", 20)
+    # torch returns x itself where beta*x > threshold; log(1 + e^x) differs from x there by
+    # less than e^-threshold, below float32 precision for the default threshold 20
+    if beta != 1 or threshold < 16:
+        raise tr.unsupported(f"softplus with beta={beta}, threshold={threshold} (moec has "
+                             "core.softplus = log(1 + e^x), beta 1)")
+    return tr.emit("core.softplus", [tr.val(n.args[0])])
+
+
 NN_HANDLERS: dict[str, Callable[[Any, fx.Node], Any]] = {
     "aten.embedding": _embedding,
+    "aten.softplus": _softplus,
     "aten.arange": _arange,
     "aten.cos": _unary("core.cos"),
     "aten.sin": _unary("core.sin"),

@@ -14,7 +14,15 @@ The `MoE` op (ONNX Runtime's contrib schema: `input [T, H]`, `router_probs [T, E
 `swiglu_limit`, `use_sparse_mixer`) becomes the unfused moe form: `core.softmax -> core.topk
 [-> core.sum, core.div] -> moe.experts`, with fused gate/up weights split (interleaved or halves)
 into moec's `w_gate`/`w_up [E, I, H]`. Sparse-mixer routing becomes `moe.router` with
-`order=sparsemixer` over the given logits (an identity router weight).
+`order=sparsemixer` over the given logits (an identity router weight). A 3-D `[B, S, H]` input is
+flattened around the experts. `QMoE` (integer 8/4/2-bit experts, symmetric or with zero points,
+per-row or block-wise scales) is dequantised at compile time exactly as ONNX Runtime defines it,
+`(q - zero_point) * scale`, into fp32 expert weights, and where moec's quantised kernels read
+the same values (8-bit symmetric, 4-bit) their exact parts go to `Graph.quant_forms`, which
+quantize-experts (appended by `moec.compile`) puts on `moe.grouped_matmul_q`; 2-bit and 8-bit
+with zero points stay fp32 experts. Nothing is approximated. MoE attributes and inputs moec
+does not implement (e.g. `num_shared_experts`, `router_weights`) are refused by name, never
+ignored. The full table is docs/frontend.md (the form checks: moec/frontend/onnx_moe.py).
 
 Every node whose op moec cannot translate is collected first; one `UnsupportedError` lists them
 all (op type and node names), so a model needs one run to see everything that is missing.
@@ -31,6 +39,13 @@ import numpy as np
 
 from moec.errors import UnsupportedError
 from moec.frontend.onnx_dense_moe import find_dense_moe, node_key
+from moec.frontend.onnx_moe import MOE_INPUTS as _MOE_INPUTS
+from moec.frontend.onnx_moe import QMOE_INPUTS as _QMOE_INPUTS
+from moec.frontend.onnx_moe import Skip as _Skip
+from moec.frontend.onnx_moe import check_layout as _check_layout
+from moec.frontend.onnx_moe import dequantize as _dequantize
+from moec.frontend.onnx_moe import exact_form as _exact_form
+from moec.frontend.onnx_moe import moe_form_problems as _moe_form_problems
 from moec.ir import Graph
 from moec.ir.builder import IRBuilder
 from moec.ir.graph import Value
@@ -46,10 +61,6 @@ _UNARY = {"Relu": "core.relu", "Sigmoid": "core.sigmoid", "Tanh": "core.tanh", "
 _BINARY = {"Add": "core.add", "Sub": "core.sub", "Mul": "core.mul", "Div": "core.div",
            "Max": "core.maximum", "Min": "core.minimum"}
 _MOE_DOMAIN = "com.microsoft"
-
-
-class _Skip(Exception):
-    """A node's form (not its op type) that moec cannot translate; collected like op types."""
 
 
 def _load(model: Any) -> Any:
@@ -166,6 +177,10 @@ class _Translator:
                 continue
             if key not in _HANDLERS:
                 missing.setdefault(key, []).append(_where(n))
+            elif n.domain == _MOE_DOMAIN and n.op_type in ("MoE", "QMoE"):
+                inputs = {i.name for i in self.g.input}
+                for problem in _moe_form_problems(n, set(self.consts), inputs):
+                    missing.setdefault(f"{key} ({problem})", []).append(_where(n))
         if missing:
             raise UnsupportedError(_missing_message(missing))
 
@@ -343,7 +358,35 @@ class _Translator:
 
     # ------------------------------------------------------------------ com.microsoft MoE
     def _moe(self, n: Any) -> Value:
+        fc1, b1, fc2, b2, fc3, b3 = (self.const_input(i, _MOE_INPUTS[i]) for i in range(2, 8))
+        return self._moe_experts(n, _attrs(n), fc1, b1, fc2, b2, fc3, b3)
+
+    def _qmoe(self, n: Any) -> Value:
+        """QMoE: the integer-quantised experts are dequantised here, exactly as ONNX Runtime
+        defines it (`(q - zero_point) * scale`), into fp32 expert weights; see `_dequantize`."""
         at = _attrs(n)
+        bits = int(at.get("expert_weight_bits", 4))
+        block = int(at.get("block_size", 0) or 0)
+        const = {i: self.const_input(i, _QMOE_INPUTS[i]) for i in range(2, 14)}
+        ws, forms = [], {}
+        for fc, (wi, si, zi) in (("fc1", (2, 3, 11)), ("fc2", (5, 6, 12)), ("fc3", (8, 9, 13))):
+            q = const[wi]
+            if q is None:
+                ws.append(None)
+                continue
+            if const[si] is None:
+                raise _Skip(f"{_QMOE_INPUTS[si]} missing")
+            fc_bits = int(at.get(f"{fc}_expert_weight_bits", bits))
+            ws.append(_dequantize(q, const[si], const[zi], fc_bits, block, fc))
+            forms[fc] = _exact_form(q, const[si], const[zi], fc_bits, block)
+        return self._moe_experts(n, at, ws[0], const[4], ws[1], const[7], ws[2], const[10],
+                                 forms)
+
+    def _moe_experts(self, n: Any, at: dict[str, Any], fc1: np.ndarray, b1: np.ndarray | None,
+                     fc2: np.ndarray, b2: np.ndarray | None, fc3: np.ndarray | None,
+                     b3: np.ndarray | None, forms: dict[str, Any] | None = None) -> Value:
+        """moe.experts for ORT's MoE form; `forms`: fc name -> its exact quantised form (or
+        None), recorded in `graph.quant_forms` for the expert weights split from it."""
         act = at.get("activation_type", b"relu")
         act = act.decode() if isinstance(act, bytes) else act
         k = int(at.get("k", 1))
@@ -352,62 +395,90 @@ class _Translator:
         beta = float(at.get("activation_beta", 0.0))
         limit = at.get("swiglu_limit")
         x, logits = self.val(n.input[0]), self.val(n.input[1])
-        if x.type.rank != 2:
-            raise _Skip("3-D input (pass tokens packed as [T, H])")
-        fc1 = self.const_input(2, "fc1_experts_weights")
-        b1 = self.const_input(3, "fc1_experts_bias")
-        fc2 = self.const_input(4, "fc2_experts_weights")
-        b2 = self.const_input(5, "fc2_experts_bias")
-        fc3 = self.const_input(6, "fc3_experts_weights")
-        b3 = self.const_input(7, "fc3_experts_bias")
-        E, H = fc2.shape[0], fc2.shape[1]
+        H, E = x.shape[-1], logits.shape[-1]
+        if x.type.rank not in (2, 3) or logits.type.rank not in (2, 3):
+            raise _Skip(f"input {x.type} / router_probs {logits.type}: want [T, H] or "
+                        "[B, S, H] and [T, E]")
+        _check_layout(n, fc1, fc2, fc3, b1, b2, b3, H, E, act == "swiglu" and fusion in (1, 2))
         attrs: dict[str, Any] = {}
         if act == "swiglu":
             if fusion == 0:
                 if fc3 is None:
                     raise _Skip("swiglu_fusion=0 without fc3_experts_weights")
                 wg, wu, bg, bu = fc1, fc3, b1, b3
+                src = {"w_gate": ("fc1", slice(None)), "w_up": ("fc3", slice(None))}
             elif fusion == 1:  # rows [g0, u0, g1, u1, ...]
                 wg, wu = fc1[:, 0::2], fc1[:, 1::2]
                 bg, bu = (None, None) if b1 is None else (b1[:, 0::2], b1[:, 1::2])
+                src = {"w_gate": ("fc1", slice(0, None, 2)), "w_up": ("fc1", slice(1, None, 2))}
             elif fusion == 2:  # rows [g | u]
                 half = fc1.shape[1] // 2
                 wg, wu = fc1[:, :half], fc1[:, half:]
                 bg, bu = (None, None) if b1 is None else (b1[:, :half], b1[:, half:])
+                src = {"w_gate": ("fc1", slice(None, half)), "w_up": ("fc1", slice(half, None))}
             else:
                 raise _Skip(f"swiglu_fusion={fusion}")
             if limit is None and alpha == 1.0 and beta == 0.0:
                 attrs["activation"] = "silu"
-            elif limit is not None and beta == 1.0:
-                attrs.update(activation="clamped_swiglu", alpha=alpha, limit=float(limit))
+            elif limit is None or beta == 1.0:
+                # g * sigmoid(alpha g) * (u + beta) is clamped_swiglu (u + 1) with the up bias
+                # shifted by beta - 1; no limit is a limit no float32 reaches past
+                if beta != 1.0:
+                    bu = (np.zeros(wu.shape[:2], wu.dtype) if bu is None else bu) + np.asarray(
+                        beta - 1.0, wu.dtype)
+                lim = float(np.finfo(np.float32).max) if limit is None else float(limit)
+                attrs.update(activation="clamped_swiglu", alpha=alpha, limit=lim)
             else:
-                raise _Skip(f"swiglu with activation_alpha={alpha}, activation_beta={beta}, "
-                            f"swiglu_limit={limit} (moec has silu(g)*u and GPT-OSS's clamped "
-                            "form: a limit with beta=1)")
+                raise _Skip(f"swiglu with swiglu_limit={limit} and activation_beta={beta} (moec "
+                            "clamps the up projection, then adds 1: a limit needs beta=1)")
             gated = True
-        elif act in ("relu", "gelu", "silu"):
-            if fc3 is not None:
-                raise _Skip(f"fc3_experts_weights with activation_type={act}")
-            wg, wu, bg, bu, gated = None, fc1, None, b1, False
-            # ONNX Runtime's CPU MoE computes gelu with the tanh approximation
-            attrs["activation"] = "gelu_tanh" if act == "gelu" else act
+        elif act in ("relu", "gelu", "silu", "identity"):
+            # ONNX Runtime's CPU MoE computes gelu with the tanh approximation; activation_alpha
+            # and activation_beta only affect swiglu
+            attrs["activation"] = {"gelu": "gelu_tanh", "identity": "none"}.get(act, act)
+            src = {"w_gate": ("fc1", slice(None)), "w_up": ("fc3", slice(None))}
+            if fc3 is None:
+                wg, wu, bg, bu, gated = None, fc1, None, b1, False
+                src = {"w_up": ("fc1", slice(None))}
+            elif act == "identity":
+                raise _Skip("fc3_experts_weights with activation_type=identity")
+            else:  # Mixtral / Phi layout: act(fc1 x) * (fc3 x)
+                wg, wu, bg, bu, gated = fc1, fc3, b1, b3, True
         else:
             raise _Skip(f"activation_type={act}")
         inter = wu.shape[1]
         bias = any(b is not None for b in (bg, bu, b2))
+        x2 = x if x.type.rank == 2 else self.emit("core.reshape", [x], {"shape": [-1, H]})
+        if logits.type.rank == 3:
+            logits = self.emit("core.reshape", [logits], {"shape": [-1, E]})
+        if str(x2.shape[0]) != str(logits.shape[0]):
+            raise _Skip(f"router_probs has {logits.shape[0]} rows for {x2.shape[0]} tokens (a "
+                        "3-D input wants router_probs computed from it in the graph: moec takes "
+                        "dim 0 of every graph input as the same token count)")
         weights, ids = self._moe_routing(logits, E, k, at)
         ws = [wg, wu, fc2] if gated else [wu, fc2]
         names = ["w_gate", "w_up", "w_down"] if gated else ["w_up", "w_down"]
         if bias:
-            dt = fc1.dtype
+            dt = fc2.dtype
             zero_i = np.zeros((E, inter), dt)
             ws += ([zero_i if bg is None else bg] if gated else [])
             ws += [zero_i if bu is None else bu, np.zeros((E, H), dt) if b2 is None else b2]
             names += (["b_gate"] if gated else []) + ["b_up", "b_down"]
         operands = [self.new_param(nm, np.ascontiguousarray(w)) for nm, w in zip(names, ws,
                                                                                strict=True)]
+        src["w_down"] = ("fc2", slice(None))
+        for v, nm in zip(operands, names, strict=False):
+            fc, rows = src.get(nm, (None, None))
+            form = (forms or {}).get(fc)
+            if form is not None:  # the rows of the quantised tensor this weight holds
+                bits, group, parts = form
+                self.b.graph.quant_forms[v.name] = (bits, group, tuple(
+                    np.ascontiguousarray(p[:, rows]) for p in parts))
         attrs.update(gated=gated, bias=bias)
-        return self.emit("moe.experts", [x, weights, ids, *operands], attrs)
+        y = self.emit("moe.experts", [x2, weights, ids, *operands], attrs)
+        if x.type.rank == 3:
+            y = self.emit("core.reshape", [y], {"shape": [-1, x.shape[1], H]})
+        return y
 
     def _dense_moe(self, m: Any) -> Value:
         """moe.experts for a dense-combine MoE (moec/frontend/onnx_dense_moe.py)."""
@@ -469,6 +540,7 @@ _HANDLERS: dict[str, Callable[[_Translator, Any], Any]] = {
     "SimplifiedLayerNormalization": _Translator._norm,
     "RMSNormalization": _Translator._norm,
     f"{_MOE_DOMAIN}::MoE": _Translator._moe,
+    f"{_MOE_DOMAIN}::QMoE": _Translator._qmoe,
 }
 SUPPORTED_OPS = tuple(_HANDLERS)
 

@@ -44,10 +44,13 @@ block's output on random inputs:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.export.graph_signature import InputKind
 
 from moec.errors import UnsupportedError
 from moec.frontend import moe_op  # noqa: F401  (registers torch.ops.moec.moe_router, ...)
@@ -101,17 +104,19 @@ class MoECall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         s, ex = self.spec, self.experts
-        if s.capacity and x.dim() > 2 and x.shape[0] != 1:
-            raise UnsupportedError(
-                f"a block with expert capacity {s.capacity} counts tokens per sequence; moec "
-                f"compiles it for one sequence at a time, but the input has batch {x.shape[0]}")
         weight = self.get_parameter(self._router_w)
         bias = self.get_parameter(self._router_b) if self._router_b else None
         sel = self.get_parameter(s.select_bias_name) if s.select_bias is not None else None
         h = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        # capacity is counted per sequence (the block routes [B, S, H] unflattened): that
+        # router takes the sequences, the rest the flattened tokens
+        seqs = x if x.dim() == 3 or not s.capacity else x.reshape(-1, *x.shape[-2:])
         w, ids = torch.ops.moec.moe_router(
-            h, weight, bias, sel, s.k, s.scoring, s.order, s.norm_topk, float(s.scale),
-            s.n_groups, s.topk_groups, s.group_score, s.capacity, float(s.jitter_eps))
+            seqs if s.capacity and x.dim() > 2 else h, weight, bias, sel, s.k, s.scoring,
+            s.order, s.norm_topk, float(s.scale), s.n_groups, s.topk_groups, s.group_score,
+            s.capacity, float(s.jitter_eps))
+        if w.dim() > 2:
+            w, ids = w.reshape(-1, s.k), ids.reshape(-1, s.k)
         y = torch.ops.moec.moe_experts(h, w, ids, ex.w_gate, ex.w_up, ex.w_down, ex.b_gate,
                                        ex.b_up, ex.b_down, s.activation, float(s.alpha),
                                        float(s.limit), s.weight_on)
@@ -121,10 +126,12 @@ class MoECall(nn.Module):
                 shared = shared + self.get_submodule(name)(h)
             if s.shared_gate:
                 shared = torch.sigmoid(self.get_submodule(s.shared_gate)(h)) * shared
+            if s.shared_scale != 1.0:
+                shared = shared * float(s.shared_scale)
             y = y + shared
         if s.out_bias_name:
             y = y + self.get_parameter(s.out_bias_name)
-        if x.dim() != 2:
+        if x.dim() != 2 and not s.flat_output:
             y = y.reshape(x.shape)
         if s.aux_output == "logits":
             return y, nn.functional.linear(h, weight, bias)
@@ -167,26 +174,96 @@ def find_moe_blocks(module: nn.Module, notes: dict[str, str] | None = None
     return found
 
 
-def _export_inputs(example_inputs: Sequence[object], max_tokens: int
-                   ) -> tuple[tuple[object, ...], tuple]:
-    """Example inputs with at least 2 tokens (export specialises sizes 0 and 1) and the
-    dynamic_shapes spec: dim 0 of every floating-point tensor is T."""
-    T = torch.export.Dim("T", min=0, max=max_tokens)
+DimRequest = str | tuple[str, int, int]
+"""A dynamic dim as `dynamic_dims` names it: its name, or (name, min, max)."""
+
+
+def default_dynamic_dims(example: object) -> dict[int, str]:
+    """The guess for one example input: every leading dim of a floating-point tensor is dynamic
+    (all but the last, the hidden size): `[T, H]` -> T, `[B, S, H]` -> B and S, rank 4 and up
+    -> D0, D1, ...; a 1-D `[T]` -> T. Other inputs keep their shapes."""
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point() \
+            or example.dim() == 0:
+        return {}
+    lead = max(example.dim() - 1, 1)
+    names = ("T",) if lead == 1 else ("B", "S") if lead == 2 else tuple(
+        f"D{i}" for i in range(lead))
+    return dict(enumerate(names))
+
+
+def _dynamic_dims(module: nn.Module, examples: Sequence[object], max_tokens: int,
+                  requested: Mapping[int | str, Mapping[int, DimRequest] | None] | None
+                  ) -> tuple[list[dict[int, str]], dict[str, tuple[int, int]]]:
+    """Per example input {axis: dim name}, and the bounds of each name: the guess
+    (default_dynamic_dims), with `requested` (by position or forward-argument name) replacing
+    it for the inputs it names."""
+    axes = [default_dynamic_dims(a) for a in examples]
+    bounds: dict[str, tuple[int, int]] = {}
+    if requested:
+        try:
+            params = [p for p in inspect.signature(module.forward).parameters]
+        except (TypeError, ValueError):
+            params = []
+        for key, spec in requested.items():
+            index = key if isinstance(key, int) and not isinstance(key, bool) else (
+                params.index(key) if key in params else None)
+            if index is None or not 0 <= index < len(examples):
+                raise UnsupportedError(
+                    f"dynamic_dims names input {key!r}, which is not one of the "
+                    f"{len(examples)} example input(s) (by position, or by name: {params})")
+            a = examples[index]
+            if spec and not isinstance(a, torch.Tensor):
+                raise UnsupportedError(f"dynamic_dims names input {key!r}, which is not a "
+                                       f"tensor ({type(a).__name__})")
+            axes[index] = {}
+            for axis, want in (spec or {}).items():
+                name, lo, hi = (want, 0, max_tokens) if isinstance(want, str) else tuple(want)
+                if not isinstance(axis, int) or not -a.dim() <= axis < a.dim():
+                    raise UnsupportedError(f"dynamic_dims[{key!r}]: axis {axis!r} is not an "
+                                           f"axis of its example of shape {tuple(a.shape)}")
+                if not str(name).isidentifier() or not 0 <= lo <= hi:
+                    raise UnsupportedError(f"dynamic_dims[{key!r}][{axis}]: want a dim name "
+                                           f"or (name, min, max) with 0 <= min <= max, got "
+                                           f"{want!r}")
+                if bounds.get(name, (lo, hi)) != (lo, hi):
+                    raise UnsupportedError(f"dynamic_dims gives dim {name} two ranges: "
+                                           f"{bounds[name]} and {(lo, hi)}")
+                bounds[name] = (lo, hi)
+                axes[index][axis % a.dim()] = name
+    for dims in axes:
+        for name in dims.values():
+            bounds.setdefault(name, (0, max_tokens))
+    return axes, bounds
+
+
+def _export_inputs(examples: Sequence[object], axes: list[dict[int, str]],
+                   bounds: dict[str, tuple[int, int]]) -> tuple[tuple[object, ...], tuple]:
+    """Example inputs whose dynamic dims are at least 2 (export specialises sizes 0 and 1) and
+    within their bounds, and the dynamic_shapes spec (one torch Dim per name)."""
+    tdims = {name: torch.export.Dim(name, min=lo, max=max(hi, 2))
+             for name, (lo, hi) in bounds.items()}
     args, shapes = [], []
-    for a in example_inputs:
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            if a.dim() == 0:
-                raise UnsupportedError("a floating-point input is 0-d: dim 0 of every "
-                                       "floating-point input must be the token dimension")
-            if a.shape[0] < 2:
-                gen = torch.Generator().manual_seed(0)
-                a = torch.randn((2, *a.shape[1:]), generator=gen).to(a.dtype)
-            a = a[:max_tokens]
-            shapes.append({0: T})
-        else:
+    gen = torch.Generator().manual_seed(0)
+    for a, dims in zip(examples, axes, strict=True):
+        if not dims:
+            args.append(a)
             shapes.append(None)
+            continue
+        assert isinstance(a, torch.Tensor)
+        shape = list(a.shape)
+        for axis, name in dims.items():
+            shape[axis] = min(max(shape[axis], 2), max(bounds[name][1], 2))
+        if shape != list(a.shape):  # random data of a shape export can keep dynamic
+            a = torch.randn(shape, generator=gen).to(a.dtype) if a.is_floating_point() \
+                else torch.zeros(shape, dtype=a.dtype)
         args.append(a)
+        shapes.append({axis: tdims[name] for axis, name in dims.items()})
     return tuple(args), tuple(shapes)
+
+
+def _dims_text(axes: list[dict[int, str]]) -> str:
+    return ", ".join(f"input {i} axis {ax} = {name}" for i, dims in enumerate(axes)
+                     for ax, name in dims.items()) or "none"
 
 
 def _swap(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -198,21 +275,30 @@ def _swap(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def from_torch(module: nn.Module, example_inputs: Sequence[object] | torch.Tensor, *,
-               max_tokens: int = 4096) -> Graph:
-    """Translate `module` into a moec IR graph with a dynamic token dim `T` in 0..max_tokens.
+               max_tokens: int = 4096,
+               dynamic_dims: Mapping[int | str, Mapping[int, DimRequest] | None] | None = None
+               ) -> Graph:
+    """Translate `module` into a moec IR graph whose inputs keep the examples' ranks, with
+    their leading dims dynamic.
 
     `example_inputs` are positional arguments of `module.forward` (a single tensor is allowed).
-    MoE blocks become moe.experts ops with their routing in core ops; the rest becomes core ops.
-    The module is changed only during the call and restored afterwards. Raises UnsupportedError
-    (naming op, module path and source line) for anything that has no moec translation."""
+    Every leading dim of a floating-point input is dynamic (default_dynamic_dims: `[T, H]` ->
+    T, `[B, S, H]` -> B and S), each in 0..max_tokens; `dynamic_dims` replaces that guess for
+    the inputs it names (by position or argument name): `{0: {0: "B", 1: "S"}}`,
+    `{"x": {1: ("S", 1, 512)}}`, `{"table": None}` (all static). Dims with the same name are
+    the same dim in every input. MoE blocks become moe.experts ops with their routing in core
+    ops (over the flattened tokens, `B*S`); the rest becomes core ops. The module is changed
+    only during the call and restored afterwards. Raises UnsupportedError (naming op, module
+    path and source line) for anything that has no moec translation."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if max_tokens < 1:
         raise UnsupportedError(f"max_tokens must be at least 1, got {max_tokens}")
+    examples = tuple(example_inputs)
+    axes, bounds = _dynamic_dims(module, examples, max_tokens, dynamic_dims)
     notes: dict[str, str] = {}
     blocks = find_moe_blocks(module, notes)
-    # export needs a range with room for its 2-token example; the IR gets the real bound
-    args, shapes = _export_inputs(example_inputs, max(max_tokens, 2))
+    args, shapes = _export_inputs(examples, axes, bounds)
     swapped: list[tuple[str, nn.Module]] = []
     target = module
     try:
@@ -229,16 +315,40 @@ def from_torch(module: nn.Module, example_inputs: Sequence[object] | torch.Tenso
             raise _with_notes(e, notes) from e
         except Exception as e:  # torch's message is long; its first lines say what failed
             head = "\n".join(str(e).strip().splitlines()[:6])
+            if "Constraints violated" in str(e):  # a dim moec took for dynamic is not
+                head += (f"\n(moec made these dims dynamic: {_dims_text(axes)}; state the "
+                         f"dynamic ones with dynamic_dims= (moec compile --dynamic-dims), "
+                         f"e.g. {{0: {{0: 'B'}}}} to keep the other dims of input 0 static)")
             raise _with_notes(UnsupportedError(
                 f"torch.export could not trace {type(module).__name__}: "
                 f"{type(e).__name__}: {head}"), notes, anywhere=True) from e
     finally:
         for path, old in reversed(swapped):
             _swap(module, path, old)
+    # the user inputs that are tensors, in order, are the tensor examples
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    users = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind == InputKind.USER_INPUT and isinstance(vals.get(s.arg.name), torch.Tensor)]
+    tensor_axes = [dims for a, dims in zip(args, axes, strict=True)
+                   if isinstance(a, torch.Tensor)]
+    input_dims = {name: dims for name, dims in zip(users, tensor_axes, strict=False) if dims}
     try:
-        return translate_exported(ep, max_tokens=max_tokens)
+        graph = translate_exported(ep, max_tokens=max_tokens, input_dims=input_dims,
+                                   dims=bounds)
     except UnsupportedError as e:
         raise _with_notes(e, notes) from e
+    for path, why in notes.items():  # traced as plain ops: say so, never silently
+        warnings.warn(f"moec: module '{path or '<root>'}' has experts and a router but is not "
+                      f"compiled as an MoE block ({why}); it was traced as plain ops",
+                      UserWarning, stacklevel=2)
+    used = {s for v in graph.inputs for d in v.shape if not isinstance(d, int)
+            for s in d.free_syms()}
+    for name in list(graph.dims):
+        if name not in used:  # the default token dim T of a graph whose inputs are [B, S, H]
+            del graph.dims[name]
+        elif name in bounds:
+            graph.dims[name] = bounds[name]
+    return graph
 
 
 def _with_notes(e: UnsupportedError, notes: dict[str, str], anywhere: bool = False

@@ -31,11 +31,16 @@ def make_node(graph: Graph, op: str, operands: Sequence[Value], attrs: Mapping[s
     for v in operands:
         if not isinstance(v, Value):
             raise IRError(f"{op}: operand {v!r} is not an IR Value")
+    where = f" (at {loc})" if loc else ""
     try:
         full, types = infer_types(op, [v.type for v in operands], attrs or {})
     except IRError as e:
-        where = f" (at {loc})" if loc else ""
-        raise IRError(f"{e}{where}") from None
+        msg = str(e) if str(e).startswith(op) else f"{op}: {e}"  # name the op in every message
+        raise IRError(f"{msg}{where}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        # type inference met an attribute (or operand) of a kind it cannot use, e.g. k="2"
+        raise IRError(f"{op}: cannot infer result types from attributes {dict(attrs or {})}: "
+                      f"{type(e).__name__}: {e}{where}") from None
     return graph.insert_node(Node(op, list(operands), full, loc), types, list(names), index)
 
 

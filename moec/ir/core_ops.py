@@ -14,7 +14,15 @@ import numpy as np
 
 from moec.errors import IRError
 from moec.ir.registry import REQUIRED, OpDef, register_op
-from moec.ir.types import FLOAT_DTYPES, DimLike, TensorType, check_dtype, numpy_dtype, same_dim
+from moec.ir.types import (
+    FLOAT_DTYPES,
+    DimLike,
+    TensorType,
+    check_dtype,
+    numpy_dtype,
+    parse_dim,
+    same_dim,
+)
 
 A = Mapping[str, Any]
 
@@ -124,6 +132,7 @@ _UNARY = {
     "exp": (lambda x, a: np.exp(x), {}),
     "neg": (lambda x, a: -x, {}),
     "sqrt": (lambda x, a: np.sqrt(x), {}),
+    "softplus": (lambda x, a: np.logaddexp(0.0, x), {}),  # log(1 + e^x), without overflow
     "rsqrt": (lambda x, a: 1.0 / np.sqrt(x), {}),
     "scale": (lambda x, a: x * a["value"], {"value": REQUIRED}),
     "clamp": (lambda x, a: np.clip(x, -np.inf if a["min"] is None else a["min"],
@@ -250,6 +259,8 @@ register_op(OpDef("core.layernorm", (3, 3), _infer_norm("core.layernorm", 2), _r
 
 def _infer_reshape(ts: list[TensorType], a: A) -> list[TensorType]:
     x, shape = ts[0], list(a["shape"])
+    if any(isinstance(d, str) for d in shape):
+        return [TensorType(_symbolic_reshape(x, shape), x.dtype)]
     if any(not isinstance(d, int) or d < -1 for d in shape) or shape.count(-1) > 1:
         raise IRError(f"core.reshape: shape {shape} must be ints with at most one -1")
     static = math.prod(d for d in shape if d != -1)
@@ -275,6 +286,32 @@ def _infer_reshape(ts: list[TensorType], a: A) -> list[TensorType]:
     return [TensorType(tuple(shape), x.dtype)]
 
 
+def _symbolic_reshape(x: TensorType, shape: list) -> tuple[DimLike, ...]:
+    """A target shape that names its symbolic dims (`["B", "S", 64]`, for more than one
+    symbolic dim, which -1 cannot stand for): ints and dim expressions, no -1; the element
+    counts must be equal as polynomials."""
+    out: list[DimLike] = []
+    for d in shape:
+        if isinstance(d, str):
+            out.append(parse_dim(d))
+        elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+            out.append(d)
+        else:
+            raise IRError(f"core.reshape: shape {shape} mixes dim names with {d!r}; "
+                          "use ints and dim expressions only")
+    if not same_dim(math.prod(out), math.prod(x.shape)):
+        raise IRError(f"core.reshape: cannot reshape {x} to {shape}: "
+                      f"{math.prod(out)} elements, not {math.prod(x.shape)}")
+    return tuple(out)
+
+
+def _ref_reshape(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    if any(isinstance(d, str) for d in a["shape"]):  # the interpreter binds named dims first
+        raise IRError("core.reshape with named dims needs their values (run it in interpret)")
+    return [xs[0].reshape(tuple(a["shape"]))]
+
+
 register_op(OpDef("core.reshape", (1, 1), _infer_reshape,
-                  lambda xs, a: [xs[0].reshape(tuple(a["shape"]))], attrs={"shape": REQUIRED},
-                  doc="reshape; -1 stands for the (symbolic) rest"))
+                  _ref_reshape, attrs={"shape": REQUIRED},
+                  doc="reshape; -1 stands for the (symbolic) rest, or symbolic dims are named "
+                      "(\"B\", \"S\")"))

@@ -8,7 +8,7 @@ changed); the methods here are the low-level primitives it uses.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -115,6 +115,10 @@ class Graph:
         self.inputs: list[Value] = []
         self.params: dict[str, Value] = {}
         self.param_data: dict[str, np.ndarray | None] = {}
+        # float parameters with an exact quantised form in moec's formats (moec/ir/quant_ops.py),
+        # as a frontend read them from a quantised model (ONNX QMoE): name -> (bits,
+        # group_size, parts); quantize-experts uses these parts instead of quantising
+        self.quant_forms: dict[str, tuple[int, int, tuple[np.ndarray, ...]]] = {}
         self.nodes: list[Node] = []
         self.outputs: list[Value] = []
         self._names: set[str] = set()
@@ -180,9 +184,34 @@ class Graph:
         self.nodes.remove(node)
         node.graph = None
 
+    def remove_nodes(self, nodes: Iterable[Node]) -> None:
+        """Remove several nodes at once, in time linear in the graph (removing n nodes one by
+        one costs O(n) each: the node list and the operands' use lists are searched). The
+        nodes' results may only be used by nodes removed with them."""
+        dead = {n for n in nodes if n.graph is self}
+        if not dead:
+            return
+        outputs = set(self.outputs)
+        touched: dict[Value, None] = {}
+        for n in dead:
+            for r in n.results:
+                if r in outputs or any(u not in dead for u, _ in r.uses):
+                    raise IRError(f"cannot erase {n.op}: result {r.ref} still has uses")
+            for v in n.operands:
+                touched[v] = None
+        for v in touched:
+            v.uses = [(u, i) for u, i in v.uses if u not in dead]
+        for n in dead:
+            n.operands = []
+            n.graph = None
+            for r in n.results:
+                r.uses = []
+        self.nodes[:] = [n for n in self.nodes if n not in dead]
+
     def remove_param(self, name: str) -> None:
         v = self.params.pop(name)
         self.param_data.pop(name, None)
+        self.quant_forms.pop(name, None)
         if v.uses:
             raise IRError(f"cannot remove @{name}: it still has uses")
 

@@ -44,9 +44,17 @@ def bind_dims(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
     return env
 
 
-def run_node(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
+def run_node(node: Node, args: list[np.ndarray], env: dict[str, int] | None = None
+             ) -> list[np.ndarray]:
+    """Run the reference of one node. `env` (the bound dims) resolves a reshape to named
+    symbolic dims, whose values the operands alone do not give."""
+    attrs = node.attrs
+    if node.op == "core.reshape" and any(isinstance(d, str) for d in attrs["shape"]):
+        if env is None:
+            raise IRError(f"{node!r}: a reshape to named dims needs the bound dims")
+        attrs = {**attrs, "shape": list(node.result.type.concrete(env))}
     try:
-        return get_op(node.op).reference(args, node.attrs)
+        return get_op(node.op).reference(args, attrs)
     except IRError:
         raise
     except Exception as e:  # a reference failing on valid input is a bug worth locating
@@ -71,7 +79,7 @@ def interpret(graph: Graph, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarr
     for v in graph.params.values():
         vals[v] = graph.param_array(v)
     for node in graph.nodes:
-        outs = run_node(node, [vals[v] for v in node.operands])
+        outs = run_node(node, [vals[v] for v in node.operands], env)
         for r, o in zip(node.results, outs, strict=True):
             want = r.type.concrete(env)
             if tuple(o.shape) != want or o.dtype != numpy_dtype(r.dtype):

@@ -14,12 +14,14 @@ import numpy as np
 from moec.errors import IRError
 from moec.ir.core_ops import _f, _gelu, _sigmoid, topk_ref
 from moec.ir.registry import REQUIRED, OpDef, register_op
-from moec.ir.types import DimLike, TensorType, same_dim
+from moec.ir.types import DimLike, TensorType, same_dim, same_shape, same_type
 
 A = Mapping[str, Any]
-ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "relu", "gelu_tanh", "relu2", "clamped_swiglu", "none")
 GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themselves
+UNGATED_ONLY = ("relu2", "none")  # squared ReLU: down(relu(up(x))^2); none: down(up(x))
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
+SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
 ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
 
 
@@ -46,9 +48,20 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
         return _gelu(x, "tanh")
     if name == "relu":
         return np.maximum(x, 0)
+    if name == "relu2":
+        return np.square(np.maximum(x, 0))
     if name == "none":
         return x
     raise IRError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def sqrt_softplus(x: np.ndarray) -> np.ndarray:
+    """sqrt(softplus(x)) = sqrt(log(1 + e^x)): DeepSeek-V4's router scores (positive)."""
+    return np.sqrt(np.logaddexp(0.0, x))
+
+
+SCORE_FNS = {"softmax": lambda v: _softmax(v), "sigmoid": lambda v: _sigmoid(v),
+             "sqrt_softplus": sqrt_softplus}
 
 
 def tile_counts(tokens: DimLike, k: int, num_experts: int, block_m: int) -> tuple[DimLike, DimLike]:
@@ -123,7 +136,13 @@ def sparsemixer_ref(logits: np.ndarray, k: int, eps: float) -> tuple[np.ndarray,
 
 def capacity_mask(ids: np.ndarray, capacity: int) -> np.ndarray:
     """bool [T, k]: whether slot (t, j) is within its expert's capacity, counting slots in slot
-    order t*k + j (Switch Transformers' token dropping)."""
+    order t*k + j (Switch Transformers' token dropping). For ids [..., S, k] (a router on
+    sequences) each sequence counts its own slots."""
+    if ids.ndim > 2:
+        if ids.size == 0:
+            return np.ones(ids.shape, bool)
+        seqs = ids.reshape(-1, *ids.shape[-2:])
+        return np.stack([capacity_mask(q, capacity) for q in seqs]).reshape(ids.shape)
     flat = ids.reshape(-1)
     keep = np.ones(flat.shape, bool)
     for e in np.unique(flat):
@@ -138,7 +157,7 @@ def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
     if logit_bias is not None:
         logits = logits + _f(logit_bias)
     k, order = a["k"], a["order"]
-    score = _sigmoid if a["scoring"] == "sigmoid" else _softmax
+    score = SCORE_FNS[a["scoring"]]
     if order == "topk_score":
         vals, ids = topk_ref(logits, k)
         weights = score(vals)
@@ -148,7 +167,7 @@ def router_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, a: A,
         weights, ids = select_ref(score(logits), bias, a)
         if a["norm_topk"]:
             denom = weights.sum(-1, keepdims=True)
-            weights = weights / (denom + (1e-20 if a["scoring"] == "sigmoid" else 0.0))
+            weights = weights / (denom + (0.0 if a["scoring"] == "softmax" else 1e-20))
     weights = weights * a["scale"]
     if a.get("capacity", 0) > 0:
         weights = np.where(capacity_mask(ids, a["capacity"]), weights, 0)
@@ -168,11 +187,16 @@ def _check_selection(op: str, e: int, a: A) -> None:
 
 def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
     x, w = ts[0], ts[1]
-    _check(x.rank == 2 and w.rank == 2 and same_dim(x.shape[1], w.shape[1]),
-           f"moe.router: x {x} and router weight {w} do not match (want x[T,H], w[E,H])")
+    _check(x.rank >= 2 and w.rank == 2 and same_dim(x.shape[-1], w.shape[1]),
+           f"moe.router: x {x} and router weight {w} do not match (want x[T,H] or "
+           f"x[B,S,H], w[E,H])")
+    _check(x.rank == 2 or a["capacity"] > 0,
+           f"moe.router: x {x} has rank {x.rank}; only a router with capacity (counted per "
+           f"sequence) takes x[B, S, H], flatten it to [T, H] otherwise")
     e = w.shape[0]
     _check(isinstance(e, int), "moe.router: the expert count must be static")
-    _check(a["scoring"] in ("softmax", "sigmoid"), f"moe.router: scoring {a['scoring']!r}")
+    _check(a["scoring"] in SCORINGS, f"moe.router: scoring {a['scoring']!r} not in "
+                                     f"{', '.join(SCORINGS)}")
     _check(a["order"] in ORDERS, f"moe.router: order {a['order']!r} not in {', '.join(ORDERS)}")
     _check_selection("moe.router", e, a)
     if a["order"] != "score_topk":
@@ -184,12 +208,22 @@ def _infer_router(ts: list[TensorType], a: A) -> list[TensorType]:
                             f"select_bias={a['select_bias']} need {want} operands, got {len(ts)}")
     for b in ts[2:]:
         _check(b.rank == 1 and same_dim(b.shape[0], e), f"moe.router: bias {b} is not [{e}]")
-    return [TensorType((x.shape[0], a["k"]), "f32"), TensorType((x.shape[0], a["k"]), "i32")]
+    lead = x.shape[:-1]
+    return [TensorType((*lead, a["k"]), "f32"), TensorType((*lead, a["k"]), "i32")]
 
 
 def _ref_router(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     x, w, lb, sb = router_operands(xs, a)
-    return list(router_ref(x, w, sb, a, logit_bias=lb))
+    if x.ndim == 2:
+        return list(router_ref(x, w, sb, a, logit_bias=lb))
+    # x [B, S, H]: route the tokens, then drop over capacity per sequence
+    weights, ids = router_ref(x.reshape(-1, x.shape[-1]), w, sb, {**a, "capacity": 0},
+                              logit_bias=lb)
+    shape = (*x.shape[:-1], a["k"])
+    weights, ids = weights.reshape(shape), ids.reshape(shape)
+    if a["capacity"] > 0:
+        weights = np.where(capacity_mask(ids, a["capacity"]), weights, np.float32(0))
+    return [weights, ids]
 
 
 _SELECT_ATTRS = {"k": REQUIRED, "n_groups": 1, "topk_groups": 1, "group_score": "max",
@@ -255,6 +289,8 @@ def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> i
     _check(a["activation"] in ACTIVATIONS, f"{name}: activation {a['activation']!r}")
     _check(a["gated"] or a["activation"] not in GATED_ONLY,
            f"{name}: activation {a['activation']} needs gated experts")
+    _check(not a["gated"] or a["activation"] not in UNGATED_ONLY,
+           f"{name}: activation {a['activation']} is for non-gated experts")
     ws, bs = ts[:n], ts[n:]
     up, down = ws[-2], ws[-1]
     _check(up.rank == 3 and down.rank == 3, f"{name}: expert weights must be [E, ., .]")
@@ -263,7 +299,7 @@ def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> i
            and same_dim(down.shape[2], inter) and same_dim(down.shape[0], e),
            f"{name}: up {up} / down {down} do not match hidden {hidden}")
     if a["gated"]:
-        _check(str(ws[0]) == str(up), f"{name}: gate {ws[0]} and up {up} differ")
+        _check(same_type(ws[0], up), f"{name}: gate {ws[0]} and up {up} differ")
     for w, b in zip(ws, bs, strict=False):
         _check(b.rank == 2 and same_dim(b.shape[0], e) and same_dim(b.shape[1], w.shape[1]),
                f"{name}: bias {b} does not match weight {w} (want [E, N] for [E, N, K])")
@@ -273,7 +309,7 @@ def _expert_weights(name: str, ts: list[TensorType], a: A, hidden: DimLike) -> i
 def _infer_experts(ts: list[TensorType], a: A) -> list[TensorType]:
     x, w, ids = ts[:3]
     _check(x.rank == 2 and w.rank == 2 and ids.rank == 2 and ids.dtype == "i32"
-           and same_dim(w.shape[0], x.shape[0]) and str(w.shape) == str(ids.shape),
+           and same_dim(w.shape[0], x.shape[0]) and same_shape(w.shape, ids.shape),
            f"moe.experts: x {x}, weights {w}, ids {ids} do not match (x[T,H], [T,k], i32[T,k])")
     _check(a["weight_on"] in ("output", "input"), f"moe.experts: weight_on {a['weight_on']!r}")
     _expert_weights("moe.experts", ts[3:], a, x.shape[1])
@@ -387,7 +423,7 @@ register_op(OpDef("moe.expert_ffn", (4, 8), _infer_expert_ffn, _ref_expert_ffn,
                   attrs={"block_m": REQUIRED, **_FFN_ATTRS},
                   doc="each used tile of the sorted layout through its expert's MLP"))
 
-GMM_ACTIVATIONS = ("none", "silu", "gelu", "relu", "gelu_tanh", "silu_mul", "gelu_mul",
+GMM_ACTIVATIONS = ("none", "silu", "gelu", "relu", "gelu_tanh", "relu2", "silu_mul", "gelu_mul",
                    "gelu_tanh_mul", "relu_mul", "clamped_swiglu_mul")
 
 
@@ -410,7 +446,7 @@ def _infer_gmm(ts: list[TensorType], a: A) -> list[TensorType]:
     _check(w.rank == 3 and x.rank == 2 and same_dim(x.shape[1], w.shape[2]),
            f"moe.grouped_matmul: x {x} and w {w} do not match (want [., K], [E, N, K])")
     if nw == 2:
-        _check(str(ws[1]) == str(w), f"moe.grouped_matmul: second weight {ws[1]} != {w}")
+        _check(same_type(ws[1], w), f"moe.grouped_matmul: second weight {ws[1]} != {w}")
     for b in bs:
         _check(b.rank == 2 and same_dim(b.shape[0], w.shape[0])
                and same_dim(b.shape[1], w.shape[1]),
@@ -467,7 +503,7 @@ register_op(OpDef("moe.unpermute", (2, 2), _infer_unpermute,
 
 def _infer_combine(ts: list[TensorType], a: A) -> list[TensorType]:
     y, w, sr = ts
-    _check(y.rank == 2 and w.rank == 2 and str(w.shape) == str(sr.shape) and sr.dtype == "i32",
+    _check(y.rank == 2 and w.rank == 2 and same_shape(w.shape, sr.shape) and sr.dtype == "i32",
            f"moe.combine: want y[S,H], weights[T,k], slot_row i32[T,k]; got {y}, {w}, {sr}")
     return [TensorType((w.shape[0], y.shape[1]), y.dtype)]
 

@@ -176,7 +176,10 @@ class _Parser:
         if not t.accept("]"):
             while True:
                 t.atoms = 0
-                shape.append(self.dim_expr(t))
+                try:
+                    shape.append(self.dim_expr(t))
+                except IRError as e:  # dim arithmetic: division by zero, too many terms
+                    t.error(str(e))
                 if t.accept("]"):
                     break
                 t.expect(",")

@@ -9,6 +9,7 @@ Register an op of your own (a dialect other than core/moe) with `register_op`:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,12 +46,34 @@ class OpDef:
         out = {}
         for k, default in self.attrs.items():
             if k in attrs:
+                if not _fits(default, attrs[k]):
+                    raise IRError(f"{self.name}: attribute {k}={attrs[k]!r} is "
+                                  f"{type(attrs[k]).__name__}, want {type(default).__name__} "
+                                  f"(like the default {default!r})")
                 out[k] = attrs[k]
             elif default is REQUIRED:
                 raise IRError(f"{self.name}: missing required attribute {k}")
             else:
                 out[k] = default
         return out
+
+
+def _fits(default: Any, value: Any) -> bool:
+    """Whether an attribute value has the kind of its default (bool, int, float, str); attributes
+    without a default, or with None, are checked by the op's type inference."""
+    if default is REQUIRED or default is None:
+        return True
+    if isinstance(default, (bool, np.bool_)):
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(default, int):
+        return isinstance(value, numbers.Integral)
+    if isinstance(default, float):
+        return isinstance(value, numbers.Real)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
 
 
 _OPS: dict[str, OpDef] = {}

@@ -5,9 +5,22 @@ what was found."""
 from __future__ import annotations
 
 from moec.errors import IRError, VerificationError
-from moec.ir.graph import Graph, Value
+from moec.ir.graph import Graph, Node, Value
 from moec.ir.registry import infer_types
 from moec.ir.types import same_type
+
+
+class _Where:
+    """`node `...`` for messages, formatted only when one is raised (printing every node of a
+    large graph cost more than checking it)."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def __str__(self) -> str:
+        return f"node `{self.node!r}`"
 
 
 def verify(graph: Graph) -> None:
@@ -19,14 +32,20 @@ def verify(graph: Graph) -> None:
         data = graph.param_data.get(name)
         if data is not None and tuple(data.shape) != v.type.concrete({}):
             raise VerificationError(f"@{name}: data shape {data.shape} does not match {v.type}")
+    # Use lists as sets, built once per value: `(node, i) in v.uses` on a list made the check
+    # quadratic in the fan-out (a value read by 100k nodes).
+    use_sets: dict[Value, set] = {}
     for node in graph.nodes:
-        where = f"node `{node!r}`"
+        where = _Where(node)
         if node.graph is not graph:
             raise VerificationError(f"{where} is listed in the graph but not attached to it")
         for i, v in enumerate(node.operands):
             if v not in defined:
                 raise VerificationError(f"{where}: operand {i} ({v.ref}) is not defined before use")
-            if (node, i) not in v.uses:
+            uses = use_sets.get(v)
+            if uses is None:
+                uses = use_sets[v] = set(v.uses)
+            if (node, i) not in uses:
                 raise VerificationError(f"{where}: operand {i} ({v.ref}) misses its use entry")
         try:
             full, types = infer_types(node.op, [v.type for v in node.operands], node.attrs)

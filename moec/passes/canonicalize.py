@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moec.ir.graph import Graph, Node
+from moec.ir.types import same_type
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
@@ -19,7 +20,7 @@ class DropIdentity(RewritePattern):
 
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
         if node.op in ("core.cast", "core.reshape") and \
-                str(node.operands[0].type) == str(node.result.type):
+                same_type(node.operands[0].type, node.result.type):
             rw.replace_op(node, [node.operands[0]])
             return True
         return False

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moec.ir.graph import Graph, Node
+from moec.ir.types import same_shape
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
@@ -34,7 +35,7 @@ class CombineFromWeightedSum(RewritePattern):
         if m is None or node.attrs["axis"] != 1 or node.attrs["keepdim"]:
             return False
         w = m["w"]
-        if w.type.rank != 2 or str(w.type.shape) != str(m["slot_row"].type.shape):
+        if w.type.rank != 2 or not same_shape(w.type.shape, m["slot_row"].type.shape):
             return False
         out = rw.create("moe.combine", [m["y"], w, m["slot_row"]], loc=node.loc).result
         rw.replace_op(node, [out])

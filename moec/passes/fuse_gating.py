@@ -2,8 +2,9 @@
 
 Run after canonicalize. Requires: a router written as core.linear (weight a parameter, optional
 bias; casts on its input, weight or logits are looked through) followed by either
-softmax|sigmoid -> core.topk | moe.select [-> div by sum] [-> scale] (order=score_topk; moe.select
-brings a selection bias and group-limited top-k) or core.topk -> softmax|sigmoid [-> scale]
+softmax|sigmoid|sqrt(softplus) -> core.topk | moe.select [-> div by sum] [-> scale]
+(order=score_topk; moe.select brings a selection bias and group-limited top-k) or
+core.topk -> softmax|sigmoid|sqrt(softplus) [-> scale]
 (order=topk_score). Ensures: the router's top-k weights and ids come from moe.router; the
 scoring/selection nodes are erased when nothing else uses them."""
 
@@ -76,21 +77,38 @@ def _finish(rw: Rewriter, loc: str | None, operands: list[Value], attrs: dict, w
     return True
 
 
+def _scoring(scores: Node) -> tuple[str, Value] | None:
+    """(moe.router scoring, logits) of a scoring node: softmax (last axis), sigmoid, or
+    sqrt(softplus(logits)) (DeepSeek-V4)."""
+    if scores.op == "core.softmax":
+        return ("softmax", scores.operands[0]) if scores.attrs["axis"] in (-1, 1) else None
+    if scores.op == "core.sigmoid":
+        return "sigmoid", scores.operands[0]
+    sp = scores.operands[0].producer
+    if scores.op == "core.sqrt" and sp is not None and sp.op == "core.softplus":
+        return "sqrt_softplus", sp.operands[0]
+    return None
+
+
+_SCORES = ("core.softmax", "core.sigmoid", "core.sqrt")
+
+
 class ScoreThenTopK(RewritePattern):
-    """topk|select(softmax|sigmoid(linear(x, @w))) [/ sum] [* s] -> moe.router{score_topk}."""
+    """topk|select(softmax|sigmoid|sqrt(softplus)(linear(x, @w))) [/ sum] [* s] ->
+    moe.router{score_topk}."""
 
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
-        m = match(P.op(("core.topk", "moe.select"),
-                       P.op(("core.softmax", "core.sigmoid"), P.any("logits"), name="scores"),
+        m = match(P.op(("core.topk", "moe.select"), P.op(_SCORES, P.any(), name="scores"),
                        P.rest()), node)
-        if m is None:
+        scoring = _scoring(m["scores.node"]) if m is not None else None
+        if scoring is None:
             return False
+        m["logits"] = scoring[1]
         router = _router_linear(m["logits"])
-        scores = m["scores.node"]
-        if router is None or scores.op == "core.softmax" and scores.attrs["axis"] not in (-1, 1):
+        if router is None:
             return False
         operands, attrs = router
-        attrs.update(k=node.attrs["k"], scoring=scores.op.split(".")[1], order="score_topk")
+        attrs.update(k=node.attrs["k"], scoring=scoring[0], order="score_topk")
         if node.op == "moe.select":
             attrs.update({a: node.attrs[a] for a in _SELECT_ATTRS})
             if node.attrs["select_bias"]:
@@ -104,19 +122,22 @@ class ScoreThenTopK(RewritePattern):
 
 
 class TopKThenScore(RewritePattern):
-    """softmax|sigmoid(topk(linear(x, @w)).values) [* s] -> moe.router{order=topk_score}."""
+    """softmax|sigmoid|sqrt(softplus)(topk(linear(x, @w)).values) [* s] ->
+    moe.router{order=topk_score}."""
 
     def match_and_rewrite(self, node: Node, rw: Rewriter) -> bool:
-        m = match(P.op(("core.softmax", "core.sigmoid"),
-                       P.op("core.topk", P.any("logits"), name="topk", result=0)), node)
-        if m is None or node.op == "core.softmax" and node.attrs["axis"] not in (-1, 1):
+        scoring = _scoring(node) if node.op in _SCORES else None
+        if scoring is None:
+            return False
+        m = match(P.op("core.topk", P.any("logits"), name="topk", result=0), scoring[1])
+        if m is None:
             return False
         router = _router_linear(m["logits"])
         if router is None:
             return False
         operands, attrs = router
         topk = m["topk.node"]
-        attrs.update(k=topk.attrs["k"], scoring=node.op.split(".")[1], order="topk_score")
+        attrs.update(k=topk.attrs["k"], scoring=scoring[0], order="topk_score")
         return _finish(rw, _uncast(m["logits"]).producer.loc, operands, attrs, node.result,
                        topk.results[1])
 

@@ -2,6 +2,7 @@
 
 from moec.passes import (  # noqa: F401
     canonicalize,
+    cap_topk,
     fuse_combine,
     fuse_gating,
     fuse_rope,

@@ -22,16 +22,20 @@ from typing import Any
 import numpy as np
 
 from moec import env
-from moec.errors import IRError, PassError
+from moec.errors import IRError, MoecError, PassError
 from moec.ir.graph import Graph
 from moec.ir.interpreter import interpret
 from moec.ir.printer import print_graph
 from moec.ir.verifier import verify
-from moec.passes.base import Pass, PassContext, get_pass
+from moec.passes.base import Pass, PassContext, check_options, get_pass, options_help
 
 
 class Instrument:
-    """Hooks around every pass. Override what you need."""
+    """Hooks around every pass. Override what you need. The PassManager sets `ctx` (the
+    PassContext, with the statistics) and `manager` before the first pass."""
+
+    ctx: PassContext | None = None
+    manager: PassManager | None = None
 
     def before_pass(self, p: Pass, graph: Graph, index: int) -> None: ...
 
@@ -61,11 +65,46 @@ class PassTiming(Instrument):
             flag = "yes" if ch else "no"
             lines.append(f"{name:<32} {t * 1e3:9.2f} {100 * t / total:6.1f}  {flag}")
         lines.append(f"{'total':<32} {total * 1e3:9.2f}")
-        return "\n".join(lines)
+        stats = format_stats(self.manager.stats_by_pass) if self.manager is not None else ""
+        return "\n".join(lines) + ("\n" + stats if stats else "")
 
     def finish(self) -> None:
         if self.stream is not None:
             print(self.report(), file=self.stream)
+
+
+class PrintStats(Instrument):
+    """Prints the statistics the passes recorded in `ctx.stats`, per pass (the CLI's --stats)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+
+    def finish(self) -> None:
+        if self.manager is not None:
+            print(format_stats(self.manager.stats_by_pass) or "statistics: none recorded",
+                  file=self.stream)
+
+
+def format_stats(stats_by_pass: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """`statistics:` then one `  pass  key = value` line per statistic ("" when none)."""
+    lines = [f"  {spec:<30} {k} = {v}" for spec, d in stats_by_pass for k, v in d.items()]
+    return "\n".join(["statistics:", *lines]) if lines else ""
+
+
+def stats_json(stats: dict[str, Any]) -> dict[str, Any]:
+    """`ctx.stats` as JSON values (numbers, strings, lists, dicts; anything else as text)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            return v
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple, np.ndarray)):
+            return [conv(x) for x in list(v)]
+        return str(v)
+
+    return {str(k): conv(v) for k, v in stats.items()}
 
 
 class DumpIR(Instrument):
@@ -132,18 +171,38 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _dump(text: str, name: str) -> str:
-    f = tempfile.NamedTemporaryFile("w", suffix=f"_before_{name}.ir", delete=False)
-    f.write(text)
-    f.close()
+    """Where the IR before a failing pass was kept, for its error message. Only with MOEC_DEBUG
+    >= 1, in env.debug_dir(): a failing pass used to leave a file in the temporary folder every
+    time (hundreds after a fuzzing run)."""
+    if env.debug_level() < 1:
+        return "set MOEC_DEBUG=1 to keep it in a file"
+    folder = env.debug_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=time.strftime("%Y%m%d-%H%M%S-"),
+                                         suffix=f"_before_{name}.ir", delete=False) as f:
+            f.write(text)
+    except OSError as e:
+        return f"not kept: {folder} is not writable ({e.strerror}); set MOEC_DEBUG_DIR"
     return f.name
 
 
 class PassManager:
-    """Runs passes in order with instruments; verifies after each pass unless told not to."""
+    """Runs passes in order with instruments; verifies after each pass unless told not to.
+
+    With verification on (the default) the manager also compares the IR text before and after
+    each pass, so a pass that changes the graph but returns False is named; any exception that
+    escapes a pass becomes a PassError naming the pass, with the IR before it dumped to a file.
+    Statistics that passes write to `ctx.stats` are kept per pass in `stats_by_pass`."""
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (),
                  verify: bool = True) -> None:
         self.passes = list(passes)
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise PassError(f"PassManager takes Pass objects, got {p!r}; build pass lists "
+                                f"from strings with parse_pipeline")
+            check_options(p)  # also when a subclass's own __post_init__ skipped the check
         self.instruments = list(instruments)
         level = env.debug_level()
         if level >= 1 and not any(isinstance(i, PassTiming) for i in self.instruments):
@@ -151,37 +210,80 @@ class PassManager:
         if level >= 2:
             self.instruments.append(PrintIR())
         self.ctx = PassContext(verify=verify)
+        self.stats_by_pass: list[tuple[str, dict[str, Any]]] = []
+        for ins in self.instruments:
+            ins.ctx = self.ctx
+            ins.manager = self
 
     def run(self, graph: Graph) -> Graph:
-        if self.ctx.verify:
+        verifying = self.ctx.verify
+        if verifying:
             verify(graph)
+        keep = verifying or env.debug_level() >= 1  # the IR before each pass, for its errors
+        before = print_graph(graph) if keep else ""
         for i, p in enumerate(self.passes):
-            before = print_graph(graph) if self.ctx.verify else ""
             for ins in self.instruments:
                 ins.before_pass(p, graph, i)
+            stats_before = dict(self.ctx.stats)
             try:
                 changed = bool(p.run(graph, self.ctx))
             except PassError:
                 raise
-            except IRError as e:
-                raise PassError(f"pass {p.spec()} failed: {e} (IR before the pass: "
-                                f"{_dump(before, p.name)})") from e
-            if self.ctx.verify:
+            except Exception as e:
+                raise PassError(f"pass {p.spec()} failed: {_exc_line(e, p)}"
+                                f"{_before_note(before, p)}") from e
+            after = print_graph(graph) if keep else ""
+            if verifying:
                 try:
                     verify(graph)
                 except IRError as e:
-                    raise PassError(f"pass {p.spec()} left invalid IR: {e} (IR before the pass: "
-                                    f"{_dump(before, p.name)})") from e
+                    raise PassError(f"pass {p.spec()} left invalid IR: {e}"
+                                    f"{_before_note(before, p)}") from e
+                if not changed and after != before:
+                    raise PassError(f"pass {p.spec()} returned False but changed the IR; `run` "
+                                    f"must return True when it changes the graph"
+                                    f"{_before_note(before, p)}")
+            new = {k: v for k, v in self.ctx.stats.items()
+                   if k not in stats_before or stats_before[k] is not v}
+            if new:
+                self.stats_by_pass.append((p.spec(), new))
             for ins in self.instruments:
                 ins.after_pass(p, graph, i, changed)
+            before = after
         for ins in self.instruments:
             ins.finish()
         return graph
 
 
+def _exc_line(e: Exception, p: Pass) -> str:
+    """`KeyError: 'top_k' (at my_pass.py:12 in match_and_rewrite)`: the exception and the
+    innermost frame in the pass's own file (else the innermost frame)."""
+    import inspect
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    try:
+        own = inspect.getsourcefile(type(p))
+    except TypeError:
+        own = None
+    mine = [f for f in frames if own and f.filename == own]
+    f = (mine or frames or [None])[-1]
+    where = f" (at {Path(f.filename).name}:{f.lineno} in {f.name})" if f is not None else ""
+    msg = str(e) if isinstance(e, MoecError) else f"{type(e).__name__}: {e}"
+    return msg + where
+
+
+def _before_note(before: str, p: Pass) -> str:
+    if not before:
+        return " (run with verification on to get the IR before the pass)"
+    return f" (IR before the pass: {_dump(before, p.name)})"
+
+
 # --------------------------------------------------------------------------- pipeline strings
 
-_ITEM = re.compile(r"\s*(\+?)([a-z][a-z0-9\-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
+_NAME = r"[a-z][a-z0-9\-]*"
+_ITEM = re.compile(rf"\s*(\+?)({_NAME})\s*(?:\{{([^}}]*)\}})?\s*"
+                   rf"(?:@\s*(after|before)\s*:\s*({_NAME})(?:#(\d+))?)?\s*(?:,|$)")
 
 
 def _option(value: str) -> Any:
@@ -197,8 +299,12 @@ def _option(value: str) -> Any:
 
 
 def parse_pipeline(spec: str | Sequence[str | Pass]) -> list[Pass]:
-    """`"default,+my-pass{opt=1}"` -> pass objects. A named pipeline expands in place; `+name`
-    (or a plain name) appends a pass; objects are taken as they are."""
+    """Pass objects from a pass list: `"default,+my-pass{opt=1}"`, or a list of such strings
+    and Pass objects.
+
+    A named pipeline expands in place; `name` or `+name` appends a pass; `name@after:other`
+    (or `@before:other`) inserts it next to the pass `other` among those listed before it, e.g.
+    `default,cap-topk{k=1}@after:fuse-gating`; `other#2` picks the second of several."""
     from moec.passes.pipelines import PIPELINES
 
     items: list[str | Pass] = []
@@ -209,8 +315,8 @@ def parse_pipeline(spec: str | Sequence[str | Pass]) -> list[Pass]:
             m = _ITEM.match(spec, pos)
             if not m or m.end() == pos:
                 raise PassError(f"cannot parse pass list {spec!r} at {spec[pos:]!r}; write "
-                                f"name,name{{opt=value}}")
-            items.append(m.group(0).strip().rstrip(",").lstrip("+"))
+                                f"name,name{{opt=value}},name@after:other")
+            items.append(m.group(0).strip().rstrip(","))
             pos = m.end()
     else:
         items = list(spec)
@@ -219,36 +325,71 @@ def parse_pipeline(spec: str | Sequence[str | Pass]) -> list[Pass]:
         if isinstance(item, Pass):
             out.append(item)
             continue
-        m = _ITEM.match(item)
-        assert m is not None
-        name, opts = m.group(2), m.group(3)
-        if name in PIPELINES and not opts:
+        if not isinstance(item, str):
+            raise PassError(f"a pass list holds names and Pass objects, got {item!r}")
+        m = _ITEM.fullmatch(item.strip())
+        if m is None:
+            raise PassError(f"cannot parse pass {item!r}; write name, name{{opt=value}} or "
+                            f"name@after:other")
+        name, opts, where, anchor, nth = m.group(2), m.group(3), m.group(4), m.group(5), m.group(6)
+        if name in PIPELINES and opts is None:
+            if where:
+                raise PassError(f"{item!r}: a named pipeline cannot be placed with @{where}")
             out.extend(parse_pipeline(PIPELINES[name]))
             continue
-        cls = get_pass(name)
-        kwargs: dict[str, Any] = {}
-        for kv in filter(None, (opts or "").split(",")):
-            if "=" not in kv:
-                raise PassError(f"pass option {kv!r} of {name} must be key=value")
-            k, v = kv.split("=", 1)
-            kwargs[k.strip()] = _option(v)
-        try:
-            out.append(cls(**kwargs))
-        except TypeError as e:
-            raise PassError(f"bad options for pass {name}: {e}") from None
-        _check_option_types(out[-1])
+        p = _build(name, opts)
+        if where:
+            insert_pass(out, p, **{where: anchor}, occurrence=int(nth) if nth else None)
+        else:
+            out.append(p)
     return out
 
 
-def _check_option_types(p: Pass) -> None:
-    import dataclasses
-    import typing
+def _build(name: str, opts: str | None) -> Pass:
+    cls = get_pass(name)
+    kwargs: dict[str, Any] = {}
+    for kv in filter(None, (x.strip() for x in (opts or "").split(","))):
+        if "=" not in kv:
+            raise PassError(f"pass option {kv!r} of {name} must be key=value (options: "
+                            f"{options_help(cls)})")
+        k, v = (x.strip() for x in kv.split("=", 1))
+        kwargs[k] = _option(v)
+    known = {n for n, _, _ in cls.option_table()}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        import difflib
 
-    hints = typing.get_type_hints(type(p))
-    for f in dataclasses.fields(p):
-        want, got = hints.get(f.name), getattr(p, f.name)
-        if want in (int, float, bool, str) and not (
-                isinstance(got, want) or (want is float and isinstance(got, int))) or \
-                (want is int and isinstance(got, bool)):
-            raise PassError(f"bad options for pass {p.name}: {f.name}={got!r} is not "
-                            f"{want.__name__}")
+        close = [c for u in unknown for c in difflib.get_close_matches(u, known, n=1)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise PassError(f"bad options for pass {name}: no option {', '.join(unknown)}; {hint}its "
+                        f"options: "
+                        f"{options_help(cls)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise PassError(f"bad options for pass {name}: {e} (options: {options_help(cls)})") \
+            from None
+
+
+def insert_pass(passes: list[Pass], p: Pass, *, after: str | None = None,
+                before: str | None = None, occurrence: int | None = None) -> list[Pass]:
+    """Insert `p` into `passes` (in place) right after or before the pass named `after` /
+    `before`. When that name occurs more than once, `occurrence` (1-based) says which."""
+    if (after is None) == (before is None):
+        raise PassError("insert_pass: give exactly one of after= and before=")
+    anchor = after or before
+    where = "after" if after else "before"
+    at = [i for i, q in enumerate(passes) if q.name == anchor]
+    listed = ", ".join(q.spec() for q in passes) or "none"
+    if not at:
+        raise PassError(f"{p.spec()}@{where}:{anchor}: no pass {anchor} among the passes "
+                        f"listed before it ({listed})")
+    if occurrence is None and len(at) > 1:
+        raise PassError(f"{p.spec()}@{where}:{anchor}: {anchor} occurs {len(at)} times; write "
+                        f"@{where}:{anchor}#1 .. #{len(at)}")
+    n = occurrence or 1
+    if not 1 <= n <= len(at):
+        raise PassError(f"{p.spec()}@{where}:{anchor}#{n}: {anchor} occurs {len(at)} time(s)")
+    i = at[n - 1]
+    passes.insert(i + 1 if after else i, p)
+    return passes

@@ -6,6 +6,10 @@ int4 group-wise along K with scales and zero points, two values per byte); the f
 weights are removed from the graph, so the artifact stores only the quantised ones. Activations,
 biases and routing stay fp32; the kernels dequantise inside the GEMM.
 
+A weight the frontend read already quantised (ONNX QMoE in a format moec's kernels read, see
+`Graph.quant_forms`) keeps its exact parts; `moec.compile` appends `quantize-experts{only_exact}`
+by itself for such graphs, so a QMoE model runs on the quantised kernels with its own values.
+
 Run after tile-expert-gemm (`moec compile --quantize int8|int4` appends it to the pipeline).
 Requires: moe.grouped_matmul with parameter weights (int4: even K). Ensures: no fp32 expert
 weight is read by a grouped GEMM it could quantise; the removed weights are gone from the graph.
@@ -46,6 +50,7 @@ class QuantizeGemm(RewritePattern):
 
     bits: int
     group_size: int
+    only_exact: bool = False
     done: dict[str, list[Value]] = field(default_factory=dict)  # a weight read twice: once
 
     def group(self, k: int) -> int:
@@ -54,10 +59,12 @@ class QuantizeGemm(RewritePattern):
             return self.group_size
         return k + k % 2 if self.bits == 8 else DEFAULT_INT4_GROUP
 
-    def quantized(self, w: Value, rw: Rewriter) -> list[Value]:
+    def quantized(self, w: Value, rw: Rewriter, bits: int, group: int) -> list[Value]:
         if w.name not in self.done:
-            parts = quantize(rw.graph.param_array(w), self.bits, self.group(w.shape[2]))
-            names = ("q8", "scale") if self.bits == 8 else ("q4", "scale", "zero")
+            form = rw.graph.quant_forms.get(w.name)
+            parts = form[2] if form is not None else quantize(rw.graph.param_array(w), bits,
+                                                               group)
+            names = ("q8", "scale") if bits == 8 else ("q4", "scale", "zero")
             self.done[w.name] = [rw.add_param(f"{w.name}.{n}", np.ascontiguousarray(p))
                                  for n, p in zip(names, parts, strict=True)]
         return self.done[w.name]
@@ -68,10 +75,17 @@ class QuantizeGemm(RewritePattern):
         x, ws, bs, sid, te = gmm_operands(node.operands, node.attrs)
         if any(w.kind != "param" for w in ws):
             return False
-        if self.bits == 4 and ws[0].shape[2] % 2:
-            return False  # odd K has no packed int4 form: this GEMM stays fp32
-        qs = [v for w in ws for v in self.quantized(w, rw)]
-        attrs = {**node.attrs, "bits": self.bits, "group_size": self.group(ws[0].shape[2])}
+        forms = {rw.graph.quant_forms.get(w.name, (None, None, ()))[:2] for w in ws}
+        if len(forms) == 1 and None not in next(iter(forms)):
+            bits, group = next(iter(forms))  # the model's own quantised weights, exactly
+        elif self.only_exact:
+            return False
+        else:
+            bits, group = self.bits, self.group(ws[0].shape[2])
+            if bits == 4 and ws[0].shape[2] % 2:
+                return False  # odd K has no packed int4 form: this GEMM stays fp32
+        qs = [v for w in ws for v in self.quantized(w, rw, bits, group)]
+        attrs = {**node.attrs, "bits": bits, "group_size": group}
         new = rw.create("moe.grouped_matmul_q", [x, *qs, *bs, sid, te], attrs, loc=node.loc)
         rw.replace_op(node, [new.result])
         return True
@@ -82,6 +96,9 @@ class QuantizeGemm(RewritePattern):
 class QuantizeExperts(Pass):
     """Quantise expert GEMM weights to int8 (symmetric) or int4 (zero points), one scale per
     group of `group_size` along K; 0 (default): per output channel for int8, 128 for int4.
+    Weights whose exact quantised form the frontend recorded (`graph.quant_forms`, from an ONNX
+    QMoE) keep that form and its bits whatever `bits` says; `only_exact`: quantise only those
+    (what `moec.compile` runs by itself on such a graph).
 
     Run after tile-expert-gemm. Requires: moe.grouped_matmul with parameter weights.
     Ensures: those GEMMs are moe.grouped_matmul_q; their fp32 weights are removed."""
@@ -89,6 +106,7 @@ class QuantizeExperts(Pass):
     name: ClassVar[str] = "quantize-experts"
     bits: int = 8
     group_size: int = 0
+    only_exact: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         if self.bits not in (8, 4):
@@ -96,7 +114,8 @@ class QuantizeExperts(Pass):
         if self.group_size and (self.group_size < 2 or self.group_size % 2):
             raise PassError(f"quantize-experts: group_size must be even (or 0 for the "
                             f"default), got {self.group_size}")
-        changed = apply_patterns(graph, [QuantizeGemm(self.bits, self.group_size)])
+        changed = apply_patterns(graph, [QuantizeGemm(self.bits, self.group_size,
+                                                      self.only_exact)])
         rw = Rewriter(graph)
         rw.remove_unused_params()
         ctx.stats["quantize-experts.gemms"] = len(graph.find("moe.grouped_matmul_q"))

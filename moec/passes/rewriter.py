@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from moec.errors import IRError
+from moec.errors import IRError, PassError
 from moec.ir.builder import make_node
 from moec.ir.graph import Graph, Node, Value
-from moec.ir.types import TensorType, dtype_of_numpy
+from moec.ir.types import TensorType, dtype_of_numpy, same_type
 
 
 class Rewriter:
@@ -32,18 +32,28 @@ class Rewriter:
         self.graph = graph
         self.changes = 0
         self.insertion_point: Node | None = None  # new nodes go before this node (None: end)
+        # While a batch is open (apply_patterns' sweeps), erased nodes are detached at once but
+        # taken out of graph.nodes together by flush(): one by one it is O(n) per node.
+        self._pending: list[Node] | None = None
 
     def create(self, op: str, operands: Sequence[Value], attrs: Mapping[str, Any] | None = None,
                loc: str | None = None, before: Node | None = None,
                names: Sequence[str | None] = ()) -> Node:
-        """Insert a new, type-checked node before `before` (default: the insertion point)."""
+        """Insert a new, type-checked node before `before` (default: the insertion point).
+
+        Inside `apply_patterns` the insertion point is the node being matched, so new nodes go
+        right before the root (after all of its operands). A Rewriter made by hand has no
+        insertion point: new nodes are appended at the end of the graph, after the nodes that
+        will use them, unless `before=` (or `rw.insertion_point`) says where. Attributes are
+        checked against the op (unknown keys, wrong value types) and the result types are
+        inferred: a mistake is an IRError naming the op."""
         anchor = before if before is not None else self.insertion_point
         index = self.graph.nodes.index(anchor) if anchor is not None else None
         self.changes += 1
         return make_node(self.graph, op, operands, attrs, loc, index, names)
 
     def replace_all_uses(self, old: Value, new: Value) -> None:
-        if str(old.type) != str(new.type):
+        if not same_type(old.type, new.type):
             raise IRError(f"cannot replace {old!r} with {new!r}: types differ")
         self.graph.replace_all_uses(old, new)
         self.changes += 1
@@ -59,8 +69,28 @@ class Rewriter:
         self.erase(node)
 
     def erase(self, node: Node) -> None:
-        self.graph.remove_node(node)
+        if self._pending is None:
+            self.graph.remove_node(node)
+        else:
+            for r in node.results:
+                if r.uses or r in self.graph.outputs:
+                    raise IRError(f"cannot erase {node.op}: result {r.ref} still has uses")
+            node.drop_operands()
+            node.graph = None  # sweeps skip it; flush() takes it out of graph.nodes
+            self._pending.append(node)
         self.changes += 1
+
+    def begin_batch(self) -> None:
+        """Defer taking erased nodes out of `graph.nodes` until `flush()`."""
+        if self._pending is None:
+            self._pending = []
+
+    def flush(self) -> None:
+        """Take the nodes erased since `begin_batch` out of `graph.nodes`, in one pass."""
+        if self._pending:
+            gone = set(self._pending)
+            self.graph.nodes[:] = [n for n in self.graph.nodes if n not in gone]
+        self._pending = None
 
     def add_param(self, name: str, data: np.ndarray) -> Value:
         """Add a new parameter (a constant weight) with a name not yet used."""
@@ -87,17 +117,22 @@ class RewritePattern:
 
 
 def eliminate_dead_code(graph: Graph, rw: Rewriter | None = None) -> int:
-    """Erase nodes none of whose results is used (every op is pure). Returns how many."""
+    """Erase nodes none of whose results reaches a graph output (every op is pure). Returns
+    how many. Linear in the graph: one backward sweep, then one bulk removal."""
     rw = rw or Rewriter(graph)
-    live = set(graph.outputs)
-    erased = 0
-    for node in reversed(list(graph.nodes)):
-        if any(r in live or r.uses for r in node.results):
-            live.update(node.operands)
+    outputs = set(graph.outputs)
+    live: set[Node] = set()
+    dead: list[Node] = []
+    for node in reversed(graph.nodes):
+        if node.graph is not graph:
+            continue
+        if any(r in outputs or any(u in live for u, _ in r.uses) for r in node.results):
+            live.add(node)
         else:
-            rw.erase(node)
-            erased += 1
-    return erased
+            dead.append(node)
+    graph.remove_nodes(dead)
+    rw.changes += len(dead)
+    return len(dead)
 
 
 def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern],
@@ -107,6 +142,7 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern],
     rw = Rewriter(graph)
     for _ in range(max_iterations):
         changed = False
+        rw.begin_batch()
         for node in list(graph.nodes):
             if node.graph is not graph:
                 continue  # erased by an earlier rewrite in this sweep
@@ -116,6 +152,7 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern],
                     changed = True
                     break
         rw.insertion_point = None
+        rw.flush()
         eliminate_dead_code(graph, rw)  # so that a rewritten root cannot match again
         if not changed:
             break
@@ -142,11 +179,26 @@ class Pat:
 
 
 class P:
-    """Pattern constructors: P.op("core.topk", P.any("x"), attrs={"k": 2}, name="t")."""
+    """Pattern constructors: P.op("core.topk", P.any("x"), attrs={"k": 2}, name="t").
+
+    `P.op(op, *operands, attrs=None, name=None, result=None, single_use=False)`:
+      op          an op name, or a tuple of names (any of them matches); checked against the op
+                  registry when the pattern is built (a typo is an error with a "did you mean")
+      operands    one pattern per operand, in order (none given: operands are not looked at);
+                  `P.rest()` last matches any further operands
+      attrs       attribute values that must be equal (keys checked against the op's attributes)
+      name        capture: `m[name]` is the matched Value, `m[name + ".node"]` its producer node
+      result      which result of a multi-result op the operand must be (0, 1, ...)
+      single_use  the value has exactly one use: one operand of one node, and it is not a graph
+                  output (so that rewriting its user leaves nobody else seeing the old value)
+    `P.any(name)` matches any value, `P.param(name)` a parameter (a weight), `P.rest()` the
+    remaining operands. `match(pattern, node)` returns the captures, with the root node as
+    `"root"`, or None."""
 
     @staticmethod
     def op(op: str | tuple[str, ...], *operands: Pat, attrs: Mapping[str, Any] | None = None,
            name: str | None = None, result: int | None = None, single_use: bool = False) -> Pat:
+        _check_op_pattern(op, operands, attrs or {})
         return Pat("op", op, tuple(operands) if operands else None, attrs or {}, name, result,
                    single_use)
 
@@ -164,6 +216,39 @@ class P:
         return Pat("rest")
 
 
+def _check_op_pattern(op: Any, operands: Sequence[Any], attrs: Mapping[str, Any]) -> None:
+    """Unknown op names and attribute keys would make a pattern that never matches: refuse them
+    when the pattern is built."""
+    import difflib
+
+    from moec.ir.registry import all_ops
+
+    ops = (op,) if isinstance(op, str) else tuple(op) if isinstance(op, (tuple, list)) else None
+    if not ops or not all(isinstance(o, str) for o in ops):
+        raise PassError(f"P.op: the op must be a name or a tuple of names, got {op!r}")
+    known = all_ops()
+    for o in ops:
+        if o not in known:
+            close = difflib.get_close_matches(o, list(known), n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise PassError(f"P.op: unknown op {o!r}; {hint}(register ops of your own dialect "
+                            f"with moec.ir.register_op before building patterns on them; "
+                            f"docs/ops.md lists moec's)")
+        missing = [k for k in attrs if k not in known[o].attrs]
+        if missing:
+            names = sorted(known[o].attrs)
+            close = [c for k in missing for c in difflib.get_close_matches(k, names, n=1)]
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise PassError(f"P.op({o!r}): attribute(s) {', '.join(map(repr, missing))} not "
+                            f"known to {o}; {hint}its attributes: {', '.join(names) or 'none'}")
+    for i, q in enumerate(operands):
+        if not isinstance(q, Pat):
+            raise PassError(f"P.op({ops[0]!r}): operand pattern {i} is {q!r}; use P.op, P.any, "
+                            f"P.param or P.rest")
+        if q.kind == "rest" and i != len(operands) - 1:
+            raise PassError(f"P.op({ops[0]!r}): P.rest() must be the last operand pattern")
+
+
 def _match_value(p: Pat, v: Value, out: dict[str, Any]) -> bool:
     if p.kind == "param":
         if v.kind != "param":
@@ -175,7 +260,8 @@ def _match_value(p: Pat, v: Value, out: dict[str, Any]) -> bool:
             return False
         if p.result is not None and v.index != p.result:
             return False
-        if p.single_use and len(v.uses) != 1:
+        if p.single_use and (len(v.uses) != 1 or n.graph is not None
+                             and any(o is v for o in n.graph.outputs)):
             return False
         if not _match_node_body(p, n, out):
             return False

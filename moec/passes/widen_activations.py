@@ -36,7 +36,7 @@ import numpy as np
 
 from moec.ir.graph import Graph, Node, Value
 from moec.ir.registry import infer_types
-from moec.ir.types import TensorType
+from moec.ir.types import TensorType, same_type
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import Rewriter
 
@@ -127,7 +127,7 @@ class _Widen:
         if node.op == "core.cast" and attrs["dtype"] in HALF:
             attrs["dtype"] = WIDE  # from an integer or f64 source
         if all(a is b for a, b in zip(ops, node.operands, strict=True)) and attrs == dict(
-                node.attrs) and all(str(r.type) == str(t) for r, t in zip(
+                node.attrs) and all(same_type(r.type, t) for r, t in zip(
                 node.results, self.types(node), strict=True)):
             # unchanged; an embedding lookup still yields its table's dtype: widen it after
             i = self.g.nodes.index(node) + 1

@@ -2,11 +2,13 @@
 
 `tvm_ffi/__init__.py` runs `import torch` (a Windows symbol-clash workaround) whenever torch is
 installed, which costs seconds and a few hundred MB in a process that only runs an artifact on
-numpy arrays. So when torch is not imported yet, TVM is imported with `sys.modules["torch"]`
-set to None, which makes every `import torch` inside it fail fast with ImportError; tvm_ffi
-treats torch as absent and carries on. The entry is removed right after, so the user's own
-`import torch` later works normally, and DLPack exchange with torch tensors still works (it
-only needs the tensors' `__dlpack__` methods).
+numpy arrays. So when torch is not imported yet, TVM is imported with an import hook that
+refuses `torch` (ImportError, at once) to the importing thread only; tvm_ffi treats torch as
+absent and carries on. Other threads are not affected: one that imports torch meanwhile gets it
+(this used to be done with `sys.modules["torch"] = None`, which made every thread's
+`import torch` fail while TVM was being imported). The hook is removed right after, so the
+user's own `import torch` later works normally, and DLPack exchange with torch tensors still
+works (it only needs the tensors' `__dlpack__` methods).
 
 What a process gives up when moec.runtime is the first to import TVM: tvm_ffi's optional torch
 extras (its faster C DLPack converter, `tvm_ffi.use_torch_stream`, torch.dtype arguments to FFI
@@ -18,9 +20,11 @@ TVM is imported on first use rather than at `import moec.runtime`, so that `moec
 
 from __future__ import annotations
 
+import importlib.abc
 import sys
 import threading
 from types import ModuleType
+from typing import Any
 
 _lock = threading.Lock()
 _tvm: ModuleType | None = None
@@ -33,19 +37,31 @@ def tvm() -> ModuleType:
         return _tvm
     with _lock:
         if _tvm is None:
-            hide = "torch" not in sys.modules
-            if hide:
-                sys.modules["torch"] = None  # type: ignore[assignment]
+            hook = _NoTorchInThisThread() if "torch" not in sys.modules else None
+            if hook is not None:
+                sys.meta_path.insert(0, hook)
             try:
                 import tvm as tvm_pkg  # noqa: PLC0415
                 import tvm.runtime  # noqa: F401, PLC0415
                 import tvm.runtime.vm  # noqa: F401, PLC0415
             finally:
-                # Only undo our own marker: a real torch imported meanwhile stays.
-                if hide and "torch" in sys.modules and sys.modules["torch"] is None:
-                    del sys.modules["torch"]
+                if hook is not None:
+                    sys.meta_path.remove(hook)
             _tvm = tvm_pkg
     return _tvm
+
+
+class _NoTorchInThisThread(importlib.abc.MetaPathFinder):
+    """Refuses `torch` (and its submodules) to the thread that created it; answers every other
+    thread's imports with None ("not mine"), so that they proceed exactly as without it."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if threading.get_ident() == self.thread and name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError("moec.runtime imports TVM without torch", name=name)
+        return None
 
 
 def ensure_device_runtime(kind: str) -> None:

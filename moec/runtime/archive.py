@@ -11,10 +11,14 @@ Extraction is the risky half, so `unpack` never calls `tarfile.extract`/`extract
 reads every member header and refuses the whole archive (ArtifactError, nothing written) unless
 each member is either the top folder itself or a regular file `TOP/NAME` with a plain file name
 (letters, digits, `_`, `.`, `-`; no `/`, no `..`, not absolute), with no duplicates. Links,
-devices, FIFOs and nested folders are refused. Only then does it copy each file's bytes into a
-new file it creates (O_EXCL) inside a fresh destination folder. Compressed archives are refused:
-an uncompressed member cannot be larger than the archive, so extraction writes at most the
-archive's size to disk (no decompression bombs).
+devices, FIFOs, nested folders and sparse files (GNU sparse members in any of tar's three
+encodings, which `tarfile` reports as regular files: any `GNU.sparse.*` header is refused) are
+refused. The archive's `manifest.json` is then read (at most MAX_MANIFEST_BYTES) and parsed,
+and every other member must be a file the manifest lists (or the manifest's digest file), with
+exactly the size it records. Only then does it copy each file's bytes into a new file it
+creates (O_EXCL) inside a fresh destination folder, never more than the recorded size.
+Compressed archives are refused. So extraction writes at most what the manifest declares,
+which is also at most the archive's own size: no decompression or sparse-file bombs.
 
 Unpacked archives are checked like folders afterwards (`verify`): hashes, format, target.
 """
@@ -30,6 +34,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from moec.errors import ArtifactError
 
@@ -41,11 +46,24 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # anything with a path separator or a NUL in it.
 _TOP_NAME = re.compile(r"^(?!\.\.?$)[^/\\\x00]+$")
 _CHUNK = 1 << 20
+# What Python's tarfile raises, besides TarError, on malformed PAX records: int() of a
+# GNU.sparse.size / .map / .realsize value that is not a number (found by fuzzing).
+_HEADER_ERRORS = (ValueError, OverflowError, EOFError)
 
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a file (not a folder): the form single-file artifacts take."""
-    return Path(path).is_file()
+    """Whether `path` is a file (not a folder): the form single-file artifacts take.
+    ArtifactError when the path cannot even be looked at (a name too long, a loop of links)."""
+    try:
+        return Path(path).is_file()
+    except OSError as e:
+        raise ArtifactError(f"cannot access the artifact path {_short(path)}: {e.strerror}") \
+            from None
+
+
+def _short(path: str | os.PathLike[str]) -> str:
+    text = str(path)
+    return repr(text if len(text) <= 120 else text[:60] + "..." + text[-40:])
 
 
 def pack(folder: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
@@ -67,11 +85,9 @@ def pack(folder: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(_info(top + "/", tarfile.DIRTYPE, 0, 0o755))
-            for path in sorted(src.iterdir()):
+            for path in sorted(src / name for name in _artifact_files(src)):
                 if path.is_symlink() or not path.is_file():
                     raise ArtifactError(f"cannot pack {path}: not a regular file")
-                if not _FILE_NAME.match(path.name):
-                    raise ArtifactError(f"cannot pack {path}: not a plain file name")
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     tar.addfile(_info(f"{top}/{path.name}", tarfile.REGTYPE, size, 0o644), f)
@@ -82,6 +98,17 @@ def pack(folder: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _artifact_files(src: Path) -> list[str]:
+    """The files of the artifact folder `src` that an archive holds: the manifest, the files it
+    lists, and the manifest's digest file where there is one (other files are left out)."""
+    from moec.runtime.verify import MANIFEST, MANIFEST_DIGEST, read_manifest  # noqa: PLC0415
+
+    names = [MANIFEST, *read_manifest(src).files]
+    if (src / MANIFEST_DIGEST).exists() or (src / MANIFEST_DIGEST).is_symlink():
+        names.append(MANIFEST_DIGEST)
+    return names
 
 
 def _info(name: str, kind: bytes, size: int, mode: int) -> tarfile.TarInfo:
@@ -101,8 +128,8 @@ def _members(tar: tarfile.TarFile, where: Path) -> tuple[str, list[tarfile.TarIn
             members.append(m)
             if len(members) > MAX_MEMBERS:
                 raise ArtifactError(f"{where}: more than {MAX_MEMBERS} members; not an artifact")
-    except tarfile.TarError as e:
-        raise ArtifactError(f"{where}: damaged archive ({e})") from None
+    except (tarfile.TarError, *_HEADER_ERRORS) as e:
+        raise ArtifactError(f"{where}: damaged archive ({type(e).__name__}: {e})") from None
     tops: set[str] = set()
     files: list[tarfile.TarInfo] = []
     seen: set[str] = set()
@@ -120,10 +147,14 @@ def _members(tar: tarfile.TarFile, where: Path) -> tuple[str, list[tarfile.TarIn
             raise ArtifactError(f"{where}: refusing member {name!r}: only NAME.moec/FILE "
                                 f"with a plain file name may be extracted (no '..', no '/', "
                                 f"no absolute paths)")
-        # Plain regular files only: GNU sparse members could expand far beyond the archive.
-        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-            raise ArtifactError(f"{where}: refusing member {name!r}: it is a "
-                                f"{_kind(m)}, and only regular files may be extracted")
+        # Plain regular files only. GNU sparse members (PAX 0.0/0.1/1.0) are REGTYPE members
+        # with a sparse map, and could expand to any size from a few bytes of archive.
+        sparse = sorted(k for k in m.pax_headers if k.startswith("GNU.sparse"))
+        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse() or sparse:
+            kind = "sparse file" if (m.issparse() or sparse) else _kind(m)
+            extra = f" (headers {', '.join(sparse)})" if sparse else ""
+            raise ArtifactError(f"{where}: refusing member {name!r}: it is a {kind}{extra}, "
+                                f"and only regular files may be extracted")
         if name in seen:
             raise ArtifactError(f"{where}: member {name!r} appears twice")
         seen.add(name)
@@ -161,8 +192,11 @@ def unpack(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Pat
     except (tarfile.TarError, OSError) as e:
         raise ArtifactError(f"{src} is not an artifact folder nor an uncompressed "
                             f"NAME.moec.tar archive ({e})") from None
+    except _HEADER_ERRORS as e:  # the first member's header is malformed
+        raise ArtifactError(f"{src}: damaged archive ({type(e).__name__}: {e})") from None
     with tar:
         top, files = _members(tar, src)
+        _check_declared(tar, files, src)
         root = Path(dest) / top
         try:
             root.mkdir()
@@ -175,10 +209,65 @@ def unpack(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Pat
                 assert data is not None  # a regular file always has data
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 with os.fdopen(fd, "wb") as out, data:
-                    shutil.copyfileobj(data, out, _CHUNK)
+                    _copy_exactly(data, out, m.size)
             except (tarfile.TarError, OSError) as e:
                 raise ArtifactError(f"{src}: cannot extract {m.name!r} ({e})") from None
     return root
+
+
+def _check_declared(tar: tarfile.TarFile, files: list[tarfile.TarInfo], where: Path) -> None:
+    """Refuse members that the archive's manifest does not declare, or of another size."""
+    from moec.runtime.manifest import Manifest  # noqa: PLC0415
+    from moec.runtime.verify import (  # noqa: PLC0415
+        MANIFEST,
+        MANIFEST_DIGEST,
+        MAX_DIGEST_BYTES,
+        MAX_MANIFEST_BYTES,
+    )
+
+    by_name = {m.name.split("/")[1]: m for m in files}
+    entry = by_name.get(MANIFEST)
+    if entry is None:
+        raise ArtifactError(f"{where}: refusing the archive: it holds no {MANIFEST}, so it is "
+                            f"not a moec artifact")
+    if entry.size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{where}: refusing the archive: its {MANIFEST} is larger than "
+                            f"{MAX_MANIFEST_BYTES} bytes")
+    try:
+        data = tar.extractfile(entry)
+        assert data is not None
+        with data:
+            text = data.read(MAX_MANIFEST_BYTES + 1).decode("utf-8")
+        manifest = Manifest.from_json(text)
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where}: {MANIFEST} cannot be read ({e})") from None
+    except ArtifactError as e:
+        raise ArtifactError(f"{where}: {e}") from None
+    for name, m in by_name.items():
+        if name == MANIFEST:
+            continue
+        if name == MANIFEST_DIGEST:
+            if m.size > MAX_DIGEST_BYTES:
+                raise ArtifactError(f"{where}: refusing member {m.name!r}: larger than "
+                                    f"{MAX_DIGEST_BYTES} bytes")
+            continue
+        if name not in manifest.files:
+            raise ArtifactError(f"{where}: refusing member {m.name!r}: {MANIFEST} does not "
+                                f"list it")
+        if m.size != manifest.files[name].size:
+            raise ArtifactError(f"{where}: refusing member {m.name!r}: {m.size} bytes, but "
+                                f"{MANIFEST} records {manifest.files[name].size}")
+
+
+def _copy_exactly(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    left = size
+    while left > 0:
+        chunk = src.read(min(_CHUNK, left))
+        if not chunk:
+            raise tarfile.ReadError(f"the archive ends inside the member, {left} of {size} "
+                                    f"bytes missing")
+        dst.write(chunk)
+        left -= len(chunk)
 
 
 @contextlib.contextmanager

@@ -19,14 +19,20 @@ Layout: a folder `NAME.moec/` holding
                   "avx512f", ...); load refuses a host that lacks one (no SIGILL crash)
   signature       {"inputs":  [{"name": str, "shape": [int | str, ...], "dtype": str}, ...],
                    "outputs": [same form; str dims may be expressions such as "T*2"],
-                   "dims":    {"T": {"min": 0, "max": 4096}, ...}}
-                  every str dim of an input must be declared in dims; max may be null
+                   "dims":    {"T": {"min": 0, "max": 4096}, ...},
+                   "limits":  [{"expr": "B*S", "max": 4096}, ...]  (optional)}
+                  a str dim of an input is a dynamic dim declared in dims, or an expression of
+                  them ("B*S", checked against the call); max may be null; limits bound
+                  expressions of the dims (the token count of a [B, S, H] input)
   params          [str, ...]: weight names, in the order main takes them after the inputs
   pipeline        [str, ...]: the passes that ran, in order
   files           {"kernels.so": {"sha256": hex, "size": bytes}, ...} for every file but the
                   manifest itself
   meta            free-form JSON object (model name, compile options, ...)
   ```
+
+- `manifest.sha256`: the manifest's own digest, one `sha256sum` line (`<hex>  manifest.json`),
+  so that a damaged or hand-edited manifest is refused (docs/security.md).
 
 Writes are atomic: `Artifact.save` writes everything into a temporary folder next to the
 destination, fsyncs it, and only then renames it into place, so a crash mid-save leaves either
@@ -65,7 +71,16 @@ from moec.runtime.manifest import (
     signature_from,
 )
 from moec.runtime.model import CompiledModel, load
-from moec.runtime.verify import IR, KERNELS, MANIFEST, WEIGHTS, as_path, sha256_file
+from moec.runtime.verify import (
+    IR,
+    KERNELS,
+    MANIFEST,
+    MANIFEST_DIGEST,
+    WEIGHTS,
+    as_path,
+    manifest_digest_text,
+    sha256_file,
+)
 
 
 def _moec_version() -> str:
@@ -250,8 +265,7 @@ class Artifact:
             _fsync_file(folder / name)
             files[name] = FileEntry(sha256_file(folder / name), (folder / name).stat().st_size)
         # The manifest last: a folder without one is never mistaken for an artifact.
-        (folder / MANIFEST).write_text(self.build_manifest(files).to_json(), encoding="utf-8")
-        _fsync_file(folder / MANIFEST)
+        write_manifest(folder, self.build_manifest(files).to_json().encode("utf-8"))
         _fsync_dir(folder)
 
     def load_model(self, device: Any = "cpu", *, weights: str = "copy") -> CompiledModel:
@@ -270,21 +284,47 @@ class Artifact:
         return model
 
 
+def write_manifest(folder: Path, text: bytes) -> None:
+    """Write `manifest.json` (and first `manifest.sha256`, its digest) into `folder`, synced.
+
+    For `Artifact.save`; tests use it to make edits the digest does not catch."""
+    (folder / MANIFEST_DIGEST).write_text(manifest_digest_text(text), encoding="ascii")
+    (folder / MANIFEST).write_bytes(text)
+    for name in (MANIFEST_DIGEST, MANIFEST):
+        _fsync_file(folder / name)
+
+
 def check_destination(path: str | os.PathLike[str]) -> None:
     """Raise ArtifactError if `Artifact.save(path)` would refuse to write there (so that a
     long compile can fail before it starts)."""
     dest = as_path(path).absolute()
     if dest.suffix == ".tar":
-        if dest.is_symlink() or (dest.exists() and not (dest.is_file()
-                                                        and tarfile.is_tarfile(dest))):
+        try:
+            bad = dest.is_symlink() or (dest.exists() and not (dest.is_file()
+                                                               and _is_tarfile(dest)))
+        except OSError as e:
+            raise ArtifactError(f"cannot write an archive to {str(dest)[:200]}: {e.strerror}") \
+                from None
+        if bad:
             raise ArtifactError(f"refusing to replace {dest}: it exists and is not a tar archive")
     else:
         _check_replaceable(dest)
 
 
+def _is_tarfile(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (ValueError, OverflowError, EOFError):  # a malformed header: not a tar we replace
+        return False
+
+
 def _check_replaceable(dest: Path) -> None:
-    if not dest.exists() and not dest.is_symlink():
-        return
+    try:
+        if not dest.exists() and not dest.is_symlink():
+            return
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise ArtifactError(f"cannot write an artifact to {str(dest)[:200]}: {e.strerror}") \
+            from None
     if dest.is_symlink() or not dest.is_dir():
         raise ArtifactError(f"refusing to write an artifact to {dest}: it is not a folder")
     if any(dest.iterdir()) and not (dest / MANIFEST).is_file():

@@ -421,7 +421,7 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
     """The weights of a generation artifact for offloaded running: every weight but the
     routed experts copied into memory, the experts as views of the cache's private mapping
     (read only when loaded). Returns the weights in `params` order and the cache."""
-    from moec.runtime.weights import _DTYPES, _header, _np_dtype, drop_cached, mapped_arrays, to_tvm
+    from moec.runtime.weights import DTYPE_NAMES, _header, _np_dtype, read_copies, to_tvm
 
     gen = manifest.meta.get("generation") or {}
     offload = gen.get("offload")
@@ -431,19 +431,16 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
     header, start, _ = _header(path)
     cache = ExpertCache(path, header, start, offload, budget, policy=policy, prefetch=prefetch,
                         routers=load_routers(path.parent))
-    arrays = mapped_arrays(path)
+    resident = [n for n in manifest.params if n not in cache.expert_params]
+    copies = dict(zip(resident, read_copies(path, resident), strict=True))
     out = []
     for name in manifest.params:
         if name in cache.expert_params:
             entry = header[name]
-            dt = _np_dtype(_DTYPES[entry["dtype"]])
+            dt = _np_dtype(DTYPE_NAMES[entry["dtype"]])
             view = cache.view(name, header, start).view(dt).reshape(
                 tuple(int(d) for d in entry["shape"]))
             out.append(to_tvm(view, dev, copy=False))
         else:
-            if name not in arrays:
-                raise ArtifactError(f"{path.name} has no weight {name!r}")
-            out.append(to_tvm(arrays[name], dev, copy=True))
-    del arrays
-    drop_cached(path)
+            out.append(to_tvm(copies[name], dev))
     return out, cache

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from moec.errors import InputError
+from moec.errors import ArtifactError, InputError
+from moec.runtime.dimexpr import parse_dim_expr
 from moec.runtime.manifest import Signature, TensorSpec
 
 ALIGNMENT = 64
@@ -88,6 +89,30 @@ def _limit_hint(name: str) -> str:
     )
 
 
+def bind_inputs(signature: Signature, inputs: Sequence[Any], named: dict[str, Any]
+                ) -> tuple[Any, ...]:
+    """The inputs of `model(*inputs, **named)` in signature order: keywords are matched to
+    input names (`model(x=a)`), after the positional ones. InputError for an unknown name, a
+    name given twice, or a gap."""
+    if not named:
+        return tuple(inputs)
+    names = [s.name for s in signature.inputs]
+    for n in named:
+        if n not in names:
+            raise InputError(f"the model has no input {n!r}; its inputs are "
+                             f"{', '.join(names) or 'none'}")
+        if names.index(n) < len(inputs):
+            raise InputError(f"input {n!r} is given twice (by position and by name)")
+    out = list(inputs)
+    for n in names[len(inputs):]:
+        if n not in named:
+            missing = [m for m in names[len(inputs):] if m not in named]
+            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}: the model "
+                             f"takes {', '.join(names)}")
+        out.append(named[n])
+    return tuple(out)
+
+
 def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
     """Validate inputs against the signature and return the symbolic dim values they bind.
 
@@ -99,12 +124,20 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
             f"the model takes {len(specs)} input(s) ({expected}) but {len(inputs)} were given"
         )
     bound: dict[str, tuple[int, str, int]] = {}  # dim -> (value, input name, axis)
+    exprs: list[tuple[str, int, TensorSpec, int, tuple[int, ...]]] = []  # checked once bound
     for spec, x in zip(specs, inputs, strict=True):
         if isinstance(x, np.generic):
             x = np.asarray(x)
         if not isinstance(x, np.ndarray) and not is_torch_tensor(x):
             raise InputError(
                 f"input {spec.name!r} is {describe(x)}; pass a numpy array or a torch tensor "
+                f"({spec.type_str()})"
+            )
+        if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+            # the kernels would read the values under the mask as if they were not masked
+            raise InputError(
+                f"input {spec.name!r} is a masked numpy array with masked elements, and the "
+                f"model cannot honour a mask; pass np.ma.filled(x, fill_value) or x.data "
                 f"({spec.type_str()})"
             )
         if is_torch_tensor(x) and (x.is_nested or str(x.layout) != "torch.strided"):
@@ -115,9 +148,15 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
             )
         shape = tuple(int(d) for d in x.shape)
         if len(shape) != len(spec.shape):
+            lead = spec.shape[0] if spec.shape else None
+            hint = (
+                f"; an input without its leading {lead} (one sequence) is taken as {lead}=1 "
+                f"when every input with {lead} leaves it out"
+                if isinstance(lead, str) and len(spec.shape) >= 3 else ""
+            )
             raise InputError(
                 f"input {spec.name!r} is {describe(x)} (rank {len(shape)}) but the model "
-                f"expects rank {len(spec.shape)}: {spec.type_str()}"
+                f"expects rank {len(spec.shape)}: {spec.type_str()}{hint}"
             )
         for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
             if isinstance(want, int):
@@ -126,6 +165,8 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
                         f"input {spec.name!r} is {describe(x)} but the model expects "
                         f"{spec.type_str()}: dim {axis} is {got}, expected {want}"
                     )
+            elif want not in signature.dims:  # an expression of dims, e.g. "B*S"
+                exprs.append((want, got, spec, axis, shape))
             elif want in bound and bound[want][0] != got:
                 other_value, other, other_axis = bound[want]
                 raise InputError(
@@ -157,7 +198,107 @@ def check_inputs(signature: Signature, inputs: Sequence[Any]) -> dict[str, int]:
                 f"input {who!r} has {name}={value} (dim {axis}) but this model was compiled for "
                 f"at most {name}={dim.max}" + _limit_hint(name)
             )
-    return {name: v[0] for name, v in bound.items()}
+    env = {name: v[0] for name, v in bound.items()}
+    for want, got, spec, axis, shape in exprs:
+        expr = parse_dim_expr(want)
+        missing = sorted(expr.names - set(env))
+        if missing:
+            raise InputError(
+                f"input {spec.name!r} has dim {axis} = {want}, but no input gives "
+                f"{missing[0]} on its own: this model cannot be called ({spec.type_str()})"
+            )
+        value = expr.evaluate(env)
+        if value != got:
+            given = ", ".join(f"{n}={env[n]}" for n in sorted(expr.names))
+            raise InputError(
+                f"input {spec.name!r} has dim {axis} = {got} (shape {shape}) but the model "
+                f"expects {want} = {value} with {given} ({spec.type_str()})"
+            )
+    for lim in signature.limits:
+        if not parse_dim_expr(lim.expr).names <= env.keys():
+            continue  # no input gives these dims
+        value = parse_dim_expr(lim.expr).evaluate(env)
+        if value > lim.max:
+            given = ", ".join(f"{n}={env[n]}" for n in sorted(parse_dim_expr(lim.expr).names))
+            raise InputError(
+                f"the inputs have {lim.expr} = {value} ({given}) but this model was compiled "
+                f"for at most {lim.expr} = {lim.max} tokens" + _limit_hint(lim.expr)
+            )
+    return env
+
+
+def batch_left_out(signature: Signature, inputs: Sequence[Any]) -> str | None:
+    """The leading dim (`B`) that a call leaves out, else None: every input whose signature
+    shape starts with that dynamic dim (and has rank 3 or more) is given without it, as one
+    sequence (`[S, H]` for `[B, S, H]`), the eager block's reading of it. The call then runs
+    with that dim 1 (`unbatch_outputs` drops it from the outputs again)."""
+    if len(inputs) != len(signature.inputs):
+        return None
+    lead: str | None = None
+    for spec, x in zip(signature.inputs, inputs, strict=True):
+        ndim = getattr(x, "ndim", None)
+        first = spec.shape[0] if spec.shape else None
+        if ndim is None or not isinstance(first, str) or first not in signature.dims:
+            continue
+        if len(spec.shape) >= 3 and ndim == len(spec.shape) - 1:
+            if lead not in (None, first):
+                return None
+            lead = first
+    if lead is None or signature.dims[lead].min > 1:
+        return None
+    for spec, x in zip(signature.inputs, inputs, strict=True):
+        uses = [i for i, d in enumerate(spec.shape) if isinstance(d, str) and (
+            d == lead or lead in parse_dim_expr(d).names)]
+        if uses and (uses != [0] or getattr(x, "ndim", None) != len(spec.shape) - 1):
+            return None  # the dim appears elsewhere, or this input gives it: no guessing
+    return lead
+
+
+def add_batch(x: Any) -> Any:
+    """x as a batch of one, a view: [S, H] -> [1, S, H]."""
+    return x.unsqueeze(0) if is_torch_tensor(x) else np.asarray(x)[np.newaxis]
+
+
+def unbatch_outputs(signature: Signature, lead: str, outs: Sequence[Any]) -> list[Any]:
+    """Drop the left-out batch dim (size 1) from the outputs whose shape starts with it."""
+    return [o[0] if spec.shape and spec.shape[0] == lead else o
+            for spec, o in zip(signature.outputs, outs, strict=True)]
+
+
+def check_ranges(signature: Signature, inputs: Sequence[Any], ranges: Any) -> None:
+    """Refuse integer inputs outside the values the model takes: `ranges` (the manifest's
+    `meta.input_ranges`, recorded at compile time) maps an input name to `[lo, hi)`. Token ids
+    index an embedding table whose kernel would clamp an id outside it silently (the logits of
+    the last row for 600 in a vocabulary of 512), so they are refused here, as transformers
+    refuses them."""
+    if not ranges:
+        return
+    if not isinstance(ranges, Mapping):
+        raise ArtifactError(f"the manifest's meta.input_ranges is {type(ranges).__name__}, not "
+                            f"a mapping: the artifact was edited or damaged, recompile the model")
+    for spec, x in zip(signature.inputs, inputs, strict=True):
+        r = ranges.get(spec.name)
+        if r is None or _category(spec.dtype) != "int":
+            continue
+        if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)):
+            raise ArtifactError(f"the manifest's meta.input_ranges[{spec.name!r}] is {r!r}, "
+                                f"not [lo, hi): the artifact was edited or damaged, recompile it")
+        if is_torch_tensor(x):
+            if not x.numel():
+                continue
+            lo, hi = int(x.min()), int(x.max())
+        else:
+            x = np.asarray(x)
+            if not x.size:
+                continue
+            lo, hi = int(x.min()), int(x.max())
+        if lo < r[0] or hi >= r[1]:
+            bad = lo if lo < r[0] else hi
+            raise InputError(
+                f"input {spec.name!r} holds {bad}, outside [{r[0]}, {r[1]}): its values index "
+                f"a table of {r[1] - r[0]} rows (for token ids: the vocabulary), and ids "
+                f"outside it are refused, not clamped ({spec.type_str()})"
+            )
 
 
 def _check_int_range(spec: TensorSpec, lo: int, hi: int, target: np.dtype) -> None:

@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from moec.errors import ArtifactError
+from moec.runtime.dimexpr import DimExprError, parse_dim_expr
 
 FORMAT_VERSION = 1
 """The artifact format this runtime writes and reads. Bump it on any incompatible change."""
@@ -101,22 +102,59 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """An upper bound on an expression of dims: `B*S <= 4096` (the token count of a call)."""
+
+    expr: str
+    max: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expr": self.expr, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Limit:
+        _expect(data, dict, where)
+        expr = _expect(data.get("expr"), str, f"{where}.expr")
+        hi = _expect(data.get("max"), int, f"{where}.max")
+        if hi < 0:
+            raise _fail(f"{where}.max is negative ({hi})")
+        return cls(expr, hi)
+
+
+def _dim_names(d: str, where: str) -> frozenset[str]:
+    try:
+        return parse_dim_expr(d).names
+    except DimExprError as e:
+        raise _fail(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
 class Signature:
-    """What `main` takes and returns. Input shapes may only use declared dim names; output
-    shapes may also hold expressions such as `"T*2"`, which are informative only."""
+    """What `main` takes and returns. Input shapes hold ints, declared dim names (each one
+    dynamic, bound by the call) and expressions of them (`"B*S"`, checked against the call's
+    values); output shapes may hold any expression (`"T*2"`), informative only. `limits`
+    bound expressions of the dims (the token count `B*S` of a `[B, S, H]` input)."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dims: Mapping[str, DimSpec] = field(default_factory=dict)
+    limits: tuple[Limit, ...] = ()
 
     def __post_init__(self) -> None:
         for spec in self.inputs:
             for d in spec.shape:
-                if isinstance(d, str) and d not in self.dims:
+                if not isinstance(d, str):
+                    continue
+                unknown = sorted(_dim_names(d, f"input {spec.name!r}") - set(self.dims))
+                if unknown:
                     raise _fail(
-                        f"input {spec.name!r} uses dim {d!r}, which signature.dims does not "
-                        f"declare (declared: {sorted(self.dims) or 'none'})"
+                        f"input {spec.name!r} uses dim {unknown[0]!r}, which signature.dims "
+                        f"does not declare (declared: {sorted(self.dims) or 'none'})"
                     )
+        for i, lim in enumerate(self.limits):
+            unknown = sorted(_dim_names(lim.expr, f"signature.limits[{i}]") - set(self.dims))
+            if unknown:
+                raise _fail(f"signature.limits[{i}] uses undeclared dim {unknown[0]!r}")
         names = [s.name for s in self.inputs]
         if len(set(names)) != len(names):
             raise _fail(f"signature.inputs has duplicate names: {names}")
@@ -127,14 +165,18 @@ class Signature:
         bounds = ", ".join(
             f"{n} in [{d.min}, {'inf' if d.max is None else d.max}]" for n, d in self.dims.items()
         )
+        bounds += "".join(f", {lim.expr} <= {lim.max}" for lim in self.limits)
         return f"({ins}) -> ({outs})" + (f" where {bounds}" if bounds else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
             "dims": {n: d.to_dict() for n, d in self.dims.items()},
         }
+        if self.limits:
+            out["limits"] = [lim.to_dict() for lim in self.limits]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "signature") -> Signature:
@@ -145,6 +187,7 @@ class Signature:
         ins = _expect(data.get("inputs"), list, f"{where}.inputs")
         outs = _expect(data.get("outputs"), list, f"{where}.outputs")
         dims = _expect(data.get("dims", {}), dict, f"{where}.dims")
+        limits = _expect(data.get("limits", []), list, f"{where}.limits")
         for n in dims:
             if not _IDENT.match(n):
                 raise _fail(f"{where}.dims has a name that is not an identifier: {n!r}")
@@ -156,6 +199,9 @@ class Signature:
                 TensorSpec.from_dict(s, f"{where}.outputs[{i}]") for i, s in enumerate(outs)
             ),
             dims={n: DimSpec.from_dict(d, f"{where}.dims.{n}") for n, d in dims.items()},
+            limits=tuple(
+                Limit.from_dict(x, f"{where}.limits[{i}]") for i, x in enumerate(limits)
+            ),
         )
 
 
@@ -227,6 +273,8 @@ class Manifest(Mapping[str, Any]):
             data = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise _fail(f"not valid JSON ({e})") from None
+        except ValueError as e:  # an integer of more than 4300 digits (sys.int_max_str_digits)
+            raise _fail(f"not valid JSON ({str(e)[:120]})") from None
         except RecursionError:
             raise _fail("not a manifest: JSON nested too deeply") from None
         return cls.from_dict(data)

@@ -19,13 +19,19 @@ from moec.runtime import _tvm, archive
 from moec.runtime.cpu import check_elf_machine
 from moec.runtime.cuda_graph import stream_context
 from moec.runtime.inputs import (
+    add_batch,
+    batch_left_out,
+    bind_inputs,
     check_inputs,
+    check_ranges,
     is_torch_tensor,
     numpy_dtype,
     on_cpu,
     to_tvm,
     torch_module,
+    unbatch_outputs,
 )
+from moec.runtime.kernels import check_kernel_params, open_kernels
 from moec.runtime.manifest import Manifest, Signature
 from moec.runtime.verify import KERNELS, WEIGHTS, as_path, check_target, verify
 
@@ -61,7 +67,7 @@ class CompiledModel:
     runs themselves are serialised by a per-model lock: a Relax VM keeps per-call state (its
     register file) and is not safe to enter from two threads. Input conversion and output
     wrapping happen outside the lock. The kernels are multi-threaded already (TVM's thread
-    pool, MOEC_NUM_THREADS), so once a model is large enough to keep those threads busy,
+    pool, TVM_NUM_THREADS), so once a model is large enough to keep those threads busy,
     serialising costs little; to run calls truly in parallel, load the artifact once per
     thread (each load has its own VM and weights). Measurements: docs/security.md.
 
@@ -103,10 +109,19 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"CompiledModel({str(self._path)!r}, device={self.device!r}, {self.signature})"
 
-    def __call__(self, *inputs: Any) -> Any:
-        """Run the model; see the class docstring for what inputs and outputs can be."""
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
+        """Run the model; see the class docstring for what inputs and outputs can be. Inputs
+        may also be given by name, `model(x=a)`."""
         sig = self._manifest.signature
+        inputs = bind_inputs(sig, inputs, named)
+        lead = batch_left_out(sig, inputs)
+        if lead is not None:  # [S, H] for [B, S, H]: one sequence
+            inputs = tuple(
+                add_batch(x) if spec.shape[0] == lead else x
+                for spec, x in zip(sig.inputs, inputs, strict=True)
+            )
         check_inputs(sig, inputs)
+        check_ranges(sig, inputs, self._manifest.meta.get("input_ranges"))
         args = [
             to_tvm(spec, x, self._tvm, self._device)
             for spec, x in zip(sig.inputs, inputs, strict=True)
@@ -125,6 +140,8 @@ class CompiledModel:
             self._wrap(o, copy=o.data_ptr() in shared and o.numel() > 0, as_torch=as_torch)
             for o in outs
         )
+        if lead is not None:
+            converted = tuple(unbatch_outputs(sig, lead, converted))
         return converted[0] if len(converted) == 1 else converted
 
     def cuda_graph(self, *example_inputs: Any) -> Any:
@@ -254,8 +271,9 @@ def load(
         from moec.runtime.expert_cache import register_fetch  # noqa: PLC0415
 
         register_fetch()
+    # A private copy of the verified code, unloaded with the model (moec/runtime/kernels.py).
+    lib = open_kernels(root / KERNELS, manifest.files[KERNELS], check_hash=check_hashes)
     try:
-        lib = tvm.runtime.load_module(str(root / KERNELS))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
         vm["main"]  # fail here, not at the first call, if there is no `main`
         arity = vm._get_function_arity("main")
@@ -268,6 +286,7 @@ def load(
             f"{len(manifest.signature.inputs)} input(s) and {len(manifest.params)} weight(s); "
             f"the manifest and the kernels disagree: the artifact was edited or damaged"
         )
+    check_kernel_params(lib, root, manifest)
     cache = None
     try:
         if offload is not None:

@@ -25,7 +25,7 @@ def add_commands(sub: Any) -> None:
 
     s = sub.add_parser("serve", help="serve a causal LM artifact over HTTP with the OpenAI API "
                        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)")
-    s.add_argument("artifact")
+    s.add_argument("artifact", help="a generation artifact (compiled from a checkpoint folder)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
                    "this machine only; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -35,7 +35,8 @@ def add_commands(sub: Any) -> None:
                    "the artifact's name)")
     s.add_argument("--kv-cache", default=None, help="KV cache size, e.g. 2GB")
     s.add_argument("--max-batch", type=int, default=16, help="most sequences decoded at once")
-    s.add_argument("--max-seq-len", type=int, default=None)
+    s.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + output in "
+                   "tokens (default: the model's context, at most 4096)")
     s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="sequences that may wait for the batch; beyond, 503 with Retry-After")
     s.add_argument("--request-timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -44,7 +45,8 @@ def add_commands(sub: Any) -> None:
                    help="on SIGTERM, seconds given to running requests to finish")
     add_offload_arguments(s)  # --expert-budget, --expert-policy, --no-prefetch
     s.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's and moec's logging (default: %(default)s)")
     s.set_defaults(fn=cmd_serve)
 
 

@@ -113,6 +113,10 @@ def test_tiny_layer_with_torch_compile(tmp_path: Path, keep_env: None) -> None:
     res = _run(tmp_path, ("hf", "torch.compile", "ort", "moec"), shapes=("tiny",), tokens=(4,))
     _check_all_matched(res, {"hf-eager", "torch.compile", "moec"})
     assert res["shapes"]["tiny"]["compile_s"]["torch.compile"] > 0
+    import torch._inductor.config as inductor_config
+
+    # the bench turns inductor's caches off for its own compiles only, not for the process
+    assert inductor_config.force_disable_caches is False
 
 
 class _Zeros(System):
@@ -209,7 +213,9 @@ def test_cli_layer_bench(tmp_path: Path, keep_env: None) -> None:
     assert res["options"]["repeat"] == 3 and res["options"]["warmup"] == 1
     assert res["options"]["settle_s"] == 0  # --quick does not pause
     assert [c["tokens"] for c in res["cases"]] == [2]
-    assert res["command"].startswith("moec ")
+    # the command this run was given, not the process's argv (under pytest: pytest's own)
+    assert res["command"] == ("moec bench --shapes tiny --tokens 2 --systems hf --quick "
+                              f"--routing uniform --hf-impls eager --no-plot --json {out}")
     assert not out.with_suffix(".png").exists()
 
 

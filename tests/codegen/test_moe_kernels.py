@@ -68,7 +68,7 @@ def _gelu(x):
 
 
 ACT_REF = {"none": lambda v: v, "silu": lambda v: v * _sigmoid(v), "gelu": _gelu,
-           "relu": lambda v: np.maximum(v, 0),
+           "relu": lambda v: np.maximum(v, 0), "relu2": lambda v: np.maximum(v, 0) ** 2,
            "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608 * (v + 0.044715 * v**3)))}
 
 
@@ -107,6 +107,7 @@ GMM_CASES = [
     # 10 panels in blocks of 4 (gated) or 8: the last panel block is partial (decode path clamps)
     (6, 80, 70, 8, 2, True, "silu_mul", True),
     (6, 150, 70, 8, 2, False, "none", True),
+    (5, 40, 24, 8, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
 ]
 COMBINE_CASES = [(40, 2), (64, 3)]  # (H, k)
 ROUTER_CASES = [
@@ -117,6 +118,9 @@ ROUTER_CASES = [
          topk_groups=2, group_score="top2_sum"),
     dict(E=12, k=3, norm_topk=True, n_groups=3, topk_groups=2, logit_bias=True),
     dict(E=7, k=3, scale=0.5, norm_topk=True),
+    # DeepSeek-V4: sqrt(softplus) scores, selection on score + bias, renormalised, scaled
+    dict(E=16, k=4, scoring="sqrt_softplus", norm_topk=True, scale=1.5, has_bias=True),
+    dict(E=8, k=2, scoring="sqrt_softplus", order="topk_score"),
 ]
 ROUTER_H = [64, 37]
 SPARSEMIXER_EPS = [0.01, 0.3]  # PhiMoE's default, and one wide enough to keep many experts
@@ -288,32 +292,66 @@ def test_grouped_matmul_rejects_other_weight_dtypes():
         grouped_matmul(4, 8, 8, 16, 2, True, "silu_mul", "float32", w_dtype="int8")
 
 
+# (spec, (MR, NR in SIMD vectors), panels): NR follows the SIMD width the kernel is built for,
+# and so does N (written for 8 lanes, scaled by lanes / 8: the same panels, tails and blocks).
 GEMV_CASES = {
-    # gated, N tail; 9 panels in blocks of 4, one decode pass of 4 panels
-    "gated": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 8), None),
+    # gated, N tail; 9 panels in blocks of 4 (AVX2), one decode pass of 4 panels
+    "gated": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 1), None),
     # two-vector micro-panels: 7 (N tail) in blocks of 6, decode passes of 8 of the 12
     # one-vector packed panels of a block, the second one repeating the block's last panel
-    "wide": ((16, 100, 50, 4, 2, False, "none", True), (4, 16), 6),
+    "wide": ((16, 100, 50, 4, 2, False, "none", True), (4, 2), 6),
     # gated two-vector micro-panels: 5 (N tail) in blocks of 3, decode passes of 4 of the 6
     # one-vector packed panels of a block
-    "gated-wide": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 16), 3),
+    "gated-wide": ((16, 70, 50, 4, 2, True, "silu_mul", True), (4, 2), 3),
 }
+GEMV_ROWS = [0, 1, 2, 3]
+# Both SIMD widths the kernels have, whatever this host is: the tiles derive from the width
+# (an AVX-512 host needs NR a multiple of 16 floats, AVX2 of 8). LLVM builds and runs the
+# 16-lane code on AVX2 too (as pairs of 8-lane vectors), and the 8-lane code on AVX-512.
+WIDTHS = {"avx2": 256, "avx512": 512}
 
 
+@pytest.fixture(scope="module")
+def decode_kernels(kernel_lib):
+    """{width: (lib, {(case, gemv_rows): kernel})}: every decode-path kernel built once."""
+    from moec.codegen.kernels import base
+
+    out = {}
+    for width, bits in WIDTHS.items():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(base, "_vector_bits", lambda bits=bits: bits)
+            lanes = base.vector_lanes("float32")
+            ks = {}
+            for case, (spec, (mr, vectors), panels) in GEMV_CASES.items():
+                e, n, kdim, bm, top_k, gather, act, bias = _scaled(spec, lanes)
+                for rows in GEMV_ROWS:
+                    ks[case, rows] = grouped_matmul(
+                        e, n, kdim, bm, top_k, gather, act, "float32", bias=bias,
+                        tiles=(mr, vectors * lanes), panels=panels, gemv_rows=rows)
+            out[width] = (kernel_lib(ks.values()), ks)
+    return out
+
+
+def _scaled(spec: tuple, lanes: int) -> tuple:
+    e, n, *rest = spec
+    return (e, n * lanes // 8, *rest)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("case", GEMV_CASES)
 @pytest.mark.parametrize("t", [1, 2, 3, 9])
-@pytest.mark.parametrize("gemv_rows", [0, 1, 2, 3])
-def test_grouped_matmul_decode_path(kernel_lib, gemv_rows, t, case):
+@pytest.mark.parametrize("gemv_rows", GEMV_ROWS)
+def test_grouped_matmul_decode_path(decode_kernels, gemv_rows, t, case, width):
     """Tiles of at most gemv_rows rows take the row-at-a-time decode path, the others the
     MR-row GEMM path (t=3, 9 mix both in one call): the same values either way, and the same
     rows written (a decode tile's padding rows of group 0 repeat its first row)."""
-    spec, tiles, panels = GEMV_CASES[case]
+    spec = _scaled(GEMV_CASES[case][0], WIDTHS[width] // 32)
     e, n, kdim, bm, top_k, gather, act, bias = spec
-    kern = grouped_matmul(e, n, kdim, bm, top_k, gather, act, "float32", bias=bias,
-                          tiles=tiles, panels=panels, gemv_rows=gemv_rows)
+    lib, ks = decode_kernels[width]
+    kern = ks[case, gemv_rows]
     x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(spec, "uniform", t)
-    (out,) = kernel_lib([kern])(kern, x, *ws, *bs, sorted_ids, tile_expert,
-                                outs=[((len(sorted_ids), n), "float32")], fill=np.nan)
+    (out,) = lib(kern, x, *ws, *bs, sorted_ids, tile_expert,
+                 outs=[((len(sorted_ids), n), "float32")], fill=np.nan)
     used, ref = gmm_ref(x, ws, bs, sorted_ids, tile_expert, bm, top_k, gather, act)
     np.testing.assert_allclose(out[used], ref, rtol=RTOL, atol=ATOL)
     written = ~np.isnan(out).all(axis=1)
@@ -339,6 +377,8 @@ def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk
     def score(v):
         if scoring == "sigmoid":
             return _sigmoid(v)
+        if scoring == "sqrt_softplus":  # log1p(exp(v)) in float64; v down to -40 below
+            return np.sqrt(np.log1p(np.exp(v)))
         ex = np.exp(v - v.max(-1, keepdims=True))
         return ex / ex.sum(-1, keepdims=True)
 
@@ -366,7 +406,7 @@ def router_ref(x, w, lbias, sbias, *, E, k, scoring="softmax", order="score_topk
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k]
     wts = np.take_along_axis(scores, ids, -1)
     if norm_topk:
-        wts = wts / (wts.sum(-1, keepdims=True) + (1e-20 if scoring == "sigmoid" else 0))
+        wts = wts / (wts.sum(-1, keepdims=True) + (0 if scoring == "softmax" else 1e-20))
     return wts * scale, ids, clear
 
 

@@ -12,6 +12,8 @@ import torch
 import moec
 from moec.cli import main
 from moec.codegen import tune
+from moec.codegen.kernels.base import vector_lanes
+from moec.codegen.kernels.grouped_matmul import grouped_tiles
 from moec.compiler import to_graph
 from moec.errors import InputError
 from moec.models.reference import demo_model
@@ -68,12 +70,19 @@ def _entry(block_m: int, tiles) -> dict:
     return {f"{tune.cpu_name()}|{_shape().key}": {"block_m": block_m, "tiles": tiles}}
 
 
-@pytest.mark.parametrize("routing", ["uniform", "skewed"])
-def test_tuned_compile_uses_the_entry_and_stays_exact(tmp_path, routing):
+@pytest.mark.parametrize(("routing", "width"), [("uniform", "host"), ("skewed", "host"),
+                                              ("uniform", "avx2"), ("uniform", "avx512")])
+def test_tuned_compile_uses_the_entry_and_stays_exact(tmp_path, routing, width, monkeypatch):
+    """Tiles are SIMD multiples of the width the kernels are built for. Both widths are built
+    and run on any x86-64 host: LLVM splits 16-lane vectors into 8-lane ones on AVX2."""
+    from moec.codegen.kernels import base
     from moec.models.reference import skew_router
 
+    if width != "host":
+        monkeypatch.setattr(base, "_vector_bits", lambda: {"avx2": 256, "avx512": 512}[width])
     db = tmp_path / "db.json"
-    tune.write_db(db, _entry(16, [[6, 8], [6, 16]]))
+    lanes = vector_lanes("float32")  # 8 with AVX2, 16 with AVX-512: tiles are SIMD multiples
+    tune.write_db(db, _entry(16, [[6, lanes], [6, 2 * lanes]]))
     model, (x,) = demo_model(hidden=HIDDEN, intermediate=INTER, experts=E, top_k=K)
     if routing == "skewed":
         skew_router(model, expert=1)
@@ -82,7 +91,7 @@ def test_tuned_compile_uses_the_entry_and_stays_exact(tmp_path, routing):
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     text = json.dumps(manifest)
     assert "reorder-dispatch{block_m=16}" in text, manifest.get("pipeline")
-    assert "t6x8" in text and "t6x16" in text  # kernel names carry the tuned tiles
+    assert f"t6x{lanes}" in text and f"t6x{2 * lanes}" in text  # names carry the tiles
     assert manifest["meta"]["tuning"][_shape().key]["block_m"] == 16, manifest["meta"]
     m = moec.load(path)
     for t in (0, 1, 5, 64, 128):
@@ -93,6 +102,27 @@ def test_tuned_compile_uses_the_entry_and_stays_exact(tmp_path, routing):
         assert got.shape == want.shape
         if t:
             assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_expert_parallel_build_uses_the_tuned_tiles(tmp_path):
+    """One build path: `ep=True` builds `main` and the one-expert kernels of the EP functions
+    with the tuned tiles the manifest records (EP builds used to drop them)."""
+    db = tmp_path / "db.json"
+    lanes = vector_lanes("float32")
+    tune.write_db(db, _entry(16, [[6, lanes], [6, 2 * lanes]]))
+    model, (x,) = demo_model(hidden=HIDDEN, intermediate=INTER, experts=E, top_k=K)
+    path = moec.compile(model, (x,), max_tokens=64, tuning=db, ep=True).save(tmp_path / "e.moec")
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["meta"]["tuning"][_shape().key]["tiles"] == [[6, lanes], [6, 2 * lanes]]
+    gemms = [k for k in manifest["meta"]["kernels"] if k.startswith("grouped_matmul")]
+    one_expert = [k for k in gemms if "_E_1_" in k]
+    assert len(one_expert) == 2 and len(gemms) == 4, gemms
+    assert all(f"_t6x{lanes}" in k or f"_t6x{2 * lanes}" in k for k in gemms), gemms
+    xs = torch.randn(9, HIDDEN)
+    with torch.no_grad():
+        want = model(xs).numpy()
+    got = moec.load(path)(xs.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_tuning_false_ignores_the_user_cache(tmp_path):
@@ -119,7 +149,8 @@ def test_moec_tune_then_compile(tmp_path, capsys):
     assert entry["block_m"] == 16 and set(entry["measured_ms"]) == {"1", "8"}
     for t, gemm in zip(entry["tiles"], _shape().gemms(), strict=True):
         gated = gemm[3].endswith("_mul")
-        assert tuple(t) in tune.tile_candidates("float32", gated) or tuple(t) in ((4, 8), (4, 16))
+        assert tuple(t) in tune.tile_candidates("float32", gated) or tuple(t) == grouped_tiles(
+            "float32", 16, gated)
     assert main(["compile", f"{tmp_path / 'f.py'}:make", "-o", str(tmp_path / "a.moec"),
                  "--max-tokens", "64", "--tuning-db", str(db)]) == 0
     manifest = (tmp_path / "a.moec" / "manifest.json").read_text()

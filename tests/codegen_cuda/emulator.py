@@ -16,9 +16,11 @@ and tensor-core data flow of exactly the code that is shipped.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -212,6 +214,22 @@ def _wrapper(name: str, params: str) -> str:
             f'{", ".join(casts)}); }});\n}}\n')
 
 
+@functools.cache
+def _gxx20() -> str:
+    """g++, if it compiles C++20 (the emulator's code uses it); else ToolNotFoundError, which
+    the suite reports as a skip (tests/conftest.py)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        raise cuda_build.ToolNotFoundError("the CUDA emulator needs g++ (C++20), not found")
+    probe = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"],
+                           input="#include <barrier>\nint main() { return 0; }\n",
+                           capture_output=True, text=True)
+    if probe.returncode:
+        raise cuda_build.ToolNotFoundError(f"the CUDA emulator needs g++ with C++20 support "
+                                           f"(GCC 10 or newer); {gxx} refused -std=c++20")
+    return gxx
+
+
 def _device_source(device_mods: dict, target: tvm.target.Target) -> str:
     """The CUDA source TVM generates, without running nvcc (a pass-through callback)."""
     sources: list[str] = []
@@ -271,7 +289,7 @@ class Emulated:
         if not so.exists():
             cpp = so.with_suffix(".cpp")
             cpp.write_text(code)
-            res = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+            res = subprocess.run([_gxx20(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
                                   "-w", "-o", str(so), str(cpp)], capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"g++ failed:\n{res.stderr[-3000:]}")

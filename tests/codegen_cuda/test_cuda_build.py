@@ -14,10 +14,10 @@ import tvm
 from tvm import relax, tirx
 
 from moec.codegen import cuda as C
+from moec.codegen.cuda import build as cuda_build
 from moec.codegen.cuda.build import (
     CudaCompilation,
     collect_compilations,
-    find_cuda_tool,
     has_mma,
     parse_ptxas_log,
     ptx_entries,
@@ -133,7 +133,7 @@ def test_ptxas_report_matches_the_build_log(fp32_build, tmp_path: Path):
     assert {n: r["registers"] for n, r in ptxas_report(comp.ptx).items()} == want
     ptx, cubin = tmp_path / "k.ptx", tmp_path / "k.cubin"
     ptx.write_text(comp.ptx)
-    subprocess.run([find_cuda_tool("ptxas"), "-arch=sm_90", "-o", str(cubin), str(ptx)],
+    subprocess.run([cuda_build.find_cuda_tool("ptxas"), "-arch=sm_90", "-o", str(cubin), str(ptx)],
                    check=True)
     assert {n: r["registers"] for n, r in ptxas_report(cubin).items()} == want
 
@@ -267,3 +267,37 @@ def test_nd_row_ops_lower_through_2d_views():
         assert "__shfl" in _kernel_source(comp.source, name), name
     with pytest.raises(CodegenError, match="rows, n"):
         C.softmax((2, "T", 64), -1, "float16")
+
+
+def test_a_cuda_build_leaves_process_state_as_it_was(fp32_build):
+    """Building registers moec's nvcc callback only for the build (TVM's own is put back), and
+    the build-time stub libcuda stays out of the process's global symbol scope (it was loaded
+    RTLD_GLOBAL)."""
+    import ctypes
+
+    import tvm_ffi
+
+    name = "tvm_callback_cuda_compile"
+    before = tvm.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, lambda *_: bytearray(b"sentinel"), override=True)
+    try:
+        build(float32_set()[:1])
+        assert bytes(tvm.get_global_func(name)("code", "ptx")) == b"sentinel"
+    finally:
+        if before is not None:
+            tvm_ffi.register_global_func(name, before, override=True)
+        else:
+            tvm_ffi.remove_global_func(name)
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None)
+    libc.dlsym.restype = ctypes.c_void_p
+    libc.dlsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    addr = libc.dlsym(None, b"cuModuleLoadData")  # RTLD_DEFAULT: the global scope
+    if addr:  # a real driver library may provide it; the stub must not
+        info = DlInfo()
+        assert libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info))
+        assert b"moec_stub_cuda" not in (info.dli_fname or b""), info.dli_fname

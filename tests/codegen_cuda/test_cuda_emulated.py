@@ -28,9 +28,19 @@ def ref(op: str, xs: list[np.ndarray], **attrs) -> list[np.ndarray]:
     return d.reference(xs, d.check_attrs(attrs))
 
 
-def close(got: np.ndarray, want: np.ndarray, tol: float = 1e-2) -> None:
-    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol,
-                               atol=tol)
+# Per output dtype: float32 results are float32 arithmetic (no tensor cores), the half ones
+# are rounded to 11 (float16) or 8 (bfloat16) significant bits, with half-precision inputs.
+TOL = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def close(got: np.ndarray, want: np.ndarray, tol: float | None = None) -> None:
+    """`got` within `tol` (default: TOL of got's dtype) of `want`, relative to each value and,
+    for values near zero, to the output's largest magnitude: a fixed atol of 1e-2 accepted
+    anything for outputs of size 0.01 (softmax over many columns)."""
+    tol = TOL[np.dtype(got.dtype).name] if tol is None else tol
+    w = want.astype(np.float64)
+    scale = float(np.abs(w).max()) if w.size else 0.0
+    np.testing.assert_allclose(got.astype(np.float64), w, rtol=tol, atol=tol * scale)
 
 
 def named(kernel: Kernel, name: str) -> Kernel:
@@ -65,6 +75,11 @@ ROUTERS = {
                         scale=16.0, has_bias=False, n_groups=8, topk_groups=3),
     "llama4": dict(E=16, k=1, scoring="sigmoid", order="topk_score", norm_topk=False,
                    has_bias=False),
+    # DeepSeek-V4: sqrt(softplus) scores, selection on score + bias, renormalised, scaled
+    "deepseek_v4": dict(E=64, k=6, scoring="sqrt_softplus", order="score_topk", norm_topk=True,
+                        scale=1.5, has_bias=True),
+    "sqrt_softplus_topk": dict(E=16, k=2, scoring="sqrt_softplus", order="topk_score",
+                               norm_topk=False, has_bias=False),
 }
 ROUTER_H = 256
 
@@ -84,6 +99,7 @@ GMMS = {  # name: (E, N, K, block_m, top_k, gather, activation, bias)
     "swiglu": (8, 64, 64, 16, 2, True, "clamped_swiglu_mul", True),
     # Switch-like top-1, N = 48: no 4-warp tensor-core block divides it, one warp per tile
     "narrow": (8, 48, 32, 16, 1, True, "relu", False),
+    "relu2": (8, 64, 32, 16, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
 }
 
 
@@ -101,6 +117,7 @@ def kernels(dtype: str) -> list[Kernel]:
         named(C.permute(64, 2, dtype), "permute"),
         named(C.unpermute(64, 2, dtype), "unpermute"),
         named(C.elementwise_unary("silu", ("T", 256), dtype), "silu"),
+        named(C.elementwise_unary("softplus", ("T", 256), dtype), "softplus"),
         named(C.elementwise_unary("gelu", ("T", 256), dtype, approximate="tanh"), "gelu"),
         named(C.elementwise_binary("mul", ("T", 256), (256,), dtype), "mul"),
         named(C.softmax(("T", 256), -1, dtype), "softmax_last"),
@@ -226,6 +243,7 @@ def test_dense_ops(emu, dtype, tokens):
     lb = rng.standard_normal(128).astype(NP[dtype])
     cases = [
         ("silu", [x], "core.silu", {}), ("gelu", [x], "core.gelu", {"approximate": "tanh"}),
+        ("softplus", [x * 8], "core.softplus", {}),
         ("mul", [x, w], "core.mul", {}), ("softmax_last", [x], "core.softmax", {"axis": -1}),
         ("softmax_mid", [x3], "core.softmax", {"axis": 1}),
         ("mean_last", [x], "core.mean", {"axis": 1, "keepdim": True}),

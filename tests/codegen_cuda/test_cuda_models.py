@@ -22,14 +22,14 @@ def _demo():
     return m, ex[0]
 
 
-def _hf(family):
+def _hf(family, lead=(8,)):
     def make():
         transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
         del transformers
         import hf_families
 
         block = hf_families.build(family)
-        return block, torch.randn(8, block.gate.weight.shape[1] if hasattr(block, "gate")
+        return block, torch.randn(*lead, block.gate.weight.shape[1] if hasattr(block, "gate")
                                   else 32)
     return make
 
@@ -38,7 +38,9 @@ MODELS = {"demo": _demo, "mixtral": _hf("mixtral"), "qwen3_moe": _hf("qwen3_moe"
           # sparsemixer routing; expert capacity with a float32 router weight beside half x
           "phimoe": _hf("phimoe"), "switch_transformers": _hf("switch_transformers"),
           # grouped sigmoid routing whose correction bias is cast in the graph (not a weight)
-          "deepseek_v3": _hf("deepseek_v3")}
+          "deepseek_v3": _hf("deepseek_v3"),
+          # [B, S, H]: capacity counted per sequence (the batched capacity kernel)
+          "switch_bsh": _hf("switch_transformers", (2, 8))}
 
 
 # every model with float experts; the demo with int8 / int4 experts too
@@ -95,3 +97,20 @@ def test_causal_lm_builds_for_sm90(tmp_path):
         assert kernels, (prefix, sorted(report))
         assert all(any(has_mma(c.ptx, k) for c in comps if k in c.report) for k in kernels)
     assert art.signature.inputs[0].dtype in ("int64", "int32")
+
+
+@pytest.mark.parametrize("form", ["sqrt_softplus", "relu2"])
+def test_issue17_forms_build_for_sm90(form):
+    """The router scoring and expert activation added for newer families (sqrt(softplus)
+    scores, squared-ReLU experts) build into sm_90 kernels with nvcc, without spills."""
+    import moe_forms
+
+    block = (moe_forms.SqrtSoftplusMoE() if form == "sqrt_softplus"
+             else moe_forms.NonGatedMoE("relu2", bias=True)).half()
+    with collect_compilations() as comps:
+        art = moec.compile(block, (torch.randn(2, 8, moe_forms.H).half(),), target="cuda",
+                           max_tokens=64)
+    want = "router_sqrt_softplus" if form == "sqrt_softplus" else "grouped_matmul_relu2"
+    assert any(k.startswith(want) for k in art.meta["kernels"]), art.meta["kernels"]
+    report = {k: v for c in comps for k, v in c.report.items()}
+    assert report and all(r["spill_stores"] == 0 for r in report.values())

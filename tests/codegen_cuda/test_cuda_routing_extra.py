@@ -58,8 +58,9 @@ def _router(cfg: str, dtype: str) -> Kernel:
     return _named(kern, f"smx_{cfg}_{dtype}")
 
 
-def _capacity(cfg: str) -> Kernel:
-    return _named(C.capacity(*CAPS[cfg]), f"cap_{cfg}")
+def _capacity(cfg: str, batched: bool = False) -> Kernel:
+    return _named(C.capacity(*CAPS[cfg], batched=batched),
+                  f"capseq_{cfg}" if batched else f"cap_{cfg}")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def emu(tmp_path_factory):
                 ks.append(_named(C.router(H, 8, 1, "softmax", "score_topk", False, 1.0, False, 1,
                                           1, "max", "float16", w_dtype="float32"), "switch_f16"))
                 ks += [_capacity(cfg) for cfg in CAPS]
+                ks += [_capacity(cfg, batched=True) for cfg in SEQ_CAPS]
             cache[group] = emulate(ks, workdir)
         return cache[group]
 
@@ -243,6 +245,31 @@ def test_capacity_clamps_expert_ids(emu):
     np.testing.assert_array_equal(got, np.where(capacity_mask(np.clip(ids, 0, 7), cap), 1, 0))
 
 
+SEQ_CAPS = ("e8", "switch")
+
+
+@pytest.mark.parametrize("cfg", SEQ_CAPS)
+@pytest.mark.parametrize("batch,seq", [(3, 37), (2, 700), (0, 4), (2, 0), (1, 5)])
+def test_capacity_per_sequence(emu, cfg, batch, seq):
+    """The batched kernel ([B, S, k], a router on [B, S, H]): one block per sequence, each
+    counting its own slots; B = 0 launches one idle block. Every sequence leans on expert 0,
+    so with long sequences each of them drops some slots."""
+    e, k, cap = CAPS[cfg]
+    rng = np.random.default_rng(batch * 1000 + seq)
+    ids = np.stack([_ids(seq, e, k, True, rng) for _ in range(batch)]) if batch * seq else \
+        np.zeros((batch, seq, k), np.int32)
+    wts = rng.random(ids.shape).astype(np.float32) + 0.5
+    want = np.where(capacity_mask(ids, cap), wts, np.float32(0))
+    got = np.full_like(wts, np.nan)
+    emu("float32")[f"capseq_{cfg}"](wts, ids, got)
+    np.testing.assert_array_equal(got, want)
+    if seq == 700:
+        assert all((want[b] == 0).any() for b in range(batch))
+        # counting over all sequences at once would drop more: the count is per sequence
+        assert (want != 0).sum() > (np.where(capacity_mask(ids.reshape(-1, k), cap), 1, 0)
+                                    ).sum()
+
+
 @pytest.mark.parametrize("order", [1, -1])
 def test_capacity_warp_serial_orders(emu, order):
     """One warp at a time between barriers, forwards and backwards: a missing __syncthreads
@@ -328,7 +355,7 @@ def _router_capacity_block(dtype: str, e: int, k: int, cap: int) -> tvm.IRModule
     return bb.get()
 
 
-def test_ptxas_sm90_no_spills(capsys):
+def test_ptxas_sm90_no_spills():
     kernels = [C.router(2048, e, k, "softmax", "sparsemixer", False, 1.0, False, 1, 1, "max", dt,
                         logit_bias=lb, jitter_eps=0.01)
                for e, k, dt, lb in ((16, 2, "float16", False), (16, 2, "bfloat16", True),
@@ -337,12 +364,8 @@ def test_ptxas_sm90_no_spills(capsys):
     kernels += [_capacity(cfg) for cfg in CAPS]
     _, comp = build(kernels)
     assert comp.arch == "sm_90" and comp.fatbin[:4] == FATBIN_MAGIC
-    with capsys.disabled():
-        print()
-    for kern in kernels:
+    for kern in kernels:  # each failure names the kernel and shows its ptxas report
         r = comp.report[_entry(comp, kern)]
-        with capsys.disabled():
-            print(f"  {kern.name}: {r}")
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (kern.name, r)
         assert 0 < r["registers"] <= 255, (kern.name, r)
         assert r["smem"] <= 48 * 1024, (kern.name, r)

@@ -110,6 +110,8 @@ def scenario(rank: int, world: int, cases: list[tuple[str, str, list[list[int]],
             out["mismatch"] = (type(e).__name__, str(e))
     if "bench" in extra:
         out["bench"] = bench(rank, world, *extra["bench"])
+    if "threads" in extra:
+        out["threads"] = threaded(rank, *extra["threads"])
     if "fail" in extra:
         out["fail"] = dead_peer(rank, world, out, *extra["fail"])
     return out
@@ -153,6 +155,37 @@ def equality(rank: int, cases: list[tuple[str, str, list[list[int]], int]]) -> l
                 "rows_sent": [lt.rows_sent for lt in ep.timer.layers.values()],
             })
     return report
+
+
+def threaded(rank: int, path: str, n_threads: int) -> dict[str, Any]:
+    """`n_threads` threads call one EP model at once, each with its own tokens: every call must
+    return what the single-process model returns for them (EPModel serialises its calls)."""
+    import threading
+
+    import numpy as np
+    import torch.distributed as dist
+
+    import moec
+
+    ep = moec.load(path, ep_group=dist.group.WORLD)
+    ref = moec.load(path)
+    errs: list[float | None] = [None] * n_threads
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        x = np.random.default_rng(100 * rank + i).standard_normal(
+            (3 + 5 * i, ep.signature.inputs[0].shape[1])).astype(np.float32)
+        try:
+            errs[i] = rel_err(ep(x), ref(x))
+        except Exception as e:  # reported to the test
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"errs": errs, "errors": errors}
 
 
 def bench(rank: int, world: int, path: str, json_path: str) -> bool:

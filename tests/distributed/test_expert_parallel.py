@@ -43,6 +43,7 @@ def _run_group(world, two_layer, skewed, whole_lm, quantized, tmp):
     if world == 2:
         extra = {"mismatch": [str(two_layer), str(skewed)],
                  "bench": (str(two_layer), str(tmp / "bench.json")),
+                 "threads": (str(two_layer), 4),
                  "fail": ("die", str(two_layer), str(tmp))}
     else:
         extra = {"fail": ("hang", str(two_layer), str(tmp))}
@@ -85,6 +86,16 @@ def test_outputs_equal_single_process(ep_run):
         assert rec["err"] <= RTOL, (rank, rec)
     # Same kernels, same per-row arithmetic: in practice the outputs are bitwise equal.
     assert all(rec["bitwise"] for _, rec in records)
+
+
+def test_threads_calling_one_ep_model(ep2):
+    """4 threads per rank call one EPModel at once: each call returns the single-process
+    result (EPModel.__call__ had no lock; interleaved collectives paired different calls)."""
+    _, results, _ = ep2
+    for rank, res in results.items():
+        th = res["value"]["threads"]
+        assert th["errors"] == [], (rank, th)
+        assert all(e is not None and e <= RTOL for e in th["errs"]), (rank, th)
 
 
 def test_whole_causal_lm_with_attention(ep_run, whole_lm):
@@ -218,3 +229,15 @@ def test_weights_file_missing_a_planned_weight_is_an_artifact_error(two_layer, t
                  tmp_path / "w.safetensors")
     with pytest.raises(ArtifactError, match=f"no weight '{dropped}'"):
         _load_weights(tmp_path / "w.safetensors", plan, 0, 2, tvm.cpu())
+
+
+def test_ep_build_for_cuda_is_refused_at_compile_time():
+    """docs/expert-parallel.md: `--ep` builds CPU artifacts only."""
+    import torch
+
+    from moec.errors import CodegenError
+    from moec.models.reference import demo_model
+
+    model, (x,) = demo_model(hidden=64, intermediate=64, experts=4)
+    with pytest.raises(CodegenError, match="expert parallelism builds CPU artifacts only"):
+        moec.compile(model, (x.to(torch.float16),), target="cuda", ep=True, max_tokens=32)

@@ -65,3 +65,24 @@ def test_profile_cli(tmp_path, capsys):
     assert main(["profile", f"{tmp_path}/model.py:make", "-o", str(out),
                  "--input", str(tmp_path / "x.npy")]) == 0
     assert json.loads(out.read_text())["layers"][0]["tokens"] == 5
+
+
+def test_heat_map_leaves_matplotlib_as_it_was(tmp_path, monkeypatch):
+    """It used to switch the process's backend (matplotlib.use("Agg")) and use pyplot's
+    global figures; without matplotlib it failed with an ImportError naming nothing to do."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from moec.errors import InputError
+    from moec.profile import heat_map
+
+    data = {"layers": [{"router": "r", "num_experts": 2, "load": [0.25, 0.75]}], "samples": 1}
+    with matplotlib.rc_context({"backend": "svg"}):
+        figures = plt.get_fignums()
+        heat_map(data, tmp_path / "h.png")
+        assert matplotlib.rcParams["backend"] == "svg" and plt.get_fignums() == figures
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
+    with pytest.raises(InputError, match=r"matplotlib, which is not installed: pip install "
+                                         r"'moec\[plot\]'"):
+        heat_map(data, tmp_path / "h2.png")

@@ -206,3 +206,19 @@ def reference(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = block(x[None])
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(x.shape)
+
+
+def reference_bsh(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' output (the first of a tuple) for x [B, S, H], in the shape the block
+    returns. Some blocks fail on an empty batch (DBRX: `view(0, -1, H)`); their output for it
+    is the empty tensor of the shape they return for one sequence, with the batch taken away."""
+    with torch.no_grad():
+        try:
+            out = block(x)
+        except RuntimeError:
+            if x.numel():
+                raise
+            one = block(torch.zeros(1, *x.shape[1:]))
+            one = one[0] if isinstance(one, tuple) else one
+            return torch.zeros((0, *one.shape[1:]) if one.dim() == 3 else (0, one.shape[-1]))
+    return out[0] if isinstance(out, tuple) else out

@@ -57,3 +57,26 @@ def test_two_inputs_share_the_token_dim(check_against_torch):
     graph = from_torch(Two(), (torch.randn(3, H), torch.randn(3, H)))
     assert [str(v.type) for v in graph.inputs] == ["f32[T, 24]", "f32[T, 24]"]
     assert graph.find("core.linear")[0].loc == "a"
+
+
+def test_softplus(check_against_torch):
+    """F.softplus (beta 1, the default threshold) is core.softplus; another beta is refused by
+    name rather than computed wrongly."""
+    import pytest
+
+    from moec.errors import UnsupportedError
+
+    class Soft(nn.Module):
+        def __init__(self, beta: float = 1.0) -> None:
+            super().__init__()
+            self.fc, self.beta = nn.Linear(H, H), beta
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(F.softplus(self.fc(x) * 12.0, beta=self.beta))
+
+    model = Soft().eval()
+    graph = from_torch(model, torch.randn(6, H))
+    assert "core.softplus" in {n.op for n in graph.nodes}
+    check_against_torch(model, graph, H)
+    with pytest.raises(UnsupportedError, match="softplus with beta=2"):
+        from_torch(Soft(2.0).eval(), torch.randn(6, H))

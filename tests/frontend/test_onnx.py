@@ -193,7 +193,8 @@ def test_unsupported_ops_listed_at_once(tmp_path: Path) -> None:
 def test_unsupported_moe_form_named(tmp_path: Path) -> None:
     path = moe_model(tmp_path / "moe.onnx", "swiglu", 2, 0)
     m = onnx.load(str(path))
-    m.graph.node[1].attribute.append(helper.make_attribute("activation_beta", 0.5))
+    m.graph.node[1].attribute.extend([helper.make_attribute("activation_beta", 0.5),
+                                      helper.make_attribute("swiglu_limit", 7.0)])
     with pytest.raises(UnsupportedError, match="activation_beta=0.5.*'moe'"):
         from_onnx(m)
 

@@ -137,3 +137,99 @@ def test_exported_program_still_runs():
     x = torch.randn(11, H)
     with torch.no_grad():
         torch.testing.assert_close(MoECall(spec, block)(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- dynamic dims
+
+
+class PositionalMoE(nn.Module):
+    """x [B, 6, H] plus a learned table of 6 positions, then an MoE block on the B*6 tokens:
+    the sequence dim must stay static, which the default guess (B and S dynamic) gets wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(6, H) * 0.1)
+        self.moe = make_block(MoEBlock, "softmax_topk", True, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe((x + self.pos).reshape(-1, H)).reshape(x.shape)
+
+
+def _check(module: nn.Module, graph, shapes) -> None:
+    from moec.ir import interpret, verify
+
+    verify(graph)
+    for shape in shapes:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = module(x).numpy()
+        got = interpret(graph, [x.numpy()])[0]
+        assert got.shape == want.shape
+        assert float(abs(got - want).max()) <= 1e-4 * max(float(abs(want).max()), 1e-30)
+
+
+def test_bsh_example_makes_batch_and_sequence_dynamic():
+    block = make_block(MoEBlock, "softmax_topk", True, False)
+
+    class Wrapped(nn.Module):  # a user model holding [B, S, H] activations
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            return self.block(x.reshape(-1, H)).reshape(x.shape) * torch.sigmoid(gate)
+
+    model = Wrapped().eval()
+    graph = from_torch(model, (torch.randn(2, 8, H), torch.randn(2, 8, H)), max_tokens=100)
+    assert [str(v.type) for v in graph.inputs] == ["f32[B, S, 64]", "f32[B, S, 64]"]
+    assert graph.dims == {"B": (0, 100), "S": (0, 100)}
+    from moec.ir import interpret
+
+    for b, s in ((1, 1), (3, 5), (0, 4), (2, 0)):
+        x, g = torch.randn(b, s, H), torch.randn(b, s, H)
+        with torch.no_grad():
+            want = model(x, g).numpy()
+        got = interpret(graph, [x.numpy(), g.numpy()])[0]
+        assert got.shape == want.shape
+        assert float(abs(got - want).max(initial=0)) <= 1e-4 * max(float(abs(want).max(
+            initial=0)), 1e-30)
+
+
+def test_dynamic_dims_states_what_the_guess_gets_wrong():
+    from moec.errors import UnsupportedError
+
+    model = PositionalMoE().eval()
+    with pytest.raises(UnsupportedError, match="(?s)Constraints violated.*input 0 axis 1 = S.*dynamic_dims="):
+        from_torch(model, (torch.randn(2, 6, H),))
+    for dims in ({"x": {0: "B"}}, {0: {0: "B"}}, {0: {0: ("B", 1, 8)}}):
+        graph = from_torch(model, (torch.randn(2, 6, H),), dynamic_dims=dims)
+        assert str(graph.inputs[0].type) == "f32[B, 6, 64]"
+        assert graph.dims == {"B": (1, 8) if isinstance(dims[0 if 0 in dims else "x"][0],
+                                                        tuple) else (0, 4096)}
+        _check(model, graph, [(1, 6, H), (3, 6, H)])
+    # an example with B=1 (which export would take for a constant) is widened, not fixed
+    graph = from_torch(model, (torch.randn(1, 6, H),), dynamic_dims={"x": {0: "N"}})
+    assert str(graph.inputs[0].type) == "f32[N, 6, 64]"
+    _check(model, graph, [(4, 6, H)])
+
+
+@pytest.mark.parametrize("dims,match", [
+    ({"y": {0: "B"}}, "names input 'y'"),
+    ({3: {0: "B"}}, "names input 3"),
+    ({0: {5: "B"}}, "axis 5 is not an axis"),
+    ({0: {0: "not a name"}}, "want a dim name"),
+    ({0: {0: ("B", 1, 8), 1: ("B", 0, 8)}}, "two ranges"),
+])
+def test_dynamic_dims_errors_name_the_input(dims, match):
+    from moec.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=match):
+        from_torch(PositionalMoE().eval(), (torch.randn(2, 6, H),), dynamic_dims=dims)
+
+
+def test_static_example_input():
+    """dynamic_dims None for an input keeps all of its dims: the graph is fixed to them."""
+    block = make_block(MoEBlock, "softmax_topk", True, False)
+    graph = from_torch(block, (torch.randn(5, H),), dynamic_dims={0: None})
+    assert str(graph.inputs[0].type) == "f32[5, 64]" and graph.dims == {}
+    _check(block, graph, [(5, H)])

@@ -106,9 +106,20 @@ def test_no_generate_compiles_the_plain_forward(tmp_path):
     assert art.ir_text.count("core.attention(") == model.config.num_hidden_layers
     assert "generation" not in art.meta
     ids = np.random.default_rng(3).integers(0, V, 9).astype(np.int64)
-    got = art.load_model()(ids)
+    compiled = art.load_model()
+    got = compiled(ids)
     want = _logits(model, ids)
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
+    # ids outside the vocabulary are refused, as transformers refuses them, never clamped to
+    # the last (or first) row of the embedding
+    from moec.errors import InputError
+
+    for bad in (V, 600, 10**9, -1):
+        with pytest.raises(InputError, match=rf"holds {bad}, outside \[0, {V}\)"):
+            compiled(np.array([3, bad, 5], np.int64))
+    with pytest.raises(InputError, match=f"outside \\[0, {V}\\)"):
+        compiled(torch.tensor([V]))
+    assert art.meta["input_ranges"] == {art.signature.inputs[0].name: [0, V]}
 
 
 def test_run_tokens_prints_top(compiled, capsys):

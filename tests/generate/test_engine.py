@@ -188,3 +188,20 @@ def test_mla_caches_the_latents(tmp_path):
     assert (g.kv_heads, g.k_dim, g.v_dim) == (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                               cfg.kv_lora_rank)
     assert "core.linear_heads" in (path / "model.ir").read_text()
+
+
+def test_bench_times_the_plain_forward(mixtral, tmp_path, capsys):
+    """`moec bench ARTIFACT` on a generation artifact times its plain forward (one sequence of
+    T token ids, a prefill on a fresh cache) instead of failing on its [T] input."""
+    import json
+
+    from moec.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", str(mixtral[1]), "--tokens", "1", "70", "--warmup", "0", "--repeat",
+                 "2", "--json", str(out)]) == 0
+    assert "plain forward of one sequence" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [r["tokens"] for r in report["ranks"][0]["runs"]] == [1, 70]  # 70: two chunks
+    assert all(r["total"] > 0 for r in report["ranks"][0]["runs"])
+    assert "prefill" in report["calls"]

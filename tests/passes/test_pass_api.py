@@ -84,3 +84,37 @@ def test_a_pass_that_breaks_types_is_named():
     with pytest.raises(PassError, match=r"pass breaker left invalid IR: .*core.relu.*has type "
                                         r"f32\[T, 5\], but the operands give f32\[T, 4\]"):
         PassManager([Breaker()]).run(g)
+
+
+def test_a_failing_pass_keeps_its_ir_only_when_asked(tmp_path, monkeypatch):
+    """Every failing pass used to leave a tmp*_before_<pass>.ir file in the temporary folder;
+    now only with MOEC_DEBUG >= 1, and in one folder (MOEC_DEBUG_DIR)."""
+    import tempfile
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from moec import Pass
+    from moec.errors import IRError
+
+    @dataclass(frozen=True)
+    class Failing(Pass):
+        name: ClassVar[str] = "failing"
+
+        def run(self, graph, ctx):
+            raise IRError("no luck")
+
+    text = "dim T: 0..4\ninput %x: f32[T, 4]\n%y: f32[T, 4] = core.relu(%x)\noutput %y\n"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.delenv("MOEC_DEBUG", raising=False)
+    monkeypatch.setenv("MOEC_DEBUG_DIR", str(tmp_path / "debug"))
+    with pytest.raises(PassError, match="pass failing failed: no luck .*set MOEC_DEBUG=1 to keep"):
+        PassManager([Failing()]).run(parse(text))
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "debug").exists()
+    monkeypatch.setenv("MOEC_DEBUG", "1")
+    with pytest.raises(PassError, match="IR before the pass: .*_before_failing.ir") as e:
+        PassManager([Failing()]).run(parse(text))
+    kept = list((tmp_path / "debug").iterdir())
+    assert len(kept) == 1 and str(kept[0]) in str(e.value)
+    assert "core.relu" in kept[0].read_text() and list(tmp.iterdir()) == []

@@ -99,9 +99,9 @@ def test_reorder_dispatch():
     assert_ir_equal(run_pass(ReorderDispatch(block_m=4), before), HEAD + EXPERT_PARAMS + """
       input %w: f32[T, 2]
       input %i: i32[T, 2]
-      %s: i32[(T*2//4+4)*4], %t: i32[T*2//4+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4}
-      %xs: f32[(T*2//4+4)*4, 16] = moe.permute(%x, %s) {top_k=2}
-      %ys: f32[(T*2//4+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {block_m=4}
+      %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4}
+      %xs: f32[(T//2+4)*4, 16] = moe.permute(%x, %s) {top_k=2}
+      %ys: f32[(T//2+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {block_m=4}
       %u: f32[T, 2, 16] = moe.unpermute(%ys, %sr)
       %w3: f32[T, 2, 1] = core.reshape(%w) {shape=[-1, 2, 1]}
       %m: f32[T, 2, 16] = core.mul(%u, %w3)
@@ -112,27 +112,27 @@ def test_reorder_dispatch():
 
 ALIGNED = HEAD + EXPERT_PARAMS + """
   input %i: i32[T, 2]
-  %s: i32[(T*2//4+4)*4], %t: i32[T*2//4+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4}
+  %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4}
 """
 
 
 def test_tile_expert_gemm():
     before = parse(ALIGNED + """
-      %xs: f32[(T*2//4+4)*4, 16] = moe.permute(%x, %s) {top_k=2}
-      %ys: f32[(T*2//4+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {block_m=4}
+      %xs: f32[(T//2+4)*4, 16] = moe.permute(%x, %s) {top_k=2}
+      %ys: f32[(T//2+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {block_m=4}
       output %ys
     """)
     assert_ir_equal(run_pass(TileExpertGemm(), before), ALIGNED + """
-      %h: f32[(T*2//4+4)*4, 8] = moe.grouped_matmul(%x, @wg, @wu, %s, %t) {block_m=4, top_k=2, gather=true, activation=silu_mul}
-      %y: f32[(T*2//4+4)*4, 16] = moe.grouped_matmul(%h, @wd, %s, %t) {block_m=4, top_k=2}
+      %h: f32[(T//2+4)*4, 8] = moe.grouped_matmul(%x, @wg, @wu, %s, %t) {block_m=4, top_k=2, gather=true, activation=silu_mul}
+      %y: f32[(T//2+4)*4, 16] = moe.grouped_matmul(%h, @wd, %s, %t) {block_m=4, top_k=2}
       output %y
     """)
 
 
 def test_tile_expert_gemm_needs_the_permute():
     text = ALIGNED + """
-      input %xs: f32[(T*2//4+4)*4, 16]
-      %ys: f32[(T*2//4+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {block_m=4}
+      input %xs: f32[(T//2+4)*4, 16]
+      %ys: f32[(T//2+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {block_m=4}
       output %ys
     """
     assert_ir_equal(run_pass(TileExpertGemm(), parse(text)), text)  # nothing to fold: unchanged
@@ -141,7 +141,7 @@ def test_tile_expert_gemm_needs_the_permute():
 def test_fuse_combine():
     body = """
       input %w: f32[T, 2]
-      input %ys: f32[(T*2//4+4)*4, 16]
+      input %ys: f32[(T//2+4)*4, 16]
     """
     before = parse(ALIGNED + body + """
       %u: f32[T, 2, 16] = moe.unpermute(%ys, %sr)

@@ -29,8 +29,8 @@ ROUTING = """
 input %w: f32[T, 2]
 input %i: i32[T, 2]
 """
-S = "(T*2//4+4)*4"  # rows of the aligned layout for T*2 slots, 4 experts, block_m=4
-TL = "T*2//4+4"
+S = "(T//2+4)*4"  # rows of the aligned layout for T*2 slots, 4 experts, block_m=4
+TL = "T//2+4"
 
 
 def test_fuse_gating_sigmoid_select_bias_groups_renorm_scale():

@@ -2,6 +2,8 @@
 inputs of a model with two rarely used experts."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +21,8 @@ input %x: f32[T, 16]
 param @r: f32[4, 16]
 param @wd: f32[4, 8, 16]
 %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2}
-%s: i32[(T*2//8+4)*8], %te: i32[T*2//8+4], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=4}
-%y: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul(%x, @wd, %s, %te) {block_m=8, top_k=2, gather=true}
+%s: i32[(T//4+4)*8], %te: i32[T//4+4], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=4}
+%y: f32[(T//4+4)*8, 8] = moe.grouped_matmul(%x, @wd, %s, %te) {block_m=8, top_k=2, gather=true}
 %o: f32[T, 8] = moe.combine(%y, %w, %sr)
 output %o
 """
@@ -50,8 +52,8 @@ def test_prune_experts_ir(tmp_path):
       param @r.pruned: f32[3, 16]
       param @wd.pruned: f32[3, 8, 16]
       %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r.pruned) {k=2}
-      %s: i32[(T*2//8+3)*8], %te: i32[T*2//8+3], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=3}
-      %y: f32[(T*2//8+3)*8, 8] = moe.grouped_matmul(%x, @wd.pruned, %s, %te) {block_m=8, top_k=2, gather=true}
+      %s: i32[(T//4+3)*8], %te: i32[T//4+3], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=3}
+      %y: f32[(T//4+3)*8, 8] = moe.grouped_matmul(%x, @wd.pruned, %s, %te) {block_m=8, top_k=2, gather=true}
       %o: f32[T, 8] = moe.combine(%y, %w, %sr)
       output %o
     """)
@@ -118,3 +120,32 @@ def test_prune_rare_experts_error(tmp_path):
     layer, moe, kept = prune_error(tmp_path)
     assert kept == {"mlp.gate.weight": [0, 1, 2, 3, 4, 5]}
     assert layer < 0.02 and moe < 0.1
+
+
+@pytest.mark.parametrize(("content", "pattern"), [
+    (None, "not a regular file"),  # /dev/zero: used to be read forever
+    ("fifo", "not a regular file"),
+    ("missing", "cannot be read"),
+    ([1, 2], 'no "layers" list'),
+    ({"layers": "x"}, 'no "layers" list'),
+    ({"layers": [1]}, r"layers\[0\] is not a layer"),
+    ({"layers": [{"load": [0.5]}]}, r"layers\[0\] is not a layer"),  # was KeyError
+    ({"layers": [{"router": "r", "load": "abc"}]}, r"layers\[0\]"),
+    ({"layers": [{"router": "r", "load": [0.5, -1, 0.2, 0.3]}]}, r"layers\[0\]"),
+    (b"\xff\xfe", "not JSON"),
+    (b"[" * 100_000, "not JSON"),
+])
+def test_prune_experts_bad_profiles_are_pass_errors(tmp_path, content, pattern):
+    path = tmp_path / "p.json"
+    if content is None:
+        path = Path("/dev/zero")
+    elif content == "fifo":
+        os.mkfifo(path)
+    elif content == "missing":
+        pass
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(json.dumps(content))
+    with pytest.raises(PassError, match=pattern):
+        run_pass(PruneExperts(profile=str(path)), _graph(BEFORE))

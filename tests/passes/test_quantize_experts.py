@@ -17,7 +17,7 @@ param @r: f32[4, 16]
 """
 GEMMS = """
 %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2}
-%s: i32[(T*2//8+4)*8], %te: i32[T*2//8+4], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=4}
+%s: i32[(T//4+4)*8], %te: i32[T//4+4], %sr: i32[T, 2] = moe.align(%i) {block_m=8, num_experts=4}
 """
 
 
@@ -34,8 +34,8 @@ def test_quantize_experts_int8_ir():
       param @wu: f32[4, 8, 16]
       param @wd: f32[4, 16, 8]
     """ + GEMMS + """
-      %h: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul(%x, @wg, @wu, %s, %te) {block_m=8, top_k=2, gather=true, activation=silu_mul}
-      %y: f32[(T*2//8+4)*8, 16] = moe.grouped_matmul(%h, @wd, %s, %te) {block_m=8, top_k=2}
+      %h: f32[(T//4+4)*8, 8] = moe.grouped_matmul(%x, @wg, @wu, %s, %te) {block_m=8, top_k=2, gather=true, activation=silu_mul}
+      %y: f32[(T//4+4)*8, 16] = moe.grouped_matmul(%h, @wd, %s, %te) {block_m=8, top_k=2}
       %o: f32[T, 16] = moe.combine(%y, %w, %sr)
       output %o
     """))
@@ -47,8 +47,8 @@ def test_quantize_experts_int8_ir():
       param @wd.q8: i8[4, 16, 8]
       param @wd.scale: f32[4, 16, 1]
     """ + GEMMS + """
-      %h: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul_q(%x, @wg.q8, @wg.scale, @wu.q8, @wu.scale, %s, %te) {block_m=8, top_k=2, gather=true, activation=silu_mul, bits=8, group_size=16}
-      %y: f32[(T*2//8+4)*8, 16] = moe.grouped_matmul_q(%h, @wd.q8, @wd.scale, %s, %te) {block_m=8, top_k=2, bits=8, group_size=8}
+      %h: f32[(T//4+4)*8, 8] = moe.grouped_matmul_q(%x, @wg.q8, @wg.scale, @wu.q8, @wu.scale, %s, %te) {block_m=8, top_k=2, gather=true, activation=silu_mul, bits=8, group_size=16}
+      %y: f32[(T//4+4)*8, 16] = moe.grouped_matmul_q(%h, @wd.q8, @wd.scale, %s, %te) {block_m=8, top_k=2, bits=8, group_size=8}
       %o: f32[T, 16] = moe.combine(%y, %w, %sr)
       output %o
     """)
@@ -58,7 +58,7 @@ def test_quantize_experts_int4_ir():
     before = _with_data(parse(HEAD + """
       param @wd: f32[4, 8, 16]
     """ + GEMMS + """
-      %y: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul(%x, @wd, %s, %te) {block_m=8, top_k=2, gather=true}
+      %y: f32[(T//4+4)*8, 8] = moe.grouped_matmul(%x, @wd, %s, %te) {block_m=8, top_k=2, gather=true}
       output %y
     """))
     assert_ir_equal(run_pass(QuantizeExperts(bits=4, group_size=8), before), HEAD + """
@@ -66,7 +66,7 @@ def test_quantize_experts_int4_ir():
       param @wd.scale: f32[4, 8, 2]
       param @wd.zero: f32[4, 8, 2]
     """ + GEMMS + """
-      %y: f32[(T*2//8+4)*8, 8] = moe.grouped_matmul_q(%x, @wd.q4, @wd.scale, @wd.zero, %s, %te) {block_m=8, top_k=2, gather=true, bits=4, group_size=8}
+      %y: f32[(T//4+4)*8, 8] = moe.grouped_matmul_q(%x, @wd.q4, @wd.scale, @wd.zero, %s, %te) {block_m=8, top_k=2, gather=true, bits=4, group_size=8}
       output %y
     """)
 

@@ -58,6 +58,9 @@ def fuzz_archive(data: bytes) -> None:
         archive.unpack(tar, dest)
     except MoecError:
         pass
+    written = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    if written > len(data):  # no sparse or other bomb: never more than the archive holds
+        raise AssertionError(f"unpack wrote {written} bytes from a {len(data)}-byte archive")
     outside = {p.name for p in _SCRATCH.iterdir() if not p.name.startswith("corpus-")}
     outside -= {"a.moec.tar", dest.name}
     shutil.rmtree(dest)
@@ -87,22 +90,28 @@ _SEED_MANIFEST = json.dumps({
 })
 
 
-def _seed_archive() -> bytes:
+def _seed_archive(sparse: bool = False) -> bytes:
+    """A PAX archive whose manifest declares its model.ir (so that extraction gets past the
+    manifest check); `sparse`: model.ir as a GNU sparse (PAX 0.1) member."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("m.moec/manifest.json", b"{}"), ("m.moec/model.ir", b"ir\n")):
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("m.moec/manifest.json", _SEED_MANIFEST.encode()),
+                           ("m.moec/model.ir", b"ir\n")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            if sparse and name.endswith(".ir"):
+                info.pax_headers = {"GNU.sparse.size": "3", "GNU.sparse.map": "0,3"}
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
 def _seed_corpus(target: str) -> str:
-    seed = {"parser": _SEED_IR.encode(), "manifest": _SEED_MANIFEST.encode(),
-            "archive": _seed_archive()}[target]
+    seeds = {"parser": [_SEED_IR.encode()], "manifest": [_SEED_MANIFEST.encode()],
+             "archive": [_seed_archive(), _seed_archive(sparse=True)]}[target]
     folder = _SCRATCH / f"corpus-{target}"
     folder.mkdir()
-    (folder / "seed").write_bytes(seed)
+    for i, seed in enumerate(seeds):
+        (folder / f"seed{i}").write_bytes(seed)
     return str(folder)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,6 +19,7 @@ import pytest
 import moec
 from moec.errors import ArtifactError
 from moec.runtime import archive, load, verify
+from moec.runtime.artifact import write_manifest
 from moec.runtime.verify import MAX_MANIFEST_BYTES, sha256_file
 
 from .conftest import Demo, tokens
@@ -60,7 +62,8 @@ def _damage(path: Path, fault: str) -> None:
 FAULTS = ["empty", "truncated-half", "truncated-1", "extended-1", "flip-first", "flip-middle",
           "flip-last", "missing", "directory", "swapped"]
 PATTERNS = {"empty": "truncated", "truncated-half": "truncated", "truncated-1": "truncated",
-            "extended-1": "wrong size", "missing": "missing", "directory": "missing"}
+            "extended-1": "wrong size", "missing": "missing",
+            "directory": "is a folder, not a regular file"}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -78,10 +81,10 @@ def test_damaged_manifest_is_refused(artifact_copy: Path, fault: str) -> None:
 
 
 def _edit(root: Path, edit: Any) -> None:
-    path = root / "manifest.json"
-    data = json.loads(path.read_text())
+    """Edit the manifest and update its digest (so that the checks behind the digest run)."""
+    data = json.loads((root / "manifest.json").read_text())
     edit(data)
-    path.write_text(json.dumps(data))
+    write_manifest(root, json.dumps(data).encode())
 
 
 def _rehash(root: Path, name: str) -> None:
@@ -120,13 +123,13 @@ MANIFEST_EDITS = {
     "dims-min-over-max": (_set("signature", "dims", "T", value={"min": 9, "max": 1}), "bounds"),
     "undeclared-dim": (_set("signature", "inputs", 0, "shape", value=["B", 64]), "uses dim 'B'"),
     "dtype-unknown": (_set("signature", "inputs", 0, "dtype", value="float33"), "float33"),
-    "dtype-object": (_set("signature", "inputs", 0, "dtype", value="O"), "'O'"),
-    # The manifest says more or fewer arguments than the kernels' main takes: refused at load.
+    "dtype-object": (_set("signature", "inputs", 0, "dtype", value="O"), r"as O\[T, 64\]"),
+    # The manifest says more or fewer arguments than the IR declares and the weights file holds.
     "extra-input": (
         lambda m: m["signature"]["inputs"].append({"name": "y", "shape": ["T"],
                                                   "dtype": "float32"}),
-        "main takes 8 arguments but the manifest lists 2 input"),
-    "dropped-param": (lambda m: m["params"].pop(), "main takes 8 arguments"),
+        "model.ir .* declares no input %y"),
+    "dropped-param": (lambda m: m["params"].pop(), "the manifest's params do not list"),
 }
 
 
@@ -138,36 +141,124 @@ def test_edited_manifest_is_refused(artifact_copy: Path, name: str) -> None:
         load(artifact_copy)
 
 
-# Edits that every load-time check lets through, because the manifest is consistent with
-# itself, but that contradict the kernels: the first call says so with an ArtifactError.
+def _write_ir(root: Path, edit: Any) -> None:
+    path = root / "model.ir"
+    path.write_text(edit(path.read_text()))
+    _rehash(root, "model.ir")
+
+
+# Edits of the manifest made consistent with model.ir (its input line edited and re-hashed),
+# so that only the kernels contradict them: refused at load by the kernels' own parameter
+# types (they used to load, and fail at the first call).
 CALL_EDITS = {
-    "hidden-65": (_set("signature", "inputs", 0, "shape", value=["T", 65]), (3, 65), np.float32),
-    "dtype-float64": (_set("signature", "inputs", 0, "dtype", value="float64"), (3, 64),
-                      np.float64),
-    "rank-3": (_set("signature", "inputs", 0, "shape", value=["T", 4, 16]), (3, 4, 16),
-               np.float32),
-    "params-reordered": (lambda m: m["params"].reverse(), (3, 64), np.float32),
+    "hidden-65": (_set("signature", "inputs", 0, "shape", value=["T", 65]), "f32[T, 65]",
+                  r"main takes 'x' as float32\[T_\d+, 64\], but the signature has "
+                  r"float32\[T, 65\]"),
+    "dtype-float64": (_set("signature", "inputs", 0, "dtype", value="float64"), "f64[T, 64]",
+                      r"main takes 'x' as float32.*float64\[T, 64\]"),
+    "rank-3": (_set("signature", "inputs", 0, "shape", value=["T", 4, 16]), "f32[T, 4, 16]",
+               r"float32\[T, 4, 16\]"),
 }
 
 
 @pytest.mark.parametrize("name", list(CALL_EDITS))
-def test_manifest_contradicting_the_kernels_fails_at_call(artifact_copy: Path, name: str) -> None:
-    edit, shape, dtype = CALL_EDITS[name]
+def test_manifest_contradicting_the_kernels_is_refused_at_load(artifact_copy: Path,
+                                                               name: str) -> None:
+    edit, ir_type, pattern = CALL_EDITS[name]
     _edit(artifact_copy, edit)
-    model = load(artifact_copy)
-    with pytest.raises(ArtifactError, match="the manifest and the kernels disagree"):
-        model(np.ones(shape, dtype))
+    _write_ir(artifact_copy, lambda t: t.replace("input %x: f32[T, 64]", f"input %x: {ir_type}"))
+    verify(artifact_copy)  # every part but the kernels agrees
+    with pytest.raises(ArtifactError, match=pattern):
+        load(artifact_copy)
+
+
+SAME_SHAPE = ("mlp.experts.w_gate@", "mlp.experts.w_up@")  # both f32[8, 12, 64, 8]
+
+
+def _same_shape_pair(params: list[str]) -> tuple[int, int]:
+    i, j = (next(k for k, p in enumerate(params) if p.startswith(s)) for s in SAME_SHAPE)
+    return i, j
+
+
+def test_same_shape_params_swapped_in_the_manifest(artifact_copy: Path) -> None:
+    """The issue's reproducer: two same-shape weights swapped in `params` ran silently wrong."""
+    def swap(m: dict) -> None:
+        i, j = _same_shape_pair(m["params"])
+        m["params"][i], m["params"][j] = m["params"][j], m["params"][i]
+
+    _edit(artifact_copy, swap)
+    _refused(artifact_copy, r"weights\.safetensors .* spans bytes")
+
+
+def test_same_shape_params_swapped_with_the_weights_rewritten(artifact_copy: Path) -> None:
+    """Swapped in `params` and the weights file rewritten in that order (hashes updated): every
+    file agrees with the manifest, only the kernels' parameter names do not."""
+    import safetensors.numpy
+
+    from moec.runtime.weights import save_aligned
+
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    i, j = _same_shape_pair(m["params"])
+    m["params"][i], m["params"][j] = m["params"][j], m["params"][i]
+    w = safetensors.numpy.load_file(str(artifact_copy / "weights.safetensors"))
+    save_aligned({p: w[p] for p in m["params"]}, artifact_copy / "weights.safetensors")
+    _edit(artifact_copy, lambda d: d.update(params=m["params"]))
+    _rehash(artifact_copy, "weights.safetensors")
+    verify(artifact_copy)
+    with pytest.raises(ArtifactError, match=r"main's parameter \d+ is 'mlp\.experts\.w_"):
+        load(artifact_copy)
+
+
+def test_swapped_data_offsets_in_the_weights_header(artifact_copy: Path) -> None:
+    """`data_offsets` of two same-shape tensors swapped in the safetensors header (file hash
+    updated): the names, shapes and dtypes all still match, the layout does not."""
+    path = artifact_copy / "weights.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    a, b = (next(k for k in header if k.startswith(s)) for s in SAME_SHAPE)
+    header[a]["data_offsets"], header[b]["data_offsets"] = (header[b]["data_offsets"],
+                                                            header[a]["data_offsets"])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(data[:8] + text.ljust(n) + data[8 + n:])
+    _rehash(artifact_copy, "weights.safetensors")
+    _refused(artifact_copy, rf"weight {re.escape(repr(a))} .* spans bytes")
+
+
+def test_ir_of_another_model_is_refused(artifact_copy: Path) -> None:
+    _write_ir(artifact_copy, lambda t: t.replace("param @mixer.weight:", "param @other.weight:"))
+    _refused(artifact_copy, r"model\.ir .* declares no parameter @mixer\.weight")
+    _write_ir(artifact_copy, lambda t: t.replace("param @other.weight: f32[64, 64]",
+                                                 "param @mixer.weight: f32[64, 64]")
+              .replace("param @input_norm.weight: f32[64]", "param @input_norm.weight: f32[65]"))
+    _refused(artifact_copy, r"declares @input_norm\.weight as float32\[65\], but it is stored "
+                            r"as float32\[64\]")
+
+
+def test_edited_manifest_without_its_digest_is_refused(artifact_copy: Path) -> None:
+    """A hand edit that every other check lets through (the bounds of T) is caught by the
+    manifest's digest."""
+    path = artifact_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["signature"]["dims"]["T"]["max"] = 4096
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    _refused(artifact_copy, r"manifest\.json in .*: its sha256 .* is not the one manifest\.sha256")
+    (artifact_copy / "manifest.sha256").unlink()
+    _refused(artifact_copy, r"manifest\.sha256 is missing")
+    (artifact_copy / "manifest.sha256").write_text("not a digest\n")
+    _refused(artifact_copy, r"manifest\.sha256 .* is not a `<sha256>  manifest\.json` line")
 
 
 def test_manifest_limits(artifact_copy: Path) -> None:
-    path = artifact_copy / "manifest.json"
-    path.write_text("[" * 100_000 + "]" * 100_000)
+    write_manifest(artifact_copy, b"[" * 100_000 + b"]" * 100_000)
     _refused(artifact_copy, "nested too deeply")
-    path.write_text('{"format_version": NaN}')
+    write_manifest(artifact_copy, b'{"format_version": NaN}')
     _refused(artifact_copy, "NaN is not a JSON value")
-    path.write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
+    write_manifest(artifact_copy, b'{"format_version": 1' + b"0" * 5000 + b"}")
+    _refused(artifact_copy, "not valid JSON")
+    write_manifest(artifact_copy, b" " * (MAX_MANIFEST_BYTES + 1))
     _refused(artifact_copy, "larger than")
-    path.write_bytes(b"\xff\xfe{}")
+    write_manifest(artifact_copy, b"\xff\xfe{}")
     _refused(artifact_copy, "cannot be read")
 
 
@@ -201,7 +292,7 @@ def test_archive_round_trip(demo: Demo, tmp_path: Path) -> None:
     np.testing.assert_array_equal(load(a)(x), demo.model(x))
     with tarfile.open(a) as tar:
         assert sorted(tar.getnames()) == ["demo.moec", *(f"demo.moec/{n}" for n in
-                                          sorted(["manifest.json", *FILES]))]
+                                          sorted(["manifest.json", "manifest.sha256", *FILES]))]
 
 
 def test_artifact_save_to_tar(demo: Demo, tmp_path: Path) -> None:

@@ -3,8 +3,10 @@ with `--debug` the exception itself (a traceback in a real process)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import pytest
 
 from moec.cli import main
 from moec.runtime import archive
+from moec.runtime.artifact import write_manifest
 
 from .conftest import HIDDEN, MAX_TOKENS, Demo
 
@@ -48,6 +51,18 @@ def work(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.save(d / "x_shape.npy", np.zeros((3, HIDDEN + 1), np.float32))
     np.save(d / "x_many.npy", np.zeros((MAX_TOKENS + 1, HIDDEN), np.float32))
     np.save(d / "x_obj.npy", np.array([object()]), allow_pickle=True)
+    np.savez(d / "x_obj.npz", a=np.array([object()]), allow_pickle=True)
+    np.savez(d / "x_crc.npz", a=np.ones((3, HIDDEN), np.float32))
+    data = bytearray((d / "x_crc.npz").read_bytes())
+    data[data.index(b"\x00\x00\x80\x3f") + 3] ^= 1  # a 1.0f of the data: the CRC fails
+    (d / "x_crc.npz").write_bytes(bytes(data))
+    latin1 = Path(shutil.copytree(demo.path, d / "latin1.moec"))  # model.ir not UTF-8, re-hashed
+    ir = latin1 / "model.ir"
+    ir.write_bytes(ir.read_bytes().replace(b"moe.router", b"moe.r\xe9uter"))
+    manifest = json.loads((latin1 / "manifest.json").read_text())
+    manifest["files"]["model.ir"] = {"sha256": hashlib.sha256(ir.read_bytes()).hexdigest(),
+                                     "size": ir.stat().st_size}
+    write_manifest(latin1, json.dumps(manifest).encode())
     (d / "notnpy.npy").write_text("hello")
     (d / "bad.ir").write_text("dim T: 0..8\ninput %x: f32[T, 4]\n%y: f32[T, 4] = core.nope(%x)\n")
     (d / "good.ir").write_text("dim T: 0..8\ninput %x: f32[T, 4]\noutput %x\n")
@@ -72,6 +87,11 @@ CASES = {
     "run-unwritable-output": ["run", "good.moec", "--input", "x.npy", "--output",
                               "/nonexistent/dir/y.npy"],
     "run-plain-file": ["run", "plain_file", "--input", "x.npy"],
+    "run-long-artifact-name": ["run", "m" * 300, "--input", "x.npy"],
+    "run-long-input-name": ["run", "good.moec", "--input", "x" * 300 + ".npy"],
+    "run-npz-object-array": ["run", "good.moec", "--input", "x_obj.npz"],
+    "run-npz-bad-crc": ["run", "good.moec", "--input", "x_crc.npz"],
+    "inspect-non-utf8-ir": ["inspect", "latin1.moec"],
     # verify / inspect / pack
     "verify-missing": ["verify", "nope.moec"],
     "verify-damaged": ["verify", "damaged.moec"],
@@ -136,6 +156,19 @@ def test_success_paths_still_work(work: Path, capsys: pytest.CaptureFixture,
     assert np.load(work / "y.npy").shape == (3, HIDDEN)
     out = capsys.readouterr().out
     assert "ok (manifest, hashes" in out and "final IR:" in out
+    digest = hashlib.sha256((work / "good.moec" / "manifest.json").read_bytes()).hexdigest()
+    assert f"sha256 of manifest.json: {digest}" in out
+
+
+def test_run_output_is_written_to_the_name_given(work: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--output y.txt` said it wrote y.txt but wrote y.txt.npy (numpy appends the suffix)."""
+    monkeypatch.chdir(work)
+    assert main(["run", "good.moec", "--input", "x.npy", "--output", "y.txt"]) == 0
+    assert "wrote y.txt (in .npy format)" in capsys.readouterr().out
+    assert np.load(work / "y.txt").shape == (3, HIDDEN)
+    assert not (work / "y.txt.npy").exists()
+    assert not [p for p in work.iterdir() if ".tmp-" in p.name]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

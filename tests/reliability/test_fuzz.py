@@ -26,6 +26,7 @@ from moec.errors import MoecError
 from moec.ir import parse
 from moec.ir.registry import all_ops
 from moec.runtime import load, verify
+from moec.runtime.artifact import write_manifest
 from moec.runtime.inputs import numpy_dtype
 from moec.runtime.verify import sha256_file
 
@@ -210,8 +211,8 @@ def _apply(manifest: dict, path: tuple, action: str, value: Any) -> None:
 
 
 class _Loader:
-    """A scratch artifact folder for one mutated example: symlinks to the good files, real
-    copies of what is mutated."""
+    """A scratch artifact folder for one mutated example: hard links to the good files (an
+    artifact refuses symbolic links), new files for what is mutated."""
 
     def __init__(self, good: Path, scratch: Path) -> None:
         self.good, self.root = good, scratch / "m.moec"
@@ -221,9 +222,18 @@ class _Loader:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
         for p in self.good.iterdir():
-            if p.name != "manifest.json":
-                (self.root / p.name).symlink_to(p)
+            if p.name not in ("manifest.json", "manifest.sha256"):
+                os.link(p, self.root / p.name)
         return self.root
+
+    def write_manifest(self, data: bytes, digest: bool = True) -> None:
+        """The mutated manifest, with its digest updated (so that the checks behind the digest
+        run) or left as the good one's."""
+        if digest:
+            write_manifest(self.root, data)
+        else:
+            shutil.copy(self.good / "manifest.sha256", self.root / "manifest.sha256")
+            (self.root / "manifest.json").write_bytes(data)
 
     def check(self, load_too: bool) -> None:
         """verify, then load and call: each either works or raises a MoecError."""
@@ -276,26 +286,26 @@ def test_fuzz_artifact_loader(loader: _Loader) -> None:
                                     st.sampled_from(["delete", "replace", "insert"]),
                                     json_values), min_size=1, max_size=3))
     def manifest_edits(edits: list) -> None:
-        root = loader.reset()
+        loader.reset()
         m = json.loads(manifest_text)
         for path, action, value in edits:
             try:
                 _apply(m, path, action, value)
             except (KeyError, IndexError, TypeError):
                 pass  # an earlier edit removed or retyped this path
-        (root / "manifest.json").write_text(json.dumps(m))
+        loader.write_manifest(json.dumps(m).encode())
         loader.check(load_too=True)
 
     @BATCH
     @given(flips=st.lists(st.tuples(st.integers(0, len(manifest_text) - 1), st.integers(0, 7)),
                           min_size=1, max_size=4),
-           cut=st.one_of(st.none(), st.integers(0, len(manifest_text))))
-    def manifest_bytes(flips: list, cut: int | None) -> None:
-        root = loader.reset()
+           cut=st.one_of(st.none(), st.integers(0, len(manifest_text))), digest=st.booleans())
+    def manifest_bytes(flips: list, cut: int | None, digest: bool) -> None:
+        loader.reset()
         data = bytearray(manifest_text.encode())
         for at, bit in flips:
             data[at] ^= 1 << bit
-        (root / "manifest.json").write_bytes(bytes(data[:cut]))
+        loader.write_manifest(bytes(data[:cut]), digest)
         loader.check(load_too=True)
 
     @BATCH
@@ -315,7 +325,7 @@ def test_fuzz_artifact_loader(loader: _Loader) -> None:
         m = json.loads(manifest_text)
         if rehash:  # so that the checks behind the hash (safetensors header, ELF) run too
             m["files"][name] = {"sha256": sha256_file(root / name), "size": len(data)}
-        (root / "manifest.json").write_text(json.dumps(m))
+        loader.write_manifest(json.dumps(m).encode())
         # A re-hashed, damaged kernels.so is native code that dlopen would run: only verify it
         # (loading an artifact means trusting its code, see docs/security.md).
         loader.check(load_too=name != "kernels.so" or not rehash)

@@ -5,6 +5,7 @@ PyTorch propagates them; empty batches work."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,9 @@ BAD: dict[str, tuple[Any, str]] = {
         lambda: torch.empty(7, HIDDEN, device="meta"),
         r"is on meta but the model runs on cpu; move it with .to\('cpu'\)",
     ),
+    # its mask used to be ignored silently
+    "masked-array": (lambda: np.ma.masked_array(X, mask=X > 0),
+                     "masked numpy array with masked elements.*filled"),
 }
 
 
@@ -146,6 +150,15 @@ def test_wrong_argument_count(demo: Demo) -> None:
         demo.model(X, X)
     with pytest.raises(InputError, match="but 0 were given"):
         demo.model()
+
+
+def test_inputs_by_name(demo: Demo) -> None:
+    """`model(x=...)` used to raise TypeError."""
+    np.testing.assert_array_equal(demo.model(x=X), demo.model(X))
+    with pytest.raises(InputError, match="no input 'y'; its inputs are x"):
+        demo.model(y=X)
+    with pytest.raises(InputError, match="'x' is given twice"):
+        demo.model(X, x=X)
 
 
 @pytest.mark.parametrize("n", [0, 1, MAX_TOKENS])
@@ -213,10 +226,21 @@ def test_nan_and_inf_propagate_like_pytorch(demo: Demo, kind: str) -> None:
     (42, "not int"),
     ("/nonexistent/model.moec", "does not exist"),
     ("/", "not a moec artifact: manifest.json is missing"),
+    ("m" * 300 + ".moec", "cannot access the artifact path .*: File name too long"),
+    ("m" * 300 + ".moec.tar", "cannot access the artifact path"),
 ])
 def test_load_rejects_bad_paths(path: Any, pattern: str) -> None:
     with pytest.raises(MoecError, match=pattern):
         moec.load(path)
+    if isinstance(path, str):
+        with pytest.raises(MoecError, match=pattern):
+            moec.runtime.verify(path)
+
+
+def test_save_to_a_name_too_long(demo: Demo, tmp_path: Path) -> None:
+    for name in ("m" * 300 + ".moec", "m" * 300 + ".moec.tar"):
+        with pytest.raises(MoecError, match="cannot write an (artifact|archive) to .*too long"):
+            demo.artifact.save(tmp_path / name)
 
 
 @pytest.mark.parametrize("device", [None, 0, "tpu", "cuda:x", "cpu:-1", "CPU"])

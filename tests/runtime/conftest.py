@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .tiny_models import build_ids_model, make_artifact
+from .tiny_models import build_ids_model, ir_header, make_artifact
 
 
 @pytest.fixture(scope="session")
@@ -45,5 +45,6 @@ def model(saved_path: Path) -> Any:
 def ids_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from moec.runtime import load
 
-    art = make_artifact(build_ids_model, ir_text="%out: i32[T] = core.mul(%ids, 2)")
+    ir = ir_header({}, build_ids_model()[2]) + "%out: i32[T] = core.mul(%ids, 2)"
+    art = make_artifact(build_ids_model, ir_text=ir)
     return load(art.save(tmp_path_factory.mktemp("ids") / "ids.moec"))

@@ -14,6 +14,7 @@ from moec.errors import ArtifactError
 from moec.runtime import FORMAT_VERSION, CompiledModel, Manifest, load, verify
 from moec.runtime import artifact as artifact_module
 from moec.runtime.cpu import host_cpu_features, required_cpu_features
+from moec.runtime.verify import sha256_file
 
 from .tiny_models import MAX_T, H, make_artifact, reference
 
@@ -22,6 +23,7 @@ def test_folder_layout_and_manifest(saved_path: Path) -> None:
     assert sorted(p.name for p in saved_path.iterdir()) == [
         "kernels.so",
         "manifest.json",
+        "manifest.sha256",
         "model.ir",
         "weights.safetensors",
     ]
@@ -48,7 +50,9 @@ def test_folder_layout_and_manifest(saved_path: Path) -> None:
         assert entry["size"] == (saved_path / name).stat().st_size
         assert len(entry["sha256"]) == 64
     assert data["meta"] == {"model": "runtime-test"}
-    assert (saved_path / "model.ir").read_text().startswith("%y: f32[T, 64]")
+    assert (saved_path / "model.ir").read_text().startswith("dim T: 0..64\ninput %x: f32[T, 64]")
+    digest = (saved_path / "manifest.sha256").read_text()
+    assert digest == f"{sha256_file(saved_path / 'manifest.json')}  manifest.json\n"
     manifest = verify(saved_path)
     assert manifest == Manifest.from_dict(data)
     assert dict(manifest) == data and manifest["files"]["model.ir"] == data["files"]["model.ir"]

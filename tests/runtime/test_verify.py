@@ -12,14 +12,15 @@ import pytest
 
 from moec.errors import ArtifactError, InputError
 from moec.runtime import load, verify
+from moec.runtime.artifact import write_manifest
 from moec.runtime.verify import sha256_file
 
 
 def _edit_manifest(root: Path, edit: Any) -> None:
-    path = root / "manifest.json"
-    data = json.loads(path.read_text())
+    """Edit the manifest and update its digest (so that the checks behind the digest run)."""
+    data = json.loads((root / "manifest.json").read_text())
     edit(data)
-    path.write_text(json.dumps(data))
+    write_manifest(root, json.dumps(data).encode())
 
 
 def _both(root: Path, pattern: str) -> None:
@@ -65,6 +66,8 @@ def test_missing_manifest_and_folder(artifact_copy: Path, tmp_path: Path) -> Non
 
 def test_manifest_not_json(artifact_copy: Path) -> None:
     (artifact_copy / "manifest.json").write_text("{ nope")
+    _both(artifact_copy, r"manifest\.json in .*: its sha256 .* is not the one manifest\.sha256")
+    write_manifest(artifact_copy, b"{ nope")
     _both(artifact_copy, "not valid JSON")
 
 

@@ -26,8 +26,10 @@ def _target() -> Any:
     return tvm.target.Target({"kind": "llvm", "mcpu": _mcpu()})
 
 
-def build_scale_model() -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
-    """(executable, weights, signature) of the `scale` model."""
+def build_scale_model(offset: float = 0.0, seed: int = 0
+                      ) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """(executable, weights, signature) of the `scale` model; `offset` is added to y inside the
+    kernel (other code, same signature), `seed` draws the weights."""
     import tvm
     from tvm import relax, te
 
@@ -35,7 +37,7 @@ def build_scale_model() -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
     x = te.placeholder((t, H), "float32", name="x")
     s = te.placeholder((t,), "float32", name="s")
     w = te.placeholder((H,), "float32", name="w")
-    y = te.compute((t, H), lambda i, j: x[i, j] * w[j] * s[i], name="y")
+    y = te.compute((t, H), lambda i, j: x[i, j] * w[j] * s[i] + offset, name="y")
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, s, w, y]))
     _, j = sch.get_loops(sch.get_sblock("y"))
     sch.vectorize(sch.split(j, [None, 16])[1])  # vector loads: the alignment-sensitive case
@@ -55,7 +57,7 @@ def build_scale_model() -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
             out = bb.emit_output(relax.Tuple([ry, rz]))
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=_target())
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     weights = {
         "w": rng.standard_normal(H).astype("float32"),
         "w2": rng.standard_normal((H, N)).astype("float32"),
@@ -98,9 +100,54 @@ def build_ids_model() -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
     return tvm.compile(bb.get(), target=_target()), {}, signature
 
 
-def reference(x: np.ndarray, s: np.ndarray, w: dict[str, np.ndarray]) -> tuple[Any, Any]:
-    y = x.astype("float32") * w["w"] * s.astype("float32")[:, None]
+def build_chain_model(width: int = 256, layers: int = 4
+                      ) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """(executable, weights, signature) of `chain`: y = x @ w0 @ w1 ..., `layers` float32
+    [width, width] weights (4 x 256 KiB by default): enough weight memory for a load/unload
+    cycle to show in the process's RSS."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    tv = tvm.tirx.Var("T", "int64")
+    x = relax.Var("x", relax.TensorType((tv, width), "float32"))
+    ws = [relax.Var(f"w{i}", relax.TensorType((width, width), "float32")) for i in range(layers)]
+    with bb.function("main", [x, *ws]):
+        with bb.dataflow():
+            y = x
+            for w in ws:
+                y = bb.emit(relax.op.matmul(y, w))
+            out = bb.emit_output(relax.Tuple([y]))
+        bb.emit_func_output(out)
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": (rng.standard_normal((width, width)) / np.sqrt(width)).astype("float32")
+               for i in range(layers)}
+    signature = {
+        "inputs": [{"name": "x", "shape": ["T", width], "dtype": "float32"}],
+        "outputs": [{"name": "y", "shape": ["T", width], "dtype": "float32"}],
+        "dims": {"T": {"min": 0, "max": MAX_T}},
+    }
+    return tvm.compile(bb.get(), target=_target()), weights, signature
+
+
+def reference(x: np.ndarray, s: np.ndarray, w: dict[str, np.ndarray], offset: float = 0.0
+              ) -> tuple[Any, Any]:
+    y = x.astype("float32") * w["w"] * s.astype("float32")[:, None] + np.float32(offset)
     return y, y @ w["w2"]
+
+
+_IR_DTYPE = {"float32": "f32", "int32": "i32"}
+
+
+def ir_header(weights: dict[str, np.ndarray], signature: dict[str, Any]) -> str:
+    """The `dim`, `input` and `param` lines of an IR text for a tiny model (what load checks
+    against the signature and the stored weights)."""
+    lines = [f"dim {n}: {d['min']}..{d['max']}" for n, d in signature["dims"].items()]
+    lines += [f"input %{s['name']}: {_IR_DTYPE[s['dtype']]}[{', '.join(map(str, s['shape']))}]"
+              for s in signature["inputs"]]
+    lines += [f"param @{n}: {_IR_DTYPE[a.dtype.name]}[{', '.join(map(str, a.shape))}]"
+              for n, a in weights.items()]
+    return "\n".join(lines) + "\n"
 
 
 def make_artifact(builder: Any = build_scale_model, **overrides: Any) -> Any:
@@ -110,7 +157,8 @@ def make_artifact(builder: Any = build_scale_model, **overrides: Any) -> Any:
     kwargs: dict[str, Any] = {
         "signature": signature,
         "target": {"kind": "llvm", "mcpu": _mcpu()},
-        "ir_text": "%y: f32[T, 64] = test.scale(%x, %s, @w)\n%z: f32[T, 32] = core.matmul(%y, @w2)",
+        "ir_text": ir_header(weights, signature) + "%y: f32[T, 64] = test.scale(%x, %s, @w)\n"
+                   "%z: f32[T, 32] = core.matmul(%y, @w2)",
         "pipeline": ["canonicalize", "plan-memory"],
         "meta": {"model": "runtime-test"},
     }

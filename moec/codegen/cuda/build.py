@@ -34,7 +34,8 @@ import tvm_ffi
 from moec.errors import CodegenError
 
 __all__ = ["CudaCompilation", "build_cuda", "collect_compilations", "cuda_target", "has_mma",
-           "ptx_entries", "ptxas_report", "parse_ptxas_log", "find_cuda_tool"]
+           "ptx_entries", "ptxas_report", "parse_ptxas_log", "find_cuda_tool",
+           "ToolNotFoundError"]
 
 # Driver entry points of TVM 0.27's CUDA plugin, used when `nm` is not available to list them.
 _DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString",
@@ -57,6 +58,11 @@ class CudaCompilation:
     report: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+class ToolNotFoundError(CodegenError):
+    """A program that building CUDA kernels needs (nvcc, ptxas, a C compiler) is not installed.
+    The test suite reports tests that stop on it as skipped, with this message."""
+
+
 def find_cuda_tool(name: str) -> str:
     """Path of a CUDA toolkit program (nvcc, ptxas): PATH first, then the usual install dirs."""
     found = shutil.which(name)
@@ -68,7 +74,8 @@ def find_cuda_tool(name: str) -> str:
         cand = Path(root) / "bin" / name
         if root and cand.is_file():
             return str(cand)
-    raise CodegenError(f"{name} not found: install the CUDA toolkit or put its bin/ on PATH")
+    raise ToolNotFoundError(f"{name} not found: install the CUDA toolkit (or the "
+                            f"nvidia-cuda-nvcc wheel) or put its bin/ on PATH or in CUDA_HOME")
 
 
 # --------------------------------------------------------------------------- plugin with a stub
@@ -111,15 +118,18 @@ def _ensure_cuda_codegen() -> None:
         raise CodegenError(f"TVM has no CUDA runtime plugin ({plugin} missing)")
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise CodegenError("a C compiler (cc/gcc) is needed to build the stub libcuda")
+        raise ToolNotFoundError("a C compiler (cc/gcc) is needed to build the stub libcuda")
     # The stub only has to exist while it is dlopen'ed; the directory goes away right after.
     with tempfile.TemporaryDirectory(prefix="moec_stub_cuda_") as tmp:
         src, lib = Path(tmp) / "stub.c", Path(tmp) / "libcuda.so.1"
         src.write_text(_stub_source(_driver_symbols(plugin)))
         subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(lib),
                         str(src)], check=True, capture_output=True)
-        # RTLD_GLOBAL + soname libcuda.so.1: the plugin's DT_NEEDED entry resolves to it.
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        # soname libcuda.so.1: the plugin's DT_NEEDED entry resolves to the loaded stub (the
+        # loader matches dependencies by soname whatever the mode), and its symbols resolve in
+        # the plugin's own scope. RTLD_LOCAL keeps them out of the process's global scope, so
+        # no library loaded later binds a cu* symbol to the stub by accident.
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
             package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
             mode="RTLD_LOCAL")
@@ -246,13 +256,29 @@ def build_cuda(mod: tvm.IRModule, arch: str = "sm_90") -> tvm.runtime.Executable
     """
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise CodegenError(f"CUDA arch must look like sm_90, got {arch!r}")
+    find_cuda_tool("nvcc")  # here, not first inside TVM's callback
     _ensure_cuda_codegen()
-    # Registered here, not at import: importing moec must not change TVM's JIT for others.
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _tvm_callback_cuda_compile,
-                                 override=True)
     target = cuda_target(arch)
-    with target:
+    # Our nvcc callback only for this build: TVM's own (NVRTC) is put back afterwards, so that
+    # building with moec does not change how TVM compiles CUDA for the rest of the process.
+    with _cuda_compile_callback(), target:
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+
+
+_CALLBACK = "tvm_callback_cuda_compile"
+
+
+@contextlib.contextmanager
+def _cuda_compile_callback() -> Iterator[None]:
+    previous = tvm.get_global_func(_CALLBACK, allow_missing=True)
+    tvm_ffi.register_global_func(_CALLBACK, _tvm_callback_cuda_compile, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(_CALLBACK, previous, override=True)
+        else:
+            tvm_ffi.remove_global_func(_CALLBACK)
 
 
 # --------------------------------------------------------------------------- inspection

@@ -31,7 +31,8 @@ def _gelu(x: tirx.PrimExpr, approximate: str) -> tirx.PrimExpr:
 
 
 def activation(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The moe activations (`silu`, `gelu`, `gelu_tanh`, `relu`, `none`) on a float32 value."""
+    """The moe activations (`silu`, `gelu`, `gelu_tanh`, `relu`, `relu2`, `none`) on a float32
+    value."""
     if name == "silu":
         return x * _sigmoid(x)
     if name == "gelu":
@@ -40,6 +41,9 @@ def activation(name: str, x: tirx.PrimExpr) -> tirx.PrimExpr:
         return _gelu(x, "tanh")
     if name == "relu":
         return tirx.max(x, tirx.const(0.0, "float32"))
+    if name == "relu2":
+        r = tirx.max(x, tirx.const(0.0, "float32"))
+        return r * r
     if name == "none":
         return x
     raise CodegenError(f"unknown activation {name!r}")
@@ -60,6 +64,8 @@ def _unary(op: str, attrs: dict[str, Any]) -> Callable[[tirx.PrimExpr], tirx.Pri
         "neg": lambda x: -x,
         "sqrt": tirx.sqrt,
         "rsqrt": tirx.rsqrt,
+        # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow, accurate where it is tiny
+        "softplus": lambda x: tirx.max(x, _fconst(0.0)) + tirx.log1p(tirx.exp(-tirx.abs(x))),
     }
     if op in table:
         return table[op]

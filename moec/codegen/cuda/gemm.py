@@ -40,7 +40,7 @@ from moec.codegen.cuda.elementwise import activation as act_fn
 from moec.codegen.cuda.wmma import wmma_intrinsics
 from moec.errors import CodegenError
 
-ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu")
 WARP = 32
 
 
@@ -356,7 +356,7 @@ def check_activation(builder: str, activation: str) -> bool:
     """Validate a grouped GEMM activation; whether it is gated (`*_mul`: two weights)."""
     pairs = activation.endswith("_mul")
     base = activation[:-4] if pairs else activation
-    if base not in ACTIVATIONS or (pairs and base == "none") or (
+    if base not in ACTIVATIONS or (pairs and base in ("none", "relu2")) or (
             base == "clamped_swiglu" and not pairs):
         raise CodegenError(f"{builder}: activation {activation!r}")
     return pairs

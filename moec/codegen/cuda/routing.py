@@ -169,8 +169,8 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
     the reference's 0/0 = NaN, which is never far); b is marked taken."""
     check_dtype(dtype, FLOATS)
     wdt = check_dtype(w_dtype or dtype, FLOATS)
-    if scoring not in ("softmax", "sigmoid") or order not in ("score_topk", "topk_score",
-                                                              "sparsemixer"):
+    if scoring not in ("softmax", "sigmoid", "sqrt_softplus") or order not in (
+            "score_topk", "topk_score", "sparsemixer"):
         raise CodegenError(f"router: scoring={scoring!r}, order={order!r}")
     if order == "sparsemixer" and (scoring != "softmax" or has_bias or n_groups > 1):
         raise CodegenError("router: order=sparsemixer takes softmax scoring, no selection bias "
@@ -188,6 +188,7 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
     hsteps = (H + 32 * vec - 1) // (32 * vec)
     grouped = order == "score_topk" and n_groups > 1
     sig = scoring == "sigmoid"
+    ssp = scoring == "sqrt_softplus"
     sparse = order == "sparsemixer"
     renorm = norm_topk and order == "score_topk"
     two_eps = float(np.float32(2.0 * jitter_eps))  # the reference compares in float32
@@ -269,6 +270,10 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
                 if sig:
                     for i in T.unroll(epl):
                         sc[i] = T.float32(1) / (T.float32(1) + T.exp(-lg[i]))
+                elif ssp:  # sqrt(log(1 + e^l)), without overflow; 0 past E (l = -inf)
+                    for i in T.unroll(epl):
+                        sc[i] = T.sqrt(T.max(lg[i], T.float32(0)) + T.log1p(T.exp(
+                            -T.fabs(lg[i]))))
                 else:
                     red[0] = T.float32(NEG_INF)
                     for i in T.unroll(epl):
@@ -380,6 +385,10 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
                 if sig:
                     for p in T.unroll(k):
                         wk[p] = T.float32(1) / (T.float32(1) + T.exp(-wk[p]))
+                elif ssp:
+                    for p in T.unroll(k):
+                        wk[p] = T.sqrt(T.max(wk[p], T.float32(0)) + T.log1p(T.exp(
+                            -T.fabs(wk[p]))))
                 else:  # values come out descending: wk[0] is the max
                     ov[0] = wk[0]
                     red[0] = T.float32(0)
@@ -389,7 +398,7 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
                     for p in T.unroll(k):
                         wk[p] = wk[p] / red[0]
             elif renorm:
-                red[0] = T.float32(1e-20) if sig else T.float32(0)
+                red[0] = T.float32(1e-20) if sig or ssp else T.float32(0)
                 for p in T.unroll(k):
                     red[0] = red[0] + wk[p]
                 for p in T.unroll(k):
@@ -413,10 +422,12 @@ def router(H: int, E: int, k: int, scoring: str, order: str, norm_topk: bool, sc
 CAPACITY_SMEM = 40 * 1024  # bytes of shared memory the capacity kernel may use
 
 
-def capacity(E: int, k: int, cap: int) -> Kernel:
+def capacity(E: int, k: int, cap: int, batched: bool = False) -> Kernel:
     """Token dropping after moe.router (`capacity`, Switch Transformers; docs/ops.md): each
     expert keeps its first `cap` slots in slot order s = t*k + j, the others get weight 0.
-    Kernel args `(weights f32[T, k], ids i32[T, k], out f32[T, k])`; ids are clamped into
+    Kernel args `(weights f32[T, k], ids i32[T, k], out f32[T, k])`, or with `batched`
+    `[B, T, k]` each, every sequence counting its own slots (a router on [B, S, H]: one thread
+    block per sequence, max(B, 1) blocks, the spare one idle for B = 0); ids are clamped into
     [0, E) as the CPU kernel does.
 
     Design: a slot's fate depends on every earlier slot, so one thread block (up to 16 warps)
@@ -439,18 +450,19 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
     nt = nw * 32
     sh = Shapes()
     tok = sh.dim("T")
-    n = tok * k  # slots, int64
-    rounds = (n + (nt - 1)) // nt
+    nb = sh.dim("B") if batched else sh.dim(1)
+    shape = (nb, tok, k) if batched else (tok, k)
+    n = tok * k  # slots of a sequence, int64
 
     @T.prim_func
     def kernel(w_h: T.handle, ids_h: T.handle, o_h: T.handle):
-        W = T.match_buffer(w_h, (tok, k), "float32")
-        IDS = T.match_buffer(ids_h, (tok, k), "int32")
-        O = T.match_buffer(o_h, (tok, k), "float32")
-        wf = T.decl_buffer((n,), "float32", data=W.data)
-        idf = T.decl_buffer((n,), "int32", data=IDS.data)
-        of = T.decl_buffer((n,), "float32", data=O.data)
-        _bx = T.launch_thread("blockIdx.x", 1)
+        W = T.match_buffer(w_h, shape, "float32")
+        IDS = T.match_buffer(ids_h, shape, "int32")
+        O = T.match_buffer(o_h, shape, "float32")
+        wf = T.decl_buffer((nb * n,), "float32", data=W.data)
+        idf = T.decl_buffer((nb * n,), "int32", data=IDS.data)
+        of = T.decl_buffer((nb * n,), "float32", data=O.data)
+        bx = T.launch_thread("blockIdx.x", T.max(nb, T.int64(1)))
         tid = T.launch_thread("threadIdx.x", nt)
         run = T.alloc_buffer((E,), "int32", scope="shared")  # slots of earlier rounds
         wcnt = T.alloc_buffer((nw, E), "int32", scope="shared")  # this round, per warp
@@ -462,21 +474,23 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
         total = T.alloc_buffer((1,), "int32", scope="local")
         lane = tid % 32
         warp = tid // 32
+        base: T.let = T.Cast("int64", bx) * n  # this block's sequence
+        seq_slots: T.let = T.Select(T.Cast("int64", bx) < nb, n, T.int64(0))
         for i in range((E + nt - 1) // nt):
             if i * nt + tid < E:
                 run[i * nt + tid] = 0
                 for w in range(nw):
                     wcnt[w, i * nt + tid] = 0
         T.tvm_storage_sync("shared")
-        for i in range(rounds):
+        for i in range((seq_slots + (nt - 1)) // nt):
             s = i * nt + tid
             ex[0] = -1  # past the last slot: -1, never an expert
-            if s < n:
-                ex[0] = T.max(T.min(idf[s], E - 1), 0)
+            if s < seq_slots:
+                ex[0] = T.max(T.min(idf[base + s], E - 1), 0)
             warp_expert_counts(ex, peers, lead, wcnt, before, after, total, lane, warp, nw)
             if ex[0] >= 0:
-                of[s] = T.Select(run[ex[0]] + before[0] + lower_peers(peers, lane) < cap, wf[s],
-                                 T.float32(0))
+                of[base + s] = T.Select(run[ex[0]] + before[0] + lower_peers(peers, lane) < cap,
+                                        wf[base + s], T.float32(0))
             T.tvm_storage_sync("shared")
             # Each (warp, expert) leader clears its own count, and the leader of the last warp
             # holding the expert advances the running count (saturated at cap: only "below
@@ -487,7 +501,7 @@ def capacity(E: int, k: int, cap: int) -> Kernel:
                     run[ex[0]] = T.min(run[ex[0]] + total[0], cap)
             T.tvm_storage_sync("shared")
 
-    name = "capacity"
+    name = "capacity_seq" if batched else "capacity"
     return Kernel(finalize(kernel, name), name, {})
 
 

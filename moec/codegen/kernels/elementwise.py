@@ -52,6 +52,8 @@ def _unary_fn(op: str, attrs: dict) -> Callable[[tirx.Expr], tirx.Expr]:
         return lambda v: -v
     if op == "sqrt":
         return tirx.sqrt
+    if op == "softplus":
+        return fmath.softplus
     if op == "rsqrt":
         return lambda v: c(1.0) / tirx.sqrt(v)
     if op == "scale":
@@ -73,8 +75,8 @@ def _unary_fn(op: str, attrs: dict) -> Callable[[tirx.Expr], tirx.Expr]:
     raise CodegenError(f"elementwise_unary: unknown op {op!r}")
 
 
-UNARY_OPS = ("silu", "gelu", "relu", "sigmoid", "tanh", "exp", "neg", "sqrt", "rsqrt", "clamp",
-             "scale", "cast")
+UNARY_OPS = ("silu", "gelu", "relu", "sigmoid", "tanh", "exp", "neg", "sqrt", "rsqrt", "softplus",
+             "clamp", "scale", "cast")
 BINARY_OPS: dict[str, Callable[[tirx.Expr, tirx.Expr], tirx.Expr]] = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
@@ -89,7 +91,7 @@ def elementwise_unary(op: str, shape: Shape, dtype: str = "float32", **attrs: ob
     """`y = op(x)` over `shape` (ints and symbolic names). Kernel args: `(x, y)`.
 
     op: silu, gelu (`approximate="none"|"tanh"`), relu, sigmoid, tanh, exp, neg, sqrt, rsqrt,
-    clamp (`min`, `max`: float or None), scale (`value`), cast (`to`: dtype of y).
+    softplus, clamp (`min`, `max`: float or None), scale (`value`), cast (`to`: dtype of y).
     Math runs in float32 (f16/bf16 inputs are widened, the result rounded back)."""
     if op not in UNARY_OPS:
         raise CodegenError(f"elementwise_unary: unknown op {op!r}; known: {UNARY_OPS}")

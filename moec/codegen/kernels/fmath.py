@@ -89,6 +89,17 @@ def sigmoid(x: PrimExpr) -> PrimExpr:
     return c(1.0) / (c(1.0) + exp(-x))
 
 
+def softplus(x: PrimExpr) -> PrimExpr:
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow, and accurate where it is tiny
+    (x << 0, where log(1 + e^x) would round to 0). log1p is a libm call (not vectorised)."""
+    return let(x, lambda v: fmax(v, c(0.0)) + tirx.log1p(exp(-tirx.abs(v))))
+
+
+def sqrt_softplus(x: PrimExpr) -> PrimExpr:
+    """sqrt(softplus(x)): DeepSeek-V4's router scores."""
+    return tirx.sqrt(softplus(x))
+
+
 def silu(x: PrimExpr) -> PrimExpr:
     return let(x, lambda v: v / (c(1.0) + exp(-v)))
 
@@ -173,6 +184,7 @@ ACTIVATIONS: dict[str, Callable[[PrimExpr], PrimExpr]] = {
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
     "relu": relu,
+    "relu2": lambda v: let(relu(v), lambda r: r * r),
     "sigmoid": sigmoid,
     "tanh": tanh,
 }

@@ -51,7 +51,7 @@ from moec.codegen.kernels.linear import k_blocking, pack_nk
 from moec.codegen.kernels.routing import check_positive
 from moec.errors import CodegenError
 
-ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "silu_mul", "gelu_mul",
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "relu2", "silu_mul", "gelu_mul",
                "gelu_tanh_mul", "relu_mul", "clamped_swiglu_mul")
 
 

@@ -58,7 +58,10 @@ def pack_nk(w: np.ndarray, nr: int) -> np.ndarray:
     nb = -(-n // nr)
     dt = w.dtype
     raw = w.view(f"u{dt.itemsize}") if dt.kind == "V" else w  # bfloat16 etc.: copy the bits
-    src = torch.from_numpy(np.ascontiguousarray(raw))
+    raw = np.ascontiguousarray(raw)
+    if not raw.flags.writeable:  # weights mapped read-only: torch.from_numpy warns ("not
+        raw = raw.copy()  # writable"), and a warning filter would be process-wide state
+    src = torch.from_numpy(raw)
     if nb * nr != n:
         src = torch.nn.functional.pad(src, (0, 0, 0, nb * nr - n))
     out = src.reshape(*lead, nb, nr, k).transpose(-1, -2).contiguous().numpy()

@@ -33,8 +33,9 @@ NEG_INF = float("-inf")
 
 def _validate(E, k, scoring, order, has_bias, n_groups, topk_groups, group_score) -> None:
     check_positive("router", E=E, k=k, n_groups=n_groups, topk_groups=topk_groups)
-    if scoring not in ("softmax", "sigmoid"):
-        raise CodegenError(f"router: scoring must be softmax|sigmoid, got {scoring!r}")
+    if scoring not in ("softmax", "sigmoid", "sqrt_softplus"):
+        raise CodegenError(f"router: scoring must be softmax|sigmoid|sqrt_softplus, got "
+                           f"{scoring!r}")
     if order not in ("score_topk", "topk_score", "sparsemixer"):
         raise CodegenError(f"router: order must be score_topk|topk_score|sparsemixer, got "
                            f"{order!r}")
@@ -77,11 +78,13 @@ def router(
     weights f32[T, k], ids i32[T, k])`, semantics of docs/ops.md "moe.router semantics":
 
     logits = x @ w.T (+ logit_bias, the router Linear's bias). `has_bias` is the selection bias.
-    score_topk: scores = softmax|sigmoid(logits); sel = scores (+ bias); with n_groups > 1 keep
+    score_topk: scores = softmax|sigmoid|sqrt_softplus(logits); sel = scores (+ bias); with
+    n_groups > 1 keep
     the topk_groups best groups (group score max(sel) or sum of its two largest sel) and set the
     other experts' sel to -inf; ids = topk(sel, k); weights = scores[ids], divided by their sum
-    if norm_topk (+1e-20 for sigmoid), times scale.
-    topk_score: vals, ids = topk(logits, k); weights = softmax|sigmoid(vals) * scale
+    if norm_topk (+1e-20 for sigmoid and sqrt_softplus), times scale.
+    topk_score: vals, ids = topk(logits, k); weights = softmax|sigmoid|sqrt_softplus(vals) *
+    scale
     (norm_topk does not apply; bias and groups are rejected).
     sparsemixer (PhiMoE, inference form): k rounds; round r takes the best remaining expert b
     (ties: lower index) with weight 1 / sum_j exp(l_j - l_b) over the remaining experts j with
@@ -109,6 +112,8 @@ def router(
         return T.min(tb * TB + i, t - i64(1))
 
     def score(v):
+        if scoring == "sqrt_softplus":
+            return fmath.sqrt_softplus(v)
         return fmath.sigmoid(v) if not softmax else v  # softmax is done over the row below
 
     def group_value(red):
@@ -244,7 +249,7 @@ def router(
                                 vals[j] = vals[j] / red[1]
                         else:
                             for j in range(k):
-                                vals[j] = fmath.sigmoid(vals[j])
+                                vals[j] = score(vals[j])
                     for j in range(k):
                         WT[tb * TB + i, j] = vals[j] * T.float32(scale)
                         IDS[tb * TB + i, j] = ids[j]

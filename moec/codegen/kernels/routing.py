@@ -123,29 +123,36 @@ def permute(H: int, k: int, dtype: str = "float32") -> Kernel:
     return finish(func, name, min_parallel=par_min(H))
 
 
-def capacity(E: int, k: int, cap: int) -> Kernel:
+def capacity(E: int, k: int, cap: int, batched: bool = False) -> Kernel:
     """Token dropping (moe.router's `capacity`, Switch Transformers): each expert keeps its first
     `cap` slots in slot order t*k + j, the others get weight 0. Kernel args: `(weights f32[T, k],
-    ids i32[T, k], out f32[T, k])`; ids are clamped into [0, E). One sequential pass over the
-    slots (the count of an expert depends on every earlier slot); T*k steps, tiny next to the
-    router's GEMM."""
+    ids i32[T, k], out f32[T, k])`, or with `batched` `[B, T, k]` each, every sequence counting
+    its own slots (a router on [B, S, H]); ids are clamped into [0, E). One sequential pass over
+    the slots (the count of an expert depends on every earlier slot); T*k steps, tiny next to
+    the router's GEMM."""
     check_positive("capacity", E=E, k=k, cap=cap)
     dims = Dims()
     t = dims.var("T")
-    name = kernel_name("capacity", "E", E, "k", k, "c", cap)
+    nb = dims.var("B") if batched else i64(1)
+    shape = (nb, t, k) if batched else (t, k)
+    n = t * k
+    name = kernel_name("capacity", "seq" if batched else "", "E", E, "k", k, "c", cap)
 
     @T.prim_func
     def func(weights: T.handle, ids: T.handle, out: T.handle):
-        WT = T.match_buffer(weights, (t, k), "float32")
-        IDS = T.match_buffer(ids, (t, k), "int32")
-        O = T.match_buffer(out, (t, k), "float32")
+        WT = T.match_buffer(weights, shape, "float32")
+        IDS = T.match_buffer(ids, shape, "int32")
+        O = T.match_buffer(out, shape, "float32")
+        wf = T.decl_buffer((nb * n,), "float32", data=WT.data)
+        idf = T.decl_buffer((nb * n,), "int32", data=IDS.data)
+        of = T.decl_buffer((nb * n,), "float32", data=O.data)
         count = T.alloc_buffer((E,), "int32")
-        for e in range(E):
-            count[e] = 0
-        for tok in range(t):
-            for j in range(k):
-                e: T.let = T.max(T.min(IDS[tok, j], E - 1), 0)
-                O[tok, j] = T.Select(count[e] < cap, WT[tok, j], T.float32(0))
+        for b in range(nb):
+            for e in range(E):
+                count[e] = 0
+            for s in range(n):
+                e: T.let = T.max(T.min(idf[b * n + s], E - 1), 0)
+                of[b * n + s] = T.Select(count[e] < cap, wf[b * n + s], T.float32(0))
                 count[e] = count[e] + 1
 
     return finish(func, name)

@@ -1,0 +1,238 @@
+"""Small MoE blocks in plain PyTorch, one per routing or expert form of newer transformers
+families (issue 17 §2), for the recogniser tests: each is a few lines of the form itself,
+not a copy of a family. Random weights, eval mode; x [T, H] or [B, S, H]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+H, I, E, K = 32, 48, 8, 2
+
+
+class MLP(nn.Module):
+    def __init__(self, h: int = H, i: int = I) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _loop(experts: nn.ModuleList, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor
+          ) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        tok, slot = torch.where(ids == e)
+        if len(tok):
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+    return out
+
+
+class SigmoidBiasMoE(nn.Module):
+    """Sigmoid scores, top-k on score + a selection bias, renormalised, times a constant, plus
+    optional shared experts times a constant. Where the bias lives (`bias_at`):
+    "block" (a buffer of the block, passed into the router), "router_child" (a [1, E] buffer in
+    a child of the router module). `route_scale` and `shared_coef` carry names no hint lists."""
+
+    def __init__(self, bias_at: str = "block", route_scale: float = 1.0,
+                 shared_coef: float | None = None, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.router = Router(bias_at == "router_child")
+        if bias_at == "block":
+            self.register_buffer("score_correction", torch.randn(E, generator=gen) * 0.5)
+        self.experts = nn.ModuleList(MLP() for _ in range(E))
+        self.route_scale = route_scale
+        self.shared = MLP(H, 40) if shared_coef is not None else None
+        self.shared_coef = shared_coef
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+            if bias_at == "router_child":
+                self.router.statics.e_score_correction_bias.copy_(
+                    torch.randn(1, E, generator=gen) * 0.5)
+        self.eval()
+
+    def correction(self) -> torch.Tensor:
+        if hasattr(self, "score_correction"):
+            return self.score_correction
+        return self.router.statics.e_score_correction_bias[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, H)
+        w, ids = self.router(h, self.correction())
+        y = _loop(self.experts, h, w * self.route_scale, ids)
+        if self.shared is not None:
+            y = (y + self.shared(h)) * self.shared_coef
+        return y.reshape(x.shape)
+
+
+class Statics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("e_score_correction_bias", torch.zeros(1, E))
+
+
+class Router(nn.Module):
+    def __init__(self, with_statics: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(E, H))
+        if with_statics:
+            self.statics = Statics()
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        ids = torch.topk(scores + bias, K, dim=-1).indices
+        w = scores.gather(-1, ids)
+        return w / w.sum(-1, keepdim=True), ids
+
+
+class DropoutScaledMoE(nn.Module):
+    """Softmax top-k whose output is scaled at evaluation time by 1 - p (an old-style dropout
+    written out), under no attribute name a hint lists."""
+
+    def __init__(self, p: float = 0.1, seed: int = 1) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.wg = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(MLP() for _ in range(E))
+        self.keep = 1.0 - p
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.wg(x), dim=-1)
+        w, ids = torch.topk(probs, K, dim=-1)
+        return _loop(self.experts, x, w, ids) * self.keep
+
+
+class ZeroExpertsMoE(nn.Module):
+    """A router over E + 2 experts whose fused gate/up weight covers them all but whose down
+    weight covers only E (zero-computation experts): not supported, and the error must say
+    which weight's expert count differs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(H, E + 2, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(E + 2, 2 * I, H) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(E, H, I) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class DropoutListMoE(nn.Module):
+    """Softmax top-k over an experts ModuleList that also holds a Dropout (identity at
+    inference) after the expert MLPs."""
+
+    def __init__(self, seed: int = 2) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList([*(MLP() for _ in range(E)), nn.Dropout(0.1)])
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
+        return self.experts[E](_loop(self.experts[:E], x, w, ids))
+
+
+class DenseMaskedMoE(nn.Module):
+    """Experts and a router, combined densely (every expert on every token), with a second
+    input: it cannot be probed as block(x), so it is traced as plain ops, which moec says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(MLP() for _ in range(E))
+        self.eval()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x), dim=-1)
+        y = probs[:, :1] * self.experts[0](x)
+        for e in range(1, E):
+            y = y + probs[:, e:e + 1] * self.experts[e](x)
+        return y * mask
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+class PlainMLP(nn.Module):
+    """A non-gated expert: down(act(up(x))), with or without biases."""
+
+    def __init__(self, act: nn.Module, bias: bool) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.act = act
+        self.down_proj = nn.Linear(I, H, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class NonGatedMoE(nn.Module):
+    """Softmax top-k, renormalised, over non-gated experts with activation relu2
+    (`down(relu(up(x))^2)`), relu or gelu, with or without biases."""
+
+    def __init__(self, act: str = "relu2", bias: bool = False, seed: int = 3) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        make = {"relu2": ReLUSquared, "relu": nn.ReLU, "gelu": nn.GELU}[act]
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(PlainMLP(make(), bias) for _ in range(E))
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5
+                        if q.dim() == 2 else torch.randn(q.shape, generator=gen) * 0.1)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
+        return _loop(self.experts, x, w / w.sum(-1, keepdim=True), ids)
+
+
+class SqrtSoftplusRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(E, H))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sqrt(F.softplus(F.linear(x, self.weight)))
+        ids = torch.topk(scores + self.e_score_correction_bias, K, dim=-1).indices
+        w = scores.gather(-1, ids)
+        return w / (w.sum(-1, keepdim=True) + 1e-20), ids
+
+
+class SqrtSoftplusMoE(nn.Module):
+    """sqrt(softplus(logits)) scores, top-k on score + bias, renormalised, scaled by a constant
+    (DeepSeek-V4's router), over SwiGLU experts."""
+
+    def __init__(self, seed: int = 4) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gate = SqrtSoftplusRouter()
+        self.experts = nn.ModuleList(MLP() for _ in range(E))
+        self.routed_scaling_factor = 1.5
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5)
+            self.gate.e_score_correction_bias.copy_(torch.randn(E, generator=gen) * 0.3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, H)
+        w, ids = self.gate(h)
+        return _loop(self.experts, h, w * self.routed_scaling_factor, ids).reshape(x.shape)

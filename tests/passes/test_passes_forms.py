@@ -1,0 +1,148 @@
+"""Before/Expected IR tests for the expert and routing forms of issue 17 §2: squared-ReLU
+(non-gated) experts through tile-expert-gemm, and sqrt-softplus scoring through fuse-gating;
+plus the default pipeline's numbers on each (interpreter, NumericCheck)."""
+
+import numpy as np
+import pytest
+
+from moec.errors import ParseError
+from moec.ir import interpret, parse
+from moec.passes import NumericCheck, PassManager, parse_pipeline
+from moec.passes.tile_expert_gemm import TileExpertGemm
+from moec.testing import assert_ir_equal, run_pass
+
+HEAD = """
+dim T: 0..4096
+input %x: f32[T, 16]
+param @r: f32[4, 16]
+param @wu: f32[4, 8, 16]
+param @wd: f32[4, 16, 8]
+"""
+ALIGNED = HEAD + """
+  input %i: i32[T, 2]
+  %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4}
+"""
+
+
+def test_tile_expert_gemm_relu2():
+    before = parse(ALIGNED + """
+      %xs: f32[(T//2+4)*4, 16] = moe.permute(%x, %s) {top_k=2}
+      %ys: f32[(T//2+4)*4, 16] = moe.expert_ffn(%xs, %t, @wu, @wd) {block_m=4, activation=relu2, gated=false}
+      output %ys
+    """)
+    assert_ir_equal(run_pass(TileExpertGemm(), before), ALIGNED + """
+      %h: f32[(T//2+4)*4, 8] = moe.grouped_matmul(%x, @wu, %s, %t) {block_m=4, top_k=2, gather=true, activation=relu2}
+      %y: f32[(T//2+4)*4, 16] = moe.grouped_matmul(%h, @wd, %s, %t) {block_m=4, top_k=2}
+      output %y
+    """)
+
+
+def test_relu2_is_for_non_gated_experts():
+    with pytest.raises(ParseError, match="relu2 is for non-gated experts"):
+        parse(HEAD + """
+          param @wg: f32[4, 8, 16]
+          input %w: f32[T, 2]
+          input %i: i32[T, 2]
+          %y: f32[T, 16] = moe.experts(%x, %w, %i, @wg, @wu, @wd) {activation=relu2}
+          output %y
+        """)
+
+
+def _numeric_pipeline(text: str, tokens=(0, 1, 9)):
+    """The default pipeline under NumericCheck (each pass keeps the interpreter's numbers),
+    and the final graph equal to the first on a few token counts."""
+    rng = np.random.default_rng(0)
+    g = parse(text)
+    for name, v in g.params.items():
+        g.param_data[name] = (rng.standard_normal(v.shape) / 4).astype(np.float32)
+    inputs = [rng.standard_normal((9, 16)).astype(np.float32)]
+    before = interpret(g, inputs)[0]
+    PassManager(parse_pipeline("default"), [NumericCheck(inputs, rtol=1e-5)]).run(g)
+    np.testing.assert_allclose(interpret(g, inputs)[0], before, rtol=1e-5, atol=1e-6)
+    for t in tokens:
+        interpret(g, [rng.standard_normal((t, 16)).astype(np.float32)])
+    return g
+
+
+def test_default_pipeline_keeps_relu2_experts_numbers():
+    g = _numeric_pipeline(HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %p: f32[T, 4] = core.softmax(%l) {axis=-1}
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%p) {k=2}
+      %y: f32[T, 16] = moe.experts(%x, %v, %i, @wu, @wd) {activation=relu2, gated=false}
+      output %y
+    """)
+    assert [n.attrs["activation"] for n in g.find("moe.grouped_matmul")] == ["relu2", "none"]
+
+
+ROUTER_HEAD = """
+dim T: 0..4096
+input %x: f32[T, 16]
+param @r: f32[4, 16]
+param @b: f32[4]
+"""
+
+
+def test_fuse_gating_sqrt_softplus_with_bias_renorm_scale():
+    from moec.passes.fuse_gating import FuseGating
+
+    before = parse(ROUTER_HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %sp: f32[T, 4] = core.softplus(%l)
+      %p: f32[T, 4] = core.sqrt(%sp)
+      %v: f32[T, 2], %i: i32[T, 2] = moe.select(%p, @b) {k=2, select_bias=true}
+      %s: f32[T, 1] = core.sum(%v) {axis=-1, keepdim=true}
+      %n: f32[T, 2] = core.div(%v, %s)
+      %w: f32[T, 2] = core.scale(%n) {value=1.5}
+      output %w, %i
+    """)
+    assert_ir_equal(run_pass(FuseGating(), before), ROUTER_HEAD + """
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r, @b) {k=2, scoring=sqrt_softplus, norm_topk=true, scale=1.5, select_bias=true}
+      output %w, %i
+    """)
+
+
+def test_fuse_gating_topk_then_sqrt_softplus():
+    from moec.passes.fuse_gating import FuseGating
+
+    before = parse(ROUTER_HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%l) {k=2}
+      %sp: f32[T, 2] = core.softplus(%v)
+      %w: f32[T, 2] = core.sqrt(%sp)
+      output %w, %i
+    """)
+    assert_ir_equal(run_pass(FuseGating(), before), ROUTER_HEAD + """
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2, scoring=sqrt_softplus, order=topk_score}
+      output %w, %i
+    """)
+
+
+def test_sqrt_alone_is_no_scoring():
+    """sqrt of the logits (no softplus) is not a router scoring: left as it is."""
+    from moec.passes.fuse_gating import FuseGating
+
+    text = ROUTER_HEAD + """
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %p: f32[T, 4] = core.sqrt(%l)
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%p) {k=2}
+      output %v, %i
+    """
+    assert_ir_equal(run_pass(FuseGating(), parse(text)), text)
+
+
+def test_default_pipeline_keeps_sqrt_softplus_router_numbers():
+    g = _numeric_pipeline(HEAD + """
+      param @b: f32[4]
+      param @wg: f32[4, 8, 16]
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %sp: f32[T, 4] = core.softplus(%l)
+      %p: f32[T, 4] = core.sqrt(%sp)
+      %v: f32[T, 2], %i: i32[T, 2] = moe.select(%p, @b) {k=2, select_bias=true}
+      %s: f32[T, 1] = core.sum(%v) {axis=-1, keepdim=true}
+      %n: f32[T, 2] = core.div(%v, %s)
+      %y: f32[T, 16] = moe.experts(%x, %n, %i, @wg, @wu, @wd)
+      output %y
+    """)
+    (router,) = g.find("moe.router")
+    assert router.attrs["scoring"] == "sqrt_softplus" and router.attrs["select_bias"]
