@@ -63,7 +63,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     tuning = False if a.no_tuning else (a.tuning_db or True)
     art = moec.compile(model, example, target=a.target, pipeline=a.pipeline, passes=a.passes,
                        max_tokens=a.max_tokens, dump_ir=a.dump_ir, time_passes=a.time_passes,
-                       progress=True, ep=a.ep, quantize=a.quantize, tuning=tuning,
+                       progress=True, ep=a.ep, quantize=a.quantize,
+                       quantize_dense=a.quantize_dense, tuning=tuning,
                        generate=False if a.no_generate else None, block_size=a.block_size,
                        dynamic_dims=_dynamic_dims(a.dynamic_dims))
     art.save(a.output)
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only quantised expert weights (appends quantize-experts): int8 "
                         "per output channel, int4 in groups of 128 along K; -gN sets the group "
                         "size, e.g. int8-g32")
+    s.add_argument("--quantize-dense", action="store_true",
+                   help="also int8 dense linears (attention, shared experts, LM head; not the "
+                        "routers; appends quantize-linears; CPU targets)")
     s.add_argument("--tuning-db", default=None, metavar="FILE",
                    help="also read this tuning database (besides moec's and the user cache)")
     s.add_argument("--no-tuning", action="store_true",

@@ -94,7 +94,7 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             max_tokens: int = 4096, dump_ir: str | Path | None = None,
             time_passes: bool = False, instruments: Sequence[Instrument] = (),
             progress: bool = False, ep: bool = False,
-            quantize: str | None = None,
+            quantize: str | None = None, quantize_dense: bool = False,
             tuning: bool | str | Path = True,
             generate: bool | None = None, block_size: int = 16,
             dynamic_dims: Mapping[int | str, Any] | None = None) -> Artifact:  # noqa: F821
@@ -118,6 +118,9 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
     quantize: "int8" or "int4" appends quantize-experts (weight-only expert weights; int8 per
     output channel, int4 in groups of 128 along K with zero points; "int8-g32" / "int4-g64"
     choose the group size): weights.safetensors holds them quantised.
+    quantize_dense: also quantise the dense linears (attention projections, shared experts,
+    the LM head; not the routers) to int8 per output channel (quantize-linears, after the
+    pipeline): with quantize="int8", what llama.cpp's q8_0 stores. CPU targets only.
     ep: also build the expert-parallel entry functions (moec.codegen.ep), so that the artifact
     can run sharded over ranks: `moec.load(path, ep_group=...)`, `moec run --ep N`.
     tuning: True uses the tuning database (entries shipped with moec and the per-user cache
@@ -149,6 +152,9 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
 
         bits, group_size = parse_mode(quantize)
         quantize_pass = QuantizeExperts(bits=bits, group_size=group_size)
+    if quantize_dense and tgt.get("kind") != "llvm":
+        raise InputError(f"quantize_dense (int8 dense linears) has CPU kernels only; the target "
+                         f"is {target!r}: compile for it without quantize_dense")
     t0 = time.perf_counter()
     step = _progress(progress)
     step("tracing")
@@ -185,6 +191,10 @@ def compile(model: Any, example_inputs: Sequence[Any] = (), *, target: str = "cp
             and has_half_compute(graph):
         # the CPU kernels compute in float32 and widen half GEMM weights as they read them
         pass_list.append(WidenActivations())
+    if quantize_dense:
+        from moec.passes.quantize_linears import QuantizeLinears
+
+        pass_list.append(QuantizeLinears())  # after widen-activations: float32 activations
     ins = list(instruments)
     timing = PassTiming(stream=sys.stderr) if time_passes else None
     if timing:

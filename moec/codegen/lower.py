@@ -19,7 +19,7 @@ import tvm
 from tvm import relax, tirx
 
 from moec.codegen import kernels as K
-from moec.errors import CodegenError
+from moec.errors import CodegenError, UnsupportedError
 from moec.ir.graph import Graph, Node, Value
 from moec.ir.types import BinExpr, DimLike, Sym, tvm_dtype
 
@@ -245,7 +245,7 @@ class _Lowerer:
             self.call(n, (op, s0, dt, a["eps"]), lambda: self.K.layernorm(s0, a["eps"], dt))
         elif op == "core.topk":
             self.call(n, (op, s0, dt, a["k"]), lambda: self.K.topk(s0, a["k"], dt))
-        elif op == "core.linear":
+        elif op in ("core.linear", "core.linear_q"):
             self.lower_linear(n, dt)
         elif op == "moe.grouped_matmul_q":
             self.lower_quant(n, a, ins, dt)
@@ -352,6 +352,9 @@ class _Lowerer:
 
     def lower_linear(self, n: Node, dt: str) -> None:
         x, w = n.operands[0].type, n.operands[1].type
+        if n.op == "core.linear_q" and self.cuda:
+            raise UnsupportedError("core.linear_q (int8 dense linears, quantize-linears) has "
+                                   "CPU kernels only; compile for CUDA without quantize_dense")
         if x.rank != 2:  # [..., K]: through a [rows, K] view (Relax reshapes are free)
             from moec.codegen.lower_nn import lower_linear_nd
 
@@ -359,7 +362,7 @@ class _Lowerer:
             return
         m, kk = _shape_key(x.shape)
         nn = w.shape[0]
-        bias = len(n.operands) == 3
+        bias = len(n.operands) == (4 if n.op == "core.linear_q" else 3)
         wd = self.weight_dtype(dt, w)
         self.call(n, ("core.linear", m, kk, nn, dt, bias, *wd.values()),
                   lambda: self.K.linear(m, kk, nn, dt, bias, **wd))

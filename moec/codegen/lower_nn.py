@@ -88,7 +88,7 @@ def lower_linear_nd(lw: Any, n: Node, dt: str) -> None:
     x, w = n.operands[0], n.operands[1]
     rows = _rows(x.shape[:-1])
     kk, nn = x.shape[-1], w.shape[0]
-    bias = len(n.operands) == 3
+    bias = len(n.operands) == (4 if n.op == "core.linear_q" else 3)
     m = _key((rows,))[0]
     wd = lw.weight_dtype(dt, n.operands[1].type)
     kern, gv = lw.kernel(("core.linear", m, kk, nn, dt, bias, *wd.values()),

@@ -168,3 +168,36 @@ register_op(OpDef("moe.grouped_matmul_q", (5, 11), _infer, _ref,
                          "activation": "none", "bias": False, "bits": REQUIRED,
                          "group_size": 128, **ACT_ATTRS},
                   doc="moe.grouped_matmul with weight-only int8/int4 expert weights"))
+
+
+# --------------------------------------------------------------------------- dense int8 linear
+
+
+def _infer_linear_q(ts: list[TensorType], a: A) -> list[TensorType]:
+    x, q, s = ts[0], ts[1], ts[2]
+    if x.dtype != "f32" or x.rank < 1 or not isinstance(x.shape[-1], int):
+        raise IRError(f"core.linear_q: x must be f32[..., K] with a static K, got {x}")
+    k = x.shape[-1]
+    if q.dtype != "i8" or q.rank != 2 or not same_dim(q.shape[1], k):
+        raise IRError(f"core.linear_q: weight {q} does not match x {x} (want i8[N, {k}])")
+    n = q.shape[0]
+    if s.dtype != "f32" or s.rank != 2 or not same_dim(s.shape[0], n) or s.shape[1] != 1:
+        raise IRError(f"core.linear_q: scale {s} does not match weight {q} (want f32[{n}, 1])")
+    if len(ts) == 4 and (ts[3].rank != 1 or not same_dim(ts[3].shape[0], n)
+                         or ts[3].dtype != "f32"):
+        raise IRError(f"core.linear_q: bias {ts[3]} does not match weight {q} (want f32[{n}])")
+    return [TensorType(x.shape[:-1] + (n,), x.dtype)]
+
+
+def _ref_linear_q(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
+    x, q, s = xs[0], xs[1], xs[2]
+    w = q.astype(np.float64) * s.astype(np.float64)
+    y = x.astype(np.float64) @ w.T
+    if len(xs) == 4:
+        y = y + xs[3].astype(np.float64)
+    return [y.astype(x.dtype)]
+
+
+register_op(OpDef("core.linear_q", (3, 4), _infer_linear_q, _ref_linear_q,
+                  doc="x @ (q * scale).T (+ b): core.linear with weight-only int8 weights "
+                      "(q i8[N, K], one scale per output channel f32[N, 1]; quantize-linears)"))

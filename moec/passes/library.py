@@ -9,6 +9,7 @@ from moec.passes import (  # noqa: F401
     offload_experts,
     prune_experts,
     quantize_experts,
+    quantize_linears,
     reorder_dispatch,
     tile_expert_gemm,
     widen_activations,

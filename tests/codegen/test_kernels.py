@@ -136,6 +136,8 @@ def lib(kernel_lib):
     for case in LINEAR_HALF_CASES:
         for wdt in HALF_WEIGHTS:
             ks[("linear", case, wdt)] = linear("T", *case[:2], "float32", case[2], w_dtype=wdt)
+    for case in LINEAR_HALF_CASES:
+        ks[("linear", case, "int8")] = linear("T", *case[:2], "float32", case[2], w_dtype="int8")
     for case in LINEAR_DECODE_CASES:
         ks[("linear", case)] = linear("T", *case[:2], "float32", case[2])
         ks[("linear3d", case)] = linear(("B", "T"), *case[:2], "float32", case[2])
@@ -353,9 +355,28 @@ def test_linear_half_weights(lib, case, wdt, t):
     _close(y, x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0))
 
 
+@pytest.mark.parametrize("t", [0, 1, 2, 3, 64])
+@pytest.mark.parametrize("case", LINEAR_HALF_CASES)
+def test_linear_int8_weights(lib, case, t):
+    """int8 weights with one scale per output channel (core.linear_q): the float32 product of
+    the dequantised weights' values (the float32 test's tolerance), on the decode path (t <= 2)
+    and the GEMM path, with a partial last panel."""
+    from moec.ir.quant_ops import quantize
+
+    kdim, n, bias = case
+    x = rng.standard_normal((t, kdim)).astype(np.float32)
+    w = (rng.standard_normal((n, kdim)) / math.sqrt(kdim)).astype(np.float32)
+    q, s = quantize(w, 8, kdim + kdim % 2)
+    b = rng.standard_normal(n).astype(np.float32)
+    args = [x, q, s, b] if bias else [x, q, s]
+    (y,) = lib(lib.k[("linear", case, "int8")], *args, outs=[((t, n), "float32")], fill=np.nan)
+    wq = q.astype(np.float64) * s.astype(np.float64)
+    _close(y, x.astype(np.float64) @ wq.T + (b if bias else 0))
+
+
 def test_linear_rejects_other_weight_dtypes():
     with pytest.raises(CodegenError, match="half weights take float32 activations"):
-        linear("T", 64, 48, "float32", w_dtype="int8")
+        linear("T", 64, 48, "float32", w_dtype="int16")
 
 
 @pytest.mark.parametrize("lead", LINEAR_DECODE_LEADS)

@@ -26,6 +26,14 @@ output %n, %w, %i
 """
 
 
+@pytest.fixture(autouse=True)
+def keep_ir(monkeypatch, tmp_path):
+    """The IR before a failing pass is kept only when asked (MOEC_DEBUG >= 1), in
+    MOEC_DEBUG_DIR: these tests read it."""
+    monkeypatch.setenv("MOEC_DEBUG", "1")
+    monkeypatch.setenv("MOEC_DEBUG_DIR", str(tmp_path))
+
+
 def _dumped(msg: str) -> str:
     return Path(re.search(r"IR before the pass: (\S+)\)", msg).group(1)).read_text()
 

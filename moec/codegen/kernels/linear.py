@@ -84,9 +84,12 @@ def linear(
     M: rows, an int or a symbolic name, or a tuple of leading dims (x `[*M, K]`, y `[*M, N]`).
     `arg_transforms[1]` packs w `[N, K]` into `[ceil(N/NR), K, NR]`; pass the packed array.
     `w_dtype` (default `dtype`): float16 / bfloat16 weights under float32 x, widened in
-    registers as they are read."""
+    registers as they are read; int8 (core.linear_q): the kernel args are then
+    `(x, q_packed, scale [N, 1], [b], y)` and each output column is scaled once, after the sum
+    over K (y = scale[n] * sum_k x[k] q[n, k], exact for one scale per output channel)."""
     check_dtype("linear", dtype)
-    w_dtype = check_weight_dtype("linear", dtype, w_dtype)
+    scaled = w_dtype == "int8"  # float32 activations (check_dtype)
+    w_dtype = "int8" if scaled else check_weight_dtype("linear", dtype, w_dtype)
     if K < 1 or N < 1:
         raise CodegenError(f"linear: K={K} and N={N} must be >= 1")
     mr, nr, mc = linear_tiles(dtype)
@@ -115,13 +118,15 @@ def linear(
         """A weight element in the compute dtype."""
         return v if w_dtype == dtype else T.Cast(dtype, v)
 
-    def add_bias(v, b_buf, col):
+    def add_bias(v, s_buf, b_buf, col):
+        v = v * s_buf[col, 0] if scaled else v
         return v + b_buf[col] if bias else v
 
     @T.prim_func
-    def func(x: T.handle, w: T.handle, b: T.handle, y: T.handle):
+    def func(x: T.handle, w: T.handle, s: T.handle, b: T.handle, y: T.handle):
         X = T.match_buffer(x, [*lead_sh, K], dtype)
         W = T.match_buffer(w, (nb, K, nr), w_dtype)
+        S = T.match_buffer(s, (N, 1), "float32")
         B = T.match_buffer(b, (N,), dtype)
         Y = T.match_buffer(y, [*lead_sh, N], dtype)
         Xf = T.decl_buffer((m, K), dtype, data=X.data)
@@ -147,14 +152,14 @@ def linear(
                         if p < nb:
                             if full_nb == nb:
                                 for j in T.vectorized(nr):
-                                    Yf[i, p * nr + j] = add_bias(vacc[q, j], B, p * nr + j)
+                                    Yf[i, p * nr + j] = add_bias(vacc[q, j], S, B, p * nr + j)
                             else:
                                 if p < full_nb:
                                     for j in T.vectorized(nr):
-                                        Yf[i, p * nr + j] = add_bias(vacc[q, j], B, p * nr + j)
+                                        Yf[i, p * nr + j] = add_bias(vacc[q, j], S, B, p * nr + j)
                                 else:
                                     for j in range(N - full_nb * nr):
-                                        Yf[i, p * nr + j] = add_bias(vacc[q, j], B, p * nr + j)
+                                        Yf[i, p * nr + j] = add_bias(vacc[q, j], S, B, p * nr + j)
         else:
             # Panel index fastest: a thread's consecutive tasks reuse one MC x K block of x (in
             # L2) while streaming different weight panels.
@@ -185,17 +190,18 @@ def linear(
                             if full_nb == nb:
                                 for j in T.vectorized(nr):
                                     Yf[row(mo, g, i), p * nr + j] = add_bias(ctile[g * mr + i, j],
-                                                                             B, p * nr + j)
+                                                                             S, B, p * nr + j)
                             else:
                                 # Only the last panel is partial: guard its columns one by one.
                                 if p < full_nb:
                                     for j in T.vectorized(nr):
                                         Yf[row(mo, g, i), p * nr + j] = add_bias(
-                                            ctile[g * mr + i, j], B, p * nr + j)
+                                            ctile[g * mr + i, j], S, B, p * nr + j)
                                 else:
                                     for j in range(N - full_nb * nr):
                                         Yf[row(mo, g, i), p * nr + j] = add_bias(
-                                            ctile[g * mr + i, j], B, p * nr + j)
+                                            ctile[g * mr + i, j], S, B, p * nr + j)
 
-    return finish(func, name, drop=() if bias else ("B",),
+    drop = (() if bias else ("B",)) + (() if scaled else ("S",))
+    return finish(func, name, drop=drop,
                   arg_transforms={1: lambda w: pack_nk(w, nr)})
