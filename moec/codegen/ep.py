@@ -230,7 +230,7 @@ class _EpLowerer(_Lowerer):
                         build = lambda a=a, n=n, kk=kk: grouped_matmul_quant(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], bits=a["bits"],
                             group_size=a["group_size"], dtype=dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"])
+                            alpha=a["alpha"], limit=a["limit"], offset=a["offset"])
                     else:
                         wd = self.weight_dtype(dt, g.operands[1].type)  # half weights
                         # the tiles tuned for this layer's GEMM (keyed as in _Lowerer)
@@ -238,11 +238,11 @@ class _EpLowerer(_Lowerer):
                                                 a["gather"], a["activation"]))
                         extra = {**wd, **({"tiles": tiles} if tiles else {})}
                         key = ("ep.grouped_matmul_e1", dt, n, kk, bm, a["gather"],
-                               a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
-                               *wd.values())
+                               a["activation"], a["bias"], a["alpha"], a["limit"], a["offset"],
+                               tiles, *wd.values())
                         build = lambda a=a, n=n, kk=kk, x=extra: K.grouped_matmul(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"], **x)
+                            alpha=a["alpha"], limit=a["limit"], offset=a["offset"], **x)
                     kern, gv = self.kernel(key, build)
                     names, args = [], [cur]
                     for i, v in enumerate(g.operands[1:-2], start=1):

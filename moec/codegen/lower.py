@@ -282,12 +282,12 @@ class _Lowerer:
             extra = {"tiles": tiles} if tiles else {}
             extra.update(self.weight_dtype(dt, w))
             kern = self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                                 a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
-                                 extra.get("w_dtype")),
+                                 a["activation"], a["bias"], a["alpha"], a["limit"], a["offset"],
+                                 tiles, extra.get("w_dtype")),
                              lambda: self.K.grouped_matmul(
                                  e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
                                  a["activation"], dt, bias=a["bias"], alpha=a["alpha"],
-                                 limit=a["limit"], **extra))
+                                 limit=a["limit"], offset=a["offset"], **extra))
             self.note_experts(n, kern)
         elif op == "moe.expert_fetch":
             self.lower_fetch(n)
@@ -347,7 +347,7 @@ class _Lowerer:
         kern = self.call(n, (n.op, dt, e, nn, kk2, key), lambda: self.K.grouped_matmul_quant(
             e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
             bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
-            alpha=a["alpha"], limit=a["limit"]))
+            alpha=a["alpha"], limit=a["limit"], offset=a["offset"]))
         self.note_experts(n, kern)
 
     def lower_linear(self, n: Node, dt: str) -> None:

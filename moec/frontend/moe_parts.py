@@ -15,7 +15,11 @@
   gated by a direct child `nn.Linear(H, 1)` through a sigmoid (Qwen2-MoE).
 - **output bias**: a 1-D `[H]` parameter of the block added to its output (JetMoE).
 - **activation**: the parameter-free modules of the experts are run on a test vector and compared
-  with the known activations; `alpha` and `limit` attributes hint GPT-OSS's clamped SwiGLU.
+  with the known activations. A `limit` (`swiglu_limit`, `clamp_limit`) attribute hints a clamped
+  SwiGLU, tried in two forms: GPT-OSS's `(clamp(u) + 1) * g' * sigmoid(alpha g')` (alpha from an
+  `alpha`/`swiglu_alpha` attribute) and the plain `silu(min(g, L)) * clamp(u, -L, L)`; the probe
+  then also runs the block on inputs large enough to reach the limit (moe_probe.py), so which
+  form (or none) the block computes is measured, not guessed from small values.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Reading:
     b_down: torch.Tensor | None = None
     alpha: float = 1.702
     limit: float = 7.0
+    offset: float = 1.0
 
     def __post_init__(self) -> None:
         # moe.experts takes biases for all projections or none: missing ones become zeros
@@ -119,10 +124,36 @@ def role_score(name: str, role: str) -> int:
 _ACT_PROBE = torch.linspace(-6, 6, 97)
 
 
-def act_hints(modules: list[nn.Module]) -> tuple[list[str], dict[str, float]]:
-    """Activations to try, most plausible first, and clamped-SwiGLU constants if hinted."""
+_LIMIT_ATTRS = ("limit", "swiglu_limit", "clamp_limit")
+_ALPHA_ATTRS = ("alpha", "swiglu_alpha")
+
+
+def _number(m: nn.Module, names: tuple[str, ...]) -> float | None:
+    for a in names:
+        v = getattr(m, a, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def clamp_limit(modules: list[nn.Module]) -> float | None:
+    """The clamped-SwiGLU limit an attribute of `modules` hints (finite and positive), or None."""
+    for m in modules:
+        v = _number(m, _LIMIT_ATTRS)
+        if v is not None and 0.0 < v < float("inf"):
+            return v
+    return None
+
+
+Act = tuple[str, dict[str, float]]  # an activation and its clamped-SwiGLU constants
+
+
+def act_hints(modules: list[nn.Module]) -> list[Act]:
+    """Activations to try, most plausible first, each with its clamped-SwiGLU constants (alpha,
+    limit, offset; empty for the others). A hinted limit brings both clamped forms: GPT-OSS's
+    first when an alpha is hinted too, the plain one (alpha 1, offset 0) first otherwise."""
     hints: list[str] = []
-    consts: dict[str, float] = {}
+    clamped: list[dict[str, float]] = []
     for m in modules:
         for child in m.modules():
             if child is m or any(True for _ in child.parameters()) or next(
@@ -137,11 +168,13 @@ def act_hints(modules: list[nn.Module]) -> tuple[list[str], dict[str, float]]:
                 if isinstance(y, torch.Tensor) and y.shape == _ACT_PROBE.shape and torch.allclose(
                         y.float(), activate(_ACT_PROBE, act), atol=1e-5):
                     hints.append(act)
-        alpha, limit = getattr(m, "alpha", None), getattr(m, "limit", None)
-        if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
-            hints.insert(0, "clamped_swiglu")
-            consts = {"alpha": float(alpha), "limit": float(limit)}
-    return list(dict.fromkeys(hints + list(ACTIVATIONS))), consts
+        limit, alpha = clamp_limit([m]), _number(m, _ALPHA_ATTRS)
+        if limit is not None and not clamped:
+            gpt_oss = {"alpha": 1.702 if alpha is None else alpha, "limit": limit, "offset": 1.0}
+            plain = {"alpha": 1.0, "limit": limit, "offset": 0.0}
+            clamped = [gpt_oss, plain] if alpha is not None else [plain, gpt_oss]
+    names = [a for a in dict.fromkeys(hints + list(ACTIVATIONS)) if a != "clamped_swiglu"]
+    return [("clamped_swiglu", c) for c in clamped] + [(a, {}) for a in names]
 
 
 # --------------------------------------------------------------------------- router
@@ -242,7 +275,7 @@ def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
     roles = ("gate", "up", "down") if len(names) == 3 else ("up", "down")
     perms = sorted(itertools.permutations(names),
                    key=lambda p: sum(role_score(n, r) for n, r in zip(p, roles, strict=True)))
-    acts, consts = act_hints([experts[0]])
+    acts = act_hints([experts[0]])
     for perm in perms:
         assign = dict(zip(roles, perm, strict=True))
         down = lins[assign["down"]]
@@ -260,7 +293,7 @@ def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
                 return None
             return torch.stack([t.detach() for t in ts])
 
-        for act in acts:
+        for act, consts in acts:
             if act == "clamped_swiglu" and "gate" not in assign or (
                     act in UNGATED_ONLY and "gate" in assign):
                 continue
@@ -321,8 +354,8 @@ def _bias_split(b: torch.Tensor, how: str, i: int) -> tuple[torch.Tensor, torch.
 
 
 def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
-                      biases: list[tuple[str, torch.Tensor]], h: int, acts: list[str],
-                      consts: dict[str, float]) -> Iterator[Reading]:
+                      biases: list[tuple[str, torch.Tensor]], h: int, acts: list[Act]
+                      ) -> Iterator[Reading]:
     """Ways to read 3-D expert weights (and [E, N] biases) as (gate, up, down) + activation."""
     named = sorted(weights, key=lambda nt: role_score(nt[0], "down"))
     for d_name, d in named:
@@ -349,7 +382,7 @@ def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
                         combos.append((g, u, bg, bu))
                 ub = next((b.detach() for _, b in biases if b.shape[1] == i), None)
                 combos += [(None, u, None, ub) for u in _orient(rest[0][1], i, h)]
-            for (g, u, bg, bu), act in itertools.product(combos, acts):
+            for (g, u, bg, bu), (act, consts) in itertools.product(combos, acts):
                 if g is None and act == "clamped_swiglu" or (
                         g is not None and act in UNGATED_ONLY):
                     continue
@@ -390,8 +423,8 @@ def find_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
     if found is None:
         return None
     owners, weights, biases = found
-    acts, consts = act_hints([block.get_submodule(o) for o in owners if o])
-    readings = list(_stacked_readings(weights, biases, h, acts, consts))
+    acts = act_hints([block.get_submodule(o) for o in owners if o])
+    readings = list(_stacked_readings(weights, biases, h, acts))
     name = owners[0] if len(owners) == 1 and owners[0] else ", ".join(n for n, _ in weights)
     return ExpertsPart(name, e, None, owners, readings)
 

@@ -80,6 +80,7 @@ class MoESpec:
     b_down: torch.Tensor | None = None
     alpha: float = 1.702
     limit: float = 7.0
+    offset: float = 1.0  # clamped_swiglu: the 1 in (clamp(u) + 1); 0 for the plain clamped form
     weight_on: str = "output"
     shared_experts: tuple[str, ...] = ()
     shared_gate: str | None = None
@@ -99,7 +100,7 @@ class MoESpec:
 
     def reading(self) -> Reading:
         return Reading(self.w_gate, self.w_up, self.w_down, self.activation, self.b_gate,
-                       self.b_up, self.b_down, self.alpha, self.limit)
+                       self.b_up, self.b_down, self.alpha, self.limit, self.offset)
 
     def routing(self) -> Routing:
         return Routing(self.k, self.scoring, self.order, self.norm_topk, self.scale,
@@ -261,7 +262,8 @@ def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
         select_bias=None if sel is None else sel.reshape(-1), select_bias_name=sel_name,
         n_groups=ro.n_groups, topk_groups=ro.topk_groups, group_score=ro.group_score,
         capacity=ro.capacity, jitter_eps=ro.jitter_eps, b_gate=reading.b_gate, b_up=reading.b_up,
-        b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, weight_on=weight_on,
+        b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, offset=reading.offset,
+        weight_on=weight_on,
         shared_experts=tuple(parts.shared), shared_gate=parts.shared_gate,
         shared_scale=probe.shared_scale, out_bias_name=parts.out_bias,
         aux_output=probe.aux_kind(ro), router_is_param=r.is_param,

@@ -22,20 +22,23 @@ GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themsel
 UNGATED_ONLY = ("relu2", "none")  # squared ReLU: down(relu(up(x))^2); none: down(up(x))
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
 SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
-ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
+# clamped_swiglu's constants, GPT-OSS's by default; alpha=1, offset=0 is the plain clamped
+# SwiGLU silu(min(g, limit)) * clamp(u, -limit, limit) (DeepSeek-V4, HY-V4, MiniMax-M3)
+ACT_ATTRS = {"alpha": 1.702, "limit": 7.0, "offset": 1.0}
 
 
-def clamped_swiglu(g: np.ndarray, u: np.ndarray, alpha: float, limit: float) -> np.ndarray:
-    """GPT-OSS's gated activation: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
-    g' = min(g, limit)."""
+def clamped_swiglu(g: np.ndarray, u: np.ndarray, alpha: float, limit: float,
+                   offset: float = 1.0) -> np.ndarray:
+    """The clamped gated activation: (clamp(u, -limit, limit) + offset) * g' * sigmoid(alpha g'),
+    g' = min(g, limit); GPT-OSS's with alpha=1.702, offset=1."""
     g = np.minimum(g, limit)
-    return (np.clip(u, -limit, limit) + 1.0) * (g * _sigmoid(alpha * g))
+    return (np.clip(u, -limit, limit) + np.float32(offset)) * (g * _sigmoid(alpha * g))
 
 
 def glu(a: A, g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The gated hidden state of an expert: act(g) * u, or clamped_swiglu(g, u)."""
     if a["activation"] == "clamped_swiglu":
-        return clamped_swiglu(g, u, a["alpha"], a["limit"])
+        return clamped_swiglu(g, u, a["alpha"], a["limit"], a["offset"])
     return activation(a["activation"], g) * u
 
 
@@ -473,7 +476,7 @@ def _ref_gmm(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     for e, rows in _tiles(te, a["block_m"]):
         hs = [src[rows] @ _f(w[e]).T + (_f(bs[i][e]) if bs else 0) for i, w in enumerate(ws)]
         if act == "clamped_swiglu_mul":
-            out[rows] = clamped_swiglu(hs[0], hs[1], a["alpha"], a["limit"])
+            out[rows] = clamped_swiglu(hs[0], hs[1], a["alpha"], a["limit"], a["offset"])
         elif act.endswith("_mul"):
             out[rows] = activation(act[:-4], hs[0]) * hs[1]
         else:

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from moec.errors import PassError
 from moec.ir.graph import Graph, Node, Value
+from moec.ir.moe_ops import ACT_ATTRS
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import RewritePattern, Rewriter, apply_patterns
 
@@ -42,7 +43,7 @@ class DispatchExperts(RewritePattern):
             ws = rw.create("moe.permute", [_as(rw, _reshape(rw, w, [-1, 1], loc), x.dtype, loc),
                                            sids], {"top_k": 1}, loc=loc).result
             xs = rw.create("core.mul", [xs, ws], loc=loc).result
-        ffn_attrs = {name: a[name] for name in ("activation", "gated", "bias", "alpha", "limit")}
+        ffn_attrs = {name: a[name] for name in ("activation", "gated", "bias", *ACT_ATTRS)}
         ys = rw.create("moe.expert_ffn", [xs, tiles, *weights],
                        {"block_m": self.block_m, **ffn_attrs}, loc=loc).result
         per_slot = rw.create("moe.unpermute", [ys, slot_row], loc=loc).result

@@ -287,6 +287,32 @@ def test_grouped_matmul_half_weights(lib, case, w_dtype, routing, t):
     np.testing.assert_allclose(out[used], ref, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("t", [0, 1, 37])
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("consts", [dict(alpha=1.0, limit=0.5, offset=0.0),
+                                    dict(alpha=1.702, limit=0.5, offset=1.0)])
+def test_grouped_matmul_clamped_swiglu_constants(kernel_lib, consts, routing, t):
+    """clamped_swiglu_mul with the plain form's constants (silu(min(g, L)) * clamp(u, -L, L))
+    and GPT-OSS's, at a limit the values reach on both sides, against moe.grouped_matmul's
+    reference; gather with biases."""
+    from moec.ir.registry import get_op
+
+    case = (6, 40, 48, 8, 2, True, "clamped_swiglu_mul", True)
+    k = grouped_matmul(*case[:-1], "float32", bias=True, **consts)
+    lib = kernel_lib([k])
+    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(case, routing, t)
+    (out,) = lib(k, x, *ws, *bs, sorted_ids, tile_expert,
+                 outs=[((len(sorted_ids), case[1]), "float32")], fill=np.nan)
+    op = get_op("moe.grouped_matmul")
+    (want,) = op.reference([x, *ws, *bs, sorted_ids, tile_expert], op.check_attrs(dict(
+        block_m=8, top_k=2, gather=True, activation="clamped_swiglu_mul", bias=True, **consts)))
+    used = np.repeat(tile_expert >= 0, 8) & (sorted_ids < t * 2)
+    if t:
+        h = np.einsum("tk,enk->etn", x, ws[0])
+        assert (h > 0.5).mean() > 0.1 and (h < -0.5).mean() > 0.1  # the clamp is reached
+    np.testing.assert_allclose(out[used], want[used], rtol=RTOL, atol=ATOL)
+
+
 def test_grouped_matmul_rejects_other_weight_dtypes():
     with pytest.raises(CodegenError, match="half weights take float32 activations"):
         grouped_matmul(4, 8, 8, 16, 2, True, "silu_mul", "float32", w_dtype="int8")

@@ -100,12 +100,16 @@ GMMS = {  # name: (E, N, K, block_m, top_k, gather, activation, bias)
     # Switch-like top-1, N = 48: no 4-warp tensor-core block divides it, one warp per tile
     "narrow": (8, 48, 32, 16, 1, True, "relu", False),
     "relu2": (8, 64, 32, 16, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
+    # silu(min(g, L)) * clamp(u, -L, L): no alpha, no +1, a limit the values reach
+    "swiglu_plain": (8, 64, 64, 16, 2, True, "clamped_swiglu_mul", False),
 }
+GMM_ACT = {"swiglu_plain": dict(alpha=1.0, limit=0.5, offset=0.0)}  # clamped_swiglu constants
 
 
 def kernels(dtype: str) -> list[Kernel]:
     ks = [named(_router(cfg, dtype), f"router_{n}") for n, cfg in ROUTERS.items()]
-    ks += [named(C.grouped_matmul(*g[:7], dtype, bias=g[7]), f"gmm_{n}") for n, g in GMMS.items()]
+    ks += [named(C.grouped_matmul(*g[:7], dtype, bias=g[7], **GMM_ACT.get(n, {})), f"gmm_{n}")
+           for n, g in GMMS.items()]
     ks += [
         named(C.topk(("T", 8), 2, dtype), "topk8"),
         named(C.topk(("T", 300), 7, dtype), "topk300"),
@@ -222,7 +226,7 @@ def test_grouped_matmul(emu, dtype, name, tokens):
     ws = [(rng.standard_normal((e, n, kd)) / 8).astype(NP[dtype]) for _ in range(nw)]
     bs = [rng.standard_normal((e, n)).astype(NP[dtype]) for _ in range(nw if bias else 0)]
     want = ref("moe.grouped_matmul", [x, *ws, *bs, sid, eid], block_m=bm, top_k=top,
-               gather=gather, activation=act, bias=bias)[0]
+               gather=gather, activation=act, bias=bias, **GMM_ACT.get(name, {}))[0]
     got = np.zeros((len(sid), n), NP[dtype])
     emu("float16" if dtype == "float32" else dtype)[f"gmm_{name}_{dtype}"](x, *ws, *bs, sid, eid,
                                                                            got)

@@ -236,3 +236,74 @@ class SqrtSoftplusMoE(nn.Module):
         h = x.reshape(-1, H)
         w, ids = self.gate(h)
         return _loop(self.experts, h, w * self.routed_scaling_factor, ids).reshape(x.shape)
+
+
+def _clamped_glu(g: torch.Tensor, u: torch.Tensor, form: str, limit: float) -> torch.Tensor:
+    if form == "plain":  # DeepSeek-V4, HY-V4, MiniMax-M3: no alpha, no +1
+        return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+    if form == "gpt_oss":
+        g = g.clamp(max=limit)
+        return (u.clamp(-limit, limit) + 1) * g * torch.sigmoid(1.702 * g)
+    return F.silu(g) * u  # "none": a limit attribute, but no clamp
+
+
+class ClampedMLP(nn.Module):
+    def __init__(self, form: str, limit: float) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+        self.form, self.swiglu_limit = form, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_clamped_glu(self.gate_proj(x), self.up_proj(x), self.form,
+                                           self.swiglu_limit))
+
+
+class ClampedExperts(nn.Module):
+    def __init__(self, form: str, limit: float) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.zeros(E, H, I))
+        self.form, self.limit = form, limit
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            if len(tok):
+                g, u = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+                y = F.linear(_clamped_glu(g, u, self.form, self.limit), self.down_proj[e])
+                out.index_add_(0, tok, y * w[tok, slot, None])
+        return out
+
+
+class ClampedSwiGLUMoE(nn.Module):
+    """Softmax top-k, renormalised, over SwiGLU experts clamped at `limit`: `form` "plain" is
+    silu(min(g, L)) * clamp(u, -L, L), "gpt_oss" (clamp(u, -L, L) + 1) * g' * sigmoid(1.702 g'),
+    "none" no clamp (the limit attribute is there all the same). Stacked experts (`limit`) or a
+    ModuleList (`swiglu_limit`); `scale` multiplies the expert weights (0.1: the probe's small
+    inputs stay far below a limit of 7); `skew` a router bias sending most tokens to experts 0
+    and 1."""
+
+    def __init__(self, form: str = "plain", limit: float = 0.6, listed: bool = False,
+                 scale: float = 1.0, skew: float = 0.0, seed: int = 6) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gate = nn.Linear(H, E)
+        self.experts = nn.ModuleList(ClampedMLP(form, limit) for _ in range(E)) if listed \
+            else ClampedExperts(form, limit)
+        with torch.no_grad():
+            for name, q in self.named_parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5 * (
+                    1.0 if name.startswith("gate.") else scale))
+            self.gate.bias.zero_()
+            self.gate.bias[:2] = skew
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        if isinstance(self.experts, nn.ModuleList):
+            return _loop(self.experts, x, w, ids)
+        return self.experts(x, w, ids)

@@ -1,5 +1,6 @@
 """Before/Expected IR tests for the expert and routing forms of issue 17 §2: squared-ReLU
-(non-gated) experts through tile-expert-gemm, and sqrt-softplus scoring through fuse-gating;
+(non-gated) experts through tile-expert-gemm, sqrt-softplus scoring through fuse-gating, the
+clamped SwiGLU without alpha and +1 (offset=0) through reorder-dispatch and tile-expert-gemm;
 plus the default pipeline's numbers on each (interpreter, NumericCheck)."""
 
 import numpy as np
@@ -146,3 +147,71 @@ def test_default_pipeline_keeps_sqrt_softplus_router_numbers():
     """)
     (router,) = g.find("moe.router")
     assert router.attrs["scoring"] == "sqrt_softplus" and router.attrs["select_bias"]
+
+
+CLAMPED = "activation=clamped_swiglu, alpha=1.0, limit=0.5, offset=0.0"
+GATED = HEAD + """
+param @wg: f32[4, 8, 16]
+input %w: f32[T, 2]
+input %i: i32[T, 2]
+"""
+
+
+def test_reorder_dispatch_carries_the_plain_clamped_swiglu():
+    """silu(min(g, L)) * clamp(u, -L, L): alpha 1 and offset 0 travel to moe.expert_ffn."""
+    from moec.passes.reorder_dispatch import ReorderDispatch
+
+    before = parse(GATED + f"""
+      %y: f32[T, 16] = moe.experts(%x, %w, %i, @wg, @wu, @wd) {{{CLAMPED}}}
+      output %y
+    """)
+    assert_ir_equal(run_pass(ReorderDispatch(block_m=4), before), GATED + f"""
+      %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {{num_experts=4, block_m=4}}
+      %xs: f32[(T//2+4)*4, 16] = moe.permute(%x, %s) {{top_k=2}}
+      %ys: f32[(T//2+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {{block_m=4, {CLAMPED}}}
+      %u: f32[T, 2, 16] = moe.unpermute(%ys, %sr)
+      %w3: f32[T, 2, 1] = core.reshape(%w) {{shape=[-1, 2, 1]}}
+      %m: f32[T, 2, 16] = core.mul(%u, %w3)
+      %y: f32[T, 16] = core.sum(%m) {{axis=1}}
+      output %y
+    """)  # noqa: E501
+
+
+def test_tile_expert_gemm_plain_clamped_swiglu():
+    before = parse(GATED + f"""
+      %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {{num_experts=4, block_m=4}}
+      %xs: f32[(T//2+4)*4, 16] = moe.permute(%x, %s) {{top_k=2}}
+      %ys: f32[(T//2+4)*4, 16] = moe.expert_ffn(%xs, %t, @wg, @wu, @wd) {{block_m=4, {CLAMPED}}}
+      output %ys
+    """)  # noqa: E501
+    assert_ir_equal(run_pass(TileExpertGemm(), before), GATED + """
+      %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4}
+      %h: f32[(T//2+4)*4, 8] = moe.grouped_matmul(%x, @wg, @wu, %s, %t) {block_m=4, top_k=2, gather=true, activation=clamped_swiglu_mul, alpha=1.0, limit=0.5, offset=0.0}
+      %y: f32[(T//2+4)*4, 16] = moe.grouped_matmul(%h, @wd, %s, %t) {block_m=4, top_k=2}
+      output %y
+    """)  # noqa: E501
+
+
+def test_plain_clamped_swiglu_reference_reaches_the_limit():
+    """The reference of the clamped form with alpha 1, offset 0 is silu(min(g, L)) *
+    clamp(u, -L, L), on values past the limit on both sides."""
+    from moec.ir.moe_ops import clamped_swiglu
+
+    g = np.array([-3.0, -0.2, 0.3, 0.5, 2.0, 9.0], np.float32)
+    u = np.array([4.0, -9.0, 0.1, -0.5, 0.7, -0.6], np.float32)
+    gc = np.minimum(g, 0.5)
+    want = gc / (1 + np.exp(-gc)) * np.clip(u, -0.5, 0.5)
+    np.testing.assert_allclose(clamped_swiglu(g, u, 1.0, 0.5, 0.0), want, rtol=1e-6)
+
+
+def test_default_pipeline_keeps_plain_clamped_swiglu_numbers():
+    g = _numeric_pipeline(HEAD + """
+      param @wg: f32[4, 8, 16]
+      %l: f32[T, 4] = core.linear(%x, @r)
+      %p: f32[T, 4] = core.softmax(%l) {axis=-1}
+      %v: f32[T, 2], %i: i32[T, 2] = core.topk(%p) {k=2}
+      %y: f32[T, 16] = moe.experts(%x, %v, %i, @wg, @wu, @wd) {activation=clamped_swiglu, alpha=1.0, limit=0.05, offset=0.0}
+      output %y
+    """)  # noqa: E501
+    (first, _) = g.find("moe.grouped_matmul")
+    assert first.attrs["offset"] == 0.0 and first.attrs["activation"] == "clamped_swiglu_mul"
