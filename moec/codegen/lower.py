@@ -272,8 +272,9 @@ class _Lowerer:
                 self.lower_router_capacity(n, key, build, ins[1].shape[0])
         elif op == "moe.align":
             k = ins[0].shape[1]
-            self.call(n, (op, k, a["num_experts"], a["block_m"]),
-                      lambda: self.K.align(a["num_experts"], k, a["block_m"]))
+            ident = {"identity": True} if a["identity_experts"] else {}
+            self.call(n, (op, k, a["num_experts"], a["block_m"], *ident),
+                      lambda: self.K.align(a["num_experts"], k, a["block_m"], **ident))
         elif op == "moe.grouped_matmul":
             w = ins[1]
             e, nn, kk2 = w.shape
@@ -293,7 +294,8 @@ class _Lowerer:
             self.lower_fetch(n)
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
-            self.call(n, (op, dt, h, k), lambda: self.K.combine(h, k, dt))
+            ident = {"identity": True} if len(ins) == 4 else {}  # adds w * x for identity slots
+            self.call(n, (op, dt, h, k, *ident), lambda: self.K.combine(h, k, dt, **ident))
         elif op == "moe.permute":  # left by weight_on=input: the weight scales the sorted rows
             h, k = ins[0].shape[1], a["top_k"]
             self.call(n, (op, dt, h, k), lambda: self.K.permute(h, k, dt))

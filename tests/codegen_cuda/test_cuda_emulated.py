@@ -138,6 +138,9 @@ def kernels(dtype: str) -> list[Kernel]:
     ]
     if dtype == "float16":  # dtype-free, and the float32 (SIMT) GEMMs
         ks += [named(C.align(8, 2, 16), "align_small"), named(C.align(64, 6, 64), "align_big")]
+        # identity experts (LongCat-Flash): ids >= E left out of the layout, w * x combined
+        ks += [named(C.align(6, 2, 16, identity=True), "align_identity"),
+               named(C.combine(64, 2, dtype, identity=True), "combine_identity")]
         ks += [named(C.grouped_matmul(*g[:7], "float32", bias=g[7]), f"gmm_{n}")
                for n, g in GMMS.items() if n in ("up", "down")]
     return ks
@@ -287,6 +290,30 @@ def test_unpermute(emu, tokens):
     got = np.ones((tokens, 2, 64), np.float16)
     emu("float16")["unpermute_float16"](y, srow, got)
     close(got, ref("moe.unpermute", [y, srow])[0])
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37, 300])
+@pytest.mark.parametrize("skew", [0.3, 5.0])
+def test_align_and_combine_identity_experts(emu, tokens, skew):
+    """6 FFN experts and 2 identity experts: the identity ids are left out of the layout
+    (slot_row -1) and the combine adds w * x for them; Dirichlet(0.3) skewed routing, or
+    near-uniform."""
+    rng = np.random.default_rng(tokens)
+    p = rng.dirichlet(np.ones(8) * skew)
+    ids = np.stack([rng.choice(8, 2, replace=False, p=p) for _ in range(tokens)]).astype(
+        np.int32) if tokens else np.zeros((0, 2), np.int32)
+    want = align_ref(ids, 6, 16, identity_experts=2)
+    got = [np.zeros_like(w) for w in want]
+    emu("float16")["align_identity"](ids, *got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    srow = want[2]
+    y = rng.standard_normal((len(want[0]), 64)).astype(np.float16)
+    x = rng.standard_normal((tokens, 64)).astype(np.float16)
+    wts = rng.random((tokens, 2)).astype(np.float32)
+    out = np.zeros((tokens, 64), np.float16)
+    emu("float16")["combine_identity_float16"](y, wts, srow, x, out)
+    close(out, ref("moe.combine", [y, wts, srow, x])[0])
 
 
 @pytest.mark.parametrize("tokens", [0, 9])
