@@ -134,6 +134,8 @@ def find_regions(graph: Graph) -> list[_Region]:
         combine = users[0]
         if combine.operands[2] is not slot_row or set(slot_row.users()) != {combine}:
             raise _fail(combine, "it must read its rows through the region's slot_row")
+        if align.attrs["identity_experts"]:
+            raise _fail(align, "identity experts (ids after the FFN experts) are not sharded")
         e = align.attrs["num_experts"]
         for g in chain:
             for v in g.operands[1:-2]:

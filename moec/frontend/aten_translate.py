@@ -572,6 +572,8 @@ class _Translator:
                          offset=1.0 if a["offset"] is None else float(a["offset"]))
         if a["weight_on"] != "output":
             attrs["weight_on"] = a["weight_on"]
+        if a.get("identity_experts"):  # None when export leaves the default out
+            attrs["identity_experts"] = int(a["identity_experts"])
         return self.emit("moe.experts", [x, self.val(a["weights"]), self.val(a["ids"]),
                                          *operands], attrs)
 

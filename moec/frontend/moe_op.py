@@ -133,15 +133,21 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
                     b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
                     b_down: torch.Tensor | None, activation: str, alpha: float, limit: float,
-                    weight_on: str, offset: float = 1.0) -> torch.Tensor:
+                    weight_on: str, offset: float = 1.0, identity_experts: int = 0
+                    ) -> torch.Tensor:
     """Eager moe.experts: sum_j w[t,j] * FFN_ids[t,j](x[t]) (weight_on=output) or
-    sum_j FFN_ids[t,j](w[t,j] * x[t]) (weight_on=input)."""
+    sum_j FFN_ids[t,j](w[t,j] * x[t]) (weight_on=input); ids E..E+identity_experts-1 after the
+    E FFN experts are identity experts: w[t,j] * x[t]."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w_up.shape[0]):
+    n_ffn = w_up.shape[0]
+    for e in range(n_ffn + identity_experts):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
         w = weights[tok, slot, None].to(x.dtype)
+        if e >= n_ffn:
+            out.index_add_(0, tok, x[tok].float() * w.float())
+            continue
         inp = x[tok] * w if weight_on == "input" else x[tok]
         y = expert_ffn(inp, None if w_gate is None else w_gate[e], w_up[e], w_down[e],
                        activation, None if b_gate is None else b_gate[e],
@@ -181,10 +187,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
                 b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
                 b_down: torch.Tensor | None, activation: str, alpha: float, limit: float,
-                weight_on: str, offset: float = 1.0) -> torch.Tensor:
+                weight_on: str, offset: float = 1.0, identity_experts: int = 0) -> torch.Tensor:
     """Routed experts: x [T, H], routing [T, k] -> [T, H] (see experts_forward)."""
     return experts_forward(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                           activation, alpha, limit, weight_on, offset)
+                           activation, alpha, limit, weight_on, offset, identity_experts)
 
 
 @moe_experts.register_fake

@@ -86,6 +86,8 @@ class ExpertsPart:
     listed: list[nn.Module] | None  # the expert MLPs of a ModuleList/ModuleDict
     owners: list[str]  # direct children holding the expert weights ("" = the block)
     readings: list[Reading]
+    identity: int = 0  # router ids after the FFN experts that are identity experts (w * x)
+    counts: str = ""  # with identity experts: which weight holds how many experts
 
 
 @dataclass
@@ -389,13 +391,19 @@ def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
                 yield Reading(g, u, w_down, act, bg, bu, b_down, **consts)
 
 
-def _stacked(block: nn.Module, e: int, h: int, skip: set[str], router: torch.Tensor
-             ) -> tuple[list[str], list[tuple[str, torch.Tensor]],
-                        list[tuple[str, torch.Tensor]]] | None:
+def _stacked(block: nn.Module, e: int, h: int, skip: set[str], router: torch.Tensor,
+             wide: int | None = None) -> tuple[list[str], list[tuple[str, torch.Tensor]],
+                                               list[tuple[str, torch.Tensor]]] | None:
+    """(owners, 3-D weights, [E, N] biases) of the e stacked experts; with `wide` (the router's
+    count, above e: identity experts follow the FFN ones) tensors of `wide` experts count too,
+    their first e taken (LongCat-Flash allocates gate_up for all of them, down for the FFN
+    ones)."""
     weights, biases, owners = [], [], []
     for owner, name, p in _stacked_params(block, skip):
         if p is router:
             continue
+        if wide is not None and p.dim() in (2, 3) and p.shape[0] == wide:
+            p = p[:e]
         if p.dim() == 3 and p.shape[0] == e:
             weights.append((name, p))
         elif p.dim() == 2 and p.shape[0] != e and p.shape[0] % e == 0 and p.shape[1] == h:
@@ -429,15 +437,48 @@ def find_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
     return ExpertsPart(name, e, None, owners, readings)
 
 
+def find_identity_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
+    """Experts of `block` fewer than the router scores (E FFN experts, then identity experts
+    up to the router's count: LongCat-Flash's zero-computation experts), or None: an experts
+    container of fewer MLPs, or stacked weights whose leading dim is below the router's (some
+    may hold the router's count; their first E are taken)."""
+    e, h = router.shape
+    skip = set() if router.is_param else {router.name.split(".")[0]}
+    counts = {len(container_members(c)) for _, c in block.named_children()
+              if _is_expert_container(c)}
+    counts |= {int(p.shape[0]) for _, _, p in _stacked_params(block, skip) if p.dim() == 3}
+    for n in sorted((c for c in counts if 1 <= c < e), reverse=True):
+        listed = _listed(block, n, h)
+        if listed is not None:
+            name, mods = listed
+            return ExpertsPart(name, e, mods, [name], list(_list_readings(mods, h)), e - n,
+                               f"'{name}' holds {n}")
+        found = _stacked(block, n, h, skip, router.weight, wide=e)
+        if found is None:
+            continue
+        owners, weights, biases = found
+        acts = act_hints([block.get_submodule(o) for o in owners if o])
+        readings = list(_stacked_readings(weights, biases, h, acts))
+        name = owners[0] if len(owners) == 1 and owners[0] else ", ".join(w for w, _ in weights)
+        counts = ", ".join(f"'{pn}' holds {int(p.shape[0])}" for _, pn, p in _stacked_params(
+            block, skip) if p.dim() == 3 and int(p.shape[0]) in (n, e))
+        return ExpertsPart(name, e, None, owners, readings, e - n, counts)
+    return None
+
+
 # --------------------------------------------------------------------------- everything
 
 
 def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
     """The parts of `block`, or (None, what is missing) when it has no experts with a router."""
     routers = router_candidates(block)
-    for r in routers:
+    # experts as many as the router scores first; fewer (identity experts after them) only when
+    # no router has those
+    found = [(r, find_experts(block, r)) for r in routers]
+    if all(ex is None for _, ex in found):
+        found = [(r, find_identity_experts(block, r)) for r in routers]
+    for r, experts in found:
         h = r.shape[1]
-        experts = find_experts(block, r)
         if experts is None:
             continue
         used = set(experts.owners) | {r.name.split(".")[0]}
@@ -482,8 +523,8 @@ def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
                     f"router '{r.name}' scores {r.shape[0]} experts and "
                     f"{', '.join(repr(n) for n in fit)} hold {r.shape[0]}, but "
                     + ", ".join(f"'{n}' holds {c}" for n, c in off)
-                    + ": the expert weights differ in their expert count (identity "
-                    "(zero-computation) experts beside the FFN experts are not supported)")
+                    + ": the expert weights differ in their expert count, and no reading "
+                    "as FFN experts followed by identity (zero-computation) experts fits")
         return None, (f"found {num} experts ('{what}') but no router: no nn.Linear or [E, H] "
                       f"weight whose E matches the expert count"
                       + (f" (router-like weights have E in {sizes})" if sizes else ""))

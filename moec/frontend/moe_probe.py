@@ -231,13 +231,16 @@ class Probe:
 
     # ------------------------------------------------------------------ candidates
     def ffn(self, ri: int, reading: Reading, si: int) -> torch.Tensor:
-        """[E, T, H]: every expert of `reading` applied to every token of scenario si."""
+        """[E, T, H]: every expert of `reading` applied to every token of scenario si; identity
+        experts (after the FFN ones) give the token itself."""
         key = (ri, si)
         if key not in self._ffn:
             if len(self._ffn) > 8:
                 self._ffn.clear()
             x = self.scenarios[si].x.float()
-            self._ffn[key] = _all_experts(x, reading)
+            y = _all_experts(x, reading)
+            z = self.parts.experts.identity
+            self._ffn[key] = torch.cat([y, x.expand(z, *x.shape)]) if z else y
         return self._ffn[key]
 
     def route(self, ro: Routing, si: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +310,8 @@ class Probe:
                 return reading, cands[first], "output"
         # the weight scales the expert's input (Llama 4): plain routings only, one at a time
         plain = [i for i, ro in enumerate(cands) if not ro.norm_topk and ro.n_groups == 1
-                 and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0]
+                 and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0
+                 and not self.parts.experts.identity]
         for reading in readings if plain else ():
             wide = _float32(reading)
             for i in plain:

@@ -307,3 +307,51 @@ class ClampedSwiGLUMoE(nn.Module):
         if isinstance(self.experts, nn.ModuleList):
             return _loop(self.experts, x, w, ids)
         return self.experts(x, w, ids)
+
+
+class IdentityExpertsMoE(nn.Module):
+    """Softmax scores over E FFN experts and Z identity (zero-computation) experts, top-k on
+    score + a correction bias, scaled (LongCat-Flash's routing); a slot routed to an id >= E adds
+    w * x. Experts: a ModuleList of E MLPs (`layout` "listed"), or stacked weights whose fused
+    gate/up holds E + Z experts and down E ("wide_gate_up", as LongCat-Flash allocates them) or
+    both E ("stacked"). `skew` is added to the identity experts' correction bias (most tokens
+    pick one)."""
+
+    def __init__(self, layout: str = "wide_gate_up", z: int = 2, skew: float = 0.0,
+                 seed: int = 7) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.n_ffn, self.z = E, z
+        self.router = nn.Linear(H, E + z, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(E + z))
+        self.routed_scaling_factor = 2.0
+        if layout == "listed":
+            self.experts = nn.ModuleList(MLP() for _ in range(E))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.zeros(E + z if layout == "wide_gate_up" else E,
+                                                         2 * I, H))
+            self.down_proj = nn.Parameter(torch.zeros(E, H, I))
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5)
+            self.e_score_correction_bias[E:] = skew
+        self.eval()
+
+    def ffn(self, e: int, v: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "experts"):
+            return self.experts[e](v)
+        g, u = F.linear(v, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, H)
+        scores = torch.softmax(self.router(h), dim=-1)
+        ids = torch.topk(scores + self.e_score_correction_bias, K, dim=-1).indices
+        w = scores.gather(-1, ids) * self.routed_scaling_factor
+        out = torch.zeros_like(h)
+        for e in range(self.n_ffn + self.z):
+            tok, slot = torch.where(ids == e)
+            if len(tok):
+                y = h[tok] if e >= self.n_ffn else self.ffn(e, h[tok])
+                out.index_add_(0, tok, y * w[tok, slot, None])
+        return out.reshape(x.shape)

@@ -17,6 +17,7 @@ from moe_forms import (
     DropoutListMoE,
     DropoutScaledMoE,
     H,
+    IdentityExpertsMoE,
     NonGatedMoE,
     SigmoidBiasMoE,
     SqrtSoftplusMoE,
@@ -69,6 +70,12 @@ FORMS = {
                           dict(activation="clamped_swiglu", limit=7.0, offset=0.0)),
     "limit_unused": (lambda: ClampedSwiGLUMoE("none", limit=7.0, scale=0.1),
                      dict(activation="silu")),
+    # identity (zero-computation) experts after the FFN ones (LongCat-Flash): gate/up holding
+    # E + Z experts and down E, both E, or a ModuleList of E MLPs; the router scores E + Z
+    "identity_wide_gate_up": (IdentityExpertsMoE, dict(identity_experts=2, scale=2.0,
+                                                       select_bias_name="e_score_correction_bias")),
+    "identity_stacked": (lambda: IdentityExpertsMoE("stacked", z=1), dict(identity_experts=1)),
+    "identity_listed": (lambda: IdentityExpertsMoE("listed", z=3), dict(identity_experts=3)),
 }
 
 
@@ -188,10 +195,34 @@ def test_clamped_swiglu_plain_compiles_and_matches(listed, skew):
     assert "alpha=1.0" in art.ir_text and "limit=0.6" in art.ir_text
 
 
+@pytest.mark.parametrize("layout", ["wide_gate_up", "listed"])
+@pytest.mark.parametrize("skew", [0.0, 0.5])
+def test_identity_experts_compile_and_match(layout, skew):
+    """Identity experts through the pipeline: moe.align leaves their slots out, moe.combine adds
+    w * x for them; uniform routing and routing skewed to the identity experts."""
+    block = IdentityExpertsMoE(layout, skew=skew)
+
+    def routes_to_identity(x):
+        if len(x) < 8:
+            return
+        scores = torch.softmax(block.router(x), dim=-1)
+        ids = torch.topk(scores + block.e_score_correction_bias, 2, dim=-1).indices
+        share = (ids >= block.n_ffn).float().mean()
+        assert (share > 0.4) if skew else (0.05 < share < 0.5), share
+
+    art = _compiled_matches(block, torch.randn(8, H), (0, 1, 37), routes_to_identity)
+    assert "identity_experts=2" in art.ir_text
+    (combine,) = [ln for ln in art.ir_text.splitlines() if "moe.combine(" in ln]
+    assert combine.count("%") == 5  # y, weights, slot_row and x
+
+
 def test_a_weight_whose_expert_count_differs_is_named():
-    with pytest.raises(UnsupportedError, match=r"router 'gate' scores 10 experts and "
-                                               r"'gate_up_proj' hold 10, but 'down_proj' "
-                                               r"holds 8"):
+    """A block whose weights hold different expert counts, read as FFN experts then identity
+    experts, but whose output is no such routing (it returns x): the error names the counts."""
+    with pytest.raises(UnsupportedError, match=r"read as 8 FFN experts then 2 identity "
+                                               r"\(zero-computation\) experts: the router scores "
+                                               r"10 experts, 'gate_up_proj' holds 10, "
+                                               r"'down_proj' holds 8"):
         find_moe_blocks(ZeroExpertsMoE())
 
 
