@@ -2,7 +2,8 @@
 
 - **router**: a direct child `nn.Linear(H, E)`, a direct child module owning a 2-D `weight [E, H]`
   (optional `bias [E]`), a direct child wrapping exactly one such linear (`router.classifier`,
-  `router.layer`), or a 2-D parameter of the block itself. `[E]` (or `[1, E]`) tensors anywhere
+  `router.layer`; the wrapper's `[E]` buffers are selection-bias candidates), or a 2-D parameter
+  of the block itself. `[E]` (or `[1, E]`) tensors anywhere
   in the block other than the router's bias (on the router or its children first, then on the
   block: a correction bias the block passes into the router) are selection-bias candidates
   (DeepSeek-V3's `e_score_correction_bias`).
@@ -10,7 +11,9 @@
   `nn.Linear` children, with or without biases, plus parameter-free modules), or parameters of the
   block and its direct children (outside linears) that are 3-D with leading dim E
   (`gate_up [E, 2I, H]`, `down [E, H, I]`, either layout, gate/up fused as halves or interleaved),
-  2-D `[E*I, H]` (one expert after the other) or 2-D `[E, N]` biases.
+  2-D `[E*I, H]` (one expert after the other) or 2-D `[E, N]` biases. When no router has that
+  many experts: fewer (E' < E) read as E' FFN experts followed by E - E' identity experts
+  (`find_identity_experts`, LongCat-Flash's zero-computation experts).
 - **shared experts**: direct child MLPs outside the experts with H inputs and outputs, optionally
   gated by a direct child `nn.Linear(H, 1)` through a sigmoid (Qwen2-MoE).
 - **output bias**: a 1-D `[H]` parameter of the block added to its output (JetMoE).
@@ -238,6 +241,10 @@ def router_candidates(block: nn.Module) -> list[RouterPart]:
         sel = [(f"{tname}.{n}", t) for n, t in itertools.chain(
             target.named_parameters(), target.named_buffers())
             if is_expert_vector(t, e) and t is not bias]
+        if target is not child:  # a wrapper's own buffers (LongCat-Flash's router.classifier
+            # beside router.e_score_correction_bias)
+            sel += [(f"{cname}.{n}", t) for n, t in child.named_buffers(recurse=False)
+                    if is_expert_vector(t, e)]
         out.append(RouterPart(tname, target.weight, bias, False, target, sel))
     out.sort(key=lambda r: (not any(w in r.name.lower() for w in _ROUTER_WORDS), r.is_param))
     return out
