@@ -289,3 +289,18 @@ def test_default_pipeline_keeps_identity_experts_numbers():
     g = _numeric_pipeline(text)
     (combine,) = g.find("moe.combine")
     assert len(combine.operands) == 4 and combine.operands[3] is g.inputs[0]
+
+
+def test_offload_experts_refuses_identity_experts():
+    """The expert cache knows the FFN experts only: a layer with identity experts is refused by
+    name rather than fetched with ids past them."""
+    from moec.errors import PassError
+    from moec.passes.offload_experts import OffloadExperts
+
+    g = parse(IDENTITY.replace("input %w: f32[T, 2]\ninput %i: i32[T, 2]\n", "") + """
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2}
+      %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4, identity_experts=2}
+      output %s, %w
+    """)  # noqa: E501
+    with pytest.raises(PassError, match="identity experts"):
+        run_pass(OffloadExperts(), g)
