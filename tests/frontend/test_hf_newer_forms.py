@@ -1,7 +1,7 @@
-"""Two transformers (5.23) MoE blocks with the forms of issue 17 §2 items 4 and 6, compiled
-against transformers' own eager output (fp32, max relative error <= 1e-4) at T = 0, 1, 37 and
-on skewed tokens: HY-V4's experts clamp without alpha and +1 (silu(min(g, L)) * clamp(u, -L, L)),
-LongCat-Flash routes to E FFN experts and Z zero-computation (identity) experts whose gate/up
+"""transformers (5.23) MoE blocks with the forms of issue 17 §2 items 4 and 6, compiled against
+transformers' own eager output (fp32, max relative error <= 1e-4) at T = 0, 1, 37 and on skewed
+tokens: HY-V4's and DeepSeek-V4's experts clamp without alpha and +1 (silu(min(g, L)) *
+clamp(u, -L, L)); LongCat-Flash routes to E FFN experts and Z zero-computation (identity) experts whose gate/up
 weight is allocated for all E + Z. Tiny configs, random weights (hf_families._init)."""
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ def _hy_v4() -> torch.nn.Module:
     return _init(HYV4MoE(cfg), 0)
 
 
+def _deepseek_v4() -> torch.nn.Module:
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
+
+    cfg = transformers.DeepseekV4Config(hidden_size=H, intermediate_size=I,
+                                        moe_intermediate_size=I, n_routed_experts=8,
+                                        num_local_experts=8, num_experts_per_tok=2,
+                                        swiglu_limit=0.8, mlp_layer_types=["moe"],
+                                        num_hidden_layers=1, experts_implementation="eager")
+    return _init(DeepseekV4SparseMoeBlock(cfg, 0), 2)
+
+
 def _longcat_flash() -> torch.nn.Module:
     from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE
 
@@ -37,6 +48,9 @@ def _longcat_flash() -> torch.nn.Module:
 
 BLOCKS = {
     "hy_v4": (_hy_v4, dict(activation="clamped_swiglu", alpha=1.0, limit=0.8, offset=0.0)),
+    # its shared expert clamps too (traced as core ops)
+    "deepseek_v4": (_deepseek_v4, dict(activation="clamped_swiglu", alpha=1.0, limit=0.8,
+                                       offset=0.0, scoring="sqrt_softplus")),
     "longcat_flash": (_longcat_flash, dict(identity_experts=2, k=2, scale=1.5,
                                            select_bias_name="router.e_score_correction_bias")),
 }
