@@ -134,6 +134,8 @@ def find_regions(graph: Graph) -> list[_Region]:
         combine = users[0]
         if combine.operands[2] is not slot_row or set(slot_row.users()) != {combine}:
             raise _fail(combine, "it must read its rows through the region's slot_row")
+        if align.attrs["identity_experts"]:
+            raise _fail(align, "identity experts (ids after the FFN experts) are not sharded")
         e = align.attrs["num_experts"]
         for g in chain:
             for v in g.operands[1:-2]:
@@ -230,7 +232,7 @@ class _EpLowerer(_Lowerer):
                         build = lambda a=a, n=n, kk=kk: grouped_matmul_quant(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], bits=a["bits"],
                             group_size=a["group_size"], dtype=dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"])
+                            alpha=a["alpha"], limit=a["limit"], offset=a["offset"])
                     else:
                         wd = self.weight_dtype(dt, g.operands[1].type)  # half weights
                         # the tiles tuned for this layer's GEMM (keyed as in _Lowerer)
@@ -238,11 +240,11 @@ class _EpLowerer(_Lowerer):
                                                 a["gather"], a["activation"]))
                         extra = {**wd, **({"tiles": tiles} if tiles else {})}
                         key = ("ep.grouped_matmul_e1", dt, n, kk, bm, a["gather"],
-                               a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
-                               *wd.values())
+                               a["activation"], a["bias"], a["alpha"], a["limit"], a["offset"],
+                               tiles, *wd.values())
                         build = lambda a=a, n=n, kk=kk, x=extra: K.grouped_matmul(  # noqa: E731
                             1, n, kk, bm, 1, a["gather"], a["activation"], dt, bias=a["bias"],
-                            alpha=a["alpha"], limit=a["limit"], **x)
+                            alpha=a["alpha"], limit=a["limit"], offset=a["offset"], **x)
                     kern, gv = self.kernel(key, build)
                     names, args = [], [cur]
                     for i, v in enumerate(g.operands[1:-2], start=1):

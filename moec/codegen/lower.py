@@ -272,8 +272,9 @@ class _Lowerer:
                 self.lower_router_capacity(n, key, build, ins[1].shape[0])
         elif op == "moe.align":
             k = ins[0].shape[1]
-            self.call(n, (op, k, a["num_experts"], a["block_m"]),
-                      lambda: self.K.align(a["num_experts"], k, a["block_m"]))
+            ident = {"identity": True} if a["identity_experts"] else {}
+            self.call(n, (op, k, a["num_experts"], a["block_m"], *ident),
+                      lambda: self.K.align(a["num_experts"], k, a["block_m"], **ident))
         elif op == "moe.grouped_matmul":
             w = ins[1]
             e, nn, kk2 = w.shape
@@ -282,18 +283,19 @@ class _Lowerer:
             extra = {"tiles": tiles} if tiles else {}
             extra.update(self.weight_dtype(dt, w))
             kern = self.call(n, (op, dt, e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
-                                 a["activation"], a["bias"], a["alpha"], a["limit"], tiles,
-                                 extra.get("w_dtype")),
+                                 a["activation"], a["bias"], a["alpha"], a["limit"], a["offset"],
+                                 tiles, extra.get("w_dtype")),
                              lambda: self.K.grouped_matmul(
                                  e, nn, kk2, a["block_m"], a["top_k"], a["gather"],
                                  a["activation"], dt, bias=a["bias"], alpha=a["alpha"],
-                                 limit=a["limit"], **extra))
+                                 limit=a["limit"], offset=a["offset"], **extra))
             self.note_experts(n, kern)
         elif op == "moe.expert_fetch":
             self.lower_fetch(n)
         elif op == "moe.combine":
             h, k = ins[0].shape[1], ins[1].shape[1]
-            self.call(n, (op, dt, h, k), lambda: self.K.combine(h, k, dt))
+            ident = {"identity": True} if len(ins) == 4 else {}  # adds w * x for identity slots
+            self.call(n, (op, dt, h, k, *ident), lambda: self.K.combine(h, k, dt, **ident))
         elif op == "moe.permute":  # left by weight_on=input: the weight scales the sorted rows
             h, k = ins[0].shape[1], a["top_k"]
             self.call(n, (op, dt, h, k), lambda: self.K.permute(h, k, dt))
@@ -347,7 +349,7 @@ class _Lowerer:
         kern = self.call(n, (n.op, dt, e, nn, kk2, key), lambda: self.K.grouped_matmul_quant(
             e, nn, kk2, a["block_m"], a["top_k"], a["gather"], a["activation"],
             bits=a["bits"], group_size=a["group_size"], dtype=dt, bias=a["bias"],
-            alpha=a["alpha"], limit=a["limit"]))
+            alpha=a["alpha"], limit=a["limit"], offset=a["offset"]))
         self.note_experts(n, kern)
 
     def lower_linear(self, n: Node, dt: str) -> None:

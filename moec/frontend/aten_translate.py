@@ -568,9 +568,12 @@ class _Translator:
         attrs: dict[str, Any] = {"activation": a["activation"], "gated": gated,
                                  "bias": a["b_up"] is not None}
         if a["activation"] == "clamped_swiglu":
-            attrs.update(alpha=float(a["alpha"]), limit=float(a["limit"]))
+            attrs.update(alpha=float(a["alpha"]), limit=float(a["limit"]),
+                         offset=1.0 if a["offset"] is None else float(a["offset"]))
         if a["weight_on"] != "output":
             attrs["weight_on"] = a["weight_on"]
+        if a.get("identity_experts"):  # None when export leaves the default out
+            attrs["identity_experts"] = int(a["identity_experts"])
         return self.emit("moe.experts", [x, self.val(a["weights"]), self.val(a["ids"]),
                                          *operands], attrs)
 

@@ -39,12 +39,13 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def glu(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float = 1.702,
-        limit: float = 7.0) -> torch.Tensor:
-    """The gated hidden state: act(g) * u, or GPT-OSS's clamped SwiGLU
-    (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g') with g' = min(g, limit)."""
+        limit: float = 7.0, offset: float = 1.0) -> torch.Tensor:
+    """The gated hidden state: act(g) * u, or the clamped SwiGLU
+    (clamp(u, -limit, limit) + offset) * g' * sigmoid(alpha * g') with g' = min(g, limit):
+    GPT-OSS's with alpha=1.702, offset=1; silu(g') * clamp(u) with alpha=1, offset=0."""
     if activation == "clamped_swiglu":
         g = g.clamp(max=limit)
-        return (u.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
+        return (u.clamp(-limit, limit) + offset) * (g * torch.sigmoid(alpha * g))
     return activate(g, activation) * u
 
 
@@ -119,11 +120,11 @@ def capacity_keep(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.T
 def expert_ffn(x: torch.Tensor, w_gate: torch.Tensor | None, w_up: torch.Tensor,
                w_down: torch.Tensor, activation: str, b_gate: torch.Tensor | None = None,
                b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
-               alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+               alpha: float = 1.702, limit: float = 7.0, offset: float = 1.0) -> torch.Tensor:
     """One expert's FFN on x [n, H] with w_* of one expert ([I, H], [I, H], [H, I]) and optional
     biases ([I], [I], [H])."""
     up = F.linear(x, w_up, b_up)
-    h = glu(F.linear(x, w_gate, b_gate), up, activation, alpha, limit) \
+    h = glu(F.linear(x, w_gate, b_gate), up, activation, alpha, limit, offset) \
         if w_gate is not None else activate(up, activation)
     return F.linear(h, w_down, b_down)
 
@@ -132,20 +133,26 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
                     b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
                     b_down: torch.Tensor | None, activation: str, alpha: float, limit: float,
-                    weight_on: str) -> torch.Tensor:
+                    weight_on: str, offset: float = 1.0, identity_experts: int = 0
+                    ) -> torch.Tensor:
     """Eager moe.experts: sum_j w[t,j] * FFN_ids[t,j](x[t]) (weight_on=output) or
-    sum_j FFN_ids[t,j](w[t,j] * x[t]) (weight_on=input)."""
+    sum_j FFN_ids[t,j](w[t,j] * x[t]) (weight_on=input); ids E..E+identity_experts-1 after the
+    E FFN experts are identity experts: w[t,j] * x[t]."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w_up.shape[0]):
+    n_ffn = w_up.shape[0]
+    for e in range(n_ffn + identity_experts):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
         w = weights[tok, slot, None].to(x.dtype)
+        if e >= n_ffn:
+            out.index_add_(0, tok, x[tok].float() * w.float())
+            continue
         inp = x[tok] * w if weight_on == "input" else x[tok]
         y = expert_ffn(inp, None if w_gate is None else w_gate[e], w_up[e], w_down[e],
                        activation, None if b_gate is None else b_gate[e],
                        None if b_up is None else b_up[e], None if b_down is None else b_down[e],
-                       alpha, limit).float()
+                       alpha, limit, offset).float()
         out.index_add_(0, tok, y if weight_on == "input" else y * w.float())
     return out.to(x.dtype)
 
@@ -180,10 +187,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
                 b_gate: torch.Tensor | None, b_up: torch.Tensor | None,
                 b_down: torch.Tensor | None, activation: str, alpha: float, limit: float,
-                weight_on: str) -> torch.Tensor:
+                weight_on: str, offset: float = 1.0, identity_experts: int = 0) -> torch.Tensor:
     """Routed experts: x [T, H], routing [T, k] -> [T, H] (see experts_forward)."""
     return experts_forward(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                           activation, alpha, limit, weight_on)
+                           activation, alpha, limit, weight_on, offset, identity_experts)
 
 
 @moe_experts.register_fake

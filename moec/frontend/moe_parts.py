@@ -2,7 +2,8 @@
 
 - **router**: a direct child `nn.Linear(H, E)`, a direct child module owning a 2-D `weight [E, H]`
   (optional `bias [E]`), a direct child wrapping exactly one such linear (`router.classifier`,
-  `router.layer`), or a 2-D parameter of the block itself. `[E]` (or `[1, E]`) tensors anywhere
+  `router.layer`; the wrapper's `[E]` buffers are selection-bias candidates), or a 2-D parameter
+  of the block itself. `[E]` (or `[1, E]`) tensors anywhere
   in the block other than the router's bias (on the router or its children first, then on the
   block: a correction bias the block passes into the router) are selection-bias candidates
   (DeepSeek-V3's `e_score_correction_bias`).
@@ -10,12 +11,18 @@
   `nn.Linear` children, with or without biases, plus parameter-free modules), or parameters of the
   block and its direct children (outside linears) that are 3-D with leading dim E
   (`gate_up [E, 2I, H]`, `down [E, H, I]`, either layout, gate/up fused as halves or interleaved),
-  2-D `[E*I, H]` (one expert after the other) or 2-D `[E, N]` biases.
+  2-D `[E*I, H]` (one expert after the other) or 2-D `[E, N]` biases. When no router has that
+  many experts: fewer (E' < E) read as E' FFN experts followed by E - E' identity experts
+  (`find_identity_experts`, LongCat-Flash's zero-computation experts).
 - **shared experts**: direct child MLPs outside the experts with H inputs and outputs, optionally
   gated by a direct child `nn.Linear(H, 1)` through a sigmoid (Qwen2-MoE).
 - **output bias**: a 1-D `[H]` parameter of the block added to its output (JetMoE).
 - **activation**: the parameter-free modules of the experts are run on a test vector and compared
-  with the known activations; `alpha` and `limit` attributes hint GPT-OSS's clamped SwiGLU.
+  with the known activations. A `limit` (`swiglu_limit`, `clamp_limit`) attribute hints a clamped
+  SwiGLU, tried in two forms: GPT-OSS's `(clamp(u) + 1) * g' * sigmoid(alpha g')` (alpha from an
+  `alpha`/`swiglu_alpha` attribute) and the plain `silu(min(g, L)) * clamp(u, -L, L)`; the probe
+  then also runs the block on inputs large enough to reach the limit (moe_probe.py), so which
+  form (or none) the block computes is measured, not guessed from small values.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class Reading:
     b_down: torch.Tensor | None = None
     alpha: float = 1.702
     limit: float = 7.0
+    offset: float = 1.0
 
     def __post_init__(self) -> None:
         # moe.experts takes biases for all projections or none: missing ones become zeros
@@ -81,6 +89,8 @@ class ExpertsPart:
     listed: list[nn.Module] | None  # the expert MLPs of a ModuleList/ModuleDict
     owners: list[str]  # direct children holding the expert weights ("" = the block)
     readings: list[Reading]
+    identity: int = 0  # router ids after the FFN experts that are identity experts (w * x)
+    counts: str = ""  # with identity experts: which weight holds how many experts
 
 
 @dataclass
@@ -119,10 +129,36 @@ def role_score(name: str, role: str) -> int:
 _ACT_PROBE = torch.linspace(-6, 6, 97)
 
 
-def act_hints(modules: list[nn.Module]) -> tuple[list[str], dict[str, float]]:
-    """Activations to try, most plausible first, and clamped-SwiGLU constants if hinted."""
+_LIMIT_ATTRS = ("limit", "swiglu_limit", "clamp_limit")
+_ALPHA_ATTRS = ("alpha", "swiglu_alpha")
+
+
+def _number(m: nn.Module, names: tuple[str, ...]) -> float | None:
+    for a in names:
+        v = getattr(m, a, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def clamp_limit(modules: list[nn.Module]) -> float | None:
+    """The clamped-SwiGLU limit an attribute of `modules` hints (finite and positive), or None."""
+    for m in modules:
+        v = _number(m, _LIMIT_ATTRS)
+        if v is not None and 0.0 < v < float("inf"):
+            return v
+    return None
+
+
+Act = tuple[str, dict[str, float]]  # an activation and its clamped-SwiGLU constants
+
+
+def act_hints(modules: list[nn.Module]) -> list[Act]:
+    """Activations to try, most plausible first, each with its clamped-SwiGLU constants (alpha,
+    limit, offset; empty for the others). A hinted limit brings both clamped forms: GPT-OSS's
+    first when an alpha is hinted too, the plain one (alpha 1, offset 0) first otherwise."""
     hints: list[str] = []
-    consts: dict[str, float] = {}
+    clamped: list[dict[str, float]] = []
     for m in modules:
         for child in m.modules():
             if child is m or any(True for _ in child.parameters()) or next(
@@ -137,11 +173,13 @@ def act_hints(modules: list[nn.Module]) -> tuple[list[str], dict[str, float]]:
                 if isinstance(y, torch.Tensor) and y.shape == _ACT_PROBE.shape and torch.allclose(
                         y.float(), activate(_ACT_PROBE, act), atol=1e-5):
                     hints.append(act)
-        alpha, limit = getattr(m, "alpha", None), getattr(m, "limit", None)
-        if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
-            hints.insert(0, "clamped_swiglu")
-            consts = {"alpha": float(alpha), "limit": float(limit)}
-    return list(dict.fromkeys(hints + list(ACTIVATIONS))), consts
+        limit, alpha = clamp_limit([m]), _number(m, _ALPHA_ATTRS)
+        if limit is not None and not clamped:
+            gpt_oss = {"alpha": 1.702 if alpha is None else alpha, "limit": limit, "offset": 1.0}
+            plain = {"alpha": 1.0, "limit": limit, "offset": 0.0}
+            clamped = [gpt_oss, plain] if alpha is not None else [plain, gpt_oss]
+    names = [a for a in dict.fromkeys(hints + list(ACTIVATIONS)) if a != "clamped_swiglu"]
+    return [("clamped_swiglu", c) for c in clamped] + [(a, {}) for a in names]
 
 
 # --------------------------------------------------------------------------- router
@@ -203,6 +241,10 @@ def router_candidates(block: nn.Module) -> list[RouterPart]:
         sel = [(f"{tname}.{n}", t) for n, t in itertools.chain(
             target.named_parameters(), target.named_buffers())
             if is_expert_vector(t, e) and t is not bias]
+        if target is not child:  # a wrapper's own buffers (LongCat-Flash's router.classifier
+            # beside router.e_score_correction_bias)
+            sel += [(f"{cname}.{n}", t) for n, t in child.named_buffers(recurse=False)
+                    if is_expert_vector(t, e)]
         out.append(RouterPart(tname, target.weight, bias, False, target, sel))
     out.sort(key=lambda r: (not any(w in r.name.lower() for w in _ROUTER_WORDS), r.is_param))
     return out
@@ -242,7 +284,7 @@ def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
     roles = ("gate", "up", "down") if len(names) == 3 else ("up", "down")
     perms = sorted(itertools.permutations(names),
                    key=lambda p: sum(role_score(n, r) for n, r in zip(p, roles, strict=True)))
-    acts, consts = act_hints([experts[0]])
+    acts = act_hints([experts[0]])
     for perm in perms:
         assign = dict(zip(roles, perm, strict=True))
         down = lins[assign["down"]]
@@ -260,7 +302,7 @@ def _list_readings(experts: list[nn.Module], h: int) -> Iterator[Reading]:
                 return None
             return torch.stack([t.detach() for t in ts])
 
-        for act in acts:
+        for act, consts in acts:
             if act == "clamped_swiglu" and "gate" not in assign or (
                     act in UNGATED_ONLY and "gate" in assign):
                 continue
@@ -321,8 +363,8 @@ def _bias_split(b: torch.Tensor, how: str, i: int) -> tuple[torch.Tensor, torch.
 
 
 def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
-                      biases: list[tuple[str, torch.Tensor]], h: int, acts: list[str],
-                      consts: dict[str, float]) -> Iterator[Reading]:
+                      biases: list[tuple[str, torch.Tensor]], h: int, acts: list[Act]
+                      ) -> Iterator[Reading]:
     """Ways to read 3-D expert weights (and [E, N] biases) as (gate, up, down) + activation."""
     named = sorted(weights, key=lambda nt: role_score(nt[0], "down"))
     for d_name, d in named:
@@ -349,20 +391,26 @@ def _stacked_readings(weights: list[tuple[str, torch.Tensor]],
                         combos.append((g, u, bg, bu))
                 ub = next((b.detach() for _, b in biases if b.shape[1] == i), None)
                 combos += [(None, u, None, ub) for u in _orient(rest[0][1], i, h)]
-            for (g, u, bg, bu), act in itertools.product(combos, acts):
+            for (g, u, bg, bu), (act, consts) in itertools.product(combos, acts):
                 if g is None and act == "clamped_swiglu" or (
                         g is not None and act in UNGATED_ONLY):
                     continue
                 yield Reading(g, u, w_down, act, bg, bu, b_down, **consts)
 
 
-def _stacked(block: nn.Module, e: int, h: int, skip: set[str], router: torch.Tensor
-             ) -> tuple[list[str], list[tuple[str, torch.Tensor]],
-                        list[tuple[str, torch.Tensor]]] | None:
+def _stacked(block: nn.Module, e: int, h: int, skip: set[str], router: torch.Tensor,
+             wide: int | None = None) -> tuple[list[str], list[tuple[str, torch.Tensor]],
+                                               list[tuple[str, torch.Tensor]]] | None:
+    """(owners, 3-D weights, [E, N] biases) of the e stacked experts; with `wide` (the router's
+    count, above e: identity experts follow the FFN ones) tensors of `wide` experts count too,
+    their first e taken (LongCat-Flash allocates gate_up for all of them, down for the FFN
+    ones)."""
     weights, biases, owners = [], [], []
     for owner, name, p in _stacked_params(block, skip):
         if p is router:
             continue
+        if wide is not None and p.dim() in (2, 3) and p.shape[0] == wide:
+            p = p[:e]
         if p.dim() == 3 and p.shape[0] == e:
             weights.append((name, p))
         elif p.dim() == 2 and p.shape[0] != e and p.shape[0] % e == 0 and p.shape[1] == h:
@@ -390,10 +438,39 @@ def find_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
     if found is None:
         return None
     owners, weights, biases = found
-    acts, consts = act_hints([block.get_submodule(o) for o in owners if o])
-    readings = list(_stacked_readings(weights, biases, h, acts, consts))
+    acts = act_hints([block.get_submodule(o) for o in owners if o])
+    readings = list(_stacked_readings(weights, biases, h, acts))
     name = owners[0] if len(owners) == 1 and owners[0] else ", ".join(n for n, _ in weights)
     return ExpertsPart(name, e, None, owners, readings)
+
+
+def find_identity_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
+    """Experts of `block` fewer than the router scores (E FFN experts, then identity experts
+    up to the router's count: LongCat-Flash's zero-computation experts), or None: an experts
+    container of fewer MLPs, or stacked weights whose leading dim is below the router's (some
+    may hold the router's count; their first E are taken)."""
+    e, h = router.shape
+    skip = set() if router.is_param else {router.name.split(".")[0]}
+    counts = {len(container_members(c)) for _, c in block.named_children()
+              if _is_expert_container(c)}
+    counts |= {int(p.shape[0]) for _, _, p in _stacked_params(block, skip) if p.dim() == 3}
+    for n in sorted((c for c in counts if 1 <= c < e), reverse=True):
+        listed = _listed(block, n, h)
+        if listed is not None:
+            name, mods = listed
+            return ExpertsPart(name, e, mods, [name], list(_list_readings(mods, h)), e - n,
+                               f"'{name}' holds {n}")
+        found = _stacked(block, n, h, skip, router.weight, wide=e)
+        if found is None:
+            continue
+        owners, weights, biases = found
+        acts = act_hints([block.get_submodule(o) for o in owners if o])
+        readings = list(_stacked_readings(weights, biases, h, acts))
+        name = owners[0] if len(owners) == 1 and owners[0] else ", ".join(w for w, _ in weights)
+        counts = ", ".join(f"'{pn}' holds {int(p.shape[0])}" for _, pn, p in _stacked_params(
+            block, skip) if p.dim() == 3 and int(p.shape[0]) in (n, e))
+        return ExpertsPart(name, e, None, owners, readings, e - n, counts)
+    return None
 
 
 # --------------------------------------------------------------------------- everything
@@ -402,9 +479,13 @@ def find_experts(block: nn.Module, router: RouterPart) -> ExpertsPart | None:
 def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
     """The parts of `block`, or (None, what is missing) when it has no experts with a router."""
     routers = router_candidates(block)
-    for r in routers:
+    # experts as many as the router scores first; fewer (identity experts after them) only when
+    # no router has those
+    found = [(r, find_experts(block, r)) for r in routers]
+    if all(ex is None for _, ex in found):
+        found = [(r, find_identity_experts(block, r)) for r in routers]
+    for r, experts in found:
         h = r.shape[1]
-        experts = find_experts(block, r)
         if experts is None:
             continue
         used = set(experts.owners) | {r.name.split(".")[0]}
@@ -449,8 +530,8 @@ def find_parts(block: nn.Module) -> tuple[Parts | None, str]:
                     f"router '{r.name}' scores {r.shape[0]} experts and "
                     f"{', '.join(repr(n) for n in fit)} hold {r.shape[0]}, but "
                     + ", ".join(f"'{n}' holds {c}" for n, c in off)
-                    + ": the expert weights differ in their expert count (identity "
-                    "(zero-computation) experts beside the FFN experts are not supported)")
+                    + ": the expert weights differ in their expert count, and no reading "
+                    "as FFN experts followed by identity (zero-computation) experts fits")
         return None, (f"found {num} experts ('{what}') but no router: no nn.Linear or [E, H] "
                       f"weight whose E matches the expert count"
                       + (f" (router-like weights have E in {sizes})" if sizes else ""))

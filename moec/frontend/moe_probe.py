@@ -3,9 +3,12 @@
 The block runs in a few scenarios: its own router; a random router (unit logit spread, random
 logit and selection biases, so that routings a skewed router makes look alike differ and unused
 biases show); with an `expert_capacity` hint, a router that sends every token to one expert, with
-more tokens than the capacity. A candidate (expert reading + routing + where the weight applies)
-is taken when it reproduces the block's output in every scenario. Routing candidates are routed
-once per scenario and scored for all of them at once per expert reading.
+more tokens than the capacity; with a clamped-SwiGLU limit hinted, the block's own router on
+tokens scaled so that about two thirds of the expert pre-activations lie past the limit (a probe
+on small values cannot tell a clamp from none, nor one clamped form from another). A candidate
+(expert reading + routing + where the weight applies) is taken when it reproduces the block's
+output in every scenario. Routing candidates are routed once per scenario and scored for all of
+them at once per expert reading.
 """
 
 from __future__ import annotations
@@ -161,6 +164,9 @@ class Probe:
             xs = v + rnd(capacity + 4, h, std=0.05)
             self.scenarios.append(_Scenario(xs, w, None if r.bias is None else
                                             torch.zeros_like(r.bias), own.select_bias))
+        large = _clamp_reaching(x, parts)
+        if large is not None:
+            self.scenarios.append(replace(own, x=large))
         for s in self.scenarios:
             self._run(s)
         self._ffn: dict[tuple[int, int], torch.Tensor] = {}
@@ -225,13 +231,16 @@ class Probe:
 
     # ------------------------------------------------------------------ candidates
     def ffn(self, ri: int, reading: Reading, si: int) -> torch.Tensor:
-        """[E, T, H]: every expert of `reading` applied to every token of scenario si."""
+        """[E, T, H]: every expert of `reading` applied to every token of scenario si; identity
+        experts (after the FFN ones) give the token itself."""
         key = (ri, si)
         if key not in self._ffn:
             if len(self._ffn) > 8:
                 self._ffn.clear()
             x = self.scenarios[si].x.float()
-            self._ffn[key] = _all_experts(x, reading)
+            y = _all_experts(x, reading)
+            z = self.parts.experts.identity
+            self._ffn[key] = torch.cat([y, x.expand(z, *x.shape)]) if z else y
         return self._ffn[key]
 
     def route(self, ro: Routing, si: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +310,8 @@ class Probe:
                 return reading, cands[first], "output"
         # the weight scales the expert's input (Llama 4): plain routings only, one at a time
         plain = [i for i, ro in enumerate(cands) if not ro.norm_topk and ro.n_groups == 1
-                 and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0]
+                 and not ro.select_bias and ro.scale == 1.0 and ro.capacity == 0
+                 and not self.parts.experts.identity]
         for reading in readings if plain else ():
             wide = _float32(reading)
             for i in plain:
@@ -409,6 +419,21 @@ class Probe:
                                "routing weights")
 
 
+def _clamp_reaching(x: torch.Tensor, parts: Parts) -> torch.Tensor | None:
+    """x scaled so that the median |pre-activation| of the experts (the first reading's up and
+    gate projections) is 1.5 times the smallest clamped-SwiGLU limit among the readings, or
+    None when no reading clamps."""
+    limits = [rd.limit for rd in parts.experts.readings if rd.activation == "clamped_swiglu"]
+    if not limits:
+        return None
+    rd = parts.experts.readings[0]
+    with torch.no_grad():
+        pre = [_proj(w, None, x.float(), "th,eoh->eto").abs().flatten()
+               for w in (rd.w_up, rd.w_gate) if w is not None]
+        med = float(torch.cat(pre).median())
+    return x if med <= 0.0 else (x.float() * (1.5 * min(limits) / med)).to(x.dtype)
+
+
 def _snap(v: float) -> float:
     """A fitted constant with the fewest decimals within 2e-6 of it (0.9 for 0.90000004): the
     constants blocks use are short; a long one is kept as it is."""
@@ -441,7 +466,8 @@ def _proj(w: torch.Tensor, b: torch.Tensor | None, v: torch.Tensor, spec: str) -
 def _ffn(x: torch.Tensor, rd: Reading, first: str, second: str) -> torch.Tensor:
     up = _proj(rd.w_up, rd.b_up, x, first)
     if rd.w_gate is not None:
-        h = glu(_proj(rd.w_gate, rd.b_gate, x, first), up, rd.activation, rd.alpha, rd.limit)
+        h = glu(_proj(rd.w_gate, rd.b_gate, x, first), up, rd.activation, rd.alpha, rd.limit,
+                 rd.offset)
     else:
         h = activate(up, rd.activation)
     return _proj(rd.w_down, rd.b_down, h, second)

@@ -80,6 +80,8 @@ class MoESpec:
     b_down: torch.Tensor | None = None
     alpha: float = 1.702
     limit: float = 7.0
+    offset: float = 1.0  # clamped_swiglu: the 1 in (clamp(u) + 1); 0 for the plain clamped form
+    identity_experts: int = 0  # router ids after the FFN experts' add w * x (LongCat-Flash)
     weight_on: str = "output"
     shared_experts: tuple[str, ...] = ()
     shared_gate: str | None = None
@@ -99,7 +101,7 @@ class MoESpec:
 
     def reading(self) -> Reading:
         return Reading(self.w_gate, self.w_up, self.w_down, self.activation, self.b_gate,
-                       self.b_up, self.b_down, self.alpha, self.limit)
+                       self.b_up, self.b_down, self.alpha, self.limit, self.offset)
 
     def routing(self) -> Routing:
         return Routing(self.k, self.scoring, self.order, self.norm_topk, self.scale,
@@ -109,9 +111,16 @@ class MoESpec:
     def validate(self, where: str) -> None:
         """Raise UnsupportedError when shapes or attributes are inconsistent."""
         e, h = self.router_weight.shape
+        if not 0 <= self.identity_experts < e:
+            raise UnsupportedError(f"{where}: identity_experts={self.identity_experts} out of "
+                                   f"range 0..{e - 1}")
+        if self.identity_experts and self.weight_on != "output":
+            raise UnsupportedError(f"{where}: identity experts take weight_on='output'")
+        e -= self.identity_experts  # the FFN experts
         i = self.w_up.shape[1]
         want = {"w_up": (e, i, h), "w_down": (e, h, i), "b_up": (e, i), "b_down": (e, h),
-                "router_bias": (e,), "select_bias": (e,)}
+                "router_bias": (e + self.identity_experts,),
+                "select_bias": (e + self.identity_experts,)}
         if self.w_gate is not None:
             want.update(w_gate=(e, i, h), b_gate=(e, i))
         for name, shape in want.items():
@@ -202,7 +211,8 @@ def _check_user_spec(block: nn.Module, spec: MoESpec, where: str, name: str) -> 
     spec.validate(where)
     router = _router_part(block, spec, where)
     spec.router_is_param = router.is_param
-    parts = Parts(router, ExpertsPart("experts", spec.num_experts, None, [], []),
+    parts = Parts(router, ExpertsPart("experts", spec.num_experts, None, [], [],
+                                      spec.identity_experts),
                   list(spec.shared_experts), spec.shared_gate, spec.out_bias_name, [])
     probe = Probe(block, parts, where, spec.capacity)
     probe.shared_scale = spec.shared_scale
@@ -261,7 +271,8 @@ def recognize_structural(block: nn.Module, path: str) -> MoESpec | None:
         select_bias=None if sel is None else sel.reshape(-1), select_bias_name=sel_name,
         n_groups=ro.n_groups, topk_groups=ro.topk_groups, group_score=ro.group_score,
         capacity=ro.capacity, jitter_eps=ro.jitter_eps, b_gate=reading.b_gate, b_up=reading.b_up,
-        b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, weight_on=weight_on,
+        b_down=reading.b_down, alpha=reading.alpha, limit=reading.limit, offset=reading.offset,
+        weight_on=weight_on, identity_experts=ex.identity,
         shared_experts=tuple(parts.shared), shared_gate=parts.shared_gate,
         shared_scale=probe.shared_scale, out_bias_name=parts.out_bias,
         aux_output=probe.aux_kind(ro), router_is_param=r.is_param,
@@ -303,7 +314,10 @@ def _routing_not_found(where: str, parts: Parts, listed: bool) -> str:
     found = [f"router '{r.name}' [E={r.shape[0]}, H={r.shape[1]}]"
              + (" with a logit bias" if r.bias is not None else "")
              + (f" and selection bias '{r.select_biases[0][0]}'" if r.select_biases else ""),
-             f"experts '{ex.name}'"]
+             f"experts '{ex.name}'" + (
+                 f" read as {ex.num - ex.identity} FFN experts then {ex.identity} identity "
+                 f"(zero-computation) experts: the router scores {ex.num} experts, {ex.counts}"
+                 if ex.identity else "")]
     if parts.shared:
         found.append(f"shared experts {', '.join(parts.shared)}"
                      + (f" gated by '{parts.shared_gate}'" if parts.shared_gate else ""))

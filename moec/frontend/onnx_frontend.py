@@ -428,9 +428,9 @@ class _Translator:
                         beta - 1.0, wu.dtype)
                 lim = float(np.finfo(np.float32).max) if limit is None else float(limit)
                 attrs.update(activation="clamped_swiglu", alpha=alpha, limit=lim)
-            else:
-                raise _Skip(f"swiglu with swiglu_limit={limit} and activation_beta={beta} (moec "
-                            "clamps the up projection, then adds 1: a limit needs beta=1)")
+            else:  # g' sigmoid(alpha g') (clamp(u) + beta): the clamped form with offset beta
+                attrs.update(activation="clamped_swiglu", alpha=alpha, limit=float(limit),
+                             offset=beta)
             gated = True
         elif act in ("relu", "gelu", "silu", "identity"):
             # ONNX Runtime's CPU MoE computes gelu with the tanh approximation; activation_alpha

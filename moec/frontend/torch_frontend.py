@@ -119,7 +119,8 @@ class MoECall(nn.Module):
             w, ids = w.reshape(-1, s.k), ids.reshape(-1, s.k)
         y = torch.ops.moec.moe_experts(h, w, ids, ex.w_gate, ex.w_up, ex.w_down, ex.b_gate,
                                        ex.b_up, ex.b_down, s.activation, float(s.alpha),
-                                       float(s.limit), s.weight_on)
+                                       float(s.limit), s.weight_on, float(s.offset),
+                                       int(s.identity_experts))
         if s.shared_experts:
             shared = self.get_submodule(s.shared_experts[0])(h)
             for name in s.shared_experts[1:]:

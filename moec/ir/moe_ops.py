@@ -22,20 +22,23 @@ GATED_ONLY = ("clamped_swiglu",)  # activations that combine gate and up themsel
 UNGATED_ONLY = ("relu2", "none")  # squared ReLU: down(relu(up(x))^2); none: down(up(x))
 ORDERS = ("score_topk", "topk_score", "sparsemixer")
 SCORINGS = ("softmax", "sigmoid", "sqrt_softplus")
-ACT_ATTRS = {"alpha": 1.702, "limit": 7.0}  # clamped_swiglu's constants (GPT-OSS defaults)
+# clamped_swiglu's constants, GPT-OSS's by default; alpha=1, offset=0 is the plain clamped
+# SwiGLU silu(min(g, limit)) * clamp(u, -limit, limit) (DeepSeek-V4, HY-V4, MiniMax-M3)
+ACT_ATTRS = {"alpha": 1.702, "limit": 7.0, "offset": 1.0}
 
 
-def clamped_swiglu(g: np.ndarray, u: np.ndarray, alpha: float, limit: float) -> np.ndarray:
-    """GPT-OSS's gated activation: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
-    g' = min(g, limit)."""
+def clamped_swiglu(g: np.ndarray, u: np.ndarray, alpha: float, limit: float,
+                   offset: float = 1.0) -> np.ndarray:
+    """The clamped gated activation: (clamp(u, -limit, limit) + offset) * g' * sigmoid(alpha g'),
+    g' = min(g, limit); GPT-OSS's with alpha=1.702, offset=1."""
     g = np.minimum(g, limit)
-    return (np.clip(u, -limit, limit) + 1.0) * (g * _sigmoid(alpha * g))
+    return (np.clip(u, -limit, limit) + np.float32(offset)) * (g * _sigmoid(alpha * g))
 
 
 def glu(a: A, g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The gated hidden state of an expert: act(g) * u, or clamped_swiglu(g, u)."""
     if a["activation"] == "clamped_swiglu":
-        return clamped_swiglu(g, u, a["alpha"], a["limit"])
+        return clamped_swiglu(g, u, a["alpha"], a["limit"], a["offset"])
     return activation(a["activation"], g) * u
 
 
@@ -312,6 +315,9 @@ def _infer_experts(ts: list[TensorType], a: A) -> list[TensorType]:
            and same_dim(w.shape[0], x.shape[0]) and same_shape(w.shape, ids.shape),
            f"moe.experts: x {x}, weights {w}, ids {ids} do not match (x[T,H], [T,k], i32[T,k])")
     _check(a["weight_on"] in ("output", "input"), f"moe.experts: weight_on {a['weight_on']!r}")
+    _check(a["identity_experts"] >= 0 and (a["identity_experts"] == 0
+                                           or a["weight_on"] == "output"),
+           "moe.experts: identity_experts must be >= 0, and take weight_on=output")
     _expert_weights("moe.experts", ts[3:], a, x.shape[1])
     return [x]
 
@@ -319,10 +325,13 @@ def _infer_experts(ts: list[TensorType], a: A) -> list[TensorType]:
 def _ref_experts(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     x, w, ids, ws = _f(xs[0]), _f(xs[1]), xs[2], xs[3:]
     out = np.zeros_like(x)
+    n_ffn = xs[-1].shape[0]  # the down weight (or bias): FFN experts 0..E-1
     for e in np.unique(ids):
         t, j = np.nonzero(ids == e)
         wt = w[t, j][:, None]
-        if a["weight_on"] == "input":
+        if e >= n_ffn and a["identity_experts"]:  # an identity (zero-computation) expert
+            out[t] += wt * x[t]
+        elif a["weight_on"] == "input":
             out[t] += ffn(x[t] * wt, int(e), ws, a)
         else:
             out[t] += wt * ffn(x[t], int(e), ws, a)  # t unique per e (top-k distinct)
@@ -331,20 +340,25 @@ def _ref_experts(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
 
 _FFN_ATTRS = {"activation": "silu", "gated": True, "bias": False, **ACT_ATTRS}
 register_op(OpDef("moe.experts", (5, 9), _infer_experts, _ref_experts,
-                  attrs={**_FFN_ATTRS, "weight_on": "output"},
-                  doc="routed experts, unfused: sum_j w[t,j] * FFN_ids[t,j](x[t])"))
+                  attrs={**_FFN_ATTRS, "weight_on": "output", "identity_experts": 0},
+                  doc="routed experts, unfused: sum_j w[t,j] * FFN_ids[t,j](x[t]); with "
+                      "identity_experts=Z, ids E..E+Z-1 (E the FFN experts) add w[t,j] * x[t]"))
 
 # --------------------------------------------------------------------------- aligned layout
 
 
-def align_ref(ids: np.ndarray, num_experts: int, block_m: int
+def align_ref(ids: np.ndarray, num_experts: int, block_m: int, identity_experts: int = 0
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted_ids, tile_expert, slot_row); slots routed to an identity expert (ids
+    num_experts.. num_experts + identity_experts - 1) are not placed: their slot_row is -1."""
     t, k = ids.shape
     tl, s = tile_counts(t, k, num_experts, block_m)
     flat = ids.reshape(-1)
     sorted_ids = np.full(s, t * k, np.int32)
     tile_expert = np.full(tl, -1, np.int32)
     slot_row = np.zeros(t * k, np.int32)
+    if identity_experts:
+        slot_row[flat >= num_experts] = -1
     row = 0
     for e in range(num_experts):
         slots = np.nonzero(flat == e)[0]
@@ -362,15 +376,19 @@ def _infer_align(ts: list[TensorType], a: A) -> list[TensorType]:
     ids = ts[0]
     _check(ids.rank == 2 and ids.dtype == "i32" and isinstance(ids.shape[1], int),
            f"moe.align: ids must be i32[T, k], got {ids}")
-    _check(a["block_m"] >= 1 and a["num_experts"] >= 1, "moe.align: block_m, num_experts >= 1")
+    _check(a["block_m"] >= 1 and a["num_experts"] >= 1 and a["identity_experts"] >= 0,
+           "moe.align: block_m, num_experts >= 1, identity_experts >= 0")
     tl, s = tile_counts(ids.shape[0], ids.shape[1], a["num_experts"], a["block_m"])
     return [TensorType((s,), "i32"), TensorType((tl,), "i32"), ids]
 
 
 register_op(OpDef("moe.align", (1, 1), _infer_align,
-                  lambda xs, a: list(align_ref(xs[0], a["num_experts"], a["block_m"])),
-                  attrs={"num_experts": REQUIRED, "block_m": REQUIRED},
-                  doc="counting sort of (token, slot) pairs by expert into block_m-row tiles"))
+                  lambda xs, a: list(align_ref(xs[0], a["num_experts"], a["block_m"],
+                                               a["identity_experts"])),
+                  attrs={"num_experts": REQUIRED, "block_m": REQUIRED, "identity_experts": 0},
+                  doc="counting sort of (token, slot) pairs by expert into block_m-row tiles; "
+                      "slots of identity experts (ids >= num_experts) are left out, slot_row "
+                      "-1"))
 
 
 def _rows(sorted_ids: np.ndarray, n_slots: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -473,7 +491,7 @@ def _ref_gmm(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     for e, rows in _tiles(te, a["block_m"]):
         hs = [src[rows] @ _f(w[e]).T + (_f(bs[i][e]) if bs else 0) for i, w in enumerate(ws)]
         if act == "clamped_swiglu_mul":
-            out[rows] = clamped_swiglu(hs[0], hs[1], a["alpha"], a["limit"])
+            out[rows] = clamped_swiglu(hs[0], hs[1], a["alpha"], a["limit"], a["offset"])
         elif act.endswith("_mul"):
             out[rows] = activation(act[:-4], hs[0]) * hs[1]
         else:
@@ -502,9 +520,15 @@ register_op(OpDef("moe.unpermute", (2, 2), _infer_unpermute,
 
 
 def _infer_combine(ts: list[TensorType], a: A) -> list[TensorType]:
-    y, w, sr = ts
+    y, w, sr = ts[:3]
     _check(y.rank == 2 and w.rank == 2 and same_shape(w.shape, sr.shape) and sr.dtype == "i32",
            f"moe.combine: want y[S,H], weights[T,k], slot_row i32[T,k]; got {y}, {w}, {sr}")
+    if len(ts) == 4:
+        x = ts[3]
+        _check(x.rank == 2 and same_dim(x.shape[0], w.shape[0]) and same_dim(x.shape[1],
+                                                                             y.shape[1])
+               and x.dtype == y.dtype, f"moe.combine: identity input x {x} must be [T, H] of "
+                                       f"y's dtype (y {y}, weights {w})")
     return [TensorType((w.shape[0], y.shape[1]), y.dtype)]
 
 
@@ -512,12 +536,18 @@ def _ref_combine(xs: list[np.ndarray], a: A) -> list[np.ndarray]:
     y, w, sr = _f(xs[0]), _f(xs[1]), xs[2]
     out = np.zeros((w.shape[0], y.shape[1]), np.float32)
     for j in range(w.shape[1]):
-        out += w[:, j:j + 1] * y[sr[:, j]]
+        if len(xs) == 4:  # identity slots (slot_row -1) add w * x
+            ident = sr[:, j:j + 1] < 0
+            out += w[:, j:j + 1] * np.where(ident, _f(xs[3]), y[np.maximum(sr[:, j], 0)])
+        else:
+            out += w[:, j:j + 1] * y[sr[:, j]]
     return [out.astype(xs[0].dtype)]
 
 
-register_op(OpDef("moe.combine", (3, 3), _infer_combine, _ref_combine,
-                  doc="weighted scatter-add of sorted rows back to token order"))
+register_op(OpDef("moe.combine", (3, 4), _infer_combine, _ref_combine,
+                  doc="weighted scatter-add of sorted rows back to token order; with a fourth "
+                      "operand x [T, H], slots whose slot_row is -1 (identity experts) add "
+                      "w * x[t]"))
 
 
 from moec.ir import quant_ops  # noqa: E402, F401  (moe.grouped_matmul_q, built on the above)

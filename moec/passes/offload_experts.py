@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from moec.errors import PassError
 from moec.ir.graph import Graph
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import Rewriter
@@ -41,6 +42,9 @@ class OffloadExperts(Pass):
                 continue
             if prod is None or prod.op != "moe.router":
                 continue  # not routed by a router op: nothing to predict from
+            if node.attrs["identity_experts"]:
+                raise PassError(f"offload-experts: {node!r} has identity experts (ids after the "
+                                "FFN experts), which the expert cache does not know")
             x = prod.operands[0]
             fetch = rw.create("moe.expert_fetch", [ids, x],
                               {"layer": layer, "num_experts": node.attrs["num_experts"]},

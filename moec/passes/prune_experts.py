@@ -114,6 +114,9 @@ class _Pruner:
             if n.op in _EXPERT_OPS:
                 ops = [self.slice(v) for v in ops]
             attrs = dict(n.attrs)
+            if n.attrs.get("identity_experts"):
+                raise PassError(f"prune-experts: {n!r} has identity experts (ids after the FFN "
+                                "experts); pruning them is not supported")
             if n.op == "moe.align":
                 attrs["num_experts"] = len(self.keep)
             elif n.op not in _EXPERT_OPS | _IDS_OPS:

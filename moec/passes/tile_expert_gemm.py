@@ -6,7 +6,7 @@ GEMM with the activation fused (`silu_mul`: silu(x Wg^T) * (x Wu^T)); the second
 projection over the sorted rows.
 
 Expert biases become the GEMMs' bias operands (gate and up biases on the first, the down bias on
-the second); GPT-OSS's clamped SwiGLU fuses as `clamped_swiglu_mul` with its alpha and limit.
+the second); the clamped SwiGLU fuses as `clamped_swiglu_mul` with its alpha, limit and offset.
 When the permuted rows are scaled before the experts (`weight_on=input`), the first GEMM reads
 the scaled sorted rows (`gather=false`).
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moec.ir.graph import Graph, Node
-from moec.ir.moe_ops import expert_operands
+from moec.ir.moe_ops import ACT_ATTRS, expert_operands
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import P, RewritePattern, Rewriter, apply_patterns, match
 
@@ -43,7 +43,7 @@ class GroupedGemmFromFfn(RewritePattern):
         weights, biases = expert_operands(operands, a)
         k = m["xs.node"].attrs["top_k"]
         common = {"block_m": a["block_m"], "top_k": k, "bias": a["bias"]}
-        act_attrs = {"alpha": a["alpha"], "limit": a["limit"]} \
+        act_attrs = {name: a[name] for name in ACT_ATTRS} \
             if a["activation"] == "clamped_swiglu" else {}
         first_in = m["x"] if gather else node.operands[0]
         if a["gated"]:

@@ -25,6 +25,8 @@ from moec.codegen.kernels import (
 )
 from moec.codegen.kernels.grouped_matmul import grouped_tiles
 from moec.errors import CodegenError
+from moec.ir.moe_ops import align_ref as moe_align_ref
+from moec.ir.registry import get_op
 
 TOKENS = [0, 1, 7, 64, 300]
 ROUTINGS = ["uniform", "skewed", "single"]
@@ -287,6 +289,30 @@ def test_grouped_matmul_half_weights(lib, case, w_dtype, routing, t):
     np.testing.assert_allclose(out[used], ref, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("t", [0, 1, 37])
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("consts", [dict(alpha=1.0, limit=0.5, offset=0.0),
+                                    dict(alpha=1.702, limit=0.5, offset=1.0)])
+def test_grouped_matmul_clamped_swiglu_constants(kernel_lib, consts, routing, t):
+    """clamped_swiglu_mul with the plain form's constants (silu(min(g, L)) * clamp(u, -L, L))
+    and GPT-OSS's, at a limit the values reach on both sides, against moe.grouped_matmul's
+    reference; gather with biases."""
+    case = (6, 40, 48, 8, 2, True, "clamped_swiglu_mul", True)
+    k = grouped_matmul(*case[:-1], "float32", bias=True, **consts)
+    lib = kernel_lib([k])
+    x, ws, bs, sorted_ids, tile_expert = _gmm_inputs(case, routing, t)
+    (out,) = lib(k, x, *ws, *bs, sorted_ids, tile_expert,
+                 outs=[((len(sorted_ids), case[1]), "float32")], fill=np.nan)
+    op = get_op("moe.grouped_matmul")
+    (want,) = op.reference([x, *ws, *bs, sorted_ids, tile_expert], op.check_attrs(dict(
+        block_m=8, top_k=2, gather=True, activation="clamped_swiglu_mul", bias=True, **consts)))
+    used = np.repeat(tile_expert >= 0, 8) & (sorted_ids < t * 2)
+    if t:
+        h = np.einsum("tk,enk->etn", x, ws[0])
+        assert (h > 0.5).mean() > 0.1 and (h < -0.5).mean() > 0.1  # the clamp is reached
+    np.testing.assert_allclose(out[used], want[used], rtol=RTOL, atol=ATOL)
+
+
 def test_grouped_matmul_rejects_other_weight_dtypes():
     with pytest.raises(CodegenError, match="half weights take float32 activations"):
         grouped_matmul(4, 8, 8, 16, 2, True, "silu_mul", "float32", w_dtype="int8")
@@ -472,3 +498,55 @@ def test_router_rejects_inconsistent_options():
         router(64, 8, 2, n_groups=3)
     with pytest.raises(CodegenError):
         router(64, 8, 9)
+
+
+# --------------------------------------------------------------------------- identity experts
+# LongCat-Flash's zero-computation experts: ids E..E+Z-1 are left out of the sorted layout
+# (slot_row -1) and the combine adds w * x for them.
+IDENTITY_CASES = [(6, 2, 2, 4, 40), (4, 3, 1, 16, 37)]  # (E, Z, k, block_m, H)
+
+
+@pytest.fixture(scope="module")
+def identity_lib(kernel_lib):
+    ks = {}
+    for e, _, k, bm, h in IDENTITY_CASES:
+        ks[("align", e, k, bm)] = align(e, k, bm, identity=True)
+        ks[("combine", h, k)] = combine(h, k, identity=True)
+    lib = kernel_lib(ks.values())
+    lib.k = ks
+    return lib
+
+
+def _identity_ids(t, e, z, k, routing):
+    if routing == "identity_heavy":  # every token picks an identity expert first
+        ids = make_ids(t, e + z, k, "uniform")
+        ids[:, 0] = e + (np.arange(t) % z)
+        for j in range(1, k):  # keep the k choices distinct
+            ids[:, j] = np.where(ids[:, j] == ids[:, 0], (ids[:, 0] + 1) % (e + z), ids[:, j])
+        return ids.astype(np.int32)
+    return make_ids(t, e + z, k, routing)
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("routing", ROUTINGS + ["identity_heavy"])
+@pytest.mark.parametrize("case", IDENTITY_CASES)
+def test_align_and_combine_with_identity_experts(identity_lib, case, routing, t):
+    e, z, k, bm, h = case
+    ids = _identity_ids(t, e, z, k, routing)
+    tl = t * k // bm + e
+    got = identity_lib(identity_lib.k[("align", e, k, bm)], ids,
+                       outs=[((tl * bm,), "int32"), ((tl,), "int32"), (ids.shape, "int32")])
+    want = moe_align_ref(ids, e, bm, identity_experts=z)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    _, _, slot_row = want
+    assert ((slot_row < 0) == (ids >= e)).all()
+    s = tl * bm
+    y = rng.standard_normal((s, h)).astype(np.float32)
+    x = rng.standard_normal((t, h)).astype(np.float32)
+    w = rng.random((t, k)).astype(np.float32)
+    (out,) = identity_lib(identity_lib.k[("combine", h, k)], y, w, slot_row, x,
+                          outs=[((t, h), "float32")])
+    op = get_op("moe.combine")
+    (ref,) = op.reference([y, w, slot_row, x], op.check_attrs({}))
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)

@@ -100,12 +100,16 @@ GMMS = {  # name: (E, N, K, block_m, top_k, gather, activation, bias)
     # Switch-like top-1, N = 48: no 4-warp tensor-core block divides it, one warp per tile
     "narrow": (8, 48, 32, 16, 1, True, "relu", False),
     "relu2": (8, 64, 32, 16, 2, True, "relu2", True),  # squared ReLU, non-gated with biases
+    # silu(min(g, L)) * clamp(u, -L, L): no alpha, no +1, a limit the values reach
+    "swiglu_plain": (8, 64, 64, 16, 2, True, "clamped_swiglu_mul", False),
 }
+GMM_ACT = {"swiglu_plain": dict(alpha=1.0, limit=0.5, offset=0.0)}  # clamped_swiglu constants
 
 
 def kernels(dtype: str) -> list[Kernel]:
     ks = [named(_router(cfg, dtype), f"router_{n}") for n, cfg in ROUTERS.items()]
-    ks += [named(C.grouped_matmul(*g[:7], dtype, bias=g[7]), f"gmm_{n}") for n, g in GMMS.items()]
+    ks += [named(C.grouped_matmul(*g[:7], dtype, bias=g[7], **GMM_ACT.get(n, {})), f"gmm_{n}")
+           for n, g in GMMS.items()]
     ks += [
         named(C.topk(("T", 8), 2, dtype), "topk8"),
         named(C.topk(("T", 300), 7, dtype), "topk300"),
@@ -134,6 +138,9 @@ def kernels(dtype: str) -> list[Kernel]:
     ]
     if dtype == "float16":  # dtype-free, and the float32 (SIMT) GEMMs
         ks += [named(C.align(8, 2, 16), "align_small"), named(C.align(64, 6, 64), "align_big")]
+        # identity experts (LongCat-Flash): ids >= E left out of the layout, w * x combined
+        ks += [named(C.align(6, 2, 16, identity=True), "align_identity"),
+               named(C.combine(64, 2, dtype, identity=True), "combine_identity")]
         ks += [named(C.grouped_matmul(*g[:7], "float32", bias=g[7]), f"gmm_{n}")
                for n, g in GMMS.items() if n in ("up", "down")]
     return ks
@@ -222,7 +229,7 @@ def test_grouped_matmul(emu, dtype, name, tokens):
     ws = [(rng.standard_normal((e, n, kd)) / 8).astype(NP[dtype]) for _ in range(nw)]
     bs = [rng.standard_normal((e, n)).astype(NP[dtype]) for _ in range(nw if bias else 0)]
     want = ref("moe.grouped_matmul", [x, *ws, *bs, sid, eid], block_m=bm, top_k=top,
-               gather=gather, activation=act, bias=bias)[0]
+               gather=gather, activation=act, bias=bias, **GMM_ACT.get(name, {}))[0]
     got = np.zeros((len(sid), n), NP[dtype])
     emu("float16" if dtype == "float32" else dtype)[f"gmm_{name}_{dtype}"](x, *ws, *bs, sid, eid,
                                                                            got)
@@ -283,6 +290,30 @@ def test_unpermute(emu, tokens):
     got = np.ones((tokens, 2, 64), np.float16)
     emu("float16")["unpermute_float16"](y, srow, got)
     close(got, ref("moe.unpermute", [y, srow])[0])
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37, 300])
+@pytest.mark.parametrize("skew", [0.3, 5.0])
+def test_align_and_combine_identity_experts(emu, tokens, skew):
+    """6 FFN experts and 2 identity experts: the identity ids are left out of the layout
+    (slot_row -1) and the combine adds w * x for them; Dirichlet(0.3) skewed routing, or
+    near-uniform."""
+    rng = np.random.default_rng(tokens)
+    p = rng.dirichlet(np.ones(8) * skew)
+    ids = np.stack([rng.choice(8, 2, replace=False, p=p) for _ in range(tokens)]).astype(
+        np.int32) if tokens else np.zeros((0, 2), np.int32)
+    want = align_ref(ids, 6, 16, identity_experts=2)
+    got = [np.zeros_like(w) for w in want]
+    emu("float16")["align_identity"](ids, *got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    srow = want[2]
+    y = rng.standard_normal((len(want[0]), 64)).astype(np.float16)
+    x = rng.standard_normal((tokens, 64)).astype(np.float16)
+    wts = rng.random((tokens, 2)).astype(np.float32)
+    out = np.zeros((tokens, 64), np.float16)
+    emu("float16")["combine_identity_float16"](y, wts, srow, x, out)
+    close(out, ref("moe.combine", [y, wts, srow, x])[0])
 
 
 @pytest.mark.parametrize("tokens", [0, 9])

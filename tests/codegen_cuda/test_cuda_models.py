@@ -99,18 +99,26 @@ def test_causal_lm_builds_for_sm90(tmp_path):
     assert art.signature.inputs[0].dtype in ("int64", "int32")
 
 
-@pytest.mark.parametrize("form", ["sqrt_softplus", "relu2"])
+@pytest.mark.parametrize("form", ["sqrt_softplus", "relu2", "clamped_plain", "identity"])
 def test_issue17_forms_build_for_sm90(form):
-    """The router scoring and expert activation added for newer families (sqrt(softplus)
-    scores, squared-ReLU experts) build into sm_90 kernels with nvcc, without spills."""
+    """The router scoring and expert activations added for newer families (sqrt(softplus)
+    scores, squared-ReLU experts, the clamped SwiGLU without alpha and +1, identity experts'
+    align and combine) build into sm_90 kernels with nvcc, without spills."""
     import moe_forms
 
-    block = (moe_forms.SqrtSoftplusMoE() if form == "sqrt_softplus"
-             else moe_forms.NonGatedMoE("relu2", bias=True)).half()
+    block = {"sqrt_softplus": moe_forms.SqrtSoftplusMoE,
+             "relu2": lambda: moe_forms.NonGatedMoE("relu2", bias=True),
+             "clamped_plain": moe_forms.ClampedSwiGLUMoE,
+             "identity": moe_forms.IdentityExpertsMoE}[form]().half()
     with collect_compilations() as comps:
         art = moec.compile(block, (torch.randn(2, 8, moe_forms.H).half(),), target="cuda",
                            max_tokens=64)
-    want = "router_sqrt_softplus" if form == "sqrt_softplus" else "grouped_matmul_relu2"
+    if form == "clamped_plain":
+        assert "offset=0.0" in art.ir_text
+    want = {"sqrt_softplus": "router_sqrt_softplus", "relu2": "grouped_matmul_relu2",
+            "clamped_plain": "grouped_matmul_clamped_swiglu_mul", "identity": "combine_id"}[form]
+    if form == "identity":
+        assert any(k.startswith("align_id") for k in art.meta["kernels"]), art.meta["kernels"]
     assert any(k.startswith(want) for k in art.meta["kernels"]), art.meta["kernels"]
     report = {k: v for c in comps for k, v in c.report.items()}
     assert report and all(r["spill_stores"] == 0 for r in report.values())

@@ -236,3 +236,122 @@ class SqrtSoftplusMoE(nn.Module):
         h = x.reshape(-1, H)
         w, ids = self.gate(h)
         return _loop(self.experts, h, w * self.routed_scaling_factor, ids).reshape(x.shape)
+
+
+def _clamped_glu(g: torch.Tensor, u: torch.Tensor, form: str, limit: float) -> torch.Tensor:
+    if form == "plain":  # DeepSeek-V4, HY-V4, MiniMax-M3: no alpha, no +1
+        return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+    if form == "gpt_oss":
+        g = g.clamp(max=limit)
+        return (u.clamp(-limit, limit) + 1) * g * torch.sigmoid(1.702 * g)
+    return F.silu(g) * u  # "none": a limit attribute, but no clamp
+
+
+class ClampedMLP(nn.Module):
+    def __init__(self, form: str, limit: float) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+        self.form, self.swiglu_limit = form, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_clamped_glu(self.gate_proj(x), self.up_proj(x), self.form,
+                                           self.swiglu_limit))
+
+
+class ClampedExperts(nn.Module):
+    def __init__(self, form: str, limit: float) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.zeros(E, H, I))
+        self.form, self.limit = form, limit
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            if len(tok):
+                g, u = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+                y = F.linear(_clamped_glu(g, u, self.form, self.limit), self.down_proj[e])
+                out.index_add_(0, tok, y * w[tok, slot, None])
+        return out
+
+
+class ClampedSwiGLUMoE(nn.Module):
+    """Softmax top-k, renormalised, over SwiGLU experts clamped at `limit`: `form` "plain" is
+    silu(min(g, L)) * clamp(u, -L, L), "gpt_oss" (clamp(u, -L, L) + 1) * g' * sigmoid(1.702 g'),
+    "none" no clamp (the limit attribute is there all the same). Stacked experts (`limit`) or a
+    ModuleList (`swiglu_limit`); `scale` multiplies the expert weights (0.1: the probe's small
+    inputs stay far below a limit of 7); `skew` a router bias sending most tokens to experts 0
+    and 1."""
+
+    def __init__(self, form: str = "plain", limit: float = 0.6, listed: bool = False,
+                 scale: float = 1.0, skew: float = 0.0, seed: int = 6) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gate = nn.Linear(H, E)
+        self.experts = nn.ModuleList(ClampedMLP(form, limit) for _ in range(E)) if listed \
+            else ClampedExperts(form, limit)
+        with torch.no_grad():
+            for name, q in self.named_parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5 * (
+                    1.0 if name.startswith("gate.") else scale))
+            self.gate.bias.zero_()
+            self.gate.bias[:2] = skew
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = torch.topk(torch.softmax(self.gate(x), dim=-1), K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        if isinstance(self.experts, nn.ModuleList):
+            return _loop(self.experts, x, w, ids)
+        return self.experts(x, w, ids)
+
+
+class IdentityExpertsMoE(nn.Module):
+    """Softmax scores over E FFN experts and Z identity (zero-computation) experts, top-k on
+    score + a correction bias, scaled (LongCat-Flash's routing); a slot routed to an id >= E adds
+    w * x. Experts: a ModuleList of E MLPs (`layout` "listed"), or stacked weights whose fused
+    gate/up holds E + Z experts and down E ("wide_gate_up", as LongCat-Flash allocates them) or
+    both E ("stacked"). `skew` is added to the identity experts' correction bias (most tokens
+    pick one)."""
+
+    def __init__(self, layout: str = "wide_gate_up", z: int = 2, skew: float = 0.0,
+                 seed: int = 7) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.n_ffn, self.z = E, z
+        self.router = nn.Linear(H, E + z, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(E + z))
+        self.routed_scaling_factor = 2.0
+        if layout == "listed":
+            self.experts = nn.ModuleList(MLP() for _ in range(E))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.zeros(E + z if layout == "wide_gate_up" else E,
+                                                         2 * I, H))
+            self.down_proj = nn.Parameter(torch.zeros(E, H, I))
+        with torch.no_grad():
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=gen) * q.shape[-1] ** -0.5)
+            self.e_score_correction_bias[E:] = skew
+        self.eval()
+
+    def ffn(self, e: int, v: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "experts"):
+            return self.experts[e](v)
+        g, u = F.linear(v, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, H)
+        scores = torch.softmax(self.router(h), dim=-1)
+        ids = torch.topk(scores + self.e_score_correction_bias, K, dim=-1).indices
+        w = scores.gather(-1, ids) * self.routed_scaling_factor
+        out = torch.zeros_like(h)
+        for e in range(self.n_ffn + self.z):
+            tok, slot = torch.where(ids == e)
+            if len(tok):
+                y = h[tok] if e >= self.n_ffn else self.ffn(e, h[tok])
+                out.index_add_(0, tok, y * w[tok, slot, None])
+        return out.reshape(x.shape)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from moe_forms import (
+    ClampedSwiGLUMoE,
     DenseMaskedMoE,
     DropoutListMoE,
     DropoutScaledMoE,
     H,
+    IdentityExpertsMoE,
     NonGatedMoE,
     SigmoidBiasMoE,
     SqrtSoftplusMoE,
@@ -53,6 +56,26 @@ FORMS = {
     # sqrt(softplus) scores + correction bias, renormalised, scaled (DeepSeek-V4)
     "sqrt_softplus": (SqrtSoftplusMoE, dict(scoring="sqrt_softplus", norm_topk=True, scale=1.5,
                                              select_bias_name="gate.e_score_correction_bias")),
+    # clamped SwiGLU without alpha and +1: silu(min(g, L)) * clamp(u, -L, L), stacked or listed
+    "clamped_plain": (ClampedSwiGLUMoE, dict(activation="clamped_swiglu", alpha=1.0, limit=0.6,
+                                             offset=0.0)),
+    "clamped_plain_listed": (lambda: ClampedSwiGLUMoE(listed=True),
+                             dict(activation="clamped_swiglu", alpha=1.0, offset=0.0)),
+    # GPT-OSS's form under a limit attribute alone: the +1 and alpha 1.702 are measured
+    "clamped_gpt_oss": (lambda: ClampedSwiGLUMoE("gpt_oss"),
+                        dict(activation="clamped_swiglu", alpha=1.702, offset=1.0)),
+    # a limit of 7 the probe's small values never reach: the large-input scenario decides, both
+    # ways (clamped, and a limit attribute the block does not apply)
+    "clamped_unreached": (lambda: ClampedSwiGLUMoE(limit=7.0, scale=0.1),
+                          dict(activation="clamped_swiglu", limit=7.0, offset=0.0)),
+    "limit_unused": (lambda: ClampedSwiGLUMoE("none", limit=7.0, scale=0.1),
+                     dict(activation="silu")),
+    # identity (zero-computation) experts after the FFN ones (LongCat-Flash): gate/up holding
+    # E + Z experts and down E, both E, or a ModuleList of E MLPs; the router scores E + Z
+    "identity_wide_gate_up": (IdentityExpertsMoE, dict(identity_experts=2, scale=2.0,
+                                                       select_bias_name="e_score_correction_bias")),
+    "identity_stacked": (lambda: IdentityExpertsMoE("stacked", z=1), dict(identity_experts=1)),
+    "identity_listed": (lambda: IdentityExpertsMoE("listed", z=3), dict(identity_experts=3)),
 }
 
 
@@ -129,10 +152,77 @@ def test_sqrt_softplus_router_compiles_and_matches():
         assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
 
 
+def _compiled_matches(block, example, tokens, check=None):
+    """moec.compile(block) run on fresh random [T, H] inputs matches the block in fp32 within
+    1e-4 relative, at each T in `tokens`; `check(x)` asserts something of each input."""
+    import moec
+
+    art = moec.compile(block, (example,), max_tokens=64)
+    model = art.load_model()
+    gen = torch.Generator().manual_seed(11)
+    for t in tokens:
+        x = torch.randn(t, H, generator=gen) * 2
+        if check is not None and t:
+            check(x)
+        with torch.no_grad():
+            want = block(x).numpy()
+        got = model(x).numpy()
+        assert got.shape == want.shape
+        if want.size:
+            assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4, t
+    return art
+
+
+@pytest.mark.parametrize("listed", [False, True])
+@pytest.mark.parametrize("skew", [0.0, 6.0])
+def test_clamped_swiglu_plain_compiles_and_matches(listed, skew):
+    """silu(min(g, L)) * clamp(u, -L, L) experts through the pipeline (grouped GEMM with the
+    clamped_swiglu_mul epilogue, offset 0, alpha 1), uniform and skewed routing, inputs that
+    reach the limit on both sides."""
+    block = ClampedSwiGLUMoE(listed=listed, skew=skew)
+    lim = 0.6
+
+    def reaches_limit(x):
+        g = torch.stack([F.linear(x, ex.gate_proj.weight) for ex in block.experts]) if listed \
+            else torch.einsum("th,eoh->eto", x, block.experts.gate_up_proj)
+        assert (g > lim).float().mean() > 0.2 and (g < -lim).float().mean() > 0.2
+        if skew:  # most tokens go to experts 0 and 1
+            ids = torch.topk(block.gate(x), 2, dim=-1).indices
+            assert (ids < 2).float().mean() > 0.9
+
+    art = _compiled_matches(block, torch.randn(8, H), (0, 1, 37), reaches_limit)
+    assert "activation=clamped_swiglu_mul" in art.ir_text and "offset=0.0" in art.ir_text
+    assert "alpha=1.0" in art.ir_text and "limit=0.6" in art.ir_text
+
+
+@pytest.mark.parametrize("layout", ["wide_gate_up", "listed"])
+@pytest.mark.parametrize("skew", [0.0, 0.5])
+def test_identity_experts_compile_and_match(layout, skew):
+    """Identity experts through the pipeline: moe.align leaves their slots out, moe.combine adds
+    w * x for them; uniform routing and routing skewed to the identity experts."""
+    block = IdentityExpertsMoE(layout, skew=skew)
+
+    def routes_to_identity(x):
+        if len(x) < 8:
+            return
+        scores = torch.softmax(block.router(x), dim=-1)
+        ids = torch.topk(scores + block.e_score_correction_bias, 2, dim=-1).indices
+        share = (ids >= block.n_ffn).float().mean()
+        assert (share > 0.4) if skew else (0.05 < share < 0.5), share
+
+    art = _compiled_matches(block, torch.randn(8, H), (0, 1, 37), routes_to_identity)
+    assert "identity_experts=2" in art.ir_text
+    (combine,) = [ln for ln in art.ir_text.splitlines() if "moe.combine(" in ln]
+    assert combine.count("%") == 5  # y, weights, slot_row and x
+
+
 def test_a_weight_whose_expert_count_differs_is_named():
-    with pytest.raises(UnsupportedError, match=r"router 'gate' scores 10 experts and "
-                                               r"'gate_up_proj' hold 10, but 'down_proj' "
-                                               r"holds 8"):
+    """A block whose weights hold different expert counts, read as FFN experts then identity
+    experts, but whose output is no such routing (it returns x): the error names the counts."""
+    with pytest.raises(UnsupportedError, match=r"read as 8 FFN experts then 2 identity "
+                                               r"\(zero-computation\) experts: the router scores "
+                                               r"10 experts, 'gate_up_proj' holds 10, "
+                                               r"'down_proj' holds 8"):
         find_moe_blocks(ZeroExpertsMoE())
 
 

@@ -193,10 +193,20 @@ def test_unsupported_ops_listed_at_once(tmp_path: Path) -> None:
 def test_unsupported_moe_form_named(tmp_path: Path) -> None:
     path = moe_model(tmp_path / "moe.onnx", "swiglu", 2, 0)
     m = onnx.load(str(path))
+    m.graph.node[1].attribute.extend([helper.make_attribute("swiglu_limit_after_activation", 1)])
+    with pytest.raises(UnsupportedError, match="swiglu_limit_after_activation=1.*'moe'"):
+        from_onnx(m)
+
+
+def test_swiglu_limit_with_beta_is_the_clamped_form_with_that_offset(tmp_path: Path) -> None:
+    """A limit with activation_beta other than 1: clamped_swiglu with offset=beta (it was
+    refused before the offset attribute)."""
+    path = moe_model(tmp_path / "moe.onnx", "swiglu", 2, 0)
+    m = onnx.load(str(path))
     m.graph.node[1].attribute.extend([helper.make_attribute("activation_beta", 0.5),
                                       helper.make_attribute("swiglu_limit", 7.0)])
-    with pytest.raises(UnsupportedError, match="activation_beta=0.5.*'moe'"):
-        from_onnx(m)
+    (experts,) = from_onnx(m).find("moe.experts")
+    assert experts.attrs["activation"] == "clamped_swiglu" and experts.attrs["offset"] == 0.5
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -197,6 +197,12 @@ MOE_FORMS = {
                                  "activation_alpha": 1.702, "activation_beta": 1.0},
     "swiglu-a1.3-b0.5-nolimit": {"activation_type": "swiglu", "swiglu_fusion": 1,
                                  "activation_alpha": 1.3, "activation_beta": 0.5},
+    # a limit with beta other than 1: clamped_swiglu with offset=beta (beta 0: no +1)
+    "swiglu-a1-b0-limit": {"activation_type": "swiglu", "swiglu_fusion": 1,
+                           "activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_limit": 0.4},
+    "swiglu-a1.3-b0.5-limit": {"activation_type": "swiglu", "swiglu_fusion": 1,
+                               "activation_alpha": 1.3, "activation_beta": 0.5,
+                               "swiglu_limit": 0.4},
     "identity": {"activation_type": "identity"},
     "silu-with-alpha": {"activation_type": "silu", **GPT_OSS},  # ORT's silu ignores them
 }

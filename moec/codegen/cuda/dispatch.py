@@ -49,8 +49,10 @@ def lower_peers(peers: tirx.Buffer, lane: tirx.PrimExpr) -> tirx.PrimExpr:
         T.shift_left(T.uint32(1), T.Cast("uint32", lane)) - T.uint32(1)))
 
 
-def align(E: int, k: int, block_m: int) -> Kernel:
+def align(E: int, k: int, block_m: int, identity: bool = False) -> Kernel:
     """moe.align: ids i32[T, k] -> sorted_ids i32[S], tile_expert i32[TL], slot_row i32[T, k].
+    With `identity` (identity experts after the E FFN experts), slots with ids >= E are left
+    out of the layout and get slot_row -1.
 
     One thread block (the whole problem is T*k integers). Counts come from shared-memory
     atomics; placement is stable: slots are taken in rounds of one per thread, in slot order,
@@ -68,6 +70,15 @@ def align(E: int, k: int, block_m: int) -> Kernel:
     tiles = n // block_m + E
     rows = tiles * block_m
     rounds = (n + (nt - 1)) // nt
+
+    def slot_expert(v):  # the counter a slot's atomic add goes to (in bounds)
+        return T.min(v, E - 1) if identity else v
+
+    def count_of(v, ok):  # what it adds: 1 for a slot that is placed
+        return T.Cast("int32", tirx.And(ok, v < E) if identity else ok)
+
+    def keep(v):  # the slot's expert for placement, -1 for an identity expert's slot
+        return T.Select(v < E, v, -1) if identity else v
 
     @T.prim_func
     def kernel(ids_h: T.handle, sid_h: T.handle, eid_h: T.handle, srow_h: T.handle):
@@ -109,8 +120,9 @@ def align(E: int, k: int, block_m: int) -> Kernel:
             # unconditional (adding 0 past n): TVM cannot place the barrier it wants between
             # these shared-memory atomics inside an `if`
             T.evaluate(T.call_extern(
-                "int32", "atomicAdd", T.address_of(cnt[ids_f[T.min(i * nt + tid, n - 1)]]),
-                T.Cast("int32", i * nt + tid < n)))
+                "int32", "atomicAdd",
+                T.address_of(cnt[slot_expert(ids_f[T.min(i * nt + tid, n - 1)])]),
+                count_of(ids_f[T.min(i * nt + tid, n - 1)], i * nt + tid < n)))
         T.tvm_storage_sync("shared")
         if tid == 0:  # exclusive scan of padded counts: E steps, cheaper than a block scan
             acc[0] = 0
@@ -129,7 +141,9 @@ def align(E: int, k: int, block_m: int) -> Kernel:
             s = i * nt + tid
             ex[0] = -1
             if s < n:
-                ex[0] = ids_f[s]
+                ex[0] = keep(ids_f[s])
+                if identity:
+                    srow_f[s] = -1  # overwritten below when the slot is placed
             warp_expert_counts(ex, peers, lead, wcnt, acc, after, total, lane, warp, nw)
             if ex[0] >= 0:
                 row = off[ex[0]] + run[ex[0]] + acc[0] + lower_peers(peers, lane)
@@ -145,7 +159,7 @@ def align(E: int, k: int, block_m: int) -> Kernel:
                     run[ex[0]] = run[ex[0]] + total[0]
             T.tvm_storage_sync("shared")
 
-    name = "align"
+    name = "align_id" if identity else "align"
     return Kernel(finalize(kernel, name), name, {})
 
 
@@ -198,7 +212,7 @@ def unpermute(H: int, k: int, dtype: str) -> Kernel:
     return Kernel(finalize(func, name), name, {})
 
 
-def define_combine(H: int, k: int, dtype: str) -> tirx.PrimFunc:
+def define_combine(H: int, k: int, dtype: str, identity: bool = False) -> tirx.PrimFunc:
     """Unscheduled te definition of `combine` (tests run it on the CPU)."""
     check_dtype(dtype, FLOATS)
     sh = Shapes()
@@ -206,21 +220,31 @@ def define_combine(H: int, k: int, dtype: str) -> tirx.PrimFunc:
     y = te.placeholder((rows, h_), dtype, name="y")
     w = te.placeholder((tok, k), "float32", name="weights")
     sr = te.placeholder((tok, k), "int32", name="slot_row")
+    x = te.placeholder((tok, h_), dtype, name="x") if identity else None
+
+    def row(t, j, h):
+        if x is None:
+            return f32(y(sr(t, j).astype("int64"), h))
+        # an identity expert's slot (slot_row -1) reads the token's own input
+        r = tirx.max(sr(t, j), 0).astype("int64")
+        return tirx.Select(sr(t, j) < 0, f32(x(t, h)), f32(y(r, h)))
 
     def body(t, h):
         acc = None
         for j in range(k):  # unrolled in Python: the fixed order of the reference
-            term = w(t, j) * f32(y(sr(t, j).astype("int64"), h))
+            term = w(t, j) * row(t, j, h)
             acc = term if acc is None else acc + term
         return cast(acc, dtype)
 
     out = te.compute((tok, h_), body, name="out")
-    return te.create_prim_func([y, w, sr, out])
+    return te.create_prim_func([y, w, sr, *([x] if identity else []), out])
 
 
-def combine(H: int, k: int, dtype: str) -> Kernel:
+def combine(H: int, k: int, dtype: str, identity: bool = False) -> Kernel:
     """moe.combine: (y[S, H], weights f32[T, k], slot_row i32[T, k]) -> out[T, H],
-    out[t] = sum_j weights[t, j] * y[slot_row[t, j]] in float32, summed in increasing j."""
-    func = schedule_injective(define_combine(H, k, dtype))
-    name = f"combine_{dtype}"
+    out[t] = sum_j weights[t, j] * y[slot_row[t, j]] in float32, summed in increasing j; with
+    `identity` (y, weights, slot_row, x[T, H]): a slot whose slot_row is -1 adds
+    weights[t, j] * x[t]."""
+    func = schedule_injective(define_combine(H, k, dtype, identity))
+    name = f"combine_id_{dtype}" if identity else f"combine_{dtype}"
     return Kernel(finalize(func, name), name, {})

@@ -321,20 +321,23 @@ def schedule_gemm(func: tirx.PrimFunc, cfg: GemmConfig, dtype: str) -> tirx.Prim
 
 
 def _glu(activation: str, g: tirx.PrimExpr, u: tirx.PrimExpr, alpha: float,
-         limit: float) -> tirx.PrimExpr:
-    """act(g) * u, or GPT-OSS's clamped SwiGLU (docs/ops.md, moe.experts)."""
+         limit: float, offset: float = 1.0) -> tirx.PrimExpr:
+    """act(g) * u, or the clamped SwiGLU (GPT-OSS's with alpha=1.702, offset=1; docs/ops.md,
+    moe.experts)."""
     if activation != "clamped_swiglu":
         return act_fn(activation, g) * u
     lim = tirx.const(limit, "float32")
     g = tirx.min(g, lim)
     one = tirx.const(1.0, "float32")
     sig = one / (one + tirx.exp(-(tirx.const(alpha, "float32") * g)))
-    return (tirx.max(tirx.min(u, lim), -lim) + one) * g * sig
+    up = tirx.max(tirx.min(u, lim), -lim)
+    up = up + tirx.const(offset, "float32") if offset != 0.0 else up
+    return up * g * sig
 
 
 def _epilogue(y: te.Tensor, rows, n, activation: str, dtype: str,
               bias=lambda t, j, h: None, alpha: float = 1.702, limit: float = 7.0,
-              scale=lambda t, j, h: None) -> te.Tensor:
+              scale=lambda t, j, h: None, offset: float = 1.0) -> te.Tensor:
     """O[t, j] from the accumulators; `bias(t, j, h)` is the bias of half h (0: w, 1: w2),
     `scale(t, j, h)` a float32 factor applied to the accumulator before it (gemm_quant.py:
     per-channel weight scales)."""
@@ -347,7 +350,8 @@ def _epilogue(y: te.Tensor, rows, n, activation: str, dtype: str,
     if activation.endswith("_mul"):
         a = activation[:-4]
         return te.compute((rows, n), lambda t, j: cast(_glu(
-            a, half(t, j, 0, j * 2), half(t, j, 1, j * 2 + 1), alpha, limit), dtype), name="O")
+            a, half(t, j, 0, j * 2), half(t, j, 1, j * 2 + 1), alpha, limit, offset), dtype),
+            name="O")
     return te.compute((rows, n), lambda t, j: cast(act_fn(activation, half(t, j, 0, j)), dtype),
                       name="O")
 
@@ -369,7 +373,7 @@ ExpertFn = Callable[[Expr, Expr, int], Expr]
 def grouped_stages(sh: Shapes, N: int, K: int, block_m: int, top_k: int, gather: bool,
                    activation: str, dtype: str, weight: WeightFn,
                    bias: ExpertFn | None = None, scale: ExpertFn | None = None,
-                   alpha: float = 1.702, limit: float = 7.0
+                   alpha: float = 1.702, limit: float = 7.0, offset: float = 1.0
                    ) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor]:
     """x, sorted_ids, tile_expert and the result O of a grouped GEMM over the tile layout.
 
@@ -411,13 +415,14 @@ def grouped_stages(sh: Shapes, N: int, K: int, block_m: int, top_k: int, gather:
     y = te.compute((rows, n2), lambda t, j: te.sum(
         f32(xs(t, kr)) * f32(wts(t // block_m, j, kr)), axis=kr), name="Y")
     o = _epilogue(y, rows, n_, activation, dtype, per_expert(bias), alpha, limit,
-                  per_expert(scale))
+                  per_expert(scale), offset)
     return x, sid, eid, o
 
 
 def define_grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gather: bool,
                           activation: str, dtype: str, bias: bool = False,
-                          alpha: float = 1.702, limit: float = 7.0) -> tirx.PrimFunc:
+                          alpha: float = 1.702, limit: float = 7.0,
+                          offset: float = 1.0) -> tirx.PrimFunc:
     """Unscheduled te definition of `grouped_matmul` (tests run it on the CPU)."""
     check_dtype(dtype, FLOATS)
     pairs = check_activation("grouped_matmul", activation)
@@ -429,7 +434,7 @@ def define_grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gath
     x, sid, eid, o = grouped_stages(
         sh, N, K, block_m, top_k, gather, activation, dtype,
         lambda e, j, k, h: ws[h][e, j, k], (lambda e, j, h: bs[h][e, j]) if bias else None,
-        alpha=alpha, limit=limit)
+        alpha=alpha, limit=limit, offset=offset)
     return te.create_prim_func([x, *ws, *bs, sid, eid, o])
 
 
@@ -446,17 +451,17 @@ def schedule_grouped(func: tirx.PrimFunc, block_m: int, N: int, K: int, dtype: s
 
 def grouped_matmul(E: int, N: int, K: int, block_m: int, top_k: int, gather: bool,
                    activation: str, dtype: str, bias: bool = False, alpha: float = 1.702,
-                   limit: float = 7.0) -> Kernel:
+                   limit: float = 7.0, offset: float = 1.0) -> Kernel:
     """moe.grouped_matmul: operands (x, w[, w2][, b[, b2]], sorted_ids, tile_expert), result
     [S, N].
 
     Row r of a used tile t (= r // block_m) is `act(w[e] @ v + b[e])` (or
     `glu(w[e] @ v + b[e], w2[e] @ v + b2[e])` for `*_mul`) with e = tile_expert[t] and
     v = x[sorted_ids[r] // top_k] (gather) or x[r]; padding rows come out as act(b[e]) (zeros
-    without bias); rows of unused tiles are not written. `bias`, `alpha`, `limit` follow the
-    op's attributes (clamped_swiglu_mul: GPT-OSS)."""
+    without bias); rows of unused tiles are not written. `bias`, `alpha`, `limit`, `offset`
+    follow the op's attributes (clamped_swiglu_mul)."""
     func = define_grouped_matmul(E, N, K, block_m, top_k, gather, activation, dtype, bias=bias,
-                                 alpha=alpha, limit=limit)
+                                 alpha=alpha, limit=limit, offset=offset)
     name = f"grouped_matmul_{activation}_{dtype}"
     func = schedule_grouped(func, block_m, N, K, dtype, activation.endswith("_mul"), name)
     return Kernel(func, name, {})

@@ -53,8 +53,8 @@ def _check(E: int, N: int, K: int, block_m: int, top_k: int, bits: int, group_si
 def define_grouped_matmul_quant(E: int, N: int, K: int, block_m: int, top_k: int,
                                 gather: bool, activation: str = "none", bits: int = 8,
                                 group_size: int = 128, dtype: str = "float32",
-                                bias: bool = False, alpha: float = 1.702, limit: float = 7.0
-                                ) -> tirx.PrimFunc:
+                                bias: bool = False, alpha: float = 1.702, limit: float = 7.0,
+                                offset: float = 1.0) -> tirx.PrimFunc:
     """Unscheduled te definition of `grouped_matmul_quant` (tests run it on the CPU)."""
     check_dtype(dtype, FLOATS)
     _check(E, N, K, block_m, top_k, bits, group_size)
@@ -93,7 +93,7 @@ def define_grouped_matmul_quant(E: int, N: int, K: int, block_m: int, top_k: int
     x, sid, eid, o = grouped_stages(
         sh, N, K, block_m, top_k, gather, activation, dtype, weight,
         (lambda e, j, h: bs[h][e, j]) if bias else None, scale if one_group else None,
-        alpha=alpha, limit=limit)
+        alpha=alpha, limit=limit, offset=offset)
     ops = [t for p in parts for t in p if t is not None]
     return te.create_prim_func([x, *ops, *bs, sid, eid, o])
 
@@ -101,7 +101,7 @@ def define_grouped_matmul_quant(E: int, N: int, K: int, block_m: int, top_k: int
 def grouped_matmul_quant(E: int, N: int, K: int, block_m: int, top_k: int, gather: bool,
                          activation: str = "none", bits: int = 8, group_size: int = 128,
                          dtype: str = "float32", bias: bool = False, alpha: float = 1.702,
-                         limit: float = 7.0) -> Kernel:
+                         limit: float = 7.0, offset: float = 1.0) -> Kernel:
     """moe.grouped_matmul_q: operands `(x, q, scale, [zero], [q2, scale2, [zero2]], [b], [b2],
     sorted_ids, tile_expert)`, result [S, N] (zero points with bits=4 only; the second weight
     when the activation is gated), in the op's layout (no `arg_transforms`).
@@ -111,7 +111,7 @@ def grouped_matmul_quant(E: int, N: int, K: int, block_m: int, top_k: int, gathe
     `group_size` along K); padding rows come out as act(b[e]), rows of unused tiles are not
     written."""
     func = define_grouped_matmul_quant(E, N, K, block_m, top_k, gather, activation, bits,
-                                       group_size, dtype, bias, alpha, limit)
+                                       group_size, dtype, bias, alpha, limit, offset)
     gs = min(group_size, K)
     name = f"grouped_matmul_q{bits}_{'c' if gs == K else f'g{gs}'}_{activation}_{dtype}"
     func = schedule_grouped(func, block_m, N, K, dtype, activation.endswith("_mul"), name,

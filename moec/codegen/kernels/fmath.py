@@ -167,12 +167,14 @@ def relu(x: PrimExpr) -> PrimExpr:
     return fmax(x, c(0.0))
 
 
-def clamped_swiglu(g: PrimExpr, u: PrimExpr, alpha: float, limit: float) -> PrimExpr:
-    """GPT-OSS's gated activation: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha g'),
-    g' = min(g, limit)."""
+def clamped_swiglu(g: PrimExpr, u: PrimExpr, alpha: float, limit: float,
+                   offset: float = 1.0) -> PrimExpr:
+    """The clamped gated activation: (clamp(u, -limit, limit) + offset) * g' * sigmoid(alpha g'),
+    g' = min(g, limit) (GPT-OSS: alpha=1.702, offset=1; alpha=1, offset=0: silu(g') * u')."""
 
     def body(gc: PrimExpr) -> PrimExpr:
-        up = fmin(fmax(u, c(-limit)), c(limit)) + c(1.0)
+        up = fmin(fmax(u, c(-limit)), c(limit))
+        up = up + c(offset) if offset != 0.0 else up
         return up * (gc / (c(1.0) + exp(gc * c(-alpha))))
 
     return let(fmin(g, c(limit)), body)

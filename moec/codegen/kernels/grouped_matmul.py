@@ -141,6 +141,7 @@ def grouped_matmul(
     bias: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    offset: float = 1.0,
     tiles: tuple[int, int] | None = None,
     panels: int | None = None,
     gemv_rows: int | None = None,
@@ -204,6 +205,7 @@ def grouped_matmul(
     name = kernel_name("grouped_matmul", dtype, "E", E, "N", N, "K", K, "bm", block_m, "k",
                        top_k, "gather" if gather else "", activation, "bias" if bias else "",
                        f"a{alpha}_l{limit}" if clamped else "",
+                       f"o{offset}" if clamped and offset != 1.0 else "",
                        f"t{mr}x{nr}" if tiles else "", f"pb{pb}" if pb > 1 else "",
                        f"gv{gemv_rows}" if explicit_gemv else "",
                        f"w{w_dtype}" if w_dtype != dtype else "")
@@ -227,7 +229,7 @@ def grouped_matmul(
         if not gated:
             return act(g)
         u = ct[q, gi, 1, j] + b2[e, col] if bias else ct[q, gi, 1, j]
-        return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
+        return fmath.clamped_swiglu(g, u, alpha, limit, offset) if clamped else act(g) * u
 
     @T.prim_func
     def func(x: T.handle, w: T.handle, w2: T.handle, b: T.handle, b2: T.handle,

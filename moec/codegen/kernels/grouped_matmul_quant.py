@@ -54,6 +54,7 @@ def grouped_matmul_quant(
     bias: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    offset: float = 1.0,
     gemv_rows: int | None = None,
 ) -> Kernel:
     """Kernel args: `(x, q, scale, [zero], [q2, scale2, [zero2]], [b], [b2], sorted_ids,
@@ -96,6 +97,7 @@ def grouped_matmul_quant(
     name = kernel_name("grouped_matmul_q", bits, dtype, "E", E, "N", N, "K", K, "g", gs, "bm",
                        block_m, "k", top_k, "gather" if gather else "", activation,
                        "bias" if bias else "", f"a{alpha}_l{limit}" if clamped else "",
+                       f"o{offset}" if clamped and offset != 1.0 else "",
                        f"gv{gemv_rows}" if explicit_gemv else "")
 
     layout = TileRows(block_m, mr, top_k, gather, t)
@@ -116,7 +118,7 @@ def grouped_matmul_quant(
         if not gated:
             return act(g)
         u = ct[gi, 1, j] + b2[e, col] if bias else ct[gi, 1, j]
-        return fmath.clamped_swiglu(g, u, alpha, limit) if clamped else act(g) * u
+        return fmath.clamped_swiglu(g, u, alpha, limit, offset) if clamped else act(g) * u
 
     @T.prim_func
     def func(x: T.handle, q: T.handle, sc: T.handle, zp: T.handle, q2: T.handle, sc2: T.handle,

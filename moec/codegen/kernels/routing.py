@@ -44,22 +44,26 @@ def check_positive(builder: str, **values: object) -> None:
             raise CodegenError(f"{builder}: {label}={v!r} must be an int >= 1")
 
 
-def align(E: int, k: int, block_m: int) -> Kernel:
+def align(E: int, k: int, block_m: int, identity: bool = False) -> Kernel:
     """Counting sort of routing slots by expert. Kernel args:
     `(ids i32[T, k], sorted_ids i32[S], tile_expert i32[TL], slot_row i32[T, k])`.
 
     Expert ids outside [0, E) are clamped into it (such a slot is computed by expert 0 or E-1);
-    clamping keeps every slot in the layout and every write in bounds. Serial: the work is
-    O(T*k + S) integer steps, microseconds next to the expert GEMMs."""
+    clamping keeps every slot in the layout and every write in bounds. With `identity` (identity
+    experts after the E FFN experts), slots with ids >= E are left out instead: slot_row -1.
+    Serial: the work is O(T*k + S) integer steps, microseconds next to the expert GEMMs."""
     check_positive("align", E=E, k=k, block_m=block_m)
     dims = Dims()
     t = dims.var("T")
     tk = t * k
     tl, s = align_sizes(t, k, E, block_m)
-    name = kernel_name("align", "E", E, "k", k, "bm", block_m)
+    name = kernel_name("align", "E", E, "k", k, "bm", block_m, "id" if identity else "")
 
     def expert(v):
         return T.max(T.min(v, E - 1), 0)
+
+    def placed(v):
+        return v < E if identity else True  # a Python bool: the branch is resolved statically
 
     @T.prim_func
     def func(ids: T.handle, sorted_ids: T.handle, tile_expert: T.handle, slot_row: T.handle):
@@ -75,7 +79,8 @@ def align(E: int, k: int, block_m: int) -> Kernel:
         for e in range(E):
             count[e] = 0
         for i in range(tk):
-            count[expert(IDf[i])] = count[expert(IDf[i])] + 1
+            if placed(IDf[i]):
+                count[expert(IDf[i])] = count[expert(IDf[i])] + 1
         first[0] = 0
         for e in range(E):
             first[e + 1] = first[e] + (count[e] + (block_m - 1)) // block_m
@@ -89,9 +94,12 @@ def align(E: int, k: int, block_m: int) -> Kernel:
                 TE[first[e] + i] = e
         # Increasing slot order within an expert: the sort is stable.
         for i in range(tk):
-            SI[pos[expert(IDf[i])]] = T.Cast("int32", i)
-            SRf[i] = pos[expert(IDf[i])]
-            pos[expert(IDf[i])] = pos[expert(IDf[i])] + 1
+            if placed(IDf[i]):
+                SI[pos[expert(IDf[i])]] = T.Cast("int32", i)
+                SRf[i] = pos[expert(IDf[i])]
+                pos[expert(IDf[i])] = pos[expert(IDf[i])] + 1
+            else:
+                SRf[i] = -1
 
     return finish(func, name)
 
@@ -188,26 +196,30 @@ def unpermute(H: int, k: int, dtype: str = "float32") -> Kernel:
     return finish(func, name, min_parallel=par_min(H * k))
 
 
-def combine(H: int, k: int, dtype: str = "float32") -> Kernel:
+def combine(H: int, k: int, dtype: str = "float32", identity: bool = False) -> Kernel:
     """`out[t] = sum_j weights[t, j] * y[slot_row[t, j]]`, summed in increasing j, in float32.
-    Kernel args: `(y [S, H], weights f32[T, k], slot_row i32[T, k], out [T, H])`. slot_row values
-    are clamped into [0, S) so a corrupt index cannot read out of bounds. Parallel over tokens,
-    vectorised over H."""
+    Kernel args: `(y [S, H], weights f32[T, k], slot_row i32[T, k], out [T, H])`, with
+    `identity` `(y, weights, slot_row, x [T, H], out)`: a slot whose slot_row is negative (an
+    identity expert's) adds `weights[t, j] * x[t]`. slot_row values are clamped into [0, S) so
+    a corrupt index cannot read out of bounds. Parallel over tokens, vectorised over H."""
     check_dtype("combine", dtype, FLOAT_DTYPES)
     check_positive("combine", H=H, k=k)
     dims = Dims()
     t, s = dims.var("T"), dims.var("S")
     vl = vector_lanes(dtype)
-    name = kernel_name("combine", dtype, "H", H, "k", k)
+    name = kernel_name("combine", dtype, "H", H, "k", k, "id" if identity else "")
 
     def src(sr, tok, j):
         return T.Cast("int64", T.max(T.min(sr[tok, j], T.Cast("int32", s - i64(1))), 0))
 
-    def wsum(y_buf, w_buf, sr, tok, col):
+    def wsum(y_buf, w_buf, sr, tok, col, x_buf=None):
         # Left fold from j = 0: ((w0*y0 + w1*y1) + w2*y2) ... as the spec orders the sum.
         acc = None
         for j in range(k):
-            term = w_buf[tok, j] * widen(y_buf[src(sr, tok, j), col])
+            v = widen(y_buf[src(sr, tok, j), col])
+            if x_buf is not None:
+                v = T.Select(sr[tok, j] < 0, widen(x_buf[tok, col]), v)
+            term = w_buf[tok, j] * v
             acc = term if acc is None else acc + term
         return acc if dtype == "float32" else T.Cast(dtype, acc)
 
@@ -226,5 +238,22 @@ def combine(H: int, k: int, dtype: str = "float32") -> Kernel:
                     O[tok, v * vl + lane] = wsum(Y, W, SR, tok, v * vl + lane)
             for j in range(H % vl):
                 O[tok, H // vl * vl + j] = wsum(Y, W, SR, tok, H // vl * vl + j)
+
+    @T.prim_func
+    def func_id(y: T.handle, weights: T.handle, slot_row: T.handle, x: T.handle, out: T.handle):
+        Y = T.match_buffer(y, (s, H), dtype)
+        W = T.match_buffer(weights, (t, k), "float32")
+        SR = T.match_buffer(slot_row, (t, k), "int32")
+        X = T.match_buffer(x, (t, H), dtype)
+        O = T.match_buffer(out, (t, H), dtype)
+        for tok in T.parallel(t):
+            for v in range(H // vl):
+                for lane in T.vectorized(vl):
+                    O[tok, v * vl + lane] = wsum(Y, W, SR, tok, v * vl + lane, X)
+            for j in range(H % vl):
+                O[tok, H // vl * vl + j] = wsum(Y, W, SR, tok, H // vl * vl + j, X)
+
+    if identity:
+        return finish(func_id, name, min_parallel=par_min(H * k))
 
     return finish(func, name, min_parallel=par_min(H * k))
