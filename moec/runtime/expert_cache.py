@@ -22,6 +22,10 @@ layer L computes; experts the previous tokens used stay cached by the policy. St
 misses, prefetch accuracy (predicted experts that the next layer used), bytes read, the time
 the model waited for reads and the time spent reading (their difference is the overlap).
 
+Trace: with `trace=True` (off by default) the cache keeps `trace`, one `(layer, expert ids)` per
+layer fetch in the order the model made them; `belady_hit_rate()` replays it under the same
+budget with the offline optimum (moec.runtime.cache_replay), the ceiling for a demand cache.
+
 The budget must hold, for every layer, the experts one step can route to (at least top-k: one
 token); `max_step_tokens()` tells the engine how many tokens a step may carry so that it does.
 """
@@ -112,7 +116,8 @@ class ExpertCache:
 
     def __init__(self, weights_path: Path, header: dict[str, Any], data_start: int,
                  offload: dict[str, Any], budget: int, *, policy: str = "lru",
-                 prefetch: bool = True, routers: dict[str, np.ndarray] | None = None) -> None:
+                 prefetch: bool = True, routers: dict[str, np.ndarray] | None = None,
+                 trace: bool = False) -> None:
         if policy not in POLICIES:
             raise InputError(f"expert cache policy {policy!r}: want one of {POLICIES}")
         self.path = Path(weights_path)
@@ -148,6 +153,8 @@ class ExpertCache:
         self.used = 0  # bytes of experts in or loading
         self.clock = 0.0
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
+        # one (layer, needed expert ids) per fetch, in order; None when not tracing
+        self.trace: list[tuple[int, tuple[int, ...]]] | None = [] if trace else None
         self._cv = threading.Condition()
         self._fd = os.open(self.path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
@@ -194,6 +201,8 @@ class ExpertCache:
         """Make the experts `ids` of `layer` resident and pinned (the previous layer's pins
         are released); then queue the prediction for the next layer."""
         needed = sorted({int(i) for i in np.unique(ids)})
+        if self.trace is not None:
+            self.trace.append((layer, tuple(needed)))
         st = self.stats.layers[layer]
         st.tokens += int(ids.shape[0])
         predicted = self._predicted.pop(layer, None)
@@ -242,6 +251,17 @@ class ExpertCache:
         self.stats.fetch_s += time.perf_counter() - t0
         if x is not None and self._thread is not None:
             self._prefetch_next(layer, x)
+
+    def belady_hit_rate(self) -> float | None:
+        """The hit rate of the offline optimum (MIN) on this cache's trace, under its budget
+        and with its experts' sizes (None: no fetch traced). Needs `trace=True`."""
+        if self.trace is None:
+            raise InputError("belady_hit_rate needs the access trace: make the cache with "
+                             "trace=True (or set cache.trace = [] before running)")
+        from moec.runtime.cache_replay import belady_hit_rate  # noqa: PLC0415
+
+        sizes = {key: ex.nbytes for key, ex in self.experts.items()}
+        return belady_hit_rate(self.trace, self.budget, sizes)
 
     def release(self) -> None:
         """Unpin everything (the end of a step)."""

@@ -98,3 +98,26 @@ def test_the_budget_is_what_memory_holds(qwen):
     # pages at the ends of each weight slice of each expert (never evicted, see _evict)
     slack = sum(2 * len(ex.ranges) * 4096 for ex in cache.experts.values())
     assert _mapping_rss(weights) <= budget + slack
+
+
+@pytest.mark.parametrize("experts", [2, 3, 5])
+def test_trace_replays_to_the_caches_hit_rate(qwen, experts):
+    """The access trace replayed by LRU gives the cache's own hit rate (LRU, no prefetch: the
+    cache loads on demand only), and MIN's on the same trace is at least that."""
+    from moec.runtime.cache_replay import lru_hit_rate
+
+    budget = experts * _expert_bytes(qwen[1])
+    lm = moec.load(qwen[1], expert_budget=budget, expert_policy="lru", prefetch=False)
+    cache = lm.step_model.expert_cache
+    assert cache.trace is None
+    with pytest.raises(InputError, match="trace"):
+        cache.belady_hit_rate()
+    cache.trace = []
+    lm.generate(_prompts(), max_new_tokens=NEW, ignore_eos=True)
+    s = cache.stats.summary()
+    sizes = {key: ex.nbytes for key, ex in cache.experts.items()}
+    assert sum(len(ids) for _, ids in cache.trace) == sum(
+        st.hits + st.misses for st in cache.stats.layers.values())
+    assert lru_hit_rate(cache.trace, budget, sizes) == pytest.approx(s["hit_rate"])
+    assert s["hit_rate"] <= cache.belady_hit_rate() <= 1
+
