@@ -11,12 +11,29 @@ prefill and decode tokens/s, the expert cache's hit rate, prefetch accuracy (pre
 the next layer used), bytes read per generated token, the share of read time hidden behind
 compute (overlap), peak RSS; and the same without a budget (fraction "resident") for the
 baseline. The tokens of every cell are compared with the resident run's (they must be equal).
+
+Against bounds. Each worker traces the cache's expert accesses and replays them with Belady's
+MIN under the same budget (moec.runtime.cache_replay): `belady_hit_rate`, the best a demand
+cache could do on that run's routing, and `hit_to_belady` = hit_rate / belady_hit_rate (with
+prefetch it can pass 1: prefetched experts are hits MIN's demand loading cannot have). The run
+measures the disk's read bandwidth once (`disk_bandwidth`: O_DIRECT reads of the weights file in
+4 MiB aligned chunks; where O_DIRECT is refused, e.g. tmpfs, pread after posix_fadvise DONTNEED,
+which on tmpfs measures memory: the JSON names the method) and gives each cell an I/O roofline
+for decode, max(resident decode time per token, bytes read per decode token / bandwidth), and
+`decode_vs_roofline` = decode time per token / roofline (1 = at the bound). With
+--both-prefetch, `prefetch_wait_removed` = 1 - wait with prefetch / wait without (same fraction
+and policy): the share of the time the model waited for reads that prefetch took away.
+
+No synthetic routing (--routing zipf): the experts a real artifact uses are its router's
+choice, which the benchmark cannot set without changing the outputs it checks; skewed routing
+is exercised by the replay tests (tests/runtime/test_cache_replay.py) instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -29,6 +46,62 @@ def _hwm_gb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024 / 1e9
     return float("nan")
+
+
+def disk_bandwidth(path: Path, total: int = 256 << 20, chunk: int = 4 << 20
+                   ) -> dict[str, object]:
+    """Sequential read bandwidth of the file's disk: up to `total` bytes from its start in
+    `chunk`-byte aligned reads, with O_DIRECT (past the page cache); where O_DIRECT is refused,
+    pread of chunks whose page-cache copy was just dropped (posix_fadvise DONTNEED)."""
+    size = os.path.getsize(path)
+    total = max(chunk, min(total, size // chunk * chunk))
+    buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT wants
+    for method in ("O_DIRECT", "pread+fadvise"):
+        direct = method == "O_DIRECT"
+        try:
+            fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0))
+        except OSError:
+            continue
+        try:
+            if not direct:
+                os.posix_fadvise(fd, 0, total, os.POSIX_FADV_DONTNEED)
+            got, t = 0, time.perf_counter()
+            for off in range(0, total, chunk):
+                n = os.preadv(fd, [buf], off)
+                got += n
+                if not direct:
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+                if n < chunk:
+                    break
+            dt = time.perf_counter() - t
+        except OSError:
+            if direct:
+                continue  # e.g. EINVAL: the file system takes O_DIRECT opens but not reads
+            raise
+        finally:
+            os.close(fd)
+        return {"bytes_per_s": got / dt if dt > 0 else float("inf"), "method": method,
+                "bytes": got, "chunk": chunk}
+    raise OSError(f"cannot read {path}")
+
+
+def bounds(rows: list[dict], bandwidth: float) -> None:
+    """Add to each budget row its decode I/O roofline (s/token) and decode time over it, and,
+    to rows with prefetch that have a twin without it, the share of read wait it removed."""
+    base = next((r for r in rows if r["budget"] is None), None)
+    res_s = 1 / base["decode_tok_s"] if base else 0.0
+    twin = {(r["fraction"], r["policy"]): r for r in rows
+            if r["budget"] is not None and not r["prefetch"]}
+    for r in rows:
+        if r["budget"] is None:
+            continue
+        roof = max(res_s, r["decode_bytes_per_token"] / bandwidth)
+        r["roofline_s_per_token"] = roof
+        r["decode_vs_roofline"] = (1 / r["decode_tok_s"]) / roof if roof > 0 else None
+        off = twin.get((r["fraction"], r["policy"]))
+        if r["prefetch"] and off is not None:
+            r["prefetch_wait_removed"] = 1 - r["wait_s"] / off["wait_s"] if off["wait_s"] \
+                else None
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -46,21 +119,32 @@ def worker(a: argparse.Namespace) -> None:
     g = lm.step_model.geometry
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, g.vocab_size, a.prompt)]
     eng = lm.engine
+    cache = lm.step_model.expert_cache
+    if cache is not None:
+        cache.trace = []
+
+    def read() -> int:
+        return sum(s.bytes_read for s in cache.stats.layers.values()) if cache else 0
+
     t0 = time.perf_counter()
     req = eng.add(prompt, eng.params(max_new_tokens=a.new, ignore_eos=True))
     while req.first_token_time is None:
         eng.step()
     t1 = time.perf_counter()
+    b1 = read()
     eng.run_until_done([req])
     t2 = time.perf_counter()
     row = {"prefill_tok_s": a.prompt / (t1 - t0), "decode_tok_s": (a.new - 1) / (t2 - t1),
            "tokens": req.output, "peak_rss_gb": _hwm_gb()}
-    cache = lm.step_model.expert_cache
     if cache is not None:
         s = cache.stats.summary()
+        opt = cache.belady_hit_rate()
         row.update(hit_rate=s["hit_rate"], prefetch_accuracy=s["prefetch_accuracy"],
                    overlap=s["overlap"], bytes_per_token=s["bytes_read"] / (a.prompt + a.new),
-                   wait_s=s["wait_s"], read_s=s["read_s"])
+                   decode_bytes_per_token=(read() - b1) / max(1, a.new - 1),
+                   wait_s=s["wait_s"], read_s=s["read_s"], belady_hit_rate=opt,
+                   hit_to_belady=s["hit_rate"] / opt if opt and s["hit_rate"] is not None
+                   else None)
     print("RESULT " + json.dumps(row))
 
 
@@ -77,6 +161,9 @@ def expert_bytes(artifact: str) -> int:
 
 def run(a: argparse.Namespace) -> None:
     total = expert_bytes(a.artifact)
+    disk = disk_bandwidth(Path(a.artifact) / "weights.safetensors", a.disk_mb << 20)
+    print(f"disk read {disk['bytes_per_s'] / 1e9:.2f} GB/s ({disk['method']}, "
+          f"{disk['bytes'] / 2**20:.1f} MiB)", flush=True)
     cells = [("resident", None, "-", False)]
     for f in a.fractions:
         for pol in a.policies:
@@ -103,10 +190,19 @@ def run(a: argparse.Namespace) -> None:
         rows.append(r)
         print(f"{str(frac):8s} {pol:3s} prefetch={pf!s:5s} decode {r['decode_tok_s']:6.1f} "
               f"tok/s prefill {r['prefill_tok_s']:7.1f} tok/s hit {_pct(r.get('hit_rate'))} "
-              f"acc {_pct(r.get('prefetch_accuracy'))} rss {r['peak_rss_gb']:.2f} GB "
-              f"same={r['same_tokens']}", flush=True)
+              f"(MIN {_pct(r.get('belady_hit_rate'))}) acc {_pct(r.get('prefetch_accuracy'))} "
+              f"rss {r['peak_rss_gb']:.2f} GB same={r['same_tokens']}", flush=True)
+    bounds(rows, disk["bytes_per_s"])
+    for r in rows:
+        if "roofline_s_per_token" in r:
+            removed = r.get("prefetch_wait_removed")
+            print(f"{str(r['fraction']):8s} {r['policy']:3s} prefetch={r['prefetch']!s:5s} "
+                  f"decode {1e3 / r['decode_tok_s']:7.2f} ms/tok, I/O roofline "
+                  f"{1e3 * r['roofline_s_per_token']:7.2f} ms/tok "
+                  f"(x{r['decode_vs_roofline']:.2f})"
+                  + ("" if removed is None else f", prefetch removed {_pct(removed)} of wait"))
     out = {"command": "python benchmarks/offload.py " + " ".join(sys.argv[1:]),
-           "expert_bytes": total, "rows": rows}
+           "expert_bytes": total, "disk": disk, "rows": rows}
     if a.json:
         tmp = Path(a.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
@@ -131,6 +227,8 @@ def main() -> None:
     r.add_argument("--prompt", type=int, default=128)
     r.add_argument("--new", type=int, default=64)
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--disk-mb", type=int, default=256,
+                   help="MiB of the weights file read to measure the disk's bandwidth")
     r.add_argument("--json", default=None)
     a = p.parse_args()
     if a.cmd == "worker":

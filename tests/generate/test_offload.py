@@ -121,3 +121,29 @@ def test_trace_replays_to_the_caches_hit_rate(qwen, experts):
     assert lru_hit_rate(cache.trace, budget, sizes) == pytest.approx(s["hit_rate"])
     assert s["hit_rate"] <= cache.belady_hit_rate() <= 1
 
+
+def test_offload_benchmark_reports_the_bounds(qwen, tmp_path):
+    """benchmarks/offload.py end to end on the tiny artifact: MIN's hit rate, the decode
+    roofline and the wait prefetch removed are in its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "offload.py"
+    out = tmp_path / "offload.json"
+    subprocess.run([sys.executable, str(script), "run", str(qwen[1]), "--fractions", "0.25",
+                    "--policies", "lru", "--both-prefetch", "--prompt", "8", "--new", "4",
+                    "--threads", "1", "--disk-mb", "8", "--json", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = json.loads(out.read_text())
+    assert res["disk"]["method"] in ("O_DIRECT", "pread+fadvise") and res["disk"]["bytes"] > 0
+    rows = res["rows"]
+    assert [(r["fraction"], r["prefetch"]) for r in rows] == [
+        ("resident", False), (0.25, True), (0.25, False)]
+    assert all(r["same_tokens"] for r in rows)
+    for r in rows[1:]:
+        assert 0 < r["belady_hit_rate"] <= 1 and r["hit_to_belady"] is not None
+        assert r["decode_vs_roofline"] > 0 and r["roofline_s_per_token"] > 0
+    assert rows[2]["hit_rate"] <= rows[2]["belady_hit_rate"]  # no prefetch: demand only
+    assert "prefetch_wait_removed" in rows[1]
