@@ -43,9 +43,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SYSTEMS = ("moec-fp32", "moec-bf16", "moec-int8", "transformers", "llama-f32", "llama-bf16",
-           "llama-q8_0")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1.0}
+SYSTEMS = ("moec-fp32", "moec-bf16", "moec-int8", "moec-int8d", "transformers", "llama-f32",
+           "llama-bf16", "llama-q8_0")
+# int8: int8 experts, the rest fp32; int8d: int8 dense linears too (--quantize-dense), as
+# llama.cpp's q8_0 (8.5 bits a weight with its block scales)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1.0, "int8d": 1.0}
 
 
 def config(name: str):
@@ -129,7 +131,8 @@ def artifact(work: Path, name: str, variant: str) -> Path:
     ckpt = checkpoint(work, name, "bf16" if variant == "bf16" else "fp32")
     t = time.perf_counter()
     moec.compile(str(ckpt), max_tokens=512,
-                 quantize="int8" if variant == "int8" else None).save(out)
+                 quantize="int8" if variant.startswith("int8") else None,
+                 quantize_dense=variant == "int8d").save(out)
     print(f"compiled {out.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
 
@@ -147,6 +150,8 @@ def gguf(work: Path, name: str, quant: str, llama_src: Path | None) -> Path | No
     code = ("import sys, runpy; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0]);"
             "import convert_hf_to_gguf as c; from conversion import base;"
             "base.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2';"
+            "from conversion import llama;"  # Mixtral: a BPE tokenizer.json, no sentencepiece
+            "llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2();"
             "sys.argv[0] = 'convert_hf_to_gguf.py'; c.main()")
     cmd = [sys.executable, "-c", code, str(llama_src), str(ckpt), "--outfile", str(out),
            "--outtype", quant]
@@ -359,7 +364,7 @@ def run(a: argparse.Namespace) -> None:
                                      "batch": batch, "status": "failed"})
                         continue
                     variant = system.split("-")[1] if "-" in system else "fp32"
-                    variant = {"f32": "fp32", "q8_0": "int8"}.get(variant, variant)
+                    variant = {"f32": "fp32", "q8_0": "int8d"}.get(variant, variant)
                     roof_dec = limits["bandwidth"]["gbs"] * 1e9 / decode_bytes(
                         name, batch, variant) * batch
                     roof_pre = limits["gemm"]["gflops"] * 1e9 / prefill_flops(name, prompt) * \
