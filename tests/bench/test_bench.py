@@ -79,6 +79,7 @@ def test_tiny_layers_write_json_and_png(tmp_path: Path, keep_env: None,
     assert "== tiny-deepseek" in out and "moec speed-up" in out and "limits at end:" in out
 
 
+@pytest.mark.slow
 def test_bf16_run(tmp_path: Path, keep_env: None, capsys: pytest.CaptureFixture) -> None:
     """`moec bench --dtype bfloat16`: bf16 blocks, every system checked against hf-eager in bf16
     (within BF16_TOL: moec computes in float32), ONNX Runtime said to be missing and why, the

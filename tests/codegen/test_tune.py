@@ -157,6 +157,7 @@ def test_moec_tune_then_compile(tmp_path, capsys):
     assert "reorder-dispatch{block_m=16}" in manifest
 
 
+@pytest.mark.slow
 def test_bf16_layer_tunes_float32_kernels_on_bf16_weights(tmp_path):
     """A bf16 layer is tuned as it is compiled for the CPU (widen-activations): float32
     kernels reading bf16 weights. Its entry has its own key and applies to its compile, whose

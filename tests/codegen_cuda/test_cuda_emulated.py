@@ -327,7 +327,7 @@ def test_combine(emu, tokens):
     close(got, ref("moe.combine", [y, wts, srow])[0])
 
 
-@pytest.mark.parametrize("order", [1, -1])
+@pytest.mark.parametrize("order", [1, pytest.param(-1, marks=pytest.mark.slow)])
 def test_warp_serial_orders(emu, order):
     """One warp at a time between barriers, forwards and backwards: a missing __syncthreads
     (a warp reading shared memory another warp has not written yet, or overwriting what

@@ -194,7 +194,7 @@ def test_paged_attention_half(emu, dtype, i):
     run_case(emu(i, dtype), i, dtype)
 
 
-@pytest.mark.parametrize("order", [1, -1])
+@pytest.mark.parametrize("order", [1, pytest.param(-1, marks=pytest.mark.slow)])
 def test_paged_attention_warp_serial_orders(emu, order):
     """One warp at a time between block barriers, forwards and backwards: a warp reading a
     K / V tile before all of it is staged, or overwriting it early, or the decode merge reading
@@ -337,7 +337,8 @@ def _no_spills(comp, kernels):
             assert r["smem"] <= PA.SMEM_BUDGET, (e, r)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32",  # bf16: sm_80 below, all with -m slow
+@pytest.mark.parametrize("dtype", ["float16",  # bf16: sm_80 below, all with -m slow
+                                   pytest.param("float32", marks=pytest.mark.slow),
                                    pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_sm90_build_no_spills(dtype):
     kernels = ptx_set(dtype)
@@ -375,7 +376,9 @@ def _generation_artifact(family: str, dtype: str, tmp_path: Path):
     return art, {k: v for c in comps for k, v in c.report.items()}
 
 
-@pytest.mark.parametrize("family,dtype", [("qwen3_moe", "bfloat16"), ("gpt_oss", "float32")])
+@pytest.mark.parametrize("family,dtype", [("qwen3_moe", "bfloat16"),
+                                          pytest.param("gpt_oss", "float32",
+                                                       marks=pytest.mark.slow)])
 def test_generation_artifact_builds_for_sm90(family, dtype, tmp_path):
     art, report = _generation_artifact(family, dtype, tmp_path)
     assert art.target["kind"] == "cuda" and art.target["arch"] == "sm_90"

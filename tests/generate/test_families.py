@@ -32,7 +32,12 @@ NEW = 32
 REL = 1e-4
 
 
-@pytest.fixture(scope="module", params=GENERATING)
+FAST = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")  # the must-generate four;
+# the other families with -m slow (the default run stays near 20 minutes on 2 cores)
+
+
+@pytest.fixture(scope="module", params=[f if f in FAST else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in GENERATING])
 def compiled(request, tmp_path_factory):
     fam = request.param
     m, path = compile_family(fam, tmp_path_factory.mktemp(fam))

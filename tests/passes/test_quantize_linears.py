@@ -76,7 +76,7 @@ def test_linear_q_reference_is_the_dequantised_linear():
     ref = x.astype(np.float64) @ (q.astype(np.float64) * s).T + b
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     # int8 per output channel: within half a step of each channel's scale of the float linear
-    err = np.abs((q * s - w)).max(axis=1)
+    err = np.abs(q * s - w).max(axis=1)
     assert np.all(err <= 0.5 * s[:, 0] + 1e-7)
 
 

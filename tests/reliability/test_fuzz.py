@@ -1,7 +1,7 @@
 """Time-bounded fuzzing with hypothesis: the IR parser and the artifact loader raise nothing but
 moec's own errors (`MoecError` subclasses), whatever they are fed.
 
-Each target runs for MOEC_FUZZ_SECONDS (default 20) in batches of fresh random examples; a
+Each target runs for MOEC_FUZZ_SECONDS (default 10) in batches of fresh random examples; a
 failure prints the shrunk input. `python tests/reliability/fuzz_atheris.py` runs the same targets
 under atheris (coverage-guided) when it is installed.
 """
@@ -35,7 +35,7 @@ from .conftest import Demo
 # Mutated manifests may say another TVM built the kernels, which only warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-SECONDS = float(os.environ.get("MOEC_FUZZ_SECONDS", "20"))
+SECONDS = float(os.environ.get("MOEC_FUZZ_SECONDS", "10"))
 BATCH = settings(max_examples=50, deadline=None, database=None,
                  suppress_health_check=list(HealthCheck))
 
