@@ -53,8 +53,9 @@ def add_offload_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--expert-policy", default="lru", choices=("lru", "lfu"), help="with "
                    "--expert-budget: which experts leave memory first, least recently or least "
                    "frequently used (default: %(default)s)")
-    s.add_argument("--no-prefetch", action="store_true", help="with --expert-budget: no "
-                   "pre-gated prefetch")
+    s.add_argument("--prefetch", action="store_true", help="with --expert-budget: read the "
+                   "experts the next layer's router predicts ahead (pre-gating; off by default: "
+                   "mispredicted reads cost more than they hide, docs/offload.md)")
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def _load(a: argparse.Namespace, max_batch: int = 1) -> Any:
 
     off = {} if getattr(a, "expert_budget", None) is None else {
         "expert_budget": a.expert_budget, "expert_policy": a.expert_policy,
-        "prefetch": not a.no_prefetch}
+        "prefetch": a.prefetch}
     model = moec.load(a.artifact, kv_cache=a.kv_cache, max_batch=max_batch,
                       max_seq_len=a.max_seq_len, **off) if _is_lm(a.artifact) else None
     if not isinstance(model, LanguageModel):

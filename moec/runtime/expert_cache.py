@@ -116,7 +116,7 @@ class ExpertCache:
 
     def __init__(self, weights_path: Path, header: dict[str, Any], data_start: int,
                  offload: dict[str, Any], budget: int, *, policy: str = "lru",
-                 prefetch: bool = True, routers: dict[str, np.ndarray] | None = None,
+                 prefetch: bool = False, routers: dict[str, np.ndarray] | None = None,
                  trace: bool = False) -> None:
         if policy not in POLICIES:
             raise InputError(f"expert cache policy {policy!r}: want one of {POLICIES}")

@@ -193,7 +193,7 @@ def load(
     weights: str = "copy",
     expert_budget: str | int | None = None,
     expert_policy: str = "lru",
-    prefetch: bool = True,
+    prefetch: bool = False,
 ) -> CompiledModel:
     """Load an artifact folder (`NAME.moec/`) and return a callable `CompiledModel`.
 
@@ -222,7 +222,7 @@ def load(
     `expert_budget` (generation artifacts, CPU): keep the routed experts in the weights file
     and at most this many bytes of them in memory ("3GB", or bytes), loaded as layers route to
     them (moec.runtime.expert_cache; `expert_policy` "lru" or "lfu", `prefetch` by
-    pre-gating). The outputs are bitwise those of the fully resident model.
+    pre-gating, off by default). The outputs are bitwise those of the fully resident model.
 
     Raises ArtifactError for a damaged or foreign artifact, InputError for a bad `device` or
     `weights`."""

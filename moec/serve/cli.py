@@ -43,7 +43,7 @@ def add_commands(sub: Any) -> None:
                    help="seconds before a request is cancelled (0: no timeout)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds given to running requests to finish")
-    add_offload_arguments(s)  # --expert-budget, --expert-policy, --no-prefetch
+    add_offload_arguments(s)  # --expert-budget, --expert-policy, --prefetch
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's and moec's logging (default: %(default)s)")
