@@ -94,13 +94,14 @@ def start_llama(python: str, gguf: Path) -> tuple[subprocess.Popen, str]:
 
 async def one(client, model: str, prompt: str, new: int) -> dict:
     t0 = time.perf_counter()
-    first, last, gaps, tokens = None, None, [], 0
+    first, last, gaps, tokens, chunks = None, None, [], None, 0
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=new, temperature=0, stream=True,
         stream_options={"include_usage": True})
     async for ch in stream:
         now = time.perf_counter()
         if ch.choices and ch.choices[0].text:
+            chunks += 1
             if first is None:
                 first = now
             else:
@@ -108,7 +109,10 @@ async def one(client, model: str, prompt: str, new: int) -> dict:
             last = now
         if ch.usage is not None:
             tokens = ch.usage.completion_tokens
-    return {"ttft": (first or time.perf_counter()) - t0, "gaps": gaps, "tokens": tokens}
+    # llama-cpp-python's server sends no usage chunk: there, one streamed chunk is one token
+    return {"ttft": (first or time.perf_counter()) - t0, "gaps": gaps,
+            "tokens": chunks if tokens is None else tokens,
+            "tokens_from": "chunks" if tokens is None else "usage"}
 
 
 async def level(url: str, reqs: list[tuple[str, int]], conc: int, max_seconds: float) -> dict:
