@@ -8,9 +8,9 @@ removed from the graph. Activations and biases stay float32; the kernel widens t
 as it reads them and scales each output column once. A decode step reads a quarter of the
 bytes of these weights (half of bf16's): with quantize-experts, what llama.cpp's q8_0 stores.
 
-Linears that score experts are left alone: a result that reaches a top-k or a router within a
-few element-wise ops (an unfused router) keeps its float weight, so rounding never changes
-which experts a token picks.
+Linears that score experts are left alone: a result that reaches a top-k within a few ops
+that keep its width (an unfused router's softmax, bias, scale) keeps its float weight, so
+rounding never changes which experts a token picks. (A fused moe.router holds its own weight.)
 
 CPU targets only (`moec.compile(..., quantize="int8", quantize_dense=True)` appends it after
 the pipeline on an LLVM target); the CUDA lowering refuses core.linear_q by name.
@@ -30,12 +30,17 @@ from moec.ir.quant_ops import quantize
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import RewritePattern, Rewriter, apply_patterns
 
-ROUTING_OPS = ("core.topk", "moe.router", "moe.topk")
+ROUTING_OPS = ("core.topk", "moe.topk")
 ROUTING_DEPTH = 4  # element-wise ops between a router's linear and its top-k (softmax, bias)
 
 
 def scores_experts(v: Value, depth: int = ROUTING_DEPTH) -> bool:
-    """Whether `v` reaches a top-k or router op within `depth` ops."""
+    """Whether `v` (a linear's [..., N] result) reaches a top-k within `depth` ops that keep its
+    last dim N: the scores of an unfused router (softmax, sigmoid, a bias, a scale). A path
+    that changes the last dim (a norm's weight keeps it, but a fused moe.router reads hidden
+    states, not scores) is not a router's: the attention output projection feeding the next
+    layer's router through the residual and its norm is quantised."""
+    n = v.shape[-1] if v.shape else None
     frontier, seen = [v], set()
     for _ in range(depth):
         nxt = []
@@ -43,9 +48,11 @@ def scores_experts(v: Value, depth: int = ROUTING_DEPTH) -> bool:
             for user in val.users():
                 if user.op in ROUTING_OPS:
                     return True
-                if id(user) not in seen:
-                    seen.add(id(user))
-                    nxt.extend(user.results)
+                if id(user) in seen or user.op.startswith("moe.") or user.op in (
+                        "core.rmsnorm", "core.layernorm"):
+                    continue
+                seen.add(id(user))
+                nxt.extend(r for r in user.results if r.shape and r.shape[-1] == n)
         frontier = nxt
     return False
 

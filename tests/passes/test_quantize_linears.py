@@ -143,3 +143,27 @@ def test_quantize_dense_refused_for_cuda():
     model, (x,) = demo_model(hidden=64, intermediate=96, tokens=8)
     with pytest.raises(InputError, match="CPU kernels only"):
         moec.compile(model, (x,), target="cuda", quantize="int8", quantize_dense=True)
+
+
+def test_a_projection_before_a_fused_router_is_quantised():
+    """The attention output projection reaches the next MoE's router through the residual and
+    a norm: it is not a router's linear (the fused moe.router holds its own weight)."""
+    head = """
+      dim T: 0..8
+      input %x: f32[T, 16]
+      param @r: f32[4, 16]
+      param @nw: f32[16]
+    """
+    body = """
+      %b: f32[T, 16] = core.add(%a, %x)
+      %n: f32[T, 16] = core.rmsnorm(%b, @nw) {eps=1e-06}
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%n, @r) {k=2}
+      output %w, %i
+    """
+    before = _with_data(parse(head + "param @o: f32[16, 16]\n"
+                              "%a: f32[T, 16] = core.linear(%x, @o)\n" + body))
+    assert_ir_equal(run_pass(QuantizeLinears(), before), head + """
+      param @o.q8: i8[16, 16]
+      param @o.scale: f32[16, 1]
+      %a: f32[T, 16] = core.linear_q(%x, @o.q8, @o.scale)
+    """ + body)
