@@ -46,7 +46,7 @@ def compile(model: Any, example_inputs: Any = (), **kwargs: Any) -> Artifact:
 def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
          weights: str = "copy", kv_cache: str | int | None = None,
          max_batch: int | None = None, max_seq_len: int | None = None,
-         expert_budget: str | int | None = None, expert_policy: str = "lru",
+         expert_budget: str | int | None = None, expert_policy: str = "adaptive",
          prefetch: bool = False) -> Any:
     """Load a saved artifact; returns a callable CompiledModel, or for a generation artifact
     (a causal LM compiled from a checkpoint folder) a `moec.engine.LanguageModel`, which also
@@ -64,7 +64,7 @@ def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
     when compiling (see moec.engine.Engine for the defaults).
     expert_budget, expert_policy, prefetch (generation artifacts, CPU): run with at most
     `expert_budget` bytes of routed experts in memory ("3GB"), the rest read from the artifact
-    as layers route to them (moec.runtime.expert_cache: "lru" or "lfu"; prefetch by
+    as layers route to them (moec.runtime.expert_cache: "adaptive", "lru" or "lfu"; prefetch by
     pre-gating, off by default: docs/offload.md has the measurements); the tokens are
     bitwise those of the fully resident model."""
     from moec.runtime import load as _load

@@ -18,6 +18,7 @@ import time
 from typing import Any, TextIO
 
 from moec.errors import InputError
+from moec.runtime.cache_policy import POLICIES
 
 
 def add_sampling_arguments(s: argparse.ArgumentParser) -> None:
@@ -50,8 +51,9 @@ def add_offload_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--expert-budget", default=None, help="keep at most this much of the routed "
                    "experts in memory, e.g. 3GB (the rest is read from the artifact as layers "
                    "route to it; moec.runtime.expert_cache)")
-    s.add_argument("--expert-policy", default="lru", choices=("lru", "lfu"), help="with "
-                   "--expert-budget: which experts leave memory first, least recently or least "
+    s.add_argument("--expert-policy", default="adaptive", choices=POLICIES, help="with "
+                   "--expert-budget: which experts leave memory first: adaptive (the expected "
+                   "farthest next use, learned from the routing), least recently or least "
                    "frequently used (default: %(default)s)")
     s.add_argument("--prefetch", action="store_true", help="with --expert-budget: read the "
                    "experts the next layer's router predicts ahead (pre-gating; off by default: "

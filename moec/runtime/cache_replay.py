@@ -1,6 +1,7 @@
 """Replays of an expert access trace (`ExpertCache(trace=True).trace`) under a capacity: the
-offline optimum (Belady's MIN) and LRU, to judge a cache's hit rate against what any demand
-cache of the same size could get.
+offline optimum (Belady's MIN), LRU, and any of the cache's own policies
+(moec.runtime.cache_policy), to judge a cache's hit rate against what any demand cache of the
+same size could get.
 
 A trace is a list of fetches, one per MoE layer call, in the order the model made them:
 `(layer, expert ids)`. The experts of one fetch are needed at once (the cache pins them while
@@ -53,6 +54,54 @@ def lru_hit_rate(trace: Trace, capacity: int,
                    priority=lambda v: v)
 
 
+def policy_hit_rate(trace: Trace, capacity: int, sizes: Mapping[Key, int] | None = None,
+                    policy: str = "adaptive", num_experts: Mapping[int, int] | None = None,
+                    k: Mapping[int, int] | None = None) -> float | None:
+    """The hit rate of the expert cache's policy `policy` (moec.runtime.cache_policy) on `trace`
+    with `capacity`, evicting as ExpertCache does. `num_experts` and `k` per layer default to
+    what the trace shows (the largest expert id + 1; the fewest experts a fetch needed)."""
+    from moec.runtime.cache_policy import make  # noqa: PLC0415
+
+    fetches = _fetches(trace)
+    if num_experts is None:
+        num_experts = {}
+        for keys in fetches:
+            for layer, e in keys:
+                num_experts[layer] = max(num_experts.get(layer, 0), e + 1)
+    if k is None:
+        k = {}
+        for keys in fetches:
+            if keys:
+                k[keys[0][0]] = min(k.get(keys[0][0], len(keys)), len(keys))
+    pol = make(policy, num_experts, {layer: k.get(layer, 1) for layer in num_experts})
+    size = (lambda key: 1) if sizes is None else (lambda key: int(sizes[key]))
+    resident: set[Key] = set()
+    used = hits = need = 0
+    for t, keys in enumerate(fetches):
+        if not keys:
+            continue
+        layer = keys[0][0]
+        pol.observe(layer, [e for _, e in keys])
+        pinned = set(keys)
+        for key in keys:
+            need += 1
+            if key in resident:
+                hits += 1
+                continue
+            if used + size(key) > capacity:
+                for victim in pol.eviction_order([x for x in resident if x not in pinned], layer):
+                    resident.discard(victim)
+                    used -= size(victim)
+                    if used + size(key) <= capacity:
+                        break
+            if used + size(key) > capacity:
+                raise ValueError(f"fetch {t} needs {sorted(pinned)}: more than the capacity "
+                                 f"{capacity} holds")
+            resident.add(key)
+            used += size(key)
+    return hits / need if need else None
+
+
 def _fetches(trace: Trace) -> list[list[Key]]:
     return [[(int(layer), int(e)) for e in sorted({int(i) for i in ids})] for layer, ids in trace]
 
@@ -93,4 +142,4 @@ def _replay(fetches, capacity, sizes, resident, heap, *, on_use, priority) -> fl
     return hits / need if need else None
 
 
-__all__ = ["belady_hit_rate", "lru_hit_rate"]
+__all__ = ["belady_hit_rate", "lru_hit_rate", "policy_hit_rate"]

@@ -14,11 +14,17 @@ When. The generation step's offload entry points (`main_offload`, `decode_offloa
 into `ExpertCache.fetch(layer, ids, x)` between each MoE layer's routing and its expert GEMMs
 (moe.expert_fetch, inserted by the offload-experts pass): the experts the layer's tokens chose
 are loaded if missing (a miss waits for its read), pinned while the layer runs, and the policy
-(LRU, or LFU with exponential aging) picks what to evict to stay under the budget.
+(moec.runtime.cache_policy: `adaptive`, the default, an estimate of the farthest next use that
+knows the layers' cycle and learns how recency and popularity predict reuse; or LRU; or LFU
+with exponential aging) picks what to evict to stay under the budget.
 
 Prefetch by pre-gating (Pre-gated MoE, MoE-Infinity): at layer L's fetch, layer L+1's router is
 applied to layer L's input and the experts it predicts are read on a background thread while
-layer L computes; experts the previous tokens used stay cached by the policy. Stats: hits,
+layer L computes; experts the previous tokens used stay cached by the policy. Under `adaptive`
+a prediction is read only into free room or in place of experts whose expected next use is
+farther than the prediction's (its distance at the prefetch accuracy measured so far), so a
+wrong guess cannot evict an expert more likely to be needed; under LRU and LFU it may evict
+any unpinned expert. Stats: hits,
 misses, prefetch accuracy (predicted experts that the next layer used), bytes read, the time
 the model waited for reads and the time spent reading (their difference is the overlap).
 
@@ -44,11 +50,11 @@ from typing import Any
 import numpy as np
 
 from moec.errors import ArtifactError, ExecutionError, InputError
+from moec.runtime.cache_policy import POLICIES, Adaptive, make
 
 ROUTERS = "routers.safetensors"  # the artifact's raw routers (moec.codegen.offload)
-POLICIES = ("lru", "lfu")
 PAGE = mmap.PAGESIZE
-LFU_HALF_LIFE = 256.0  # layer fetches after which an expert's use count has halved
+PREFETCH_PRIOR = (1.0, 2.0)  # prefetch accuracy before any is measured: 1 used of 2 predicted
 
 
 @dataclass
@@ -59,9 +65,6 @@ class _Expert:
     nbytes: int
     state: str = "out"  # out | loading | in
     pinned: bool = False
-    last: float = 0.0  # LRU clock of the last use
-    freq: float = 0.0  # LFU: decayed use count at `freq_t`
-    freq_t: float = 0.0
     prefetched: bool = False  # loaded by the prefetcher, not used yet
 
 
@@ -115,7 +118,7 @@ class ExpertCache:
     the kernels in place of the weights."""
 
     def __init__(self, weights_path: Path, header: dict[str, Any], data_start: int,
-                 offload: dict[str, Any], budget: int, *, policy: str = "lru",
+                 offload: dict[str, Any], budget: int, *, policy: str = "adaptive",
                  prefetch: bool = False, routers: dict[str, np.ndarray] | None = None,
                  trace: bool = False) -> None:
         if policy not in POLICIES:
@@ -151,7 +154,12 @@ class ExpertCache:
                 f"expert_budget of {_fmt(self.budget)} cannot hold one layer's top-k experts "
                 f"({_fmt(self.min_budget)}); give at least that")
         self.used = 0  # bytes of experts in or loading
-        self.clock = 0.0
+        order = sorted(self.layers)
+        self._next_layer = dict(zip(order, order[1:], strict=False))  # within one step
+        self._cur_layer = order[0] if order else 0
+        self._policy = make(policy, {layer: int(i["num_experts"]) for layer, i in
+                                     self.layers.items()},
+                            {layer: int(i["k"]) for layer, i in self.layers.items()})
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         # one (layer, needed expert ids) per fetch, in order; None when not tracing
         self.trace: list[tuple[int, tuple[int, ...]]] | None = [] if trace else None
@@ -213,12 +221,12 @@ class ExpertCache:
         with self._cv:
             for ex in self.experts.values():
                 ex.pinned = False
-            self.clock += 1
+            self._policy.observe(layer, needed)
+            self._cur_layer = layer
             missing = []
             for e in needed:
                 ex = self.experts[(layer, e)]
                 ex.pinned = True
-                self._touch(ex)
                 if ex.state == "in":
                     st.hits += 1
                     if ex.prefetched:
@@ -227,16 +235,16 @@ class ExpertCache:
                     st.misses += 1
                     missing.append(ex)
                 ex.prefetched = False
+            # predictions for this layer not yet read came too late: drop them
+            self._queue = deque(ex for ex in self._queue if ex.layer != layer)
             to_read = []
             for ex in missing:
-                if ex in self._queue:
-                    self._queue.remove(ex)
                 if ex.state == "out":
                     # room may be held by reads in flight: wait for them to land, then evict
                     while not self._room(ex.nbytes) and any(
                             o.state == "loading" for o in self.experts.values()):
                         self._cv.wait()
-                    self._make_room(ex.nbytes)
+                    self._make_room(ex.nbytes, layer)
                     ex.state = "loading"
                     self.used += ex.nbytes
                     to_read.append(ex)
@@ -270,33 +278,38 @@ class ExpertCache:
                 ex.pinned = False
 
     # ------------------------------------------------------------------ policy
-    def _touch(self, ex: _Expert) -> None:
-        ex.last = self.clock
-        ex.freq = self._decayed(ex) + 1.0
-        ex.freq_t = self.clock
-
-    def _decayed(self, ex: _Expert) -> float:
-        return ex.freq * 0.5 ** ((self.clock - ex.freq_t) / LFU_HALF_LIFE)
-
-    def _score(self, ex: _Expert) -> float:
-        return ex.last if self.policy == "lru" else self._decayed(ex)
-
     def _room(self, nbytes: int) -> bool:
         """Whether evicting resident, unpinned experts can make `nbytes` fit."""
         free = self.budget - self.used + sum(ex.nbytes for ex in self.experts.values()
                                              if ex.state == "in" and not ex.pinned)
         return nbytes <= free
 
-    def _make_room(self, nbytes: int) -> None:
-        """Evict resident, unpinned experts (lowest score first) until `nbytes` fit."""
+    def _make_room(self, nbytes: int, layer: int, farther_than: float | None = None) -> bool:
+        """Evict resident, unpinned experts in the policy's order until `nbytes` fit (the
+        fetch is at `layer`). With `farther_than` (adaptive only: a prefetch), only experts
+        whose expected next use is farther than that may go, and False says it did not fit
+        (nothing is evicted then); otherwise not fitting is an error."""
         if self.used + nbytes <= self.budget:
-            return
-        victims = sorted((ex for ex in self.experts.values() if ex.state == "in"
-                          and not ex.pinned), key=self._score)
-        for ex in victims:
+            return True
+        keys = [key for key, ex in self.experts.items() if ex.state == "in" and not ex.pinned]
+        if farther_than is not None:
+            ranked = self._policy.ranked(keys, layer)
+            free = self.budget - self.used
+            chosen = []
+            for dist, key in ranked:
+                if free >= nbytes or dist <= farther_than:
+                    break
+                chosen.append(key)
+                free += self.experts[key].nbytes
+            if free < nbytes:
+                return False
+            for key in chosen:
+                self._evict(self.experts[key])
+            return True
+        for key in self._policy.eviction_order(keys, layer):
             if self.used + nbytes <= self.budget:
                 break
-            self._evict(ex)
+            self._evict(self.experts[key])
         if self.used + nbytes > self.budget:
             raise InputError(
                 f"the expert cache ({_fmt(self.budget)}) cannot hold the experts "
@@ -340,9 +353,9 @@ class ExpertCache:
             self._cv.notify_all()
 
     def _prefetch_next(self, layer: int, x: np.ndarray) -> None:
-        nxt = layer + 1
+        nxt = self._next_layer.get(layer)
         w = self.routers.get(f"{nxt}.weight")
-        if nxt not in self.layers or w is None or not x.size:
+        if nxt is None or w is None or not x.size:
             return
         logits = x.astype(np.float32, copy=False) @ w.T
         if f"{nxt}.logit_bias" in self.routers:
@@ -370,10 +383,19 @@ class ExpertCache:
                 ex = self._queue.popleft()
                 if ex.state != "out":
                     continue
-                try:
-                    self._make_room(ex.nbytes)
-                except InputError:
-                    continue  # no unpinned room now: a miss will load it if it is needed
+                cur = self._cur_layer
+                if isinstance(self._policy, Adaptive):
+                    used, predicted = (sum(getattr(s, f) for s in self.stats.layers.values())
+                                       for f in ("predicted_used", "predicted"))
+                    q = (used + PREFETCH_PRIOR[0]) / (predicted + PREFETCH_PRIOR[1])
+                    limit = float(self._policy.distance(ex.layer, cur, q))
+                    if not self._make_room(ex.nbytes, cur, farther_than=limit):
+                        continue  # everything resident is likelier to be needed first
+                else:
+                    try:
+                        self._make_room(ex.nbytes, cur)
+                    except InputError:
+                        continue  # no unpinned room now: a miss will load it if it is needed
                 ex.state = "loading"
                 ex.prefetched = True
                 self.used += ex.nbytes

@@ -192,7 +192,7 @@ def load(
     ep_group: Any = None,
     weights: str = "copy",
     expert_budget: str | int | None = None,
-    expert_policy: str = "lru",
+    expert_policy: str = "adaptive",
     prefetch: bool = False,
 ) -> CompiledModel:
     """Load an artifact folder (`NAME.moec/`) and return a callable `CompiledModel`.
@@ -221,7 +221,7 @@ def load(
 
     `expert_budget` (generation artifacts, CPU): keep the routed experts in the weights file
     and at most this many bytes of them in memory ("3GB", or bytes), loaded as layers route to
-    them (moec.runtime.expert_cache; `expert_policy` "lru" or "lfu", `prefetch` by
+    them (moec.runtime.expert_cache; `expert_policy` "adaptive", "lru" or "lfu", `prefetch` by
     pre-gating, off by default). The outputs are bitwise those of the fully resident model.
 
     Raises ArtifactError for a damaged or foreign artifact, InputError for a bad `device` or

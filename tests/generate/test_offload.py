@@ -45,7 +45,8 @@ def resident(qwen):
 
 @pytest.mark.parametrize("experts,policy,prefetch", [
     (2, "lru", True),     # one layer's top-2: one token per step, every layer a miss
-    (3, "lfu", True), (5, "lru", False), (7, "lfu", False), (16, "lru", True)])
+    (3, "lfu", True), (3, "adaptive", True), (5, "lru", False), (7, "lfu", False),
+    (6, "adaptive", False), (16, "adaptive", True)])
 def test_bitwise_equal_to_resident(qwen, resident, experts, policy, prefetch):
     toks, ids, logits = resident
     lm = moec.load(qwen[1], expert_budget=experts * _expert_bytes(qwen[1]),
@@ -100,14 +101,16 @@ def test_the_budget_is_what_memory_holds(qwen):
     assert _mapping_rss(weights) <= budget + slack
 
 
-@pytest.mark.parametrize("experts", [2, 3, 5])
-def test_trace_replays_to_the_caches_hit_rate(qwen, experts):
-    """The access trace replayed by LRU gives the cache's own hit rate (LRU, no prefetch: the
-    cache loads on demand only), and MIN's on the same trace is at least that."""
-    from moec.runtime.cache_replay import lru_hit_rate
+@pytest.mark.parametrize("experts,policy", [(2, "lru"), (3, "lru"), (5, "lru"), (3, "adaptive"),
+                                            (5, "adaptive"), (5, "lfu")])
+def test_trace_replays_to_the_caches_hit_rate(qwen, experts, policy):
+    """The access trace replayed by the cache's policy gives the cache's own hit rate (no
+    prefetch: the cache loads on demand only), LRU's replay agrees with the independent one,
+    and MIN's on the same trace is at least that."""
+    from moec.runtime.cache_replay import lru_hit_rate, policy_hit_rate
 
     budget = experts * _expert_bytes(qwen[1])
-    lm = moec.load(qwen[1], expert_budget=budget, expert_policy="lru", prefetch=False)
+    lm = moec.load(qwen[1], expert_budget=budget, expert_policy=policy, prefetch=False)
     cache = lm.step_model.expert_cache
     assert cache.trace is None
     with pytest.raises(InputError, match="trace"):
@@ -118,7 +121,13 @@ def test_trace_replays_to_the_caches_hit_rate(qwen, experts):
     sizes = {key: ex.nbytes for key, ex in cache.experts.items()}
     assert sum(len(ids) for _, ids in cache.trace) == sum(
         st.hits + st.misses for st in cache.stats.layers.values())
-    assert lru_hit_rate(cache.trace, budget, sizes) == pytest.approx(s["hit_rate"])
+    layers = cache.layers
+    replay = policy_hit_rate(cache.trace, budget, sizes, policy,
+                             {la: int(i["num_experts"]) for la, i in layers.items()},
+                             {la: int(i["k"]) for la, i in layers.items()})
+    assert replay == pytest.approx(s["hit_rate"])
+    if policy == "lru":
+        assert lru_hit_rate(cache.trace, budget, sizes) == pytest.approx(s["hit_rate"])
     assert s["hit_rate"] <= cache.belady_hit_rate() <= 1
 
 
