@@ -24,9 +24,23 @@ for decode, max(resident decode time per token, bytes read per decode token / ba
 --both-prefetch, `prefetch_wait_removed` = 1 - wait with prefetch / wait without (same fraction
 and policy): the share of the time the model waited for reads that prefetch took away.
 
-No synthetic routing (--routing zipf): the experts a real artifact uses are its router's
-choice, which the benchmark cannot set without changing the outputs it checks; skewed routing
-is exercised by the replay tests (tests/runtime/test_cache_replay.py) instead.
+Routing. The experts a real artifact uses are its router's choice; the benchmark reports how
+skewed that was, from the cache's trace: `top_quarter_share`, the share of a layer's expert uses
+that its most used quarter of experts took (0.25: uniform), and `repeat`, the share of a decode
+fetch's experts that the previous fetch of the same layer used too (k/E: by chance). The models
+made by `python benchmarks/generate.py`'s checkpoint() for "qwen3-big" (random weights: skewed,
+sticky routing, as trained models show) and "qwen3-big-uniform" (attention output scaled down:
+near-uniform routing) give both kinds; synthetic traces are replayed in the tests too
+(tests/runtime/test_cache_policy.py).
+
+Larger than memory. With --memory-limit (e.g. 4GB; needs a writable cgroup v1 memory
+controller, /sys/fs/cgroup/memory, as root) the cells of --limited-fractions run again inside a
+memory cgroup of that size, which counts the page cache too, so a model bigger than the limit
+must really run from disk. With --llama-gguf and --llama-python (an interpreter with
+llama-cpp-python) llama.cpp runs the same model, converted from the same checkpoint, with its
+default memory-mapped weights, once without a limit and once inside the same cgroup: its pages
+come and go as the kernel's page cache pleases, the comparison for moec's budgeted cache
+(benchmarks/generate.py's llama worker: greedy, the same prompt token ids).
 """
 
 from __future__ import annotations
@@ -105,7 +119,6 @@ def bounds(rows: list[dict], bandwidth: float) -> None:
 
 
 def worker(a: argparse.Namespace) -> None:
-    import numpy as np
 
     import moec
 
@@ -116,8 +129,7 @@ def worker(a: argparse.Namespace) -> None:
     kw = {} if a.budget is None else {"expert_budget": int(a.budget), "expert_policy": a.policy,
                                       "prefetch": not a.no_prefetch}
     lm = moec.load(a.artifact, max_batch=1, max_seq_len=a.prompt + a.new + 8, **kw)
-    g = lm.step_model.geometry
-    prompt = [int(t) for t in np.random.default_rng(0).integers(3, g.vocab_size, a.prompt)]
+    prompt = _prompt(a.prompt, lm.step_model.geometry.vocab_size)
     eng = lm.engine
     cache = lm.step_model.expert_cache
     if cache is not None:
@@ -144,8 +156,75 @@ def worker(a: argparse.Namespace) -> None:
                    decode_bytes_per_token=(read() - b1) / max(1, a.new - 1),
                    wait_s=s["wait_s"], read_s=s["read_s"], belady_hit_rate=opt,
                    hit_to_belady=s["hit_rate"] / opt if opt and s["hit_rate"] is not None
-                   else None)
+                   else None, **routing_skew(cache.trace, cache.layers))
     print("RESULT " + json.dumps(row))
+
+
+def _prompt(n: int, vocab: int) -> list[int]:
+    """The prompt's token ids: benchmarks/generate.py's, so that llama.cpp gets the same."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generate import _prompts  # noqa: PLC0415
+
+    return _prompts(n, 1, vocab)[0]
+
+
+def routing_skew(trace: list, layers: dict) -> dict[str, float]:
+    """How skewed and how sticky the traced routing was (module doc): `top_quarter_share` and
+    `repeat`, averaged over the layers."""
+    import numpy as np
+
+    shares, repeats = [], []
+    for layer, info in layers.items():
+        fetches = [set(ids) for la, ids in trace if la == layer]
+        if not fetches:
+            continue
+        n = int(info["num_experts"])
+        counts = np.sort(np.bincount([e for f in fetches for e in f], minlength=n))[::-1]
+        shares.append(counts[: max(1, n // 4)].sum() / max(1, counts.sum()))
+        single = [f for f in fetches if len(f) == int(info["k"])]  # one token: decode
+        repeats += [len(a & b) / len(b) for a, b in zip(single, single[1:], strict=False)]
+    return {"top_quarter_share": float(np.mean(shares)) if shares else None,
+            "repeat": float(np.mean(repeats)) if repeats else None}
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory controller group limiting its processes (page cache included) to
+    `limit` bytes; `preexec` puts a child in it."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, limit: int) -> None:
+        self.path = self.ROOT / f"moec-offload-bench-{os.getpid()}"
+        try:
+            self.path.mkdir(exist_ok=True)
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        except OSError as e:
+            raise SystemExit(f"--memory-limit needs a writable cgroup v1 memory controller at "
+                             f"{self.ROOT} (run as root): {e}") from e
+        self.limit = limit
+
+    def preexec(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def reset(self) -> None:
+        (self.path / "memory.max_usage_in_bytes").write_text("0")
+
+    def close(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def _drop_page_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _pct(v: float | None) -> str:
@@ -164,35 +243,75 @@ def run(a: argparse.Namespace) -> None:
     disk = disk_bandwidth(Path(a.artifact) / "weights.safetensors", a.disk_mb << 20)
     print(f"disk read {disk['bytes_per_s'] / 1e9:.2f} GB/s ({disk['method']}, "
           f"{disk['bytes'] / 2**20:.1f} MiB)", flush=True)
-    cells = [("resident", None, "-", False)]
+    cells = [("resident", None, "-", False, False)]
     for f in a.fractions:
         for pol in a.policies:
             for pf in (True, False) if a.both_prefetch else (True,):
-                cells.append((f, int(total * f), pol, pf))
+                cells.append((f, int(total * f), pol, pf, False))
+    cgroup = None
+    if a.memory_limit:
+        from moec.engine.kv_pool import parse_bytes
+
+        cgroup = MemoryCgroup(parse_bytes(a.memory_limit))
+        for f in a.limited_fractions:
+            cells.append((f, int(total * f), a.policies[0], False, True))
+    if a.llama_gguf:
+        cells.append(("llama.cpp", None, "mmap", False, False))
+        if cgroup is not None:
+            cells.append(("llama.cpp", None, "mmap", False, True))
     rows, ref = [], None
-    for frac, budget, pol, pf in cells:
-        cmd = [sys.executable, __file__, "worker", a.artifact, "--prompt", str(a.prompt),
-               "--new", str(a.new), "--policy", pol if pol != "-" else "lru"]
-        if budget is not None:
-            cmd += ["--budget", str(budget)]
-        if not pf:
-            cmd.append("--no-prefetch")
-        env = {**os.environ, "TVM_NUM_THREADS": str(a.threads)}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env = {**os.environ, "TVM_NUM_THREADS": str(a.threads)}
+    for frac, budget, pol, pf, limited in cells:
+        if frac == "llama.cpp":
+            script = Path(__file__).resolve().parent / "generate.py"
+            cmd = [a.llama_python, str(script), "worker", "--system", "llama-f32", "--path",
+                   a.llama_gguf, "--prompt", str(a.prompt), "--batch", "1", "--new", str(a.new),
+                   "--threads", str(a.threads)]
+        else:
+            cmd = [sys.executable, __file__, "worker", a.artifact, "--prompt", str(a.prompt),
+                   "--new", str(a.new), "--policy", pol if pol != "-" else "lru"]
+            if budget is not None:
+                cmd += ["--budget", str(budget)]
+            if not pf:
+                cmd.append("--no-prefetch")
+        if frac == "llama.cpp" or limited:  # nothing of the model cached from the cell before
+            _drop_page_cache(a.llama_gguf if frac == "llama.cpp" else
+                             str(Path(a.artifact) / "weights.safetensors"))
+        if limited:
+            cgroup.reset()
+        t = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                             preexec_fn=cgroup.preexec if limited else None)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if res.returncode or not line:
-            print(f"{frac} {pol} failed:\n{res.stderr[-1500:]}", file=sys.stderr)
+            print(f"{frac} {pol} limited={limited} failed (exit {res.returncode}):\n"
+                  f"{res.stderr[-1500:]}", file=sys.stderr)
+            rows.append({"fraction": frac, "budget": budget, "policy": pol, "prefetch": pf,
+                         "memory_limit": cgroup.limit if limited else None,
+                         "failed": f"exit {res.returncode}", "wall_s": time.perf_counter() - t})
             continue
         r = json.loads(line[0][7:])
-        toks = r.pop("tokens")
+        if frac == "llama.cpp":
+            r = {"prefill_tok_s": a.prompt / r["ttft_s"], "decode_tok_s": r["decoded"] /
+                 r["decode_s"], "peak_rss_gb": r["peak_rss_gb"]}
+        toks = r.pop("tokens", None)
         ref = toks if ref is None else ref
-        r.update(fraction=frac, budget=budget, policy=pol, prefetch=pf, same_tokens=toks == ref)
+        r.update(fraction=frac, budget=budget, policy=pol, prefetch=pf,
+                 same_tokens=None if toks is None else toks == ref,
+                 memory_limit=cgroup.limit if limited else None)
+        if limited:
+            r["cgroup_peak_gb"] = cgroup.peak() / 1e9  # RSS and page cache together
         rows.append(r)
-        print(f"{str(frac):8s} {pol:3s} prefetch={pf!s:5s} decode {r['decode_tok_s']:6.1f} "
-              f"tok/s prefill {r['prefill_tok_s']:7.1f} tok/s hit {_pct(r.get('hit_rate'))} "
-              f"(MIN {_pct(r.get('belady_hit_rate'))}) acc {_pct(r.get('prefetch_accuracy'))} "
-              f"rss {r['peak_rss_gb']:.2f} GB same={r['same_tokens']}", flush=True)
-    bounds(rows, disk["bytes_per_s"])
+        print(f"{str(frac):9s} {pol:8s} prefetch={pf!s:5s} limited={limited!s:5s} decode "
+              f"{r['decode_tok_s']:6.1f} tok/s prefill {r['prefill_tok_s']:7.1f} tok/s hit "
+              f"{_pct(r.get('hit_rate'))} (MIN {_pct(r.get('belady_hit_rate'))}) acc "
+              f"{_pct(r.get('prefetch_accuracy'))} rss {r['peak_rss_gb']:.2f} GB"
+              + (f" cgroup peak {r['cgroup_peak_gb']:.2f} GB" if limited else "")
+              + f" same={r['same_tokens']}", flush=True)
+    if cgroup is not None:
+        cgroup.close()
+    bounds([r for r in rows if "failed" not in r and r["fraction"] != "llama.cpp"
+            and not r.get("memory_limit")], disk["bytes_per_s"])
     for r in rows:
         if "roofline_s_per_token" in r:
             removed = r.get("prefetch_wait_removed")
@@ -215,20 +334,26 @@ def main() -> None:
     w = sub.add_parser("worker")
     w.add_argument("artifact")
     w.add_argument("--budget", type=int, default=None)
-    w.add_argument("--policy", default="lru")
+    w.add_argument("--policy", default="adaptive")
     w.add_argument("--no-prefetch", action="store_true")
     w.add_argument("--prompt", type=int, default=128)
     w.add_argument("--new", type=int, default=64)
     r = sub.add_parser("run")
     r.add_argument("artifact")
     r.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
-    r.add_argument("--policies", nargs="+", default=["lru", "lfu"])
+    r.add_argument("--policies", nargs="+", default=["adaptive", "lru"])
     r.add_argument("--both-prefetch", action="store_true", help="also run without prefetch")
     r.add_argument("--prompt", type=int, default=128)
     r.add_argument("--new", type=int, default=64)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--disk-mb", type=int, default=256,
                    help="MiB of the weights file read to measure the disk's bandwidth")
+    r.add_argument("--memory-limit", default=None,
+                   help="also run --limited-fractions (and llama.cpp) in a memory cgroup of "
+                        "this size, e.g. 4GB")
+    r.add_argument("--limited-fractions", type=float, nargs="+", default=[0.1])
+    r.add_argument("--llama-gguf", default=None, help="the same model as a GGUF (f32)")
+    r.add_argument("--llama-python", default=None, help="python with llama-cpp-python")
     r.add_argument("--json", default=None)
     a = p.parse_args()
     if a.cmd == "worker":

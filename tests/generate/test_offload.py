@@ -6,6 +6,7 @@ the statistics add up."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -156,3 +157,32 @@ def test_offload_benchmark_reports_the_bounds(qwen, tmp_path):
         assert r["decode_vs_roofline"] > 0 and r["roofline_s_per_token"] > 0
     assert rows[2]["hit_rate"] <= rows[2]["belady_hit_rate"]  # no prefetch: demand only
     assert "prefetch_wait_removed" in rows[1]
+
+
+def _cgroup_writable() -> bool:
+    root = Path("/sys/fs/cgroup/memory")
+    return root.is_dir() and os.access(root, os.W_OK)
+
+
+@pytest.mark.skipif(not _cgroup_writable(),
+                    reason="no writable cgroup v1 memory controller (needs root)")
+def test_offload_benchmark_runs_cells_under_a_memory_limit(qwen, tmp_path):
+    """--memory-limit runs the limited cells in a memory cgroup and reports its peak (RSS and
+    page cache together), which stays under the limit; the routing's skew is reported."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "offload.py"
+    out = tmp_path / "offload.json"
+    subprocess.run([sys.executable, str(script), "run", str(qwen[1]), "--fractions", "0.5",
+                    "--policies", "adaptive", "--prompt", "8", "--new", "4", "--threads", "1",
+                    "--disk-mb", "8", "--memory-limit", "1.5GB", "--limited-fractions", "0.25",
+                    "--json", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["fraction"], r["memory_limit"]) for r in rows] == [
+        ("resident", None), (0.5, None), (0.25, int(1.5e9))]
+    assert all(r["same_tokens"] for r in rows)
+    assert 0 < rows[2]["cgroup_peak_gb"] <= 1.5
+    assert 0.25 <= rows[1]["top_quarter_share"] <= 1 and 0 <= rows[1]["repeat"] <= 1
