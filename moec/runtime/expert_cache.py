@@ -43,6 +43,7 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from moec.runtime.cache_policy import POLICIES, Adaptive, make
 ROUTERS = "routers.safetensors"  # the artifact's raw routers (moec.codegen.offload)
 PAGE = mmap.PAGESIZE
 PREFETCH_PRIOR = (1.0, 2.0)  # prefetch accuracy before any is measured: 1 used of 2 predicted
+READERS = 2  # threads reading one fetch's missing experts (a disk serves a few reads at once)
 
 
 @dataclass
@@ -173,6 +175,7 @@ class ExpertCache:
         self._predicted: dict[int, set[int]] = {}
         self._queue: deque[_Expert] = deque()
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
         self._thread = None
         if prefetch:
             self._thread = threading.Thread(target=self._prefetcher, daemon=True,
@@ -203,6 +206,8 @@ class ExpertCache:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ the hook
     def fetch(self, layer: int, ids: np.ndarray, x: np.ndarray | None) -> None:
@@ -249,8 +254,13 @@ class ExpertCache:
                     self.used += ex.nbytes
                     to_read.append(ex)
         t1 = time.perf_counter()
-        for ex in to_read:  # the foreground reads, outside the lock
-            self._read(ex)
+        if len(to_read) > 1 and READERS > 1:  # the foreground reads, outside the lock
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="moec-expert-read")
+            list(self._pool.map(self._read, to_read))
+        else:
+            for ex in to_read:
+                self._read(ex)
         with self._cv:
             while any(ex.state != "in" for ex in missing):  # ... and the prefetcher's
                 self._cv.wait()
