@@ -24,7 +24,9 @@ layer L computes; experts the previous tokens used stay cached by the policy. Un
 a prediction is read only into free room or in place of experts whose expected next use is
 farther than the prediction's (its distance at the prefetch accuracy measured so far), so a
 wrong guess cannot evict an expert more likely to be needed; under LRU and LFU it may evict
-any unpinned expert. Stats: hits,
+any unpinned expert. Prefetch gates itself: while fewer than half of the experts it read were
+used before their eviction (`prefetch_precision`), it reads the predictions of one layer call
+in 8 only, since a wasted read costs CPU that the kernels need. Stats: hits,
 misses, prefetch accuracy (predicted experts that the next layer used), bytes read, the time
 the model waited for reads and the time spent reading (their difference is the overlap).
 
@@ -55,7 +57,13 @@ from moec.runtime.cache_policy import POLICIES, Adaptive, make
 
 ROUTERS = "routers.safetensors"  # the artifact's raw routers (moec.codegen.offload)
 PAGE = mmap.PAGESIZE
-PREFETCH_PRIOR = (1.0, 2.0)  # prefetch accuracy before any is measured: 1 used of 2 predicted
+# Prefetch pays only if most of what it reads is used: on a machine with few cores a read costs
+# CPU (the copy out of the page cache) whether the model waits for it or not, so a wasted read
+# slows the kernels. Below this precision the prefetcher reads the predictions of one layer
+# call in PREFETCH_PROBE_EVERY only (to keep measuring), and none of the others.
+PREFETCH_MIN_PRECISION = 0.5
+PREFETCH_PRIOR = (1.0, 2.0)  # prediction accuracy before any is measured: 1 used of 2
+PREFETCH_PROBE_EVERY = 8
 READERS = 2  # threads reading one fetch's missing experts (a disk serves a few reads at once)
 
 
@@ -89,6 +97,15 @@ class CacheStats:
     read_s: float = 0.0  # time spent reading experts (foreground and background)
     fetch_s: float = 0.0  # all of the model's time in the cache's hook
     evictions: int = 0
+    prefetch_reads: int = 0  # reads the prefetcher made ...
+    prefetch_useful: int = 0  # ... of experts a layer then needed (loaded or still loading)
+    prefetch_wasted: int = 0  # ... of experts evicted before any layer needed them
+    prefetch_skipped: int = 0  # layer calls whose predictions were not read (precision gate)
+
+    def prefetch_precision(self) -> float:
+        """The share of the prefetcher's finished reads that were used, with a prior of one
+        used and one wasted (0.5 before any is known)."""
+        return (self.prefetch_useful + 1) / (self.prefetch_useful + self.prefetch_wasted + 2)
 
     def summary(self) -> dict[str, Any]:
         tot = LayerStats()
@@ -99,6 +116,11 @@ class CacheStats:
         return {
             "hit_rate": tot.hits / need if need else None,
             "prefetch_accuracy": tot.predicted_used / tot.predicted if tot.predicted else None,
+            "prefetch_reads": self.prefetch_reads,
+            "prefetch_precision": self.prefetch_useful / (self.prefetch_useful +
+                                                          self.prefetch_wasted)
+            if self.prefetch_useful + self.prefetch_wasted else None,
+            "prefetch_skipped": self.prefetch_skipped,
             "bytes_read": tot.bytes_read, "loads": tot.loads, "evictions": self.evictions,
             "wait_s": self.wait_s, "read_s": self.read_s, "fetch_s": self.fetch_s,
             # the share of read time the model did not wait for (reads behind compute)
@@ -167,12 +189,18 @@ class ExpertCache:
         self.trace: list[tuple[int, tuple[int, ...]]] | None = [] if trace else None
         self._cv = threading.Condition()
         self._fd = os.open(self.path, os.O_RDONLY)
+        try:  # no readahead: a read brings in its expert's bytes only, which _read then drops
+            # from the page cache (readahead beyond them stayed cached, outside the budget)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            pass
         size = os.fstat(self._fd).st_size
         self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_PRIVATE,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._buf = np.frombuffer(self._map, dtype=np.uint8)
         self.routers = routers or {}
         self._predicted: dict[int, set[int]] = {}
+        self._calls = 0  # layer calls that made a prediction
         self._queue: deque[_Expert] = deque()
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
@@ -232,6 +260,8 @@ class ExpertCache:
             for e in needed:
                 ex = self.experts[(layer, e)]
                 ex.pinned = True
+                if ex.prefetched:  # read ahead for this use (done or still in flight)
+                    self.stats.prefetch_useful += 1
                 if ex.state == "in":
                     st.hits += 1
                     if ex.prefetched:
@@ -333,6 +363,8 @@ class ExpertCache:
             if hi > lo:
                 self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         ex.state = "out"
+        if ex.prefetched:  # read ahead for nothing
+            self.stats.prefetch_wasted += 1
         ex.prefetched = False
         self.used -= ex.nbytes
         self.stats.evictions += 1
@@ -377,6 +409,11 @@ class ExpertCache:
         want = {int(e) for e in np.unique(top)}
         self._predicted[nxt] = want
         with self._cv:
+            self._calls += 1
+            if self.stats.prefetch_precision() < PREFETCH_MIN_PRECISION and \
+                    self._calls % PREFETCH_PROBE_EVERY:
+                self.stats.prefetch_skipped += 1  # not paying: only probe now and then
+                return
             for e in want:
                 ex = self.experts[(nxt, e)]
                 if ex.state == "out" and ex not in self._queue:
@@ -409,6 +446,7 @@ class ExpertCache:
                 ex.state = "loading"
                 ex.prefetched = True
                 self.used += ex.nbytes
+                self.stats.prefetch_reads += 1
             self._read(ex)
 
 
