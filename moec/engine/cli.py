@@ -135,7 +135,8 @@ def cmd_generate(a: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     if cache is not None:
         s = cache.stats.summary()
         err.write(f"[experts] hit rate {_pct(s['hit_rate'])}, prefetch accuracy "
-                  f"{_pct(s['prefetch_accuracy'])}, read {s['bytes_read'] / 2**20:.1f} MiB, "
+                  f"{_pct(s['prefetch_accuracy'])} (reads used {_pct(s['prefetch_precision'])}"
+                  f"), read {s['bytes_read'] / 2**20:.1f} MiB, "
                   f"waited {s['wait_s'] * 1e3:.0f} ms of {s['read_s'] * 1e3:.0f} ms reading\n")
     return 0
 
@@ -183,7 +184,8 @@ def profile_generation(a: argparse.Namespace, out: TextIO = sys.stdout) -> dict[
                       f"{_pct(la['prefetch_accuracy'])}, {la['bytes_per_token'] or 0:.0f} "
                       f"bytes read per token\n")
         out.write(f"all layers: hit rate {_pct(s['hit_rate'])}, prefetch accuracy "
-                  f"{_pct(s['prefetch_accuracy'])}, overlap {_pct(s['overlap'])}\n")
+                  f"{_pct(s['prefetch_accuracy'])}, prefetched reads used "
+                  f"{_pct(s['prefetch_precision'])}, overlap {_pct(s['overlap'])}\n")
     else:
         out.write("(no --expert-budget: every expert is resident; nothing to report about "
                   "the expert cache)\n")
