@@ -202,6 +202,9 @@ class ExpertCache:
         self._predicted: dict[int, set[int]] = {}
         self._calls = 0  # layer calls that made a prediction
         self._queue: deque[_Expert] = deque()
+        self._pinned: list[_Expert] = []  # the experts of the layer running now
+        self._resident: dict[tuple[int, int], _Expert] = {}  # state "in"
+        self._loading = 0  # experts in state "loading"
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._thread = None
@@ -252,8 +255,9 @@ class ExpertCache:
             st.predicted_used += len(predicted & set(needed))
         t0 = time.perf_counter()
         with self._cv:
-            for ex in self.experts.values():
+            for ex in self._pinned:
                 ex.pinned = False
+            self._pinned = [self.experts[(layer, e)] for e in needed]
             self._policy.observe(layer, needed)
             self._cur_layer = layer
             missing = []
@@ -272,17 +276,18 @@ class ExpertCache:
                 ex.prefetched = False
             # predictions for this layer not yet read came too late: drop them
             self._queue = deque(ex for ex in self._queue if ex.layer != layer)
-            to_read = []
-            for ex in missing:
-                if ex.state == "out":
-                    # room may be held by reads in flight: wait for them to land, then evict
-                    while not self._room(ex.nbytes) and any(
-                            o.state == "loading" for o in self.experts.values()):
-                        self._cv.wait()
-                    self._make_room(ex.nbytes, layer)
-                    ex.state = "loading"
+            to_read = [ex for ex in missing if ex.state == "out"]
+            nbytes = sum(ex.nbytes for ex in to_read)
+            if to_read:
+                # room may be held by reads in flight: wait for them to land, then evict (the
+                # policy's order does not change within a fetch, so making room for all the
+                # misses at once evicts what making room for each in turn would)
+                while not self._room(nbytes) and self._loading:
+                    self._cv.wait()
+                self._make_room(nbytes, layer)
+                for ex in to_read:
+                    self._set_state(ex, "loading")
                     self.used += ex.nbytes
-                    to_read.append(ex)
         t1 = time.perf_counter()
         if len(to_read) > 1 and READERS > 1:  # the foreground reads, outside the lock
             if self._pool is None:
@@ -314,14 +319,25 @@ class ExpertCache:
     def release(self) -> None:
         """Unpin everything (the end of a step)."""
         with self._cv:
-            for ex in self.experts.values():
+            for ex in self._pinned:
                 ex.pinned = False
+            self._pinned = []
+
+    def _set_state(self, ex: _Expert, state: str) -> None:
+        """Move `ex` to `state` (out | loading | in), keeping the resident set and the count of
+        reads in flight (call with the lock held)."""
+        self._loading += (state == "loading") - (ex.state == "loading")
+        if state == "in":
+            self._resident[(ex.layer, ex.index)] = ex
+        elif ex.state == "in":
+            del self._resident[(ex.layer, ex.index)]
+        ex.state = state
 
     # ------------------------------------------------------------------ policy
     def _room(self, nbytes: int) -> bool:
         """Whether evicting resident, unpinned experts can make `nbytes` fit."""
-        free = self.budget - self.used + sum(ex.nbytes for ex in self.experts.values()
-                                             if ex.state == "in" and not ex.pinned)
+        free = self.budget - self.used + sum(ex.nbytes for ex in self._resident.values()
+                                             if not ex.pinned)
         return nbytes <= free
 
     def _make_room(self, nbytes: int, layer: int, farther_than: float | None = None) -> bool:
@@ -331,7 +347,7 @@ class ExpertCache:
         (nothing is evicted then); otherwise not fitting is an error."""
         if self.used + nbytes <= self.budget:
             return True
-        keys = [key for key, ex in self.experts.items() if ex.state == "in" and not ex.pinned]
+        keys = [key for key, ex in self._resident.items() if not ex.pinned]
         if farther_than is not None:
             ranked = self._policy.ranked(keys, layer)
             free = self.budget - self.used
@@ -362,7 +378,7 @@ class ExpertCache:
             hi = (off + n) // PAGE * PAGE
             if hi > lo:
                 self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        ex.state = "out"
+        self._set_state(ex, "out")
         if ex.prefetched:  # read ahead for nothing
             self.stats.prefetch_wasted += 1
         ex.prefetched = False
@@ -387,7 +403,7 @@ class ExpertCache:
                 pass
         dt = time.perf_counter() - t
         with self._cv:
-            ex.state = "in"
+            self._set_state(ex, "in")
             st = self.stats.layers[ex.layer]
             st.bytes_read += ex.nbytes
             st.loads += 1
@@ -443,7 +459,7 @@ class ExpertCache:
                         self._make_room(ex.nbytes, cur)
                     except InputError:
                         continue  # no unpinned room now: a miss will load it if it is needed
-                ex.state = "loading"
+                self._set_state(ex, "loading")
                 ex.prefetched = True
                 self.used += ex.nbytes
                 self.stats.prefetch_reads += 1
