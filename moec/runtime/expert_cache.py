@@ -64,6 +64,7 @@ PAGE = mmap.PAGESIZE
 PREFETCH_MIN_PRECISION = 0.5
 PREFETCH_PRIOR = (1.0, 2.0)  # prediction accuracy before any is measured: 1 used of 2
 PREFETCH_PROBE_EVERY = 8
+PREFETCH_NICE = 19  # the prefetch thread's nice value (Linux: per thread)
 READERS = 2  # threads reading one fetch's missing experts (a disk serves a few reads at once)
 
 
@@ -437,6 +438,10 @@ class ExpertCache:
             self._cv.notify_all()
 
     def _prefetcher(self) -> None:
+        try:  # read ahead only with CPU time the kernels leave (a read is a copy: CPU work)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFETCH_NICE)
+        except (OSError, AttributeError):
+            pass
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
