@@ -26,7 +26,8 @@ farther than the prediction's (its distance at the prefetch accuracy measured so
 wrong guess cannot evict an expert more likely to be needed; under LRU and LFU it may evict
 any unpinned expert. Prefetch gates itself: while fewer than half of the experts it read were
 used before their eviction (`prefetch_precision`), it reads the predictions of one layer call
-in 8 only, since a wasted read costs CPU that the kernels need. Stats: hits,
+in 8 only, since a wasted read costs CPU that the kernels need; and its thread runs at the
+lowest priority (nice 19), reading with CPU time the kernels leave. Stats: hits,
 misses, prefetch accuracy (predicted experts that the next layer used), bytes read, the time
 the model waited for reads and the time spent reading (their difference is the overlap).
 
