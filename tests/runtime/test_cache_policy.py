@@ -219,3 +219,77 @@ def test_prefetch_that_does_not_pay_is_gated(weights_file):
         assert s["prefetch_reads"] <= 2 * (predicting // ec.PREFETCH_PROBE_EVERY + 8)
     finally:
         cache.close()
+
+
+def _cached_pages(path) -> np.ndarray:
+    """Which pages of `path` are in the page cache (mincore over a mapping of the file that is
+    never touched, so it reports the page cache itself)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    view = np.frombuffer(m, np.uint8)
+    rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+    err = ctypes.get_errno()
+    del view
+    m.close()
+    if rc != 0:
+        pytest.skip(f"mincore refused the mapping (errno {err}): the page cache is not "
+                    f"measurable here")
+    return (np.frombuffer(vec, np.uint8) & 1).astype(bool)
+
+
+def test_the_experts_do_not_stay_in_the_page_cache(tmp_path):
+    """The budget is real, not hidden in the page cache: after many loads and evictions, the
+    pages lying entirely inside the experts' bytes are out of the page cache (a read drops what
+    it read; no readahead brings in more), but for the last reads' few."""
+    import mmap
+    import os
+
+    from safetensors.numpy import save_file
+
+    rows, cols = 256, 64  # 64 KiB experts: 16 pages each
+    rng = np.random.default_rng(0)
+    tensors = {f"l{la}.w": rng.standard_normal((E, rows, cols)).astype(np.float32)
+               for la in range(3)}
+    path = tmp_path / "weights.safetensors"
+    save_file(tensors, str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:  # what writing the file left cached
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _cached_pages(path).any():
+        pytest.skip("this file system keeps the file's pages cached after DONTNEED (e.g. "
+                    "tmpfs): the page cache is the file's storage here")
+
+    from moec.runtime.expert_cache import ExpertCache
+    from moec.runtime.weights import _header
+
+    header, start, _ = _header(path)
+    offload = {"layers": [{"layer": la, "num_experts": E, "k": 2, "params": [f"l{la}.w"]}
+                          for la in range(3)]}
+    cache = ExpertCache(path, header, start, offload, 5 * rows * cols * 4)
+    try:
+        for layer, ids in routing_trace(3, E, 2, 40, skew=0.5, stick=0.3, seed=2):
+            cache.fetch(layer, np.array(ids), None)
+        assert cache.stats.summary()["loads"] > 3 * E  # experts were read more than once
+        inside = np.zeros(-(-path.stat().st_size // mmap.PAGESIZE), bool)
+        for ex in cache.experts.values():
+            for off, n in ex.ranges:
+                inside[-(-off // mmap.PAGESIZE):(off + n) // mmap.PAGESIZE] = True
+        assert inside.sum() >= 3 * E * 15
+        # the kernel may keep the pages of the last reads a moment (they sit in per-CPU
+        # batches that a DONTNEED skips): at most READERS experts' worth, out of the
+        # hundreds of pages the loads read
+        from moec.runtime.expert_cache import READERS
+
+        assert (_cached_pages(path) & inside).sum() <= READERS * 16
+    finally:
+        cache.close()
