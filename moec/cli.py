@@ -195,6 +195,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         inputs = _read_inputs(a.input)
     else:
         raise InputError("give the inputs with --input FILE.npy or --tokens \"1 2 3\"")
+    from moec.engine.cli import offload_kwargs
+
+    off = offload_kwargs(a)
+    if a.ep is not None and off:
+        raise InputError("--expert-budget does not run with --ep (expert-parallel artifacts "
+                         "keep their experts resident): drop one of them")
     if a.ep is not None:  # one process per rank, under torchrun; rank 0 reports
         from moec.distributed.launch import run_ep
 
@@ -203,7 +209,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             return 0
     else:
         _check_device(a.artifact, a.device)
-        outs = load(a.artifact, device=a.device)(*inputs)
+        outs = load(a.artifact, device=a.device, **off)(*inputs)
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     if a.output:
         # .npy has no bfloat16 (nor float8): numpy would write raw bytes that read back as void
@@ -539,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ep_args(s)
     s.add_argument("--check", action="store_true", help="with --ep: compare with the "
                    "single-process model on rank 0")
+    from moec.engine.cli import add_offload_arguments
+
+    add_offload_arguments(s)  # generation artifacts: run with the experts under a budget
     s.set_defaults(fn=cmd_run)
 
     from moec.engine.cli import add_commands as add_generation_commands

@@ -68,13 +68,20 @@ def _sampling(a: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def offload_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """moec.load's expert-offload arguments from add_offload_arguments' flags (none without
+    --expert-budget)."""
+    if getattr(a, "expert_budget", None) is None:
+        return {}
+    return {"expert_budget": a.expert_budget, "expert_policy": a.expert_policy,
+            "prefetch": a.prefetch}
+
+
 def _load(a: argparse.Namespace, max_batch: int = 1) -> Any:
     import moec
     from moec.engine import LanguageModel
 
-    off = {} if getattr(a, "expert_budget", None) is None else {
-        "expert_budget": a.expert_budget, "expert_policy": a.expert_policy,
-        "prefetch": a.prefetch}
+    off = offload_kwargs(a)
     model = moec.load(a.artifact, kv_cache=a.kv_cache, max_batch=max_batch,
                       max_seq_len=a.max_seq_len, **off) if _is_lm(a.artifact) else None
     if not isinstance(model, LanguageModel):

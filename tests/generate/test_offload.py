@@ -186,3 +186,20 @@ def test_offload_benchmark_runs_cells_under_a_memory_limit(qwen, tmp_path):
     assert all(r["same_tokens"] for r in rows)
     assert 0 < rows[2]["cgroup_peak_gb"] <= 1.5
     assert 0.25 <= rows[1]["top_quarter_share"] <= 1 and 0 <= rows[1]["repeat"] <= 1
+
+
+def test_moec_run_takes_an_expert_budget(qwen, resident, tmp_path, capsys):
+    """`moec run ARTIFACT --tokens ... --expert-budget`: the logits are bitwise the resident
+    model's; with --ep the budget is refused by name."""
+    from moec.cli import main
+
+    _, ids, logits = resident
+    out = tmp_path / "logits.npy"
+    tokens = " ".join(str(int(t)) for t in ids)
+    budget = str(3 * _expert_bytes(qwen[1]))
+    assert main(["run", str(qwen[1]), "--tokens", tokens, "--expert-budget", budget,
+                 "--expert-policy", "lru", "--output", str(out)]) == 0
+    assert np.array_equal(np.load(out), logits)
+    assert main(["run", str(qwen[1]), "--tokens", tokens, "--expert-budget", budget,
+                 "--ep", "2"]) != 0
+    assert "--expert-budget does not run with --ep" in capsys.readouterr().err
