@@ -77,11 +77,9 @@ def policy_hit_rate(trace: Trace, capacity: int, sizes: Mapping[Key, int] | None
     size = (lambda key: 1) if sizes is None else (lambda key: int(sizes[key]))
     resident: set[Key] = set()
     used = hits = need = 0
-    for t, keys in enumerate(fetches):
-        if not keys:
-            continue
-        layer = keys[0][0]
-        pol.observe(layer, [e for _, e in keys])
+    for t, ((layer, _), keys) in enumerate(zip(trace, fetches, strict=True)):
+        layer = int(layer)
+        pol.observe(layer, [e for _, e in keys])  # as the cache does, an empty fetch too
         pinned = set(keys)
         for key in keys:
             need += 1
