@@ -62,9 +62,10 @@ def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
     kv_cache, max_batch, max_seq_len (generation artifacts): the KV cache size ("2GB", or
     bytes), the most sequences generated at once, and the longest sequence; chosen here, not
     when compiling (see moec.engine.Engine for the defaults).
-    expert_budget, expert_policy, prefetch (generation artifacts, CPU): run with at most
-    `expert_budget` bytes of routed experts in memory ("3GB"), the rest read from the artifact
-    as layers route to them (moec.runtime.expert_cache: "adaptive", "lru" or "lfu"; prefetch by
+    expert_budget, expert_policy, prefetch (generation artifacts): run with at most
+    `expert_budget` bytes of routed experts in memory ("3GB"; on a GPU, device memory, with
+    every expert in pinned host memory), the rest read from the artifact (on a GPU copied
+    from host memory) as layers route to them (moec.runtime.expert_cache: "adaptive", "lru" or "lfu"; prefetch by
     pre-gating, off by default: docs/offload.md has the measurements); the tokens are
     bitwise those of the fully resident model."""
     from moec.runtime import load as _load

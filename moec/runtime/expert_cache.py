@@ -41,7 +41,6 @@ token); `max_step_tokens()` tells the engine how many tokens a step may carry so
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 import time
@@ -55,9 +54,9 @@ import numpy as np
 
 from moec.errors import ArtifactError, ExecutionError, InputError
 from moec.runtime.cache_policy import POLICIES, Adaptive, make
+from moec.runtime.expert_store import MappedFileStore
 
 ROUTERS = "routers.safetensors"  # the artifact's raw routers (moec.codegen.offload)
-PAGE = mmap.PAGESIZE
 # Prefetch pays only if most of what it reads is used: on a machine with few cores a read costs
 # CPU (the copy out of the page cache) whether the model waits for it or not, so a wasted read
 # slows the kernels. Below this precision the prefetcher reads the predictions of one layer
@@ -75,6 +74,7 @@ class _Expert:
     index: int
     ranges: list[tuple[int, int]]  # (file offset, bytes) of each of its weight slices
     nbytes: int
+    charge: int = 0  # bytes it counts against the budget (its store's granules)
     state: str = "out"  # out | loading | in
     pinned: bool = False
     prefetched: bool = False  # loaded by the prefetcher, not used yet
@@ -146,8 +146,9 @@ class ExpertCache:
     def __init__(self, weights_path: Path, header: dict[str, Any], data_start: int,
                  offload: dict[str, Any], budget: int, *, policy: str = "adaptive",
                  prefetch: bool = False, routers: dict[str, np.ndarray] | None = None,
-                 trace: bool = False) -> None:
+                 trace: bool = False, store: Any = None) -> None:
         self.path = Path(weights_path)
+        self.spans: dict[str, tuple[int, int]] = {}  # expert weight -> file bytes [lo, hi)
         self.policy, self.budget = policy, int(budget)
         self.layers: dict[int, dict[str, Any]] = {int(e["layer"]): e for e in offload["layers"]}
         self.experts: dict[tuple[int, int], _Expert] = {}
@@ -166,11 +167,16 @@ class ExpertCache:
                                         f"is not {e_n} equal experts")
                 slices.append((lo, (hi - lo) // e_n))
                 self.expert_params.add(name)
+                self.spans[name] = (lo, hi)
             for e in range(e_n):
                 ranges = [(lo + e * n, n) for lo, n in slices]
                 self.experts[(layer, e)] = _Expert(layer, e, ranges, sum(n for _, n in ranges))
+        # the tier the experts live in (moec.runtime.expert_store): the file's mapping on a CPU
+        self.store = store if store is not None else MappedFileStore(self.path)
+        for ex in self.experts.values():
+            ex.charge = self.store.charge(ex.ranges)
         need = {layer: min(int(info["k"]), int(info["num_experts"])) * max(
-            self.experts[(layer, e)].nbytes for e in range(int(info["num_experts"])))
+            self.experts[(layer, e)].charge for e in range(int(info["num_experts"])))
             for layer, info in self.layers.items()}
         self.min_budget = max(need.values(), default=0)
         if self.budget < self.min_budget:
@@ -188,16 +194,6 @@ class ExpertCache:
         # one (layer, needed expert ids) per fetch, in order; None when not tracing
         self.trace: list[tuple[int, tuple[int, ...]]] | None = [] if trace else None
         self._cv = threading.Condition()
-        self._fd = os.open(self.path, os.O_RDONLY)
-        try:  # no readahead: a read brings in its expert's bytes only, which _read then drops
-            # from the page cache (readahead beyond them stayed cached, outside the budget)
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        except OSError:
-            pass
-        size = os.fstat(self._fd).st_size
-        self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_PRIVATE,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._buf = np.frombuffer(self._map, dtype=np.uint8)
         self.routers = routers or {}
         self._predicted: dict[int, set[int]] = {}
         self._calls = 0  # layer calls that made a prediction
@@ -208,22 +204,18 @@ class ExpertCache:
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._thread = None
+        self.prefetching = bool(prefetch)
         if prefetch:
             self._thread = threading.Thread(target=self._prefetcher, daemon=True,
                                             name="moec-expert-prefetch")
             self._thread.start()
 
     # ------------------------------------------------------------------ setup
-    def view(self, name: str, header: dict[str, Any], data_start: int) -> np.ndarray:
-        """The bytes of weight `name` in the private mapping (nothing is read)."""
-        lo, hi = (data_start + int(o) for o in header[name]["data_offsets"])
-        return self._buf[lo:hi]
-
     def max_step_tokens(self) -> int | None:
         """The most tokens a step may carry so that every layer's experts fit (None: any)."""
         cap = None
         for layer, info in self.layers.items():
-            size = max(self.experts[(layer, e)].nbytes for e in range(int(info["num_experts"])))
+            size = max(self.experts[(layer, e)].charge for e in range(int(info["num_experts"])))
             fit = self.budget // size
             if fit >= int(info["num_experts"]):
                 continue
@@ -239,6 +231,7 @@ class ExpertCache:
             self._thread.join(timeout=5)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self.store.close()
 
     # ------------------------------------------------------------------ the hook
     def fetch(self, layer: int, ids: np.ndarray, x: np.ndarray | None) -> None:
@@ -277,7 +270,7 @@ class ExpertCache:
             # predictions for this layer not yet read came too late: drop them
             self._queue = deque(ex for ex in self._queue if ex.layer != layer)
             to_read = [ex for ex in missing if ex.state == "out"]
-            nbytes = sum(ex.nbytes for ex in to_read)
+            nbytes = sum(ex.charge for ex in to_read)
             if to_read:
                 # room may be held by reads in flight: wait for them to land, then evict (the
                 # policy's order does not change within a fetch, so making room for all the
@@ -287,7 +280,7 @@ class ExpertCache:
                 self._make_room(nbytes, layer)
                 for ex in to_read:
                     self._set_state(ex, "loading")
-                    self.used += ex.nbytes
+                    self.used += ex.charge
         t1 = time.perf_counter()
         if len(to_read) > 1 and READERS > 1:  # the foreground reads, outside the lock
             if self._pool is None:
@@ -313,7 +306,7 @@ class ExpertCache:
                              "trace=True (or set cache.trace = [] before running)")
         from moec.runtime.cache_replay import belady_hit_rate  # noqa: PLC0415
 
-        sizes = {key: ex.nbytes for key, ex in self.experts.items()}
+        sizes = {key: ex.charge for key, ex in self.experts.items()}
         return belady_hit_rate(self.trace, self.budget, sizes)
 
     def release(self) -> None:
@@ -336,7 +329,7 @@ class ExpertCache:
     # ------------------------------------------------------------------ policy
     def _room(self, nbytes: int) -> bool:
         """Whether evicting resident, unpinned experts can make `nbytes` fit."""
-        free = self.budget - self.used + sum(ex.nbytes for ex in self._resident.values()
+        free = self.budget - self.used + sum(ex.charge for ex in self._resident.values()
                                              if not ex.pinned)
         return nbytes <= free
 
@@ -356,7 +349,7 @@ class ExpertCache:
                 if free >= nbytes or dist <= farther_than:
                     break
                 chosen.append(key)
-                free += self.experts[key].nbytes
+                free += self.experts[key].charge
             if free < nbytes:
                 return False
             for key in chosen:
@@ -373,34 +366,21 @@ class ExpertCache:
                 f"tokens per step")
 
     def _evict(self, ex: _Expert) -> None:
-        for off, n in ex.ranges:
-            lo = -(-off // PAGE) * PAGE  # only pages entirely inside the expert's bytes
-            hi = (off + n) // PAGE * PAGE
-            if hi > lo:
-                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        self.store.evict(ex.ranges)
         self._set_state(ex, "out")
         if ex.prefetched:  # read ahead for nothing
             self.stats.prefetch_wasted += 1
         ex.prefetched = False
-        self.used -= ex.nbytes
+        self.used -= ex.charge
         self.stats.evictions += 1
 
     # ------------------------------------------------------------------ I/O
     def _read(self, ex: _Expert) -> None:
         t = time.perf_counter()
-        for off, n in ex.ranges:
-            dst = memoryview(self._map)[off:off + n]
-            got = 0
-            while got < n:
-                k = os.preadv(self._fd, [dst[got:]], off + got)
-                if k <= 0:
-                    raise ArtifactError(f"{self.path.name}: short read of expert {ex.index} "
-                                        f"of layer {ex.layer}")
-                got += k
-            try:  # the page cache's copy is not ours to keep: the budget is what we hold
-                os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
+        try:
+            self.store.load(ex.ranges)
+        except ArtifactError as e:
+            raise ArtifactError(f"expert {ex.index} of layer {ex.layer}: {e}") from None
         dt = time.perf_counter() - t
         with self._cv:
             self._set_state(ex, "in")
@@ -456,16 +436,16 @@ class ExpertCache:
                                        for f in ("predicted_used", "predicted"))
                     q = (used + PREFETCH_PRIOR[0]) / (predicted + PREFETCH_PRIOR[1])
                     limit = float(self._policy.distance(ex.layer, cur, q))
-                    if not self._make_room(ex.nbytes, cur, farther_than=limit):
+                    if not self._make_room(ex.charge, cur, farther_than=limit):
                         continue  # everything resident is likelier to be needed first
                 else:
                     try:
-                        self._make_room(ex.nbytes, cur)
+                        self._make_room(ex.charge, cur)
                     except InputError:
                         continue  # no unpinned room now: a miss will load it if it is needed
                 self._set_state(ex, "loading")
                 ex.prefetched = True
-                self.used += ex.nbytes
+                self.used += ex.charge
                 self.stats.prefetch_reads += 1
             self._read(ex)
 
@@ -487,12 +467,13 @@ def register_fetch() -> None:
 
         def fetch(layer: int, ids: Any, x: Any) -> Any:
             cache = getattr(current, "cache", None)
-            ids_np = ids.numpy()
+            ids_np = ids.numpy()  # on a GPU: the copy waits for the kernels before it
             try:
                 if cache is None:
                     raise ExecutionError("an offload entry point ran without an expert cache "
                                          "(load the artifact with expert_budget=)")
-                cache.fetch(int(layer), ids_np, x.numpy())
+                # the layer's input only feeds the prefetcher's router (a copy off a GPU)
+                cache.fetch(int(layer), ids_np, x.numpy() if cache.prefetching else None)
             except Exception as e:  # handed back to StepModel.step through the VM's error
                 current.error = e if isinstance(e, (ExecutionError, InputError)) else \
                     ExecutionError(f"the expert cache failed at layer {layer}: "
@@ -500,7 +481,9 @@ def register_fetch() -> None:
                 raise
             from moec.runtime import _tvm  # noqa: PLC0415
 
-            return _tvm.tvm().runtime.tensor(ids_np)
+            # a new tensor, not `ids`: the VM's memory plan may reuse `ids`' storage after
+            # this call, its last use
+            return _tvm.tvm().runtime.tensor(ids_np, ids.device)
 
         tvm_ffi.register_global_func("moec.expert_fetch", fetch, override=True)
         _registered = True
@@ -526,11 +509,24 @@ __all__ = ["POLICIES", "ROUTERS", "CacheStats", "ExpertCache", "current", "load_
            "register_fetch"]
 
 
+def device_driver(dev: Any) -> Any:
+    """The driver of the device tier for `dev` (moec.runtime.cuda_driver), None on a CPU,
+    where the experts stay in the weights file's mapping."""
+    if int(dev.dlpack_device_type()) == 1:  # kDLCPU
+        return None
+    from moec.runtime.cuda_driver import CudaDriver  # noqa: PLC0415
+
+    return CudaDriver(int(dev.index))
+
+
 def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str,
                    prefetch: bool) -> tuple[list[Any], ExpertCache]:
     """The weights of a generation artifact for offloaded running: every weight but the
-    routed experts copied into memory, the experts as views of the cache's private mapping
-    (read only when loaded). Returns the weights in `params` order and the cache."""
+    routed experts loaded as usual onto `dev`; the experts in the cache's store (on a CPU views
+    of a private mapping of the weights file, read only when loaded; on a GPU reserved device
+    address ranges, mapped under resident experts, with every expert in pinned host memory).
+    Returns the weights in `params` order and the cache."""
+    from moec.runtime.expert_store import DeviceStore  # noqa: PLC0415
     from moec.runtime.weights import DTYPE_NAMES, _header, _np_dtype, read_copies, to_tvm
 
     gen = manifest.meta.get("generation") or {}
@@ -539,18 +535,33 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
         raise InputError(f"{path.parent} has no expert offload information (an MoE generation "
                          f"artifact compiled by this moec has it): expert_budget needs it")
     header, start, _ = _header(path)
-    cache = ExpertCache(path, header, start, offload, budget, policy=policy, prefetch=prefetch,
-                        routers=load_routers(path.parent))
+    driver = device_driver(dev)
+    store = None
+    if driver is not None:
+        spans = {}
+        for layer in offload["layers"]:
+            for name in layer["params"]:
+                if name not in header:
+                    raise ArtifactError(f"{path.name}: no weight {name!r} for the experts of "
+                                        f"layer {layer['layer']}")
+                spans[name] = tuple(start + int(o) for o in header[name]["data_offsets"])
+        store = DeviceStore(driver, path, spans)
+    try:
+        cache = ExpertCache(path, header, start, offload, budget, policy=policy,
+                            prefetch=prefetch, routers=load_routers(path.parent), store=store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     resident = [n for n in manifest.params if n not in cache.expert_params]
     copies = dict(zip(resident, read_copies(path, resident), strict=True))
     out = []
     for name in manifest.params:
         if name in cache.expert_params:
             entry = header[name]
-            dt = _np_dtype(DTYPE_NAMES[entry["dtype"]])
-            view = cache.view(name, header, start).view(dt).reshape(
-                tuple(int(d) for d in entry["shape"]))
-            out.append(to_tvm(view, dev, copy=False))
+            lo, hi = cache.spans[name]
+            out.append(cache.store.tensor(lo, hi, tuple(int(d) for d in entry["shape"]),
+                                          _np_dtype(DTYPE_NAMES[entry["dtype"]]), dev))
         else:
             out.append(to_tvm(copies[name], dev))
     return out, cache

@@ -219,10 +219,12 @@ def load(
     always copied to the device; with `ep_group` they are always mapped (ranks on one host
     share the file's pages).
 
-    `expert_budget` (generation artifacts, CPU): keep the routed experts in the weights file
-    and at most this many bytes of them in memory ("3GB", or bytes), loaded as layers route to
-    them (moec.runtime.expert_cache; `expert_policy` "adaptive", "lru" or "lfu", `prefetch` by
-    pre-gating, off by default). The outputs are bitwise those of the fully resident model.
+    `expert_budget` (generation artifacts): keep at most this many bytes of the routed experts
+    in memory ("3GB", or bytes), loaded as layers route to them (moec.runtime.expert_cache;
+    `expert_policy` "adaptive", "lru" or "lfu", `prefetch` by pre-gating, off by default). On
+    a CPU the others stay in the weights file; on a GPU the budget is device memory and every
+    expert is kept in pinned host memory (moec.runtime.expert_store). The outputs are bitwise
+    those of the fully resident model.
 
     Raises ArtifactError for a damaged or foreign artifact, InputError for a bad `device` or
     `weights`."""
@@ -238,8 +240,6 @@ def load(
     if expert_budget is not None:
         from moec.engine.kv_pool import parse_bytes  # noqa: PLC0415
 
-        if kind != "cpu":
-            raise InputError("expert_budget (expert offload) runs on CPUs only for now")
         offload = (parse_bytes(expert_budget), expert_policy, bool(prefetch))
     if archive.is_archive(root):
         return _load_archive(root, device, check_hashes, weights, offload)

@@ -129,7 +129,7 @@ def test_expert_cache_reads_the_right_bytes_and_keeps_its_budget(weights_file, p
                                                                  budget_experts):
     path, tensors = weights_file
     cache, header, start, size = _cache(path, budget_experts, policy)
-    views = {f"l{la}.w": cache.view(f"l{la}.w", header, start).view(np.float32).reshape(
+    views = {f"l{la}.w": cache.store.view(*cache.spans[f"l{la}.w"]).view(np.float32).reshape(
         E, ROWS, COLS) for la in range(3)}
     trace = routing_trace(3, E, 2, 40, skew=1.0, stick=0.4, seed=1)
     try:
