@@ -65,9 +65,9 @@ def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
     expert_budget, expert_policy, prefetch (generation artifacts): run with at most
     `expert_budget` bytes of routed experts in memory ("3GB"; on a GPU, device memory, with
     every expert in pinned host memory), the rest read from the artifact (on a GPU copied
-    from host memory) as layers route to them (moec.runtime.expert_cache: "adaptive", "lru" or "lfu"; prefetch by
-    pre-gating, off by default: docs/offload.md has the measurements); the tokens are
-    bitwise those of the fully resident model."""
+    from host memory) as layers route to them (moec.runtime.expert_cache: "adaptive", "lru"
+    or "lfu"; prefetch by pre-gating, off by default: docs/offload.md has the measurements);
+    the tokens are bitwise those of the fully resident model."""
     from moec.runtime import load as _load
 
     extra = {} if expert_budget is None else {
