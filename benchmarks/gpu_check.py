@@ -634,6 +634,7 @@ def run(args) -> int:
         check_layer(d, dev, device, checks)
     check_artifacts(bundle, checks)
     _paged().check(bundle, checks)
+    _paged("gpu_offload").check(bundle, checks)  # expert offload's device tier
     limits = hardware_limits(device)
     print(f"limits: {limits}")
     timing: list = []
@@ -653,12 +654,13 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def _paged():
-    """benchmarks/gpu_paged.py: the paged KV-cache kernels and generation steps."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import gpu_paged
+def _paged(name: str = "gpu_paged"):
+    """benchmarks/gpu_paged.py (the paged KV-cache kernels and generation steps), or another
+    module of this folder (gpu_offload.py: expert offload's device tier)."""
+    import importlib
 
-    return gpu_paged
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return importlib.import_module(name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,7 @@ _SIGNATURES: dict[str, list] = {
     "cuStreamCreate": [POINTER(c_void_p), c_uint],
     "cuStreamSynchronize": [c_void_p],
     "cuMemcpyHtoDAsync_v2": [c_ulonglong, c_void_p, c_size_t, c_void_p],
+    "cuMemcpyDtoH_v2": [c_void_p, c_ulonglong, c_size_t],
 }
 
 
@@ -178,6 +179,11 @@ class CudaDriver:
             self._local.stream = stream
         self._call("cuMemcpyHtoDAsync_v2", dst, c_void_p(src), size, stream)
         self._call("cuStreamSynchronize", stream)
+
+    def copy_to_host(self, dst: int, src: int, size: int) -> None:
+        """Copy `size` bytes from device `src` to host `dst` (synchronous; for checks)."""
+        self._enter()
+        self._call("cuMemcpyDtoH_v2", c_void_p(dst), src, size)
 
     def synchronize(self) -> None:
         """Wait for all work in the context (before memory the kernels may read is unmapped)."""

@@ -548,7 +548,8 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
         store = DeviceStore(driver, path, spans)
     try:
         cache = ExpertCache(path, header, start, offload, budget, policy=policy,
-                            prefetch=prefetch, routers=load_routers(path.parent), store=store)
+                            prefetch=prefetch, store=store,
+                            routers=load_routers(path.parent) if prefetch else None)
     except BaseException:
         if store is not None:
             store.close()

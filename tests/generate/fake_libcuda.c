@@ -345,6 +345,20 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *
     return OK;
 }
 
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    NEED_CTX();
+    pthread_mutex_lock(&mu);
+    Reservation *r = find(src, n);
+    int ok = r != NULL;
+    if (ok)
+        for (size_t g = (src - r->base) / gran; g * gran < src - r->base + n; g++)
+            ok &= r->state[g] == 2;
+    pthread_mutex_unlock(&mu);
+    if (!ok) return ILLEGAL_ADDRESS;
+    memcpy(dst, (const void *)src, n);
+    return OK;
+}
+
 /* for the tests: the granularity (before any reservation or allocation; default 64 KiB or
    $FAKE_CUDA_GRANULARITY) and what the "device" holds */
 int fake_set_granularity(size_t g) {

@@ -261,3 +261,30 @@ def test_device_tier_is_bitwise_the_resident_model(qwen, resident, device_tier, 
         assert device_tier.fake_syncs() > 0  # the device finished before memory was unmapped
     s = cache.stats.summary()
     assert s["loads"] > 0 and s["bytes_read"] > 0
+
+
+def test_the_gpu_checks_of_the_tier_run_on_the_emulation(fake_lib, device_tier, qwen,
+                                                        tmp_path):
+    """benchmarks/gpu_offload.py, which gpu_check.py runs on a GPU machine, passes here on the
+    emulated driver (smaller experts, the same sharing of granules)."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent.parent / "benchmarks"))
+    import gpu_offload
+
+    report: list = []
+    gpu_offload.check_store(report, _driver(fake_lib), rows=24, cols=40, tokens=20)
+    assert report[-1]["ok"] and report[-1]["wrong_experts"] == 0
+    assert report[-1]["evictions"] > 0
+    # the artifacts' check, on a bundle holding this CPU artifact and a step schedule
+    from gpu_paged import run_steps, save_schedule, step_schedule
+
+    paged = tmp_path / "paged"
+    paged.mkdir()
+    (paged / "qwen3_moe_float32.moec").symlink_to(qwen[1])
+    model = moec.runtime.load(qwen[1])
+    steps, nb = step_schedule(model.geometry.vocab_size, model.geometry.block_size,
+                              max_tokens=16, prompts=(37, 20, 90), new_tokens=(6, 6, 3))
+    save_schedule(paged / "qwen3_moe_float32.npz", steps, nb, run_steps(model, steps, nb))
+    gpu_offload.check_artifacts(tmp_path, report, device="cpu")
+    assert report[-1]["ok"] and report[-1]["evictions"] > 0
