@@ -47,7 +47,7 @@ def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
          weights: str = "copy", kv_cache: str | int | None = None,
          max_batch: int | None = None, max_seq_len: int | None = None,
          expert_budget: str | int | None = None, expert_policy: str = "adaptive",
-         prefetch: bool = False) -> Any:
+         prefetch: bool = False, expert_source: str = "auto") -> Any:
     """Load a saved artifact; returns a callable CompiledModel, or for a generation artifact
     (a causal LM compiled from a checkpoint folder) a `moec.engine.LanguageModel`, which also
     generates: `model.generate(prompts, max_new_tokens=..., temperature=...)`, `model.stream`,
@@ -67,11 +67,14 @@ def load(path: Any, device: str = "cpu", *, ep_group: Any = None,
     every expert in pinned host memory), the rest read from the artifact (on a GPU copied
     from host memory) as layers route to them (moec.runtime.expert_cache: "adaptive", "lru"
     or "lfu"; prefetch by pre-gating, off by default: docs/offload.md has the measurements);
-    the tokens are bitwise those of the fully resident model."""
+    the tokens are bitwise those of the fully resident model. expert_source, on a GPU: "host"
+    (the default there: every expert in pinned host memory) or "disk" (read from the artifact
+    on each miss: for experts larger than host memory too)."""
     from moec.runtime import load as _load
 
     extra = {} if expert_budget is None else {
-        "expert_budget": expert_budget, "expert_policy": expert_policy, "prefetch": prefetch}
+        "expert_budget": expert_budget, "expert_policy": expert_policy, "prefetch": prefetch,
+        "expert_source": expert_source}
     model = _load(path, device=device, ep_group=ep_group, weights=weights, **extra)
     from moec.runtime.step import StepModel
 

@@ -55,6 +55,10 @@ def add_offload_arguments(s: argparse.ArgumentParser) -> None:
                    "--expert-budget: which experts leave memory first: adaptive (the expected "
                    "farthest next use, learned from the routing), least recently or least "
                    "frequently used (default: %(default)s)")
+    s.add_argument("--expert-source", default="auto", choices=("auto", "host", "disk"),
+                   help="with --expert-budget on a GPU: keep every expert in pinned host memory "
+                   "(host; auto picks it there) or read misses from the artifact (disk: for "
+                   "experts larger than host memory too; the only choice on a CPU)")
     s.add_argument("--prefetch", action="store_true", help="with --expert-budget: read the "
                    "experts the next layer's router predicts ahead (pre-gating; off by default: "
                    "mispredicted reads cost more than they hide, docs/offload.md)")
@@ -74,6 +78,7 @@ def offload_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     if getattr(a, "expert_budget", None) is None:
         return {}
     return {"expert_budget": a.expert_budget, "expert_policy": a.expert_policy,
+            "expert_source": a.expert_source,
             "prefetch": a.prefetch}
 
 

@@ -520,11 +520,12 @@ def device_driver(dev: Any) -> Any:
 
 
 def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str,
-                   prefetch: bool) -> tuple[list[Any], ExpertCache]:
+                   prefetch: bool, source: str = "auto") -> tuple[list[Any], ExpertCache]:
     """The weights of a generation artifact for offloaded running: every weight but the
     routed experts loaded as usual onto `dev`; the experts in the cache's store (on a CPU views
     of a private mapping of the weights file, read only when loaded; on a GPU reserved device
-    address ranges, mapped under resident experts, with every expert in pinned host memory).
+    address ranges, mapped under resident experts, with every expert in pinned host memory,
+    or with `source` "disk" read from the weights file on each miss).
     Returns the weights in `params` order and the cache."""
     from moec.runtime.expert_store import DeviceStore  # noqa: PLC0415
     from moec.runtime.weights import DTYPE_NAMES, _header, _np_dtype, read_copies, to_tvm
@@ -545,7 +546,7 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
                     raise ArtifactError(f"{path.name}: no weight {name!r} for the experts of "
                                         f"layer {layer['layer']}")
                 spans[name] = tuple(start + int(o) for o in header[name]["data_offsets"])
-        store = DeviceStore(driver, path, spans)
+        store = DeviceStore(driver, path, spans, from_disk=source == "disk")
     try:
         cache = ExpertCache(path, header, start, offload, budget, policy=policy,
                             prefetch=prefetch, store=store,

@@ -12,11 +12,14 @@ of the experts loaded or loading.
 - `DeviceStore` (GPU): each expert weight is a reserved range of device virtual addresses
   (moec.runtime.cuda_driver) with physical device memory mapped only under resident experts,
   in granules of the driver's allocation granularity (2 MiB on current GPUs); the slow tier is
-  pinned host memory holding every expert, filled from the weights file at load; a load maps
-  the expert's granules and copies its bytes host-to-device. Experts of one weight are packed
-  back to back, so neighbours may share a granule: a granule is mapped while any expert
-  touching it is, and each expert is charged every granule it touches (at most two more than
-  its bytes need per weight; small experts pay proportionally more). Physical granules are
+  pinned host memory holding every expert, filled from the weights file at load, or with
+  `from_disk` the weights file itself (for experts that do not fit in host memory either: a
+  load reads the expert through a small pinned staging buffer per loading thread and drops the
+  page cache's copy); a load maps the expert's granules and copies its bytes host-to-device.
+  Experts of one weight are packed back to back, so neighbours may share a granule: a
+  granule is mapped while any expert touching it is, and each expert is charged every granule
+  it touches (at most two more than its bytes need per weight; small experts pay
+  proportionally more). Physical granules are
   recycled, so the device memory held is the most ever mapped at once, within the budget.
 """
 
@@ -99,12 +102,20 @@ class _Weight:
         self.lo, self.hi, self.base, self.reserved, self.host = lo, hi, base, reserved, host
 
 
-class DeviceStore:
-    """The experts in device memory under a budget, pinned host memory behind (module doc).
-    `driver`: a moec.runtime.cuda_driver.CudaDriver (or an object with its methods)."""
+STAGING = 8 << 20  # bytes of pinned host memory per loading thread (from_disk)
 
-    def __init__(self, driver: Any, path: Path, spans: dict[str, tuple[int, int]]) -> None:
-        self.driver, self.path = driver, Path(path)
+
+class DeviceStore:
+    """The experts in device memory under a budget, pinned host memory or the weights file
+    behind (module doc). `driver`: a moec.runtime.cuda_driver.CudaDriver (or an object with
+    its methods)."""
+
+    def __init__(self, driver: Any, path: Path, spans: dict[str, tuple[int, int]],
+                 from_disk: bool = False) -> None:
+        self.driver, self.path, self.from_disk = driver, Path(path), bool(from_disk)
+        self._fd = -1
+        self._local = threading.local()
+        self._staging: list[int] = []  # every loading thread's buffer (from_disk)
         self.granule = int(driver.granularity)
         self._weights: dict[str, _Weight] = {}
         self._order: list[_Weight] = []  # by file offset, for locating a range
@@ -114,21 +125,52 @@ class DeviceStore:
         self.handles = 0  # physical granules made (device memory held: handles * granule)
         self.peak_mapped = 0
         try:
-            with open(self.path, "rb", buffering=0) as f:
-                for name, (lo, hi) in sorted(spans.items(), key=lambda kv: kv[1]):
-                    n = hi - lo
-                    reserved = -(-n // self.granule) * self.granule
-                    w = _Weight(lo, hi, driver.reserve(reserved), reserved, 0)
-                    self._weights[name] = w
-                    self._order.append(w)
+            self._fd = os.open(self.path, os.O_RDONLY)
+            if self.from_disk:
+                try:  # no readahead: a read brings in its expert's bytes only
+                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+                except OSError:
+                    pass
+            for name, (lo, hi) in sorted(spans.items(), key=lambda kv: kv[1]):
+                n = hi - lo
+                reserved = -(-n // self.granule) * self.granule
+                w = _Weight(lo, hi, driver.reserve(reserved), reserved, 0)
+                self._weights[name] = w
+                self._order.append(w)
+                if not self.from_disk:
                     w.host = driver.host_alloc(n)
-                    dst = (ctypes.c_ubyte * n).from_address(w.host)
-                    f.seek(lo)
-                    if f.readinto(dst) != n:
-                        raise ArtifactError(f"{self.path.name}: short read of weight {name!r}")
+                    self._pread(w.host, lo, n)
         except BaseException:
             self.close()
             raise
+
+    def _pread(self, dst: int, off: int, n: int) -> None:
+        buf = memoryview((ctypes.c_ubyte * n).from_address(dst)).cast("B")
+        got = 0
+        while got < n:
+            k = os.preadv(self._fd, [buf[got:]], off + got)
+            if k <= 0:
+                raise ArtifactError(f"{self.path.name}: short read at byte {off + got}")
+            got += k
+
+    def _from_file(self, dst: int, off: int, n: int) -> None:
+        """Copy file bytes [off, off + n) to device `dst` through this thread's staging
+        buffer, then drop the page cache's copy (the host keeps none of the experts)."""
+        stage = getattr(self._local, "stage", None)
+        if stage is None:
+            stage = self._local.stage = self.driver.host_alloc(STAGING)
+            with self._lock:
+                self._staging.append(stage)
+        done = 0
+        while done < n:
+            k = min(STAGING, n - done)
+            self._pread(stage, off + done, k)
+            self.driver.copy_to_device(dst + done, stage, k)
+            done += k
+        try:
+            os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
     def _granules(self, ranges: Ranges) -> set[tuple[int, int]]:
         out = set()
@@ -170,7 +212,10 @@ class DeviceStore:
             self.peak_mapped = max(self.peak_mapped, len(self._mapped))
         for off, n in ranges:  # outside the lock: another expert's copy may run meanwhile
             w = self._order[self._locate(off, n)]
-            d.copy_to_device(w.base + off - w.lo, w.host + off - w.lo, n)
+            if self.from_disk:
+                self._from_file(w.base + off - w.lo, off, n)
+            else:
+                d.copy_to_device(w.base + off - w.lo, w.host + off - w.lo, n)
 
     def evict(self, ranges: Ranges) -> None:
         d, g = self.driver, self.granule
@@ -204,6 +249,12 @@ class DeviceStore:
                 d.free_address(w.base, w.reserved)
             self._order.clear()
             self._weights.clear()
+            for stage in self._staging:
+                d.free_host(stage)
+            self._staging.clear()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 # ---------------------------------------------------------------------------- DLPack

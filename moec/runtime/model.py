@@ -37,6 +37,7 @@ from moec.runtime.verify import KERNELS, WEIGHTS, as_path, check_target, verify
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 WEIGHT_MODES = ("copy", "mmap")  # moec.load(weights=...)
+EXPERT_SOURCES = ("auto", "host", "disk")  # moec.load(expert_source=...), with expert_budget
 # Output dtypes np.from_dlpack understands; others (bfloat16, float8) go through .numpy().
 _NUMPY_DLPACK_DTYPES = frozenset(
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split()
@@ -194,6 +195,7 @@ def load(
     expert_budget: str | int | None = None,
     expert_policy: str = "adaptive",
     prefetch: bool = False,
+    expert_source: str = "auto",
 ) -> CompiledModel:
     """Load an artifact folder (`NAME.moec/`) and return a callable `CompiledModel`.
 
@@ -224,7 +226,10 @@ def load(
     `expert_policy` "adaptive", "lru" or "lfu", `prefetch` by pre-gating, off by default). On
     a CPU the others stay in the weights file; on a GPU the budget is device memory and every
     expert is kept in pinned host memory (moec.runtime.expert_store). The outputs are bitwise
-    those of the fully resident model.
+    those of the fully resident model. `expert_source`: where the experts not in the budget
+    are read from: "disk" (the weights file; the only choice on a CPU) or, on a GPU, "host"
+    (pinned host memory holding every expert, filled at load; "auto" picks it there) or
+    "disk" (through a small pinned staging buffer: experts larger than host memory too).
 
     Raises ArtifactError for a damaged or foreign artifact, InputError for a bad `device` or
     `weights`."""
@@ -240,7 +245,13 @@ def load(
     if expert_budget is not None:
         from moec.engine.kv_pool import parse_bytes  # noqa: PLC0415
 
-        offload = (parse_bytes(expert_budget), expert_policy, bool(prefetch))
+        if expert_source not in EXPERT_SOURCES:
+            raise InputError(f"expert_source={expert_source!r}; want one of {EXPERT_SOURCES}")
+        if expert_source == "host" and kind == "cpu":
+            raise InputError("expert_source='host' is for GPUs (pinned host memory behind "
+                             "device memory); on a CPU the experts outside the budget are read "
+                             "from the weights file: use 'disk' or 'auto'")
+        offload = (parse_bytes(expert_budget), expert_policy, bool(prefetch), expert_source)
     if archive.is_archive(root):
         return _load_archive(root, device, check_hashes, weights, offload)
     manifest = verify(root, check_host=False, check_hashes=check_hashes)
@@ -329,7 +340,8 @@ def _load_archive(path: Path, device: Any, check_hashes: bool, weights: str,
     tmp = tempfile.mkdtemp(prefix="moec-")
     try:
         extra = {} if offload is None else dict(zip(
-            ("expert_budget", "expert_policy", "prefetch"), offload, strict=True))
+            ("expert_budget", "expert_policy", "prefetch", "expert_source"), offload,
+            strict=True))
         model = load(archive.unpack(path, tmp), device, check_hashes=check_hashes,
                      weights=weights, **extra)
     except BaseException:

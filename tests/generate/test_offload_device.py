@@ -23,7 +23,7 @@ from families import compile_family
 from test_offload import NEW, _prompts
 
 import moec
-from moec.errors import ExecutionError
+from moec.errors import ExecutionError, InputError
 from moec.runtime import expert_cache
 from moec.runtime.cache_policy import POLICIES
 from moec.runtime.cache_replay import policy_hit_rate
@@ -261,6 +261,33 @@ def test_device_tier_is_bitwise_the_resident_model(qwen, resident, device_tier, 
         assert device_tier.fake_syncs() > 0  # the device finished before memory was unmapped
     s = cache.stats.summary()
     assert s["loads"] > 0 and s["bytes_read"] > 0
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_device_tier_reads_misses_from_disk(qwen, resident, device_tier, prefetch):
+    """expert_source="disk": no host copy of the experts, each miss read from the weights file
+    through a pinned staging buffer per loading thread; bitwise the resident model."""
+    from moec.runtime.expert_store import STAGING
+
+    toks, ids, logits = resident
+    budget = 3 * _max_charge(qwen[1])
+    host0 = device_tier.fake_host_bytes()
+    lm = moec.load(qwen[1], expert_budget=budget, expert_source="disk", prefetch=prefetch)
+    store = lm.step_model.expert_cache.store
+    assert store.from_disk and all(w.host == 0 for w in store._order)
+    outs = lm.generate(_prompts(), max_new_tokens=NEW, ignore_eos=True)
+    assert [o.token_ids for o in outs] == toks
+    assert np.array_equal(lm(ids), logits)
+    assert lm.step_model.expert_cache.stats.evictions > 0
+    # pinned host memory: staging buffers only (the readers, the prefetcher, the caller)
+    assert device_tier.fake_host_bytes() - host0 <= (expert_cache.READERS + 2) * STAGING
+
+
+def test_expert_source_is_checked(qwen):
+    with pytest.raises(InputError, match="expert_source='host' is for GPUs"):
+        moec.load(qwen[1], expert_budget="1GB", expert_source="host")
+    with pytest.raises(InputError, match="expert_source='ram'"):
+        moec.load(qwen[1], expert_budget="1GB", expert_source="ram")
 
 
 def test_the_gpu_checks_of_the_tier_run_on_the_emulation(fake_lib, device_tier, qwen,
