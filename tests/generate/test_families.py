@@ -132,3 +132,21 @@ def test_rotary_variants_generate_like_transformers(rope, tmp_path):
         want = m(torch.from_numpy(ids)[None]).logits[0].numpy()
     assert np.abs(lm(ids) - want).max() / np.abs(want).max() <= REL
     assert lm.step_model.geometry.max_position == m.config.max_position_embeddings
+
+
+def test_offloaded_generation_is_bitwise_resident(compiled):
+    """Every family runs with its routed experts under a budget of one layer's top-k experts
+    (expert offload, moec/runtime/expert_cache.py) and gives the resident model's tokens and
+    logits bit for bit (the same kernels read the same bytes)."""
+    fam, _, lm = compiled
+    path = lm.step_model.path
+    probe = moec.load(path, expert_budget=1 << 40).step_model.expert_cache
+    small = moec.load(path, expert_budget=probe.min_budget)
+    cache = small.step_model.expert_cache
+    assert cache.max_step_tokens() is not None  # the budget binds: a few tokens per step
+    prompts = _prompts(fam)[:3]
+    want = [o.token_ids for o in lm.generate(prompts, max_new_tokens=8)]
+    assert [o.token_ids for o in small.generate(prompts, max_new_tokens=8)] == want
+    ids = np.array(_prompts(fam)[3])
+    assert np.array_equal(small(ids), lm(ids))
+    assert cache.stats.evictions > 0

@@ -203,3 +203,21 @@ def test_moec_run_takes_an_expert_budget(qwen, resident, tmp_path, capsys):
     assert main(["run", str(qwen[1]), "--tokens", tokens, "--expert-budget", budget,
                  "--ep", "2"]) != 0
     assert "--expert-budget does not run with --ep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_experts_offload_bitwise(tmp_path, quantize):
+    """Weight-only int8/int4 experts (their packed weights and per-expert scales) offload
+    like float ones: bitwise the resident quantized model, at one layer's top-k experts."""
+    _, path = compile_family("qwen3_moe", tmp_path, quantize=quantize)
+    resident = moec.load(path)
+    probe = moec.load(path, expert_budget=1 << 40).step_model.expert_cache
+    assert any(".scale@" in n for n in probe.expert_params)  # offloaded with their weights
+    small = moec.load(path, expert_budget=probe.min_budget)
+    prompts = _prompts()[:3]
+    want = [o.token_ids for o in resident.generate(prompts, max_new_tokens=6, ignore_eos=True)]
+    got = small.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in got] == want
+    ids = np.array(_prompts()[3])
+    assert np.array_equal(small(ids), resident(ids))
+    assert small.step_model.expert_cache.stats.evictions > 0
