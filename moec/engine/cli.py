@@ -44,7 +44,14 @@ def add_sampling_arguments(s: argparse.ArgumentParser) -> None:
                    "moec.engine.Engine)")
     s.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + output in "
                    "tokens (default: the model's context, at most 4096)")
+    add_device_argument(s)
     add_offload_arguments(s)
+
+
+def add_device_argument(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the "
+                   "model runs (a CUDA artifact needs cuda; with --expert-budget the budget is "
+                   "then device memory)")
 
 
 def add_offload_arguments(s: argparse.ArgumentParser) -> None:
@@ -84,10 +91,13 @@ def offload_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 def _load(a: argparse.Namespace, max_batch: int = 1) -> Any:
     import moec
+    from moec.cli import _check_device
     from moec.engine import LanguageModel
 
     off = offload_kwargs(a)
-    model = moec.load(a.artifact, kv_cache=a.kv_cache, max_batch=max_batch,
+    device = getattr(a, "device", "cpu")
+    _check_device(a.artifact, device)
+    model = moec.load(a.artifact, device=device, kv_cache=a.kv_cache, max_batch=max_batch,
                       max_seq_len=a.max_seq_len, **off) if _is_lm(a.artifact) else None
     if not isinstance(model, LanguageModel):
         raise InputError(f"{a.artifact} is not a generation artifact: compile a Hugging Face "

@@ -20,7 +20,7 @@ from moec.errors import InputError
 
 
 def add_commands(sub: Any) -> None:
-    from moec.engine.cli import add_offload_arguments
+    from moec.engine.cli import add_device_argument, add_offload_arguments
     from moec.serve.runner import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT
 
     s = sub.add_parser("serve", help="serve a causal LM artifact over HTTP with the OpenAI API "
@@ -43,7 +43,8 @@ def add_commands(sub: Any) -> None:
                    help="seconds before a request is cancelled (0: no timeout)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds given to running requests to finish")
-    add_offload_arguments(s)  # --expert-budget, --expert-policy, --prefetch
+    add_device_argument(s)
+    add_offload_arguments(s)  # --expert-budget, --expert-policy, --prefetch, --expert-source
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's and moec's logging (default: %(default)s)")

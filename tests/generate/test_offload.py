@@ -203,6 +203,14 @@ def test_moec_run_takes_an_expert_budget(qwen, resident, tmp_path, capsys):
     assert main(["run", str(qwen[1]), "--tokens", tokens, "--expert-budget", budget,
                  "--ep", "2"]) != 0
     assert "--expert-budget does not run with --ep" in capsys.readouterr().err
+    # moec generate / serve take --device and --expert-source; a CPU artifact on cuda is
+    # refused in the command line's words
+    assert main(["generate", str(qwen[1]), "--prompt-ids", "1 2 3", "--max-new-tokens", "2",
+                 "--device", "cuda", "--expert-budget", budget]) != 0
+    assert "run it with --device cpu" in capsys.readouterr().err
+    assert main(["generate", str(qwen[1]), "--prompt-ids", "1 2 3", "--max-new-tokens", "2",
+                 "--expert-budget", budget, "--expert-source", "disk"]) == 0
+    assert "[experts] hit rate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
