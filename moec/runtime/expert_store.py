@@ -25,6 +25,7 @@ of the experts loaded or loading.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
@@ -119,6 +120,7 @@ class DeviceStore:
         self.granule = int(driver.granularity)
         self._weights: dict[str, _Weight] = {}
         self._order: list[_Weight] = []  # by file offset, for locating a range
+        self._starts: list[int] = []  # their first bytes
         self._lock = threading.Lock()
         self._mapped: dict[tuple[int, int], list[int]] = {}  # (weight, granule) -> [handle, n]
         self._free: list[int] = []  # physical granules not mapped now, for reuse
@@ -137,6 +139,7 @@ class DeviceStore:
                 w = _Weight(lo, hi, driver.reserve(reserved), reserved, 0)
                 self._weights[name] = w
                 self._order.append(w)
+                self._starts.append(lo)
                 if not self.from_disk:
                     w.host = driver.host_alloc(n)
                     self._pread(w.host, lo, n)
@@ -182,9 +185,9 @@ class DeviceStore:
         return out
 
     def _locate(self, off: int, n: int) -> int:
-        for i, w in enumerate(self._order):
-            if w.lo <= off and off + n <= w.hi:
-                return i
+        i = bisect.bisect_right(self._starts, off) - 1  # the weights by file offset
+        if i >= 0 and off + n <= self._order[i].hi:
+            return i
         raise ArtifactError(f"{self.path.name}: bytes {off}..{off + n} are in no expert weight")
 
     def charge(self, ranges: Ranges) -> int:
@@ -248,6 +251,7 @@ class DeviceStore:
                     d.free_host(w.host)
                 d.free_address(w.base, w.reserved)
             self._order.clear()
+            self._starts.clear()
             self._weights.clear()
             for stage in self._staging:
                 d.free_host(stage)
