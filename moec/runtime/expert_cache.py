@@ -555,15 +555,19 @@ def load_offloaded(path: Path, manifest: Any, dev: Any, budget: int, policy: str
         if store is not None:
             store.close()
         raise
-    resident = [n for n in manifest.params if n not in cache.expert_params]
-    copies = dict(zip(resident, read_copies(path, resident), strict=True))
-    out = []
-    for name in manifest.params:
-        if name in cache.expert_params:
-            entry = header[name]
-            lo, hi = cache.spans[name]
-            out.append(cache.store.tensor(lo, hi, tuple(int(d) for d in entry["shape"]),
-                                          _np_dtype(DTYPE_NAMES[entry["dtype"]]), dev))
-        else:
-            out.append(to_tvm(copies[name], dev))
+    try:
+        resident = [n for n in manifest.params if n not in cache.expert_params]
+        copies = dict(zip(resident, read_copies(path, resident), strict=True))
+        out = []
+        for name in manifest.params:
+            if name in cache.expert_params:
+                entry = header[name]
+                lo, hi = cache.spans[name]
+                out.append(cache.store.tensor(lo, hi, tuple(int(d) for d in entry["shape"]),
+                                              _np_dtype(DTYPE_NAMES[entry["dtype"]]), dev))
+            else:
+                out.append(to_tvm(copies[name], dev))
+    except BaseException:
+        cache.close()  # a GPU store holds device and pinned memory until closed
+        raise
     return out, cache

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.errors import ArtifactError
+from moec.errors import ArtifactError, ExecutionError
 
 PAGE = mmap.PAGESIZE
 Ranges = list[tuple[int, int]]  # (file offset, bytes) of each of an expert's weight slices
@@ -236,25 +236,34 @@ class DeviceStore:
                 self._free.append(self._mapped.pop((i, j))[0])
 
     def close(self) -> None:
-        """Unmap and free everything (the tensors over the reserved ranges must be gone)."""
+        """Unmap and free everything; nothing may run on the tensors over the reserved ranges
+        afterwards. Best effort: a driver call that fails (e.g. at interpreter exit, after the
+        driver has shut down, when the context's memory goes anyway) does not stop the rest."""
         d, g = self.driver, self.granule
+
+        def attempt(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except ExecutionError:
+                pass
+
         with self._lock:
             for (i, j), (h, _) in self._mapped.items():
-                d.unmap(self._order[i].base + j * g, g)
+                attempt(d.unmap, self._order[i].base + j * g, g)
                 self._free.append(h)
             self._mapped.clear()
             for h in self._free:
-                d.release(h)
+                attempt(d.release, h)
             self._free.clear()
             for w in self._order:
                 if w.host:
-                    d.free_host(w.host)
-                d.free_address(w.base, w.reserved)
+                    attempt(d.free_host, w.host)
+                attempt(d.free_address, w.base, w.reserved)
             self._order.clear()
             self._starts.clear()
             self._weights.clear()
             for stage in self._staging:
-                d.free_host(stage)
+                attempt(d.free_host, stage)
             self._staging.clear()
             if self._fd >= 0:
                 os.close(self._fd)
