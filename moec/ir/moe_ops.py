@@ -570,4 +570,5 @@ register_op(OpDef(
     attrs={"layer": REQUIRED, "num_experts": REQUIRED},
     doc="the routed ids, unchanged, once the experts they name are resident: a hook where a "
         "runtime with an expert cache (moec.runtime.expert_cache) loads missing experts and "
-        "predicts the next layer's from x; the identity everywhere else"))
+        "predicts the next layer's from x (ids >= num_experts are identity experts, which "
+        "have no weights); the identity everywhere else"))

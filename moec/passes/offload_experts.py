@@ -5,7 +5,8 @@ router's operand) and the layers numbered in graph order. The op is the identity
 marks is the moment a runtime that keeps only some experts in memory must have the layer's
 routed experts resident (moec.runtime.expert_cache loads the missing ones there, and predicts
 the next layer's experts from x for its prefetch). Lowered for a fully resident model it is
-nothing at all; the kernels never change.
+nothing at all; the kernels never change. In a layer with identity (zero-computation) experts,
+ids from `num_experts` on name them: they have no weights and the cache leaves them out.
 
 Run after reorder-dispatch (and fuse-gating, so that x is the router's input). Requires:
 moe.align fed by router ids. Ensures: every moe.align reads a moe.expert_fetch."""
@@ -15,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from moec.errors import PassError
 from moec.ir.graph import Graph
 from moec.passes.base import Pass, PassContext, register_pass
 from moec.passes.rewriter import Rewriter
@@ -42,9 +42,6 @@ class OffloadExperts(Pass):
                 continue
             if prod is None or prod.op != "moe.router":
                 continue  # not routed by a router op: nothing to predict from
-            if node.attrs["identity_experts"]:
-                raise PassError(f"offload-experts: {node!r} has identity experts (ids after the "
-                                "FFN experts), which the expert cache does not know")
             x = prod.operands[0]
             fetch = rw.create("moe.expert_fetch", [ids, x],
                               {"layer": layer, "num_experts": node.attrs["num_experts"]},

@@ -237,7 +237,8 @@ class ExpertCache:
     def fetch(self, layer: int, ids: np.ndarray, x: np.ndarray | None) -> None:
         """Make the experts `ids` of `layer` resident and pinned (the previous layer's pins
         are released); then queue the prediction for the next layer."""
-        needed = sorted({int(i) for i in np.unique(ids)})
+        e_n = int(self.layers[layer]["num_experts"])  # ids past them: identity experts
+        needed = [int(i) for i in np.unique(ids) if 0 <= i < e_n]
         if self.trace is not None:
             self.trace.append((layer, tuple(needed)))
         st = self.stats.layers[layer]
@@ -402,7 +403,8 @@ class ExpertCache:
             logits = logits + self.routers[f"{nxt}.select_bias"]
         k = int(self.layers[nxt]["k"])
         top = np.argpartition(-logits, min(k, logits.shape[1]) - 1, axis=1)[:, :k]
-        want = {int(e) for e in np.unique(top)}
+        e_n = int(self.layers[nxt]["num_experts"])
+        want = {int(e) for e in np.unique(top) if e < e_n}  # not the identity experts
         self._predicted[nxt] = want
         with self._cv:
             self._calls += 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moec.errors import ParseError
-from moec.ir import interpret, parse
+from moec.ir import interpret, parse, print_graph
 from moec.passes import NumericCheck, PassManager, parse_pipeline
 from moec.passes.tile_expert_gemm import TileExpertGemm
 from moec.testing import assert_ir_equal, run_pass
@@ -291,16 +291,41 @@ def test_default_pipeline_keeps_identity_experts_numbers():
     assert len(combine.operands) == 4 and combine.operands[3] is g.inputs[0]
 
 
-def test_offload_experts_refuses_identity_experts():
-    """The expert cache knows the FFN experts only: a layer with identity experts is refused by
-    name rather than fetched with ids past them."""
-    from moec.errors import PassError
+def test_offload_experts_hooks_each_routed_layer_identity_experts_included():
+    """offload-experts puts moe.expert_fetch(ids, x) before each moe.align fed by a router,
+    layers numbered in graph order; a layer with identity experts is hooked too (num_experts
+    counts the FFN experts: the cache leaves ids past them out). The graph computes the same."""
     from moec.passes.offload_experts import OffloadExperts
 
-    g = parse(IDENTITY.replace("input %w: f32[T, 2]\ninput %i: i32[T, 2]\n", "") + """
+    before = IDENTITY.replace("input %w: f32[T, 2]\ninput %i: i32[T, 2]\n", "") + """
+      param @r2: f32[4, 16]
       %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2}
       %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%i) {num_experts=4, block_m=4, identity_experts=2}
-      output %s, %w
+      %w2: f32[T, 2], %i2: i32[T, 2] = moe.router(%x, @r2) {k=2}
+      %s2: i32[(T//2+4)*4], %t2: i32[T//2+4], %sr2: i32[T, 2] = moe.align(%i2) {num_experts=4, block_m=4}
+      output %s, %t, %sr, %s2, %t2, %sr2
+    """  # noqa: E501
+    g = run_pass(OffloadExperts(), parse(before))
+    assert_ir_equal(g, IDENTITY.replace("input %w: f32[T, 2]\ninput %i: i32[T, 2]\n", "") + """
+      param @r2: f32[4, 16]
+      %w: f32[T, 2], %i: i32[T, 2] = moe.router(%x, @r) {k=2}
+      %f: i32[T, 2] = moe.expert_fetch(%i, %x) {layer=0, num_experts=4}
+      %s: i32[(T//2+4)*4], %t: i32[T//2+4], %sr: i32[T, 2] = moe.align(%f) {num_experts=4, block_m=4, identity_experts=2}
+      %w2: f32[T, 2], %i2: i32[T, 2] = moe.router(%x, @r2) {k=2}
+      %f2: i32[T, 2] = moe.expert_fetch(%i2, %x) {layer=1, num_experts=4}
+      %s2: i32[(T//2+4)*4], %t2: i32[T//2+4], %sr2: i32[T, 2] = moe.align(%f2) {num_experts=4, block_m=4}
+      output %s, %t, %sr, %s2, %t2, %sr2
     """)  # noqa: E501
-    with pytest.raises(PassError, match="identity experts"):
-        run_pass(OffloadExperts(), g)
+    again = run_pass(OffloadExperts(), parse(print_graph(g)))  # hooked layers stay as they are
+    assert len(again.find("moe.expert_fetch")) == 2
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 16)).astype(np.float32)
+    outs = []
+    for graph in (parse(before), g):
+        prng = np.random.default_rng(4)  # the same weights in both
+        for name in sorted(graph.params):
+            shape = tuple(graph.params[name].type.shape)
+            graph.param_data[name] = prng.standard_normal(shape).astype(np.float32)
+        outs.append(interpret(graph, {"x": x}))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_array_equal(a, b)

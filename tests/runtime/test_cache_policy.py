@@ -293,3 +293,18 @@ def test_the_experts_do_not_stay_in_the_page_cache(tmp_path):
         assert (_cached_pages(path) & inside).sum() <= READERS * 16
     finally:
         cache.close()
+
+
+def test_identity_expert_ids_are_not_fetched(weights_file):
+    """ids from num_experts on name a layer's identity (zero-computation) experts: they have no
+    weights, so a fetch leaves them out (and a fetch of identity experts only reads nothing)."""
+    path, tensors = weights_file
+    cache, *_ = _cache(path, 4)
+    try:
+        cache.fetch(0, np.array([[1, E], [E + 1, 3]]), None)
+        assert cache.trace == [(0, (1, 3))]
+        assert {key for key, ex in cache.experts.items() if ex.state == "in"} == {(0, 1), (0, 3)}
+        cache.fetch(1, np.array([[E, E + 1]]), None)
+        assert cache.trace[-1] == (1, ()) and cache.stats.summary()["loads"] == 2
+    finally:
+        cache.close()
