@@ -113,8 +113,10 @@ def _is_lm(path: str) -> bool:
         return isinstance(read_manifest(folder).meta.get("generation"), dict)
 
 
-def cmd_generate(a: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+def cmd_generate(a: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
                  ) -> int:
+    # the streams of the moment, not of import time (a caller may have replaced them since)
+    out, err = out or sys.stdout, err or sys.stderr
     model = _load(a)
     if (a.prompt is None) == (a.prompt_ids is None):
         raise InputError("give the prompt as --prompt TEXT or as --prompt-ids \"1 2 3\"")
@@ -167,10 +169,11 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
-def profile_generation(a: argparse.Namespace, out: TextIO = sys.stdout) -> dict[str, Any]:
+def profile_generation(a: argparse.Namespace, out: TextIO | None = None) -> dict[str, Any]:
     """`moec profile ARTIFACT` for a generation artifact: generate from a prompt (random token
     ids unless --prompt-ids) and report, per MoE layer, the expert cache's hit rate, prefetch
     accuracy and bytes read per token (with --expert-budget), and the routing load."""
+    out = out or sys.stdout
     import json
 
     import numpy as np
@@ -220,7 +223,9 @@ def profile_generation(a: argparse.Namespace, out: TextIO = sys.stdout) -> dict[
     return data
 
 
-def cmd_chat(a: argparse.Namespace, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+def cmd_chat(a: argparse.Namespace, inp: TextIO | None = None, out: TextIO | None = None
+             ) -> int:
+    inp, out = inp or sys.stdin, out or sys.stdout
     model = _load(a)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         raise InputError(f"{a.artifact} has no chat template (tokenizer_config.json's "
