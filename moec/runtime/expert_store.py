@@ -57,6 +57,12 @@ class MappedFileStore:
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._buf = np.frombuffer(self._map, dtype=np.uint8)
 
+    def address_range(self) -> tuple[int, int]:
+        """[start, end) of the mapping in this process's address space (where the experts'
+        resident pages are: for memory accounting)."""
+        base = int(self._buf.ctypes.data)
+        return base, base + len(self._buf)
+
     def charge(self, ranges: Ranges) -> int:
         return sum(n for _, n in ranges)
 
