@@ -61,7 +61,7 @@ class MappedFileStore:
         """[start, end) of the mapping in this process's address space (where the experts'
         resident pages are: for memory accounting)."""
         base = int(self._buf.ctypes.data)
-        return base, base + len(self._buf)
+        return base, base + -(-len(self._buf) // PAGE) * PAGE  # whole pages, as mapped
 
     def charge(self, ranges: Ranges) -> int:
         return sum(n for _, n in ranges)
