@@ -41,6 +41,16 @@ PAGE = mmap.PAGESIZE
 Ranges = list[tuple[int, int]]  # (file offset, bytes) of each of an expert's weight slices
 
 
+def pread_all(fd: int, dst: memoryview, off: int, path: Path) -> None:
+    """Fill `dst` with the file's bytes from `off` (pread until done)."""
+    got, n = 0, len(dst)
+    while got < n:
+        k = os.preadv(fd, [dst[got:]], off + got)
+        if k <= 0:
+            raise ArtifactError(f"{path.name}: short read at byte {off + got}")
+        got += k
+
+
 class MappedFileStore:
     """The experts as views of a private mapping of the weights file (module doc)."""
 
@@ -78,13 +88,7 @@ class MappedFileStore:
 
     def load(self, ranges: Ranges) -> None:
         for off, n in ranges:
-            dst = memoryview(self._map)[off:off + n]
-            got = 0
-            while got < n:
-                k = os.preadv(self._fd, [dst[got:]], off + got)
-                if k <= 0:
-                    raise ArtifactError(f"{self.path.name}: short read at byte {off + got}")
-                got += k
+            pread_all(self._fd, memoryview(self._map)[off:off + n], off, self.path)
             try:  # the page cache's copy is not ours to keep: the budget is what we hold
                 os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
             except OSError:
@@ -154,13 +158,8 @@ class DeviceStore:
             raise
 
     def _pread(self, dst: int, off: int, n: int) -> None:
-        buf = memoryview((ctypes.c_ubyte * n).from_address(dst)).cast("B")
-        got = 0
-        while got < n:
-            k = os.preadv(self._fd, [buf[got:]], off + got)
-            if k <= 0:
-                raise ArtifactError(f"{self.path.name}: short read at byte {off + got}")
-            got += k
+        pread_all(self._fd, memoryview((ctypes.c_ubyte * n).from_address(dst)).cast("B"), off,
+                  self.path)
 
     def _from_file(self, dst: int, off: int, n: int) -> None:
         """Copy file bytes [off, off + n) to device `dst` through this thread's staging
