@@ -8,7 +8,9 @@ are read with pread into its place in the mapping (the pages become the process'
 file's page-cache copy is dropped (posix_fadvise DONTNEED), so the memory the experts take is
 what the cache says it is, not hidden in the page cache. *Evicting* an expert discards its pages
 (madvise DONTNEED). The kernels are exactly the fully resident ones, reading the same bytes at
-the same addresses, so the outputs are bitwise equal whatever the budget.
+the same addresses, so the outputs are bitwise equal whatever the budget. On a GPU the same
+holds with device memory mapped under resident experts (moec.runtime.expert_store.DeviceStore:
+the stores are where experts live, this module decides which).
 
 When. The generation step's offload entry points (`main_offload`, `decode_offload`) call back
 into `ExpertCache.fetch(layer, ids, x)` between each MoE layer's routing and its expert GEMMs
