@@ -406,7 +406,7 @@ def prepare(args) -> None:
                   f"({time.perf_counter() - t0:.0f} s)")
     if not args.tiny:
         print("  artifacts:", build_artifacts(out) + build_lm_artifacts(out))
-        print("  generation (paged KV cache):", _paged().prepare(out))
+        print("  generation (paged KV cache):", _bench().prepare(out))
         runtime_bundle(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"bundle {out}: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
@@ -633,8 +633,8 @@ def run(args) -> int:
     for d in sorted(p for p in bundle.iterdir() if (p / "meta.json").exists()):
         check_layer(d, dev, device, checks)
     check_artifacts(bundle, checks)
-    _paged().check(bundle, checks)
-    _paged("gpu_offload").check(bundle, checks)  # expert offload's device tier
+    _bench().check(bundle, checks)
+    _bench("gpu_offload").check(bundle, checks)  # expert offload's device tier
     limits = hardware_limits(device)
     print(f"limits: {limits}")
     timing: list = []
@@ -643,7 +643,7 @@ def run(args) -> int:
         time_layers(bundle, dev, device, limits, timing, t0 + args.budget_s,
                     not args.no_compile)
         print_table(timing)
-        _paged().time_all(bundle, paged_timing)
+        _bench().time_all(bundle, paged_timing)
     failed = [c for c in checks if not c["ok"]]
     result = {"limits": limits, "checks": checks, "timing": timing,
               "paged_timing": paged_timing, "failed": len(failed),
@@ -654,7 +654,7 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def _paged(name: str = "gpu_paged"):
+def _bench(name: str = "gpu_paged"):
     """benchmarks/gpu_paged.py (the paged KV-cache kernels and generation steps), or another
     module of this folder (gpu_offload.py: expert offload's device tier)."""
     import importlib

@@ -117,28 +117,21 @@ def test_the_binding_reports_driver_errors_by_name(fake_lib):
 E, ROWS, COLS = 8, 12, 20  # 960-byte experts: several share each 4 KiB granule
 
 
-@pytest.fixture
-def weights_file(tmp_path):
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    tensors = {f"l{layer}.w": rng.standard_normal((E, ROWS, COLS)).astype(np.float32)
-               for layer in range(3)}
-    tensors["other"] = rng.standard_normal((5, 7)).astype(np.float32)
-    path = tmp_path / "weights.safetensors"
-    save_file(tensors, str(path))
-    return path, tensors
-
-
-def _routing_trace():
-    """tests/runtime/test_cache_policy.py's synthetic routing (skewed, sticky)."""
+def _cache_policy_tests():
+    """tests/runtime/test_cache_policy.py: its synthetic routing (skewed, sticky) and weights
+    files."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "_cache_policy_tests", HERE.parent / "runtime" / "test_cache_policy.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.routing_trace
+    return mod
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    return _cache_policy_tests().write_weights(tmp_path, E, ROWS, COLS)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -168,7 +161,7 @@ def test_device_store_holds_the_right_bytes_within_the_budget(fake_lib, weights_
     try:
         dev = {name: np.frombuffer((ctypes.c_float * (E * ROWS * COLS)).from_address(
             store._weights[name].base), np.float32).reshape(E, ROWS, COLS) for name in spans}
-        for layer, ids in _routing_trace()(3, E, 2, 60, skew=1.0, stick=0.4, seed=2):
+        for layer, ids in _cache_policy_tests().routing_trace(3, E, 2, 60, skew=1.0, stick=0.4, seed=2):
             cache.fetch(layer, np.array(ids), None)
             assert cache.used <= cache.budget
             assert lib.fake_mapped_bytes() <= cache.used

@@ -98,17 +98,23 @@ def test_unknown_policy_is_refused():
 E, ROWS, COLS = 8, 64, 48  # 8 experts a layer, a [64, 48] fp32 weight per expert
 
 
-@pytest.fixture
-def weights_file(tmp_path):
+def write_weights(folder, experts: int, rows: int, cols: int):
+    """A weights file of 3 layers' expert weights `l{layer}.w` [experts, rows, cols] (fp32,
+    random) and one other weight; returns (path, tensors)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)
-    tensors = {f"l{layer}.w": rng.standard_normal((E, ROWS, COLS)).astype(np.float32)
+    tensors = {f"l{layer}.w": rng.standard_normal((experts, rows, cols)).astype(np.float32)
                for layer in range(3)}
     tensors["other"] = rng.standard_normal((5, 7)).astype(np.float32)
-    path = tmp_path / "weights.safetensors"
+    path = folder / "weights.safetensors"
     save_file(tensors, str(path))
     return path, tensors
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    return write_weights(tmp_path, E, ROWS, COLS)
 
 
 def _cache(path, budget_experts, policy="adaptive", **kw):
